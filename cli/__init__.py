@@ -1,0 +1,155 @@
+"""The ``align`` command line. Listing commands never import torch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import typing
+from typing import Any
+
+import click
+
+from align.config import TrainConfig, resolve
+from align.errors import AlignError
+from align.objective import DATA_FORMATS
+from align.plugins import PLUGINS_ENV, get_registry
+
+# Core options that get a flag of their own; every other core option is set in the YAML file.
+RUN_FLAGS = [
+    "objective", "model", "data", "eval_data", "output_dir", "max_steps", "epochs", "batch_size",
+    "grad_accum", "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay",
+    "max_grad_norm", "seed", "max_length", "truncation", "precision", "gradient_checkpointing",
+    "save_every", "eval_every", "log_every", "trust_remote_code", "overwrite",
+]
+
+
+def _option_for(name: str) -> Any:
+    field = TrainConfig.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    annotation = field.annotation
+    args = [t for t in typing.get_args(annotation) if t is not type(None)]
+    base = args[0] if args and typing.get_origin(annotation) is not typing.Literal else annotation
+    default = f" [default: {field.default}]" if field.default is not None else ""
+    help_text = (field.description or "") + default
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.option(flag, name, type=click.Choice(typing.get_args(annotation)),
+                            default=None, help=help_text)
+    return click.option(flag, name, type={int: int, float: float}.get(base, str), default=None,
+                        help=help_text)
+
+
+def _run_options(func: Any) -> Any:
+    for name in reversed(RUN_FLAGS):
+        func = _option_for(name)(func)
+    return func
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="align-core", prog_name="align")
+def cli() -> None:
+    """align: fine-tune language models with objectives installed as plugins.
+
+    \b
+    align run                          train SFT on the embedded demo (about a minute on CPU)
+    align run --objective sft --model DIR --data FILE.jsonl
+    align objectives                   objectives installed, with their options
+    align plugins                      plugins installed, their versions, hooks and errors
+    """
+
+
+@cli.command()
+@_run_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file: core options at top level, objective options in a section named "
+                   "after the objective, plugin options in their own section. Flags win.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Objective option (KEY=VALUE) or plugin section option (SECTION.KEY=VALUE); "
+                   "values are read as YAML scalars. Repeatable.")
+def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+    """Train a model with an objective.
+
+    With neither --model nor --data, trains the built-in tiny model on the objective's demo
+    data. --batch-size is per process; --max-steps wins over --epochs. Output goes to
+    --output-dir (default runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and
+    checkpoints/step-N/.
+    """
+    try:
+        registry = get_registry()
+        spec = resolve(registry, config_file, flags, list(sets))
+        from align.train import train
+
+        train(spec, registry)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins: distribution, version, objectives, hooks and status."""
+    registry = get_registry()
+    infos = list(registry.plugins.values())
+    if as_json:
+        click.echo(json.dumps([info.as_dict() for info in infos], indent=2))
+        return
+    if not infos:
+        click.echo(f"No plugins loaded (check {PLUGINS_ENV} and `pip list | grep align-plugin`).")
+    for info in infos:
+        click.echo(f"{info.label} {info.version or ''}  [{info.status}]")
+        click.echo(f"  module: {info.module}")
+        if info.objectives:
+            click.echo(f"  objectives: {', '.join(info.objectives)}")
+        if info.sections:
+            click.echo(f"  sections: {', '.join(info.sections)}")
+        if info.hooks:
+            click.echo(f"  hooks: {', '.join(info.hooks)}")
+        for error in info.errors:
+            click.echo(f"  error: {error}")
+    if any(info.errors for info in infos):
+        sys.exit(1)
+
+
+def _describe_options(schema: Any) -> list[dict[str, Any]]:
+    rows = []
+    for name, field in schema.model_fields.items():
+        rows.append({"name": name, "default": field.default,
+                     "type": getattr(field.annotation, "__name__", str(field.annotation)),
+                     "help": field.description or ""})
+    return rows
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def objectives(as_json: bool) -> None:
+    """List installed objectives with their options, defaults and help."""
+    registry = get_registry()
+    data = []
+    for name, reg in sorted(registry.objectives.items()):
+        obj = reg.item
+        data.append({"name": name, "description": obj.description,
+                     "data_format": obj.data_format, "needs_reference": obj.needs_reference,
+                     "distribution": reg.plugin.label, "options": _describe_options(obj.options)})
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    if not data:
+        click.echo("No objectives installed. Try: pip install align-plugin-sft")
+    for item in data:
+        click.echo(f"{item['name']}  ({item['distribution']})")
+        click.echo(f"  {item['description']}")
+        click.echo(f"  data: {item['data_format']} — {DATA_FORMATS[item['data_format']]}")
+        if item["needs_reference"]:
+            click.echo("  uses reference log-probs")
+        for opt in item["options"]:
+            click.echo(f"  --set {opt['name']}=…  (default {opt['default']!r}) {opt['help']}")
+    for name, reg in sorted(registry.sections.items()):
+        click.echo(f"section {name}  ({reg.plugin.label}): {reg.item.description}")
+        for opt in _describe_options(reg.item.options):
+            click.echo(f"  --set {name}.{opt['name']}=…  (default {opt['default']!r}) "
+                       f"{opt['help']}")
+
+
+def main() -> None:
+    cli()

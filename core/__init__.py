@@ -1,0 +1,48 @@
+"""align: an extensible fine-tuning framework. Objectives are plugins; this is the core.
+
+Plugins import only from here. Names that need torch are loaded on first use, so importing
+``align`` (and therefore loading every plugin) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pluggy
+
+from .batching import default_batch, pad, paired_batch, sequence_batch
+from .errors import AlignError, ConfigError, DataError, PluginError
+from .objective import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Section
+from .run import Run
+from .tokenize import (
+    Tokenized,
+    TokenizeError,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+
+hookimpl = pluggy.HookimplMarker("align")
+
+_LAZY = {
+    "forward_logps": "logprobs",
+    "token_logps": "logprobs",
+    "TokenLogps": "logprobs",
+    "Reference": "reference",
+    "MetricSums": "metrics",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'align' has no attribute {name!r}")
+
+
+__all__ = [
+    "DATA_FORMATS", "AlignError", "ConfigError", "DataError", "LossOutput", "NoOptions",
+    "Objective", "Options", "PluginError", "Run", "Section", "Tokenized", "TokenizeError",
+    "default_batch", "hookimpl", "pad", "paired_batch", "sequence_batch",
+    "tokenize_conversation", "tokenize_prompt_completion", "tokenize_text", *_LAZY,
+]

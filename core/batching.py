@@ -1,0 +1,55 @@
+"""Turning tokenised examples into padded tensors (right padding)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int) -> Any:
+    """Right-pad integer sequences into a ``[len(sequences), longest]`` long tensor."""
+    import torch
+
+    longest = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), longest), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def sequence_batch(examples: Sequence[dict[str, Any]], pad_token_id: int,
+                   prefix: str = "") -> dict[str, Any]:
+    """``input_ids``, ``attention_mask`` and ``completion_mask`` for one sequence per example.
+
+    ``prefix`` selects other sequences of the example, e.g. ``"chosen_"``.
+    """
+    ids = [e[f"{prefix}input_ids"] for e in examples]
+    return {
+        "input_ids": pad(ids, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "completion_mask": pad([e[f"{prefix}completion_mask"] for e in examples], 0),
+    }
+
+
+def paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """Chosen and rejected concatenated as ``[chosen; rejected]`` rows, for one forward pass.
+
+    Rows ``0..n-1`` are the chosen completions and ``n..2n-1`` the rejected ones.
+    """
+    rows = [{"input_ids": e[f"{side}_input_ids"],
+             "completion_mask": e[f"{side}_completion_mask"]}
+            for side in ("chosen", "rejected") for e in examples]
+    return sequence_batch(rows, pad_token_id)
+
+
+def default_batch(data_format: str, examples: Sequence[dict[str, Any]],
+                  pad_token_id: int) -> dict[str, Any]:
+    """The core's batch for a data format, used when the objective's plugin builds none."""
+    import torch
+
+    if data_format == "preference":
+        return paired_batch(examples, pad_token_id)
+    batch = sequence_batch(examples, pad_token_id)
+    if data_format == "feedback":
+        batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
+    return batch

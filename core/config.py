@@ -1,0 +1,173 @@
+"""Run configuration: core options, the objective's options and model-preparation sections.
+
+Precedence: defaults < YAML file < command-line flags and ``--set``. In the YAML file core
+options sit at top level, the objective's options in a section named after it, and a
+model-preparation plugin's options in its own section. Unknown keys are errors with a
+"did you mean" suggestion; values are validated by pydantic, never evaluated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import ConfigError
+from .objective import Options
+from .plugins import PluginRegistry, Registered
+from .suggest import did_you_mean
+
+
+class TrainConfig(Options):
+    """The core's options, shared by every objective."""
+
+    objective: str = Field("sft", description="Objective to train with (align objectives).")
+    model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
+    data: str | None = Field(None, description="Training data file; none: the objective's demo data.")
+    eval_data: str | None = Field(None, description="Held-out data evaluated every eval_every steps.")
+    output_dir: str | None = Field(None, description="Run directory; default runs/<objective>-<time>.")
+    overwrite: bool = Field(False, description="Allow an output directory that holds another run.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; wins over epochs.")
+    epochs: int = Field(1, ge=1, description="Passes over the training data.")
+    batch_size: int = Field(8, ge=1, description="Examples per micro-batch, per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms).")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm; 0 disables.")
+    seed: int = Field(42, description="Seed for model init, shuffling and dropout.")
+    max_length: int = Field(1024, ge=2, description="Longest sequence in tokens.")
+    truncation: Literal["keep_start", "keep_end", "skip", "error"] = Field(
+        "keep_start", description="What to do with longer sequences (every case is counted).")
+    precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
+
+
+CORE_KEYS = set(TrainConfig.model_fields)
+
+
+class RunSpec:
+    """A fully validated run: core config, objective options and section options."""
+
+    def __init__(self, config: TrainConfig, objective: Registered, options: Options,
+                 sections: dict[str, Options]) -> None:
+        self.config, self.objective, self.options, self.sections = config, objective, options, sections
+
+    def as_dict(self) -> dict[str, Any]:
+        out = self.config.model_dump()
+        out[self.objective.item.name] = self.options.model_dump()
+        for name, section in self.sections.items():
+            out[name] = section.model_dump()
+        return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str | None, dict[str, Any]]:
+    """``KEY=VALUE`` / ``SECTION.KEY=VALUE`` → ``{section or None: {key: value}}``.
+
+    Values are read as YAML (``3``, ``true``, ``[q_proj, v_proj]``), never evaluated.
+    """
+    out: dict[str | None, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        section, dot, name = key.strip().rpartition(".")
+        out.setdefault(section if dot else None, {})[name] = value
+    return out
+
+
+def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Options:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of options, got {type(values).__name__}")
+    known = set(schema.model_fields)
+    for key in values:
+        if key not in known:
+            hint = did_you_mean(key, known)
+            choices = ", ".join(sorted(known)) or "none"
+            raise ConfigError(f"{where}: unknown option {key!r}.{hint} Options: {choices}")
+    try:
+        return schema(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"option {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} "
+            f"(got {err.get('input')!r})" for err in exc.errors())
+        raise ConfigError(f"{where}: {problems}") from None
+
+
+def _file_section(file_values: dict[str, Any], name: str, where: str) -> dict[str, Any]:
+    values = file_values.get(name) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: section {name!r} must be a mapping of options, "
+                          f"got {type(values).__name__}")
+    return dict(values)
+
+
+def resolve(registry: PluginRegistry, config_file: str | None = None,
+            flags: dict[str, Any] | None = None, sets: list[str] | None = None) -> RunSpec:
+    """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec."""
+    file_values = load_yaml(config_file) if config_file else {}
+    where_file = str(config_file) if config_file else "config"
+    core = {k: v for k, v in file_values.items() if k in CORE_KEYS}
+    core.update({k: v for k, v in (flags or {}).items() if v is not None})
+    config = _validate(TrainConfig, core, "command line" if not config_file else where_file)
+
+    registered = registry.objective(config.objective)
+    objective_name = config.objective
+    sections = {name: r.item for name, r in registry.sections.items()}
+    allowed = CORE_KEYS | set(registry.objectives) | set(sections)
+    for key in file_values:
+        if key not in allowed:
+            raise ConfigError(f"{where_file}: unknown key {key!r}."
+                              f"{did_you_mean(key, allowed)} Top-level keys are core options, "
+                              "objective names and plugin sections (align objectives).")
+
+    set_values = parse_set(sets or [])
+    for section in set_values:
+        if section not in (None, objective_name, *sections):
+            choices = [objective_name, *sections]
+            raise ConfigError(f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
+                              f" Sections: {', '.join(choices)}")
+    objective_values = _file_section(file_values, objective_name, where_file)
+    objective_values.update(set_values.get(None, {}))
+    objective_values.update(set_values.get(objective_name, {}))
+    options = _validate(registered.item.options, objective_values,
+                        f"options of objective {objective_name!r}")
+    section_options = {}
+    for name, section in sections.items():
+        values = _file_section(file_values, name, where_file)
+        values.update(set_values.get(name, {}))
+        section_options[name] = _validate(section.options, values, f"section {name!r}")
+    return RunSpec(config, registered, options, section_options)

@@ -1,0 +1,47 @@
+"""Regenerate the bundled demo data: ``python -m align.demo.generate``.
+
+Addition of two numbers in 0..49, in chat form. Each (a, b) pair lands in exactly one split, so
+the eval split is held out. Rejected/undesirable answers are off by 1 to 3.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+from . import DEMO_DIR
+
+
+def _question(a: int, b: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"What is {a} + {b}?"}]
+
+
+def _answer(a: int, b: int, total: int) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": f"{a} + {b} = {total}."}]
+
+
+def main() -> None:
+    rng = random.Random(1234)
+    pairs = [(a, b) for a in range(50) for b in range(50)]
+    rng.shuffle(pairs)
+    splits = {"train": pairs[:2000], "eval": pairs[2000:2200]}
+    for split, chosen in splits.items():
+        rows = {"prompt_completion": [], "preference": [], "feedback": []}
+        for a, b in chosen:
+            wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+            wrong = wrong if wrong >= 0 else a + b + 1
+            rows["prompt_completion"].append({"messages": _question(a, b) + _answer(a, b, a + b)})
+            rows["preference"].append({"prompt": _question(a, b), "chosen": _answer(a, b, a + b),
+                                       "rejected": _answer(a, b, wrong)})
+            good = rng.random() < 0.5
+            rows["feedback"].append({"prompt": _question(a, b),
+                                     "completion": _answer(a, b, a + b if good else wrong),
+                                     "label": good})
+        for fmt, records in rows.items():
+            with open(DEMO_DIR / f"{fmt}_{split}.jsonl", "w", encoding="utf-8") as handle:
+                for record in records:
+                    handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The data formats objectives declare, turned into tokenised examples with a report.
+
+Column names follow TRL: ``prompt``/``completion``, ``messages`` or ``text``
+(``prompt_completion``); ``prompt``/``chosen``/``rejected`` (``preference``);
+``prompt``/``completion``/``label`` (``feedback``). Over-long sequences follow the truncation
+policy, and every truncated or skipped example is counted in the report.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DataError
+from .records import Record
+from .tokenize import (
+    Tokenized,
+    TokenizeError,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+
+TRUNCATION_POLICIES = ("keep_start", "keep_end", "skip", "error")
+
+
+@dataclass
+class DataReport:
+    """What happened to every record of one split."""
+
+    split: str
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        text = f"{self.split}: {self.records} records → {self.examples} examples"
+        if self.truncated:
+            text += f"; {self.truncated} truncated"
+        for reason, count in sorted(self.skipped.items()):
+            text += f"; {count} skipped ({reason})"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"records": self.records, "examples": self.examples,
+                "truncated": self.truncated, "skipped": dict(self.skipped)}
+
+
+class _Skip(Exception):
+    """An example dropped by the truncation policy (counted, never silent)."""
+
+
+def _string(record: Record, name: str, allow_empty: bool = True) -> str:
+    if name not in record.data or record.data[name] is None:
+        raise record.error("missing field", name)
+    value = record.data[name]
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", name)
+    if not allow_empty and not value.strip():
+        raise record.error("is empty", name)
+    return value
+
+
+def _require(record: Record, *names: str) -> None:
+    for name in names:
+        if name not in record.data or record.data[name] is None:
+            present = ", ".join(sorted(record.data)) or "none"
+            raise record.error(f"missing field (fields present: {present})", name)
+
+
+def _prompt_and_answer(tokenizer: Any, record: Record, answer: str) -> Tokenized:
+    """A prompt with one answer, both strings or both message lists."""
+    prompt, value = record.data["prompt"], record.data[answer]
+    if isinstance(prompt, list) or isinstance(value, list):
+        for name, val in (("prompt", prompt), (answer, value)):
+            if not isinstance(val, list):
+                raise record.error("expected a list of messages, like the other field", name)
+        return tokenize_conversation(tokenizer, prompt + value, trained_from=len(prompt),
+                                     field=answer)
+    _string(record, "prompt")
+    return tokenize_prompt_completion(tokenizer, prompt, _string(record, answer, False))
+
+
+def _prompt_completion(tokenizer: Any, record: Record) -> dict[str, Any]:
+    data = record.data
+    if "messages" in data:
+        tok = tokenize_conversation(tokenizer, data["messages"])
+    elif "prompt" in data or "completion" in data:
+        _require(record, "prompt", "completion")
+        tok = _prompt_and_answer(tokenizer, record, "completion")
+    elif "text" in data:
+        tok = tokenize_text(tokenizer, _string(record, "text", allow_empty=False))
+    else:
+        present = ", ".join(sorted(data)) or "none"
+        raise record.error(f"expected fields prompt and completion, messages, or text; "
+                           f"fields present: {present}")
+    return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask}
+
+
+def _preference(tokenizer: Any, record: Record) -> dict[str, Any]:
+    _require(record, "prompt", "chosen", "rejected")
+    example = {}
+    for side in ("chosen", "rejected"):
+        tok = _prompt_and_answer(tokenizer, record, side)
+        example[f"{side}_input_ids"] = tok.input_ids
+        example[f"{side}_completion_mask"] = tok.completion_mask
+    return example
+
+
+def _feedback(tokenizer: Any, record: Record) -> dict[str, Any]:
+    _require(record, "prompt", "completion", "label")
+    label = record.data["label"]
+    if record.from_text and isinstance(label, str) and label.lower() in ("true", "false"):
+        label = label.lower() == "true"
+    if not isinstance(label, bool):
+        raise record.error(f"expected a boolean (true = desirable), got {label!r}", "label")
+    tok = _prompt_and_answer(tokenizer, record, "completion")
+    return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask, "label": label}
+
+
+FORMATS: dict[str, Callable[[Any, Record], dict[str, Any]]] = {
+    "prompt_completion": _prompt_completion,
+    "preference": _preference,
+    "feedback": _feedback,
+}
+
+
+def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Record) -> bool:
+    """Apply the policy to every sequence of the example in place; True if anything was cut."""
+    cut = False
+    for key in [k for k in example if k.endswith("input_ids")]:
+        mask_key = key.replace("input_ids", "completion_mask")
+        ids, mask = example[key], example[mask_key]
+        if len(ids) > max_length:
+            if policy == "error":
+                raise record.error(f"is {len(ids)} tokens long, over max_length {max_length} "
+                                   "(truncation=error)")
+            if policy == "skip":
+                raise _Skip(f"longer than max_length {max_length}")
+            keep = slice(None, max_length) if policy == "keep_start" else slice(-max_length, None)
+            example[key], example[mask_key] = ids[keep], mask[keep]
+            cut = True
+        if not any(example[mask_key][1:]):  # position 0 is never a target
+            raise _Skip("no completion tokens within max_length")
+    return cut
+
+
+def tokenize_records(records: list[Record], data_format: str, tokenizer: Any, max_length: int,
+                     truncation: str, split: str) -> tuple[list[dict[str, Any]], DataReport]:
+    """Tokenise every record; errors name file, record and field; drops are counted."""
+    build = FORMATS[data_format]
+    report = DataReport(split=split, records=len(records))
+    examples = []
+    for record in records:
+        try:
+            example = build(tokenizer, record)
+            report.truncated += _truncate(example, max_length, truncation, record)
+        except TokenizeError as exc:
+            raise record.error(str(exc), exc.field) from None
+        except _Skip as skip:
+            report.skipped[str(skip)] += 1
+            continue
+        examples.append(example)
+    report.examples = len(examples)
+    if not examples:
+        raise DataError(f"no usable examples ({report.summary()})", source=records[0].source)
+    return examples, report

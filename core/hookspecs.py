@@ -1,0 +1,74 @@
+"""The hooks an align plugin can implement.
+
+Every hook is prefixed ``align_``. A plugin module implements any subset of them with the
+``@align.hookimpl`` decorator, and an implementation may accept any subset of a hook's
+arguments, so the core can add arguments without breaking plugins.
+
+Calling order:
+
+1. ``align_register_objectives`` and ``align_register_sections`` once, when plugins load.
+2. ``align_prepare_model`` once per run, after the model is loaded (every plugin may take part).
+3. ``align_prepare_dataset`` once per data split, after the core has tokenised the records
+   (only the plugin that registered the selected objective is asked).
+4. ``align_build_batch`` for every micro-batch (only the registering plugin).
+5. ``align_compute_loss`` for every micro-batch (only the registering plugin).
+6. ``align_metrics`` for every micro-batch (every plugin may contribute).
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("align")
+
+
+@hookspec
+def align_register_objectives(register):
+    """Register objectives: call ``register(align.Objective(...))`` once for each."""
+
+
+@hookspec
+def align_register_sections(register):
+    """Register a config section for a model-preparation plugin: ``register(align.Section(...))``."""
+
+
+@hookspec
+def align_prepare_model(model, tokenizer, config, sections):
+    """Modify or wrap the loaded model before training; return the new model, or None to keep it.
+
+    ``sections`` maps each registered section name to its validated options.
+    """
+
+
+@hookspec(firstresult=True)
+def align_prepare_dataset(objective, examples, options, split):
+    """Return a new list of tokenised examples for ``split`` ("train" or "eval"), or None.
+
+    Runs once per split, so per-example choices made here (KTO's mismatched partners) stay
+    fixed for the whole run, independent of batching and process count.
+    """
+
+
+@hookspec(firstresult=True)
+def align_build_batch(objective, examples, tokenizer, options):
+    """Turn a list of tokenised examples into a dict of tensors, or None for the core's default."""
+
+
+@hookspec(firstresult=True)
+def align_compute_loss(objective, model, batch, options, reference, run):
+    """Compute the loss of one micro-batch and return an ``align.LossOutput``.
+
+    ``loss`` is the *sum* of the objective's loss units (tokens, sequences, pairs) and ``count``
+    their number; the core divides by the total count over all micro-batches of the optimizer
+    step and all processes, so gradient accumulation equals one large batch. ``reference`` gives
+    reference log-probs when the objective declared ``needs_reference``, else it is None.
+    """
+
+
+@hookspec
+def align_metrics(objective, model, batch, output, options):
+    """Contribute metrics for one micro-batch: a dict ``name -> (sum, count)``.
+
+    The core reports ``Σ sum / Σ count`` over the micro-batches since the last log and all
+    processes, so token means and uneven class counts are reduced correctly.
+    """

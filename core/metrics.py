@@ -1,0 +1,56 @@
+"""Metrics as sums and counts, reduced over micro-batches and processes as Σsum / Σcount.
+
+A mean of per-process (or per-micro-batch) means is wrong for token means and for uneven class
+counts, so plugins return ``(sum, count)`` pairs and only the final division happens here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+class MetricSums:
+    """Running ``name -> [sum, count]`` totals since the last report."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, name: str, value: Any, count: Any) -> None:
+        value = torch.as_tensor(value).detach().to(torch.float64).sum().cpu()
+        count = torch.as_tensor(count).detach().to(torch.float64).sum().cpu()
+        if name in self._totals:
+            self._totals[name][0] += value
+            self._totals[name][1] += count
+        else:
+            self._totals[name] = [value, count]
+
+    def add_all(self, metrics: Mapping[str, tuple[Any, Any]], prefix: str = "") -> None:
+        for name, pair in metrics.items():
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"metric {name!r} must be a (sum, count) pair, got {pair!r}")
+            self.add(prefix + name, *pair)
+
+    def reduce(self, accelerator: Any = None) -> dict[str, float]:
+        """Σsum/Σcount over every process; a metric whose total count is 0 is left out."""
+        return {name: s / c for name, (s, c) in self.totals(accelerator).items() if c > 0}
+
+    def totals(self, accelerator: Any = None) -> dict[str, tuple[float, float]]:
+        """``name -> (Σsum, Σcount)`` over every process (every process must call this)."""
+        names = sorted(self._totals)
+        if accelerator is not None and accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted({n for group in gather_object([names]) for n in group})
+        if not names:
+            return {}
+        zero = torch.zeros((), dtype=torch.float64)
+        stacked = torch.stack([torch.stack(self._totals.get(n, [zero, zero])) for n in names])
+        if accelerator is not None and accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum").cpu()
+        return {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}
+
+    def clear(self) -> None:
+        self._totals.clear()

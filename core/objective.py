@@ -1,0 +1,70 @@
+"""What a plugin registers, and what its loss returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+DATA_FORMATS = {
+    "prompt_completion": "prompt/completion, messages (chat), or text records",
+    "preference": "prompt/chosen/rejected records (strings or message lists)",
+    "feedback": "prompt/completion/label records (label a JSON boolean, true = desirable)",
+}
+
+
+class Options(BaseModel):
+    """Base class for option schemas: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NoOptions(Options):
+    """An objective or section without options."""
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective, registered by a plugin through ``align_register_objectives``.
+
+    ``data_format`` is one of ``DATA_FORMATS``: the core reads and tokenises records of that
+    format. ``needs_reference`` asks the core for reference log-probs in the loss hook.
+    """
+
+    name: str
+    description: str
+    data_format: str = "prompt_completion"
+    options: type[Options] = NoOptions
+    needs_reference: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"objective {self.name!r}: unknown data_format {self.data_format!r}; "
+                f"expected one of {sorted(DATA_FORMATS)}"
+            )
+        if not (isinstance(self.options, type) and issubclass(self.options, BaseModel)):
+            raise TypeError(f"objective {self.name!r}: options must be a pydantic model class")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A config section owned by a model-preparation plugin (``lora:`` → ``--set lora.r=32``)."""
+
+    name: str
+    description: str
+    options: type[Options] = NoOptions
+
+
+@dataclass
+class LossOutput:
+    """What ``align_compute_loss`` returns for one micro-batch.
+
+    ``loss``: the differentiable *sum* of per-unit losses. ``count``: the number of units
+    (completion tokens for a token mean, sequences, pairs). ``metrics``: ``name -> (sum, count)``.
+    """
+
+    loss: Any
+    count: Any
+    metrics: dict[str, tuple[Any, Any]] = field(default_factory=dict)

@@ -1,0 +1,277 @@
+"""Plugin discovery: entry points in the ``align`` group, in-process plugins, and their errors.
+
+One broken plugin never takes the CLI down: import errors, hooks that match no spec, failed
+registrations and objective-name clashes are recorded on the plugin and shown by
+``align plugins``; ``align run`` refuses only when the selected objective is affected.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as metadata
+import os
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError
+from .objective import Objective, Section
+from .suggest import did_you_mean
+
+ENTRY_POINT_GROUP = "align"
+PLUGINS_ENV = "ALIGN_PLUGINS"
+CORE_DISTRIBUTION = "align-core"
+
+# Where a first-party objective comes from, for the "pip install …" hint.
+FIRST_PARTY_OBJECTIVES = {
+    "sft": "align-plugin-sft",
+    "lora-sft": "align-plugin-lora",
+    "dpo": "align-plugin-dpo",
+    "kto": "align-plugin-kto",
+    "minorsft": "align-plugin-minorsft",
+    "ift": "align-plugin-ift",
+}
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin, as ``align plugins`` shows it."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    module: str
+    hooks: list[str] = field(default_factory=list)
+    objectives: list[str] = field(default_factory=list)
+    sections: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    obj: Any = field(default=None, repr=False)
+
+    @property
+    def status(self) -> str:
+        return "error" if self.errors else "ok"
+
+    @property
+    def label(self) -> str:
+        return self.distribution or self.name
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "hooks": self.hooks,
+            "objectives": self.objectives,
+            "sections": self.sections,
+            "status": self.status,
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class Registered:
+    """An objective or section together with the plugin that registered it."""
+
+    item: Objective | Section
+    plugin: PluginInfo
+
+
+def core_version() -> str:
+    try:
+        return metadata.version(CORE_DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class PluginRegistry:
+    """The plugin manager plus what the plugins registered, with per-plugin errors."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager("align")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.objectives: dict[str, Registered] = {}
+        self.sections: dict[str, Registered] = {}
+        self.clashes: dict[str, list[Registered]] = {}
+
+    # -- loading -----------------------------------------------------------------------------
+    def add(self, obj: Any, name: str, distribution: str | None = None,
+            version: str | None = None) -> PluginInfo:
+        """Register one plugin object (a module or any object with hookimpls)."""
+        info = PluginInfo(name=name, distribution=distribution, version=version,
+                          module=getattr(obj, "__name__", type(obj).__name__), obj=obj)
+        self.plugins[name] = info
+        try:
+            self.pm.register(obj, name=name)
+        except Exception as exc:  # a hookimpl whose arguments do not match its spec, say
+            info.errors.append(_describe(exc))
+            return info
+        info.hooks = sorted(hc.name for hc in self.pm.get_hookcallers(obj) or [])
+        unknown = [h for h in info.hooks if not getattr(self.pm.hook, h).has_spec()]
+        for hook in unknown:
+            known = [n for n in dir(hookspecs) if n.startswith("align_")]
+            info.errors.append(
+                f"hook implementation {hook!r} matches no hook spec.{did_you_mean(hook, known)}"
+            )
+        if unknown:
+            self.pm.unregister(obj)
+        return info
+
+    def add_failed(self, name: str, distribution: str | None, version: str | None,
+                   module: str, error: str) -> None:
+        self.plugins[name] = PluginInfo(name=name, distribution=distribution, version=version,
+                                        module=module, errors=[error])
+
+    def collect_registrations(self) -> None:
+        """Ask each healthy plugin for its objectives and sections, then find clashes."""
+        found: dict[str, list[Registered]] = {}
+        for info in self.plugins.values():
+            if info.errors:
+                continue
+            try:
+                for objective in self._collect(info, "align_register_objectives", Objective):
+                    info.objectives.append(objective.name)
+                    found.setdefault(objective.name, []).append(Registered(objective, info))
+                for section in self._collect(info, "align_register_sections", Section):
+                    info.sections.append(section.name)
+                    self.sections[section.name] = Registered(section, info)
+            except Exception as exc:
+                info.errors.append(f"registration failed: {_describe(exc)}")
+        for name, registrations in found.items():
+            if len(registrations) == 1:
+                self.objectives[name] = registrations[0]
+                continue
+            self.clashes[name] = registrations
+            labels = [r.plugin.label for r in registrations]
+            for r in registrations:
+                r.plugin.errors.append(
+                    f"objective {name!r} is registered by more than one distribution: "
+                    + ", ".join(labels)
+                )
+
+    def _collect(self, info: PluginInfo, hook_name: str, kind: type) -> list:
+        items: list = []
+
+        def register(item: Any) -> None:
+            if not isinstance(item, kind):
+                raise TypeError(f"{hook_name} registered {item!r}, expected align.{kind.__name__}")
+            items.append(item)
+
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            if impl.plugin is info.obj:
+                call_impl(impl, register=register)
+        return items
+
+    # -- queries -----------------------------------------------------------------------------
+    def objective(self, name: str) -> Registered:
+        """The registration of objective ``name``, or a PluginError that says what to do."""
+        if name in self.objectives:
+            return self.objectives[name]
+        if name in self.clashes:
+            labels = " and ".join(r.plugin.label for r in self.clashes[name])
+            raise PluginError(
+                f"objective {name!r} is registered by both {labels}; uninstall one of them"
+            )
+        message = f"unknown objective {name!r}."
+        message += did_you_mean(name, list(self.objectives) + list(FIRST_PARTY_OBJECTIVES))
+        installed = ", ".join(sorted(self.objectives)) or "none"
+        message += f" Installed objectives: {installed}."
+        dist = FIRST_PARTY_OBJECTIVES.get(name)
+        broken = [p for p in self.plugins.values() if p.errors]
+        if dist and any(p.distribution == dist for p in broken):
+            message += f" {dist} is installed but failed to load; run `align plugins`."
+        elif dist:
+            message += f" It is provided by {dist}: pip install {dist}"
+        elif broken:
+            message += " Some plugins failed to load; run `align plugins`."
+        raise PluginError(message)
+
+    def call_objective_hook(self, hook_name: str, registered: Registered, **kwargs: Any) -> Any:
+        """Call a firstresult hook on the plugin that registered the objective, and no other."""
+        others = [p for p in self.pm.get_plugins() if p is not registered.plugin.obj]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+    def chain_hook(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
+        """Pass ``value`` through every implementation in call order; None keeps the value."""
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            result = call_impl(impl, **{value_name: value}, **kwargs)
+            if result is not None:
+                value = result
+        return value
+
+    def requirements(self) -> list[str]:
+        """``name==version`` of align-core and every loaded plugin distribution."""
+        reqs = {f"{CORE_DISTRIBUTION}=={core_version()}"}
+        for info in self.plugins.values():
+            if info.distribution and not info.errors:
+                reqs.add(f"{info.distribution}=={info.version}")
+        return sorted(reqs)
+
+
+def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    """Call one hook implementation with the subset of arguments it accepts."""
+    return impl.function(*[kwargs[name] for name in impl.argnames])
+
+
+def _describe(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+def _selected(env_value: str | None, dist: str | None, ep_name: str) -> bool:
+    if env_value is None:
+        return True
+    wanted = {part.strip() for part in env_value.split(",") if part.strip()}
+    return bool(wanted & {dist, ep_name})
+
+
+def load_plugins(extra: Iterable[Any] = ()) -> PluginRegistry:
+    """Load entry-point plugins (limited by ``ALIGN_PLUGINS``), then ``extra`` in-process ones.
+
+    ``ALIGN_PLUGINS`` unset loads every installed plugin; an empty value loads none; otherwise
+    it is a comma-separated list of distribution or entry-point names to load.
+    """
+    registry = PluginRegistry()
+    env_value = os.environ.get(PLUGINS_ENV)
+    seen: set[tuple[str | None, str, str]] = set()
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.metadata["Name"] if ep.dist is not None else None
+        version = ep.dist.version if ep.dist is not None else None
+        key = (dist, ep.name, ep.value)
+        if key in seen or not _selected(env_value, dist, ep.name):
+            continue
+        seen.add(key)
+        name = ep.name if ep.name not in registry.plugins else f"{dist}:{ep.name}"
+        try:
+            obj = ep.load()
+        except BaseException as exc:  # SyntaxError, ImportError, anything at import time
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            registry.add_failed(name, dist, version, ep.value, _describe(exc))
+            continue
+        registry.add(obj, name, dist, version)
+    for obj in extra:
+        name = getattr(obj, "__name__", None) or type(obj).__name__
+        registry.add(obj, name)
+    registry.collect_registrations()
+    return registry
+
+
+_registry: PluginRegistry | None = None
+
+
+def get_registry() -> PluginRegistry:
+    """The process-wide registry, loaded on first use."""
+    global _registry
+    if _registry is None:
+        _registry = load_plugins()
+    return _registry
+
+
+def reset_registry(registry: PluginRegistry | None = None) -> None:
+    """Forget (or replace) the process-wide registry; tests use this."""
+    global _registry
+    _registry = registry

@@ -1,0 +1,381 @@
+"""The training loop: set up, build data, step, log, evaluate, checkpoint.
+
+Nothing here is specific to an objective: the selected objective's plugin builds batches and
+computes the loss through hooks, and any plugin may add metrics or prepare the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import demo
+from .batching import default_batch
+from .checkpoint import save_model_dir, write_json
+from .config import RunSpec
+from .errors import ConfigError, PluginError
+from .formats import DataReport, tokenize_records
+from .metrics import MetricSums
+from .objective import LossOutput
+from .plugins import PluginRegistry
+from .records import fingerprint, read_records
+from .reference import Reference
+from .run import Run
+
+
+def log(accelerator: Any, message: str) -> None:
+    if accelerator is None or accelerator.is_main_process:
+        print(message, file=sys.stderr, flush=True)
+
+
+# -- set-up ---------------------------------------------------------------------------------------
+def apply_demo_defaults(spec: RunSpec) -> bool:
+    """Fill model, data and demo hyperparameters when neither --model nor --data was given."""
+    cfg = spec.config
+    if cfg.model is None and cfg.data is None:
+        fmt = spec.objective.item.data_format
+        updates = {k: v for k, v in demo.DEMO_SETTINGS.items() if k not in cfg.model_fields_set}
+        updates["model"] = str(demo.demo_model_path())
+        updates["data"] = str(demo.demo_data(fmt, "train"))
+        if cfg.eval_data is None:
+            updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
+        spec.config = cfg.model_copy(update=updates)
+        return True
+    if cfg.data is None:
+        raise ConfigError("--data is required when --model is given "
+                          "(run without both to train the embedded demo)")
+    if cfg.model is None:
+        raise ConfigError("--model is required when --data is given "
+                          "(run without both to train the embedded demo)")
+    return False
+
+
+def prepare_output_dir(cfg: Any, objective: str) -> Path:
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
+        out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if (out / "run.json").exists():
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} already holds a run (run.json); choose another "
+                              "--output-dir or pass --overwrite")
+        for name in ("run.json", "metrics.jsonl", "final", "checkpoints", "logs"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
+    return out
+
+
+def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
+    """Load through ``from_pretrained``: safetensors weights only, remote code only on request."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
+            dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(f"model {cfg.model!r}: the tokenizer has neither a pad nor an EOS "
+                              "token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def build_examples(registry: PluginRegistry, spec: RunSpec, tokenizer: Any, path: str,
+                   split: str) -> tuple[list[dict[str, Any]], DataReport]:
+    cfg, objective = spec.config, spec.objective.item
+    records = read_records(path)
+    examples, report = tokenize_records(records, objective.data_format, tokenizer,
+                                        cfg.max_length, cfg.truncation, split)
+    prepared = registry.call_objective_hook(
+        "align_prepare_dataset", spec.objective, objective=objective, examples=examples,
+        options=spec.options, split=split)
+    if prepared is not None:
+        examples = prepared
+        report.examples = len(examples)
+    for index, example in enumerate(examples):
+        example["index"] = index
+    return examples, report
+
+
+def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
+                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+
+def make_scheduler(optimizer: Any, cfg: Any, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(name[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup,
+                         num_training_steps=total_steps)
+
+
+# -- one step -------------------------------------------------------------------------------------
+LossFn = Callable[[dict[str, Any]], tuple[LossOutput, dict[str, tuple[Any, Any]]]]
+
+
+def accumulate_gradients(model: Any, micro_batches: list[dict[str, Any]], compute: LossFn,
+                         accelerator: Any, sums: MetricSums) -> float:
+    """Backward every micro-batch, then make the gradient that of one large batch.
+
+    Each loss hook returns a *sum* over its units and their count. The summed gradients are
+    scaled by ``world_size / Σcount`` (Σ over micro-batches and processes; DDP averages over
+    processes), which equals the gradient of ``Σloss / Σcount`` over the accumulated batch.
+    Returns that loss.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            output, extra = compute(batch)
+            accelerator.backward(output.loss)
+        loss_sum += output.loss.detach().double().cpu()
+        count += torch.as_tensor(output.count, dtype=torch.float64).detach().sum().cpu()
+        sums.add("loss", output.loss, output.count)
+        sums.add_all(output.metrics)
+        sums.add_all(extra)
+        sums.add("num_tokens", sum(v.sum() for k, v in batch.items()
+                                   if k.endswith("attention_mask")), 1)
+    totals = torch.stack([loss_sum, count])
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+    if totals[1] <= 0:
+        raise PluginError("the loss hook reported a count of 0 loss units for a whole step")
+    scale = accelerator.num_processes / totals[1].item()
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale)
+    return (totals[0] / totals[1]).item()
+
+
+def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[tuple[int, list]]:
+    """Endless ``(epoch, [micro-batches])`` groups; an epoch's last group may be shorter."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        group: list = []
+        for batch in loader:
+            group.append(batch)
+            if len(group) == grad_accum:
+                yield epoch, group
+                group = []
+        if group:
+            yield epoch, group
+        epoch += 1
+
+
+# -- the run --------------------------------------------------------------------------------------
+def train(spec: RunSpec, registry: PluginRegistry) -> Path:
+    """Run training for a resolved spec; return the output directory."""
+    import transformers
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from torch.utils.data import DataLoader
+
+    transformers.utils.logging.disable_progress_bar()
+
+    started = time.time()
+    used_demo = apply_demo_defaults(spec)
+    cfg, registered, options = spec.config, spec.objective, spec.options
+    objective = registered.item
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    out = prepare_output_dir(cfg, objective.name)
+    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
+    set_seed(cfg.seed)
+    if used_demo:
+        log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
+
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    reference = Reference.frozen_copy(model) if objective.needs_reference else None
+    model = registry.chain_hook("align_prepare_model", "model", model, tokenizer=tokenizer,
+                                config=cfg, sections=spec.sections)
+
+    train_examples, train_report = build_examples(registry, spec, tokenizer, cfg.data, "train")
+    reports = [train_report]
+    eval_examples = None
+    if cfg.eval_data:
+        eval_examples, eval_report = build_examples(registry, spec, tokenizer, cfg.eval_data,
+                                                    "eval")
+        reports.append(eval_report)
+    for report in reports:
+        log(accelerator, f"data {report.summary()}")
+
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = registry.call_objective_hook(
+            "align_build_batch", registered, objective=objective, examples=examples,
+            tokenizer=tokenizer, options=options)
+        if batch is None:
+            batch = default_batch(objective.data_format, examples, tokenizer.pad_token_id)
+        return batch
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(train_examples, batch_size=cfg.batch_size, shuffle=True,
+                        generator=generator, collate_fn=collate)
+    eval_loader = (DataLoader(eval_examples, batch_size=cfg.batch_size, collate_fn=collate)
+                   if eval_examples else None)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare(eval_loader)
+    if reference is not None:
+        reference.model.to(accelerator.device)
+
+    run = Run(config=cfg, accelerator=accelerator, tokenizer=tokenizer, output_dir=out,
+              max_steps=total_steps)
+    run_info = {
+        "objective": objective.name,
+        "provided_by": registered.plugin.label,
+        "config": spec.as_dict(),
+        "requirements": registry.requirements(),
+        "versions": _library_versions(),
+        "seed": cfg.seed,
+        "data": {"train": {"path": cfg.data, "sha256": fingerprint(cfg.data),
+                           **train_report.as_dict()}},
+        "num_processes": accelerator.num_processes,
+        "total_steps": total_steps,
+        "status": "running",
+    }
+    if cfg.eval_data:
+        run_info["data"]["eval"] = {"path": cfg.eval_data, "sha256": fingerprint(cfg.eval_data),
+                                    **reports[1].as_dict()}
+    if accelerator.is_main_process:
+        write_json(out / "run.json", run_info)
+    if tracker:
+        accelerator.init_trackers("logs", config={k: v for k, v in cfg.model_dump().items()
+                                                  if isinstance(v, int | float | str | bool)})
+
+    def compute(batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
+        output = registry.call_objective_hook(
+            "align_compute_loss", registered, objective=objective, model=model, batch=batch,
+            options=options, reference=reference, run=run)
+        if not isinstance(output, LossOutput):
+            raise PluginError(f"{registered.plugin.label}: align_compute_loss returned "
+                              f"{type(output).__name__}, expected align.LossOutput")
+        extra: dict[str, tuple[Any, Any]] = {}
+        for contribution in registry.pm.hook.align_metrics(
+                objective=objective, model=model, batch=batch, output=output, options=options):
+            extra.update(contribution or {})
+        return output, extra
+
+    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") \
+        if accelerator.is_main_process else None
+
+    def write_metrics(values: dict[str, Any]) -> None:
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(values) + "\n")
+            metrics_file.flush()
+        accelerator.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        run.training = False
+        sums = MetricSums()
+        with torch.no_grad():
+            for batch in eval_loader:
+                output, extra = compute(batch)
+                sums.add("loss", output.loss, output.count)
+                sums.add_all(output.metrics)
+                sums.add_all(extra)
+        model.train()
+        run.training = True
+        return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
+
+    from tqdm.auto import tqdm
+
+    log(accelerator, f"Training {objective.name} ({registered.plugin.label}) for {total_steps} "
+                     f"steps on {accelerator.num_processes} process(es); output: {out}")
+    progress = tqdm(total=total_steps, desc=objective.name, disable=not accelerator.is_main_process)
+    sums = MetricSums()
+    num_tokens = 0.0
+    model.train()
+    groups = micro_batch_groups(loader, cfg.grad_accum)
+    for step in range(1, total_steps + 1):
+        epoch, micro_batches = next(groups)
+        run.step = step - 1
+        learning_rate = scheduler.get_last_lr()[0]
+        loss = accumulate_gradients(model, micro_batches, compute, accelerator, sums)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums.add("grad_norm", grad_norm, 1)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+
+        if step % cfg.log_every == 0 or step == total_steps:
+            totals = sums.totals(accelerator)
+            sums.clear()
+            num_tokens += totals.pop("num_tokens")[0]
+            values = {name: s / c for name, (s, c) in totals.items() if c > 0}
+            write_metrics({"step": step, "epoch": round(step / steps_per_epoch, 4),
+                           "learning_rate": learning_rate, **values, "num_tokens": int(num_tokens)})
+        if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
+                                                           or step == total_steps):
+            write_metrics({"step": step, **evaluate()})
+        if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            (out / "checkpoints").mkdir(exist_ok=True)
+            save_model_dir(accelerator, model, tokenizer, out / "checkpoints" / f"step-{step}",
+                           {"step": step, "epoch": epoch})
+    progress.close()
+    if eval_loader is not None and not cfg.eval_every:
+        write_metrics({"step": total_steps, **evaluate()})
+    save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
+    if metrics_file is not None:
+        metrics_file.close()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        run_info.update(status="completed", seconds=round(time.time() - started, 1))
+        write_json(out / "run.json", run_info)
+    log(accelerator, f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "
+                     f"metrics: {out / 'metrics.jsonl'}")
+    return out
+
+
+def _library_versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}

@@ -1,0 +1,28 @@
+"""The SFT loss.
+
+``L = −(1/N_tok) Σ_batch Σ_{t∈completion} log πθ(y_t | x, y_<t)``  (normalization=token), or
+``L = (1/B) Σ_i [ −(1/m_i) Σ_t log πθ(y_t | x, y_<t) ]``  (normalization=sequence).
+
+The hook returns the numerator and its count; the core divides by the count summed over the
+accumulated batch and all processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import align
+
+
+def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.LossOutput:
+    out = align.forward_logps(model, batch)
+    nll = -out.logps.sum(-1)
+    tokens = out.num_tokens
+    if normalization == "token":
+        loss, count = nll.sum(), tokens.sum()
+    else:
+        loss, count = (nll / tokens.clamp(min=1)).sum(), (tokens > 0).sum()
+    predicted = out.logits[:, :-1].argmax(-1)
+    correct = ((predicted == batch["input_ids"][:, 1:]) * out.mask).sum()
+    return align.LossOutput(loss=loss, count=count,
+                            metrics={"mean_token_accuracy": (correct, tokens.sum())})
