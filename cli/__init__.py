@@ -88,15 +88,17 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins: distribution, version, objectives, hooks and status."""
+    """List installed plugins: distribution, version, objectives, hooks and status.
+
+    Exits with status 1 when any plugin has an error.
+    """
     registry = get_registry()
     infos = list(registry.plugins.values())
     if as_json:
         click.echo(json.dumps([info.as_dict() for info in infos], indent=2))
-        return
-    if not infos:
+    elif not infos:
         click.echo(f"No plugins loaded (check {PLUGINS_ENV} and `pip list | grep align-plugin`).")
-    for info in infos:
+    for info in [] if as_json else infos:
         click.echo(f"{info.label} {info.version or ''}  [{info.status}]")
         click.echo(f"  module: {info.module}")
         if info.objectives:

@@ -1,0 +1,66 @@
+"""Shared fixtures: plugin isolation, a tiny model directory and small data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from align import demo, plugins
+
+
+@pytest.fixture(autouse=True)
+def isolated_plugins(monkeypatch, tmp_path_factory):
+    """Load only first-party plugins under test, and keep the demo cache out of ~/.cache."""
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft")
+    monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
+    plugins.reset_registry()
+    yield
+    plugins.reset_registry()
+    _reset_accelerate()
+
+
+def _reset_accelerate():
+    """Accelerate keeps process-wide state; each in-process run starts from a clean one."""
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """The demo's tiny Llama and tokenizer, saved like a user's model directory."""
+    path = tmp_path_factory.mktemp("tiny-model")
+    demo.build_demo_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def write_jsonl():
+    """``write_jsonl(path, rows) -> path``."""
+    return _write_jsonl
+
+
+@pytest.fixture
+def sft_rows() -> list[dict]:
+    """Prompt/completion rows of different lengths."""
+    return [{"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
+            for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]]

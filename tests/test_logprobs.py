@@ -1,0 +1,33 @@
+"""Vector T0 (shared/objectives.md §0): shifted per-token log-probs over completion tokens."""
+
+import pytest
+import torch
+
+from align.logprobs import token_logps
+
+LOGITS = torch.tensor([[[0.0, 1, 0], [2, 0, -1], [0.5, 0.5, 0.5], [3, -3, 0]]])
+IDS = torch.tensor([[1, 2, 0, 2]])
+MASK = torch.tensor([[0, 0, 1, 1]])
+
+
+def test_vector_t0_shifted_logps():
+    logps, mask = token_logps(LOGITS, IDS, MASK)
+    expected_all = torch.tensor([-1.551445, -0.169846, -1.098612])
+    full, _ = token_logps(LOGITS, IDS, torch.ones_like(MASK))
+    assert torch.allclose(full[0], expected_all, atol=1e-5)
+    assert mask.tolist() == [[0, 1, 1]]
+    assert logps.sum().item() == pytest.approx(-1.268458, abs=1e-5)
+    assert (logps.sum() / mask.sum()).item() == pytest.approx(-0.634229, abs=1e-5)
+
+
+def test_unshifted_gather_differs():
+    """The bug the shift prevents: gathering each position's own token gives −4.149558."""
+    unshifted = torch.log_softmax(LOGITS, -1).gather(-1, IDS.unsqueeze(-1)).squeeze(-1)
+    assert (unshifted * MASK).sum().item() == pytest.approx(-4.149558, abs=1e-5)
+    logps, _ = token_logps(LOGITS, IDS, MASK)
+    assert abs(logps.sum().item() - (-4.149558)) > 1
+
+
+def test_float32_for_half_logits():
+    logps, _ = token_logps(LOGITS.to(torch.bfloat16), IDS, MASK)
+    assert logps.dtype == torch.float32

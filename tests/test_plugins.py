@@ -1,0 +1,204 @@
+"""Plugin discovery: in-process plugins, clashes, broken plugins, and real installed distributions."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import align
+from align.errors import PluginError
+from align.plugins import load_plugins
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).parent.parent
+
+
+class EchoPlugin:
+    """An in-process plugin: its own objective, loss and a metric for every run."""
+
+    __name__ = "echo-in-process"
+
+    @align.hookimpl
+    def align_register_objectives(self, register):
+        register(align.Objective(name="echo", description="test"))
+
+    @align.hookimpl
+    def align_compute_loss(self, batch):
+        return "echo-loss"
+
+    @align.hookimpl
+    def align_metrics(self):
+        return {"echo": (1, 1)}
+
+
+def test_in_process_registration_and_hook_routing():
+    registry = load_plugins(extra=[EchoPlugin()])
+    assert set(registry.objectives) == {"sft", "echo"}
+    assert registry.plugins["echo-in-process"].status == "ok"
+    echo = registry.objective("echo")
+    args = {"objective": None, "model": None, "batch": {}, "options": None, "reference": None,
+            "run": None}
+    assert registry.call_objective_hook("align_compute_loss", echo, **args) == "echo-loss"
+    # The sft objective's loss comes from align-plugin-sft only, never from the echo plugin.
+    sft = registry.objective("sft")
+    assert sft.plugin.distribution == "align-plugin-sft"
+    with pytest.raises(KeyError):  # sft's hook needs a real batch: it was the one called
+        registry.call_objective_hook("align_compute_loss", sft,
+                                     **{**args, "options": sft.item.options()})
+
+
+def test_duplicate_objective_names_name_both_plugins():
+    class Clash:
+        __name__ = "clash-in-process"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register(align.Objective(name="sft", description="another sft"))
+
+    registry = load_plugins(extra=[Clash()])
+    with pytest.raises(PluginError, match="registered by both align-plugin-sft and clash-in-process"):
+        registry.objective("sft")
+    assert "more than one distribution" in registry.plugins["clash-in-process"].errors[0]
+
+
+def test_hook_matching_no_spec_is_reported_with_suggestion():
+    class Misspelled:
+        __name__ = "misspelled"
+
+        @align.hookimpl
+        def align_register_objective(self, register):
+            register(align.Objective(name="never", description="x"))
+
+    registry = load_plugins(extra=[Misspelled()])
+    info = registry.plugins["misspelled"]
+    assert info.status == "error"
+    assert "matches no hook spec. Did you mean 'align_register_objectives'?" in info.errors[0]
+    assert "never" not in registry.objectives
+    assert registry.objective("sft")  # the others still work
+
+
+def test_failing_registration_and_wrong_type_are_reported():
+    class Raises:
+        __name__ = "raises"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            raise RuntimeError("boom")
+
+    class WrongType:
+        __name__ = "wrong-type"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register("sft2")
+
+    registry = load_plugins(extra=[Raises(), WrongType()])
+    assert "registration failed: RuntimeError: boom" in registry.plugins["raises"].errors[0]
+    assert "expected align.Objective" in registry.plugins["wrong-type"].errors[0]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("stf", "Did you mean 'sft'?"),
+    ("dpo", "provided by align-plugin-dpo: pip install align-plugin-dpo"),
+    ("whatever", "Installed objectives: sft."),
+])
+def test_unknown_objective(name, expected):
+    with pytest.raises(PluginError, match="unknown objective") as err:
+        load_plugins().objective(name)
+    assert expected in str(err.value)
+
+
+def test_environment_variable_limits_loading(monkeypatch):
+    monkeypatch.setenv("ALIGN_PLUGINS", "")
+    assert load_plugins().plugins == {}
+    monkeypatch.setenv("ALIGN_PLUGINS", "align-plugin-sft")
+    assert list(load_plugins().plugins) == ["sft"]
+
+
+def test_prepare_model_hooks_chain():
+    class Wrap:
+        __name__ = "wrap"
+
+        @align.hookimpl
+        def align_prepare_model(self, model):
+            return ("wrapped", model)
+
+    class Keep:
+        __name__ = "keep"
+
+        @align.hookimpl
+        def align_prepare_model(self, model, config):
+            return None
+
+    registry = load_plugins(extra=[Wrap(), Keep()])
+    assert registry.chain_hook("align_prepare_model", "model", "m", tokenizer=None, config=None,
+                               sections={}) == ("wrapped", "m")
+
+
+def _cli(args, env, cwd):
+    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def installed_plugins(tmp_path_factory):
+    """Three real distributions pip-installed into a target directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                    "--no-build-isolation", "--target", str(target),
+                    *(str(FIXTURES / name) for name in ("echo", "broken", "clash"))],
+                   check=True, capture_output=True, timeout=300)
+    return target
+
+
+def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_jsonl):
+    env = {**os.environ, "PYTHONPATH": str(installed_plugins)}
+    env.pop("ALIGN_PLUGINS", None)
+    listing = _cli(["plugins", "--json"], env, tmp_path)
+    assert listing.returncode == 1  # errors are shown, and the exit code says so
+    plugins = {p["distribution"]: p for p in json.loads(listing.stdout)}
+    assert plugins["align-test-plugin-echo"]["status"] == "ok"
+    assert plugins["align-test-plugin-echo"]["objectives"] == ["echo"]
+    assert plugins["align-test-plugin-echo"]["version"] == "0.0.1"
+    assert "ModuleNotFoundError" in plugins["align-test-plugin-broken"]["errors"][0]
+    for dist in ("align-test-plugin-clash", "align-plugin-sft"):
+        assert "align-plugin-sft, align-test-plugin-clash" in plugins[dist]["errors"][0] or \
+            "align-test-plugin-clash, align-plugin-sft" in plugins[dist]["errors"][0]
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 =", "completion": " 2."}] * 4)
+    common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "2"]
+    clash = _cli(["run", "--objective", "sft", *common, "--output-dir", "o1"], env, tmp_path)
+    assert clash.returncode == 1
+    assert "registered by both" in clash.stderr and "align-test-plugin-clash" in clash.stderr
+    assert "Traceback" not in clash.stderr
+
+    echo = _cli(["run", "--objective", "echo", *common, "--output-dir", "o2"], env, tmp_path)
+    assert echo.returncode == 0, echo.stderr
+    first = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["echo_rows"] == 4  # a plugin's metric reached the run
+    run_info = json.loads((tmp_path / "o2" / "run.json").read_text())
+    assert "align-test-plugin-echo==0.0.1" in run_info["requirements"]
+
+    env["ALIGN_PLUGINS"] = ""
+    assert "No plugins loaded" in _cli(["plugins"], env, tmp_path).stdout
+
+
+def test_listing_commands_do_not_import_torch(tmp_path):
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom align.cli import cli\n"
+            "for args in (['--help'], ['plugins'], ['objectives'], ['run', '--help']):\n"
+            "    assert CliRunner().invoke(cli, args).exit_code == 0, args\n"
+            "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_core_and_plugin_build_wheels(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT),
+                    str(ROOT / "plugins" / "sft")], check=True, capture_output=True, timeout=300)
+    names = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.whl"))
+    assert names == ["align_core", "align_plugin_sft"]

@@ -1,0 +1,106 @@
+"""Loss masks: completion-only and assistant-only training, EOS handling, no doubled BOS."""
+
+import pytest
+
+from align.tokenize import (
+    TokenizeError,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+
+
+def _trained_text(tokenizer, tok):
+    return tokenizer.decode([t for t, m in zip(tok.input_ids, tok.completion_mask) if m])
+
+
+def test_prompt_completion_trains_completion_and_eos(tokenizer):
+    tok = tokenize_prompt_completion(tokenizer, "What is 2 + 3?", " 2 + 3 = 5.")
+    assert tok.input_ids[0] == tokenizer.bos_token_id
+    assert tok.input_ids[-1] == tokenizer.eos_token_id and tok.completion_mask[-1] == 1
+    assert _trained_text(tokenizer, tok) == " 2 + 3 = 5.</s>"
+    untrained = [t for t, m in zip(tok.input_ids, tok.completion_mask) if not m]
+    assert tokenizer.decode(untrained) == "<s>What is 2 + 3?"
+
+
+def test_token_straddling_the_boundary_is_trained(tokenizer):
+    """A prompt ending in a space: byte-level BPE merges it into the first completion token
+    (" 2"), which is trained, so no completion character is lost."""
+    tok = tokenize_prompt_completion(tokenizer, "What is 2 + 3? ", "2 + 3 = 5.")
+    assert _trained_text(tokenizer, tok) == " 2 + 3 = 5.</s>"
+
+
+def test_completion_is_tokenised_in_context(tokenizer):
+    """Joint tokenisation: the ids equal those of the whole text, not prompt ids + completion ids."""
+    prompt, completion = "What is 2 + 3?", " 2 + 3 = 5."
+    tok = tokenize_prompt_completion(tokenizer, prompt, completion)
+    assert tok.input_ids[:-1] == tokenizer(prompt + completion)["input_ids"]
+
+
+def test_no_doubled_bos_and_no_doubled_eos(tokenizer):
+    tok = tokenize_prompt_completion(tokenizer, "<s>Hi ", "there</s>")
+    assert tok.input_ids.count(tokenizer.bos_token_id) == 1
+    assert tok.input_ids.count(tokenizer.eos_token_id) == 1
+    assert tok.input_ids[-1] == tokenizer.eos_token_id and tok.completion_mask[-1] == 1
+
+
+def test_text_trains_every_token(tokenizer):
+    tok = tokenize_text(tokenizer, "1 + 1 = 2.")
+    assert all(tok.completion_mask) and tok.input_ids[-1] == tokenizer.eos_token_id
+
+
+def test_conversation_trains_only_assistant_turns(tokenizer):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 1 + 1?"},
+        {"role": "assistant", "content": "2."},
+        {"role": "user", "content": "And 2 + 2?"},
+        {"role": "assistant", "content": "4."},
+    ]
+    tok = tokenize_conversation(tokenizer, messages)
+    # The demo template has no generation markers: masks come from rendering prefixes.
+    assert _trained_text(tokenizer, tok) == "2.</s>\n4.</s>\n"
+    assert tok.input_ids.count(tokenizer.bos_token_id) == 1
+    # The template ends each turn with EOS, so none is appended.
+    assert tok.input_ids.count(tokenizer.eos_token_id) == len(messages)
+
+
+def test_prompt_messages_are_not_trained(tokenizer):
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Bye"}]
+    tok = tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": "Bye."}],
+                                trained_from=len(prompt))
+    assert _trained_text(tokenizer, tok) == "Bye.</s>\n"
+
+
+def test_template_that_renders_prefixes_differently_is_an_error(tokenizer):
+    broken = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    broken.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
+                            "{% endfor %}")
+    with pytest.raises(TokenizeError, match="renders the conversation"):
+        tokenize_conversation(broken, [{"role": "user", "content": "a"},
+                                       {"role": "assistant", "content": "b"}])
+
+
+def test_no_chat_template_is_an_error(tokenizer):
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = None
+    with pytest.raises(TokenizeError, match="chat template"):
+        tokenize_conversation(plain, [{"role": "assistant", "content": "b"}])
+
+
+@pytest.mark.parametrize("messages, field", [
+    ([{"role": "robot", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": 3}], "messages[0].content"),
+    (["hello"], "messages[0]"),
+    ([], "messages"),
+])
+def test_bad_messages_name_the_field(tokenizer, messages, field):
+    with pytest.raises(TokenizeError) as err:
+        tokenize_conversation(tokenizer, messages)
+    assert err.value.field == field
+
+
+def test_conversation_without_assistant_is_an_error(tokenizer):
+    with pytest.raises(TokenizeError, match="no assistant message"):
+        tokenize_conversation(tokenizer, [{"role": "user", "content": "hi"}])
