@@ -139,10 +139,10 @@ def resolve(registry: PluginRegistry, config_file: str | None = None,
             flags: dict[str, Any] | None = None, sets: list[str] | None = None) -> RunSpec:
     """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec."""
     file_values = load_yaml(config_file) if config_file else {}
-    where_file = str(config_file) if config_file else "config"
+    where_file = str(config_file) if config_file else "command line"
     core = {k: v for k, v in file_values.items() if k in CORE_KEYS}
     core.update({k: v for k, v in (flags or {}).items() if v is not None})
-    config = _validate(TrainConfig, core, "command line" if not config_file else where_file)
+    config = _validate(TrainConfig, core, where_file)
 
     registered = registry.objective(config.objective)
     objective_name = config.objective
@@ -164,10 +164,11 @@ def resolve(registry: PluginRegistry, config_file: str | None = None,
     objective_values.update(set_values.get(None, {}))
     objective_values.update(set_values.get(objective_name, {}))
     options = _validate(registered.item.options, objective_values,
-                        f"options of objective {objective_name!r}")
+                        f"{where_file}: options of objective {objective_name!r}")
     section_options = {}
     for name, section in sections.items():
         values = _file_section(file_values, name, where_file)
         values.update(set_values.get(name, {}))
-        section_options[name] = _validate(section.options, values, f"section {name!r}")
+        section_options[name] = _validate(section.options, values,
+                                          f"{where_file}: section {name!r}")
     return RunSpec(config, registered, options, section_options)

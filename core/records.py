@@ -133,14 +133,15 @@ def _read_saved_dataset(path: Path) -> list[Record]:
 
 
 def fingerprint(path: str | Path) -> str:
-    """sha256 of a data file, or of every file under a dataset directory."""
+    """sha256 of a data file's bytes; for a dataset directory, of every file's name and bytes."""
     import hashlib
 
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode())
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
