@@ -16,10 +16,31 @@ from align.plugins import PLUGINS_ENV, get_registry
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
 RUN_FLAGS = [
-    "objective", "model", "data", "eval_data", "output_dir", "max_steps", "epochs", "batch_size",
-    "grad_accum", "lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "weight_decay",
-    "max_grad_norm", "seed", "max_length", "truncation", "precision", "gradient_checkpointing",
-    "save_every", "eval_every", "log_every", "trust_remote_code", "overwrite",
+    "objective",
+    "model",
+    "data",
+    "eval_data",
+    "output_dir",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "max_length",
+    "truncation",
+    "precision",
+    "gradient_checkpointing",
+    "save_every",
+    "eval_every",
+    "log_every",
+    "trust_remote_code",
+    "overwrite",
 ]
 
 
@@ -34,10 +55,12 @@ def _option_for(name: str) -> Any:
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
     if typing.get_origin(annotation) is typing.Literal:
-        return click.option(flag, name, type=click.Choice(typing.get_args(annotation)),
-                            default=None, help=help_text)
-    return click.option(flag, name, type={int: int, float: float}.get(base, str), default=None,
-                        help=help_text)
+        return click.option(
+            flag, name, type=click.Choice(typing.get_args(annotation)), default=None, help=help_text
+        )
+    return click.option(
+        flag, name, type={int: int, float: float}.get(base, str), default=None, help=help_text
+    )
 
 
 def _run_options(func: Any) -> Any:
@@ -61,12 +84,21 @@ def cli() -> None:
 
 @cli.command()
 @_run_options
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="YAML file: core options at top level, objective options in a section named "
-                   "after the objective, plugin options in their own section. Flags win.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Objective option (KEY=VALUE) or plugin section option (SECTION.KEY=VALUE); "
-                   "values are read as YAML scalars. Repeatable.")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="YAML file: core options at top level, objective options in a section named "
+    "after the objective, plugin options in their own section. Flags win.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Objective option (KEY=VALUE) or plugin section option (SECTION.KEY=VALUE); "
+    "values are read as YAML scalars. Repeatable.",
+)
 def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     """Train a model with an objective.
 
@@ -116,9 +148,14 @@ def plugins(as_json: bool) -> None:
 def _describe_options(schema: Any) -> list[dict[str, Any]]:
     rows = []
     for name, field in schema.model_fields.items():
-        rows.append({"name": name, "default": field.default,
-                     "type": getattr(field.annotation, "__name__", str(field.annotation)),
-                     "help": field.description or ""})
+        rows.append(
+            {
+                "name": name,
+                "default": field.default,
+                "type": getattr(field.annotation, "__name__", str(field.annotation)),
+                "help": field.description or "",
+            }
+        )
     return rows
 
 
@@ -130,9 +167,16 @@ def objectives(as_json: bool) -> None:
     data = []
     for name, reg in sorted(registry.objectives.items()):
         obj = reg.item
-        data.append({"name": name, "description": obj.description,
-                     "data_format": obj.data_format, "needs_reference": obj.needs_reference,
-                     "distribution": reg.plugin.label, "options": _describe_options(obj.options)})
+        data.append(
+            {
+                "name": name,
+                "description": obj.description,
+                "data_format": obj.data_format,
+                "needs_reference": obj.needs_reference,
+                "distribution": reg.plugin.label,
+                "options": _describe_options(obj.options),
+            }
+        )
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -149,8 +193,9 @@ def objectives(as_json: bool) -> None:
     for name, reg in sorted(registry.sections.items()):
         click.echo(f"section {name}  ({reg.plugin.label}): {reg.item.description}")
         for opt in _describe_options(reg.item.options):
-            click.echo(f"  --set {name}.{opt['name']}=…  (default {opt['default']!r}) "
-                       f"{opt['help']}")
+            click.echo(
+                f"  --set {name}.{opt['name']}=…  (default {opt['default']!r}) {opt['help']}"
+            )
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ def pad(sequences: Sequence[Sequence[int]], value: int) -> Any:
     return out
 
 
-def sequence_batch(examples: Sequence[dict[str, Any]], pad_token_id: int,
-                   prefix: str = "") -> dict[str, Any]:
+def sequence_batch(
+    examples: Sequence[dict[str, Any]], pad_token_id: int, prefix: str = ""
+) -> dict[str, Any]:
     """``input_ids``, ``attention_mask`` and ``completion_mask`` for one sequence per example.
 
     ``prefix`` selects other sequences of the example, e.g. ``"chosen_"``.
@@ -36,14 +37,17 @@ def paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[
 
     Rows ``0..n-1`` are the chosen completions and ``n..2n-1`` the rejected ones.
     """
-    rows = [{"input_ids": e[f"{side}_input_ids"],
-             "completion_mask": e[f"{side}_completion_mask"]}
-            for side in ("chosen", "rejected") for e in examples]
+    rows = [
+        {"input_ids": e[f"{side}_input_ids"], "completion_mask": e[f"{side}_completion_mask"]}
+        for side in ("chosen", "rejected")
+        for e in examples
+    ]
     return sequence_batch(rows, pad_token_id)
 
 
-def default_batch(data_format: str, examples: Sequence[dict[str, Any]],
-                  pad_token_id: int) -> dict[str, Any]:
+def default_batch(
+    data_format: str, examples: Sequence[dict[str, Any]], pad_token_id: int
+) -> dict[str, Any]:
     """The core's batch for a data format, used when the objective's plugin builds none."""
     import torch
 

@@ -18,15 +18,17 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def save_model_dir(accelerator: Any, model: Any, tokenizer: Any, target: Path,
-                   state: dict[str, Any] | None = None) -> None:
+def save_model_dir(
+    accelerator: Any, model: Any, tokenizer: Any, target: Path, state: dict[str, Any] | None = None
+) -> None:
     """Save model (safetensors) and tokenizer to ``target`` atomically; every process calls it."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict,
-                                                        safe_serialization=True)
+        accelerator.unwrap_model(model).save_pretrained(
+            tmp, state_dict=state_dict, safe_serialization=True
+        )
         tokenizer.save_pretrained(tmp)
         if state is not None:
             write_json(tmp / "trainer_state.json", state)

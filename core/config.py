@@ -25,9 +25,15 @@ class TrainConfig(Options):
 
     objective: str = Field("sft", description="Objective to train with (align objectives).")
     model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
-    data: str | None = Field(None, description="Training data file; none: the objective's demo data.")
-    eval_data: str | None = Field(None, description="Held-out data evaluated every eval_every steps.")
-    output_dir: str | None = Field(None, description="Run directory; default runs/<objective>-<time>.")
+    data: str | None = Field(
+        None, description="Training data file; none: the objective's demo data."
+    )
+    eval_data: str | None = Field(
+        None, description="Held-out data evaluated every eval_every steps."
+    )
+    output_dir: str | None = Field(
+        None, description="Run directory; default runs/<objective>-<time>."
+    )
     overwrite: bool = Field(False, description="Allow an output directory that holds another run.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; wins over epochs.")
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
@@ -35,7 +41,8 @@ class TrainConfig(Options):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="Decay after warm-up.")
+        "linear", description="Decay after warm-up."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
     warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms).")
@@ -46,11 +53,14 @@ class TrainConfig(Options):
     seed: int = Field(42, description="Seed for model init, shuffling and dropout.")
     max_length: int = Field(1024, ge=2, description="Longest sequence in tokens.")
     truncation: Literal["keep_start", "keep_end", "skip", "error"] = Field(
-        "keep_start", description="What to do with longer sequences (every case is counted).")
+        "keep_start", description="What to do with longer sequences (every case is counted)."
+    )
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (and at the end).")
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (and at the end)."
+    )
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
 
@@ -61,9 +71,19 @@ CORE_KEYS = set(TrainConfig.model_fields)
 class RunSpec:
     """A fully validated run: core config, objective options and section options."""
 
-    def __init__(self, config: TrainConfig, objective: Registered, options: Options,
-                 sections: dict[str, Options]) -> None:
-        self.config, self.objective, self.options, self.sections = config, objective, options, sections
+    def __init__(
+        self,
+        config: TrainConfig,
+        objective: Registered,
+        options: Options,
+        sections: dict[str, Options],
+    ) -> None:
+        self.config, self.objective, self.options, self.sections = (
+            config,
+            objective,
+            options,
+            sections,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         out = self.config.model_dump()
@@ -123,20 +143,27 @@ def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Opti
     except ValidationError as exc:
         problems = "; ".join(
             f"option {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} "
-            f"(got {err.get('input')!r})" for err in exc.errors())
+            f"(got {err.get('input')!r})"
+            for err in exc.errors()
+        )
         raise ConfigError(f"{where}: {problems}") from None
 
 
 def _file_section(file_values: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     values = file_values.get(name) or {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: section {name!r} must be a mapping of options, "
-                          f"got {type(values).__name__}")
+        raise ConfigError(
+            f"{where}: section {name!r} must be a mapping of options, got {type(values).__name__}"
+        )
     return dict(values)
 
 
-def resolve(registry: PluginRegistry, config_file: str | None = None,
-            flags: dict[str, Any] | None = None, sets: list[str] | None = None) -> RunSpec:
+def resolve(
+    registry: PluginRegistry,
+    config_file: str | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> RunSpec:
     """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec."""
     file_values = load_yaml(config_file) if config_file else {}
     where_file = str(config_file) if config_file else "command line"
@@ -150,25 +177,33 @@ def resolve(registry: PluginRegistry, config_file: str | None = None,
     allowed = CORE_KEYS | set(registry.objectives) | set(sections)
     for key in file_values:
         if key not in allowed:
-            raise ConfigError(f"{where_file}: unknown key {key!r}."
-                              f"{did_you_mean(key, allowed)} Top-level keys are core options, "
-                              "objective names and plugin sections (align objectives).")
+            raise ConfigError(
+                f"{where_file}: unknown key {key!r}."
+                f"{did_you_mean(key, allowed)} Top-level keys are core options, "
+                "objective names and plugin sections (align objectives)."
+            )
 
     set_values = parse_set(sets or [])
     for section in set_values:
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]
-            raise ConfigError(f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
-                              f" Sections: {', '.join(choices)}")
+            raise ConfigError(
+                f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
+                f" Sections: {', '.join(choices)}"
+            )
     objective_values = _file_section(file_values, objective_name, where_file)
     objective_values.update(set_values.get(None, {}))
     objective_values.update(set_values.get(objective_name, {}))
-    options = _validate(registered.item.options, objective_values,
-                        f"{where_file}: options of objective {objective_name!r}")
+    options = _validate(
+        registered.item.options,
+        objective_values,
+        f"{where_file}: options of objective {objective_name!r}",
+    )
     section_options = {}
     for name, section in sections.items():
         values = _file_section(file_values, name, where_file)
         values.update(set_values.get(name, {}))
-        section_options[name] = _validate(section.options, values,
-                                          f"{where_file}: section {name!r}")
+        section_options[name] = _validate(
+            section.options, values, f"{where_file}: section {name!r}"
+        )
     return RunSpec(config, registered, options, section_options)

@@ -18,8 +18,14 @@ class PluginError(AlignError):
 class DataError(AlignError):
     """A record that cannot be used, named by file, location ("line 3", "record 3") and field."""
 
-    def __init__(self, message: str, *, source: str | None = None, location: str | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        location: str | None = None,
+        field: str | None = None,
+    ) -> None:
         where = [str(part) for part in (source, location) if part is not None]
         if field is not None:
             where.append(f"field {field!r}")

@@ -45,8 +45,12 @@ class DataReport:
         return text
 
     def as_dict(self) -> dict[str, Any]:
-        return {"records": self.records, "examples": self.examples,
-                "truncated": self.truncated, "skipped": dict(self.skipped)}
+        return {
+            "records": self.records,
+            "examples": self.examples,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+        }
 
 
 class _Skip(Exception):
@@ -78,8 +82,9 @@ def _prompt_and_answer(tokenizer: Any, record: Record, answer: str) -> Tokenized
         for name, val in (("prompt", prompt), (answer, value)):
             if not isinstance(val, list):
                 raise record.error("expected a list of messages, like the other field", name)
-        return tokenize_conversation(tokenizer, prompt + value, trained_from=len(prompt),
-                                     field=answer)
+        return tokenize_conversation(
+            tokenizer, prompt + value, trained_from=len(prompt), field=answer
+        )
     _string(record, "prompt")
     return tokenize_prompt_completion(tokenizer, prompt, _string(record, answer, False))
 
@@ -95,8 +100,9 @@ def _prompt_completion(tokenizer: Any, record: Record) -> dict[str, Any]:
         tok = tokenize_text(tokenizer, _string(record, "text", allow_empty=False))
     else:
         present = ", ".join(sorted(data)) or "none"
-        raise record.error(f"expected fields prompt and completion, messages, or text; "
-                           f"fields present: {present}")
+        raise record.error(
+            f"expected fields prompt and completion, messages, or text; fields present: {present}"
+        )
     return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask}
 
 
@@ -136,8 +142,9 @@ def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Rec
         ids, mask = example[key], example[mask_key]
         if len(ids) > max_length:
             if policy == "error":
-                raise record.error(f"is {len(ids)} tokens long, over max_length {max_length} "
-                                   "(truncation=error)")
+                raise record.error(
+                    f"is {len(ids)} tokens long, over max_length {max_length} (truncation=error)"
+                )
             if policy == "skip":
                 raise _Skip(f"longer than max_length {max_length}")
             keep = slice(None, max_length) if policy == "keep_start" else slice(-max_length, None)
@@ -148,8 +155,14 @@ def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Rec
     return cut
 
 
-def tokenize_records(records: list[Record], data_format: str, tokenizer: Any, max_length: int,
-                     truncation: str, split: str) -> tuple[list[dict[str, Any]], DataReport]:
+def tokenize_records(
+    records: list[Record],
+    data_format: str,
+    tokenizer: Any,
+    max_length: int,
+    truncation: str,
+    split: str,
+) -> tuple[list[dict[str, Any]], DataReport]:
     """Tokenise every record; errors name file, record and field; drops are counted."""
     build = FORMATS[data_format]
     report = DataReport(split=split, records=len(records))

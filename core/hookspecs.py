@@ -29,7 +29,7 @@ def align_register_objectives(register):
 
 @hookspec
 def align_register_sections(register):
-    """Register a config section for a model-preparation plugin: ``register(align.Section(...))``."""
+    """Register a model-preparation plugin's config section: ``register(align.Section(...))``."""
 
 
 @hookspec

@@ -30,8 +30,9 @@ class TokenLogps:
         return self.mask.sum(-1)
 
 
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor,
-                completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shifted target log-probs (float32, 0 where masked) and the shifted mask."""
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
@@ -44,7 +45,8 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor,
 def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> TokenLogps:
     """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs."""
     input_ids = batch[f"{prefix}input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"],
-                   use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
+    ).logits
     logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
     return TokenLogps(logps=logps, mask=mask, logits=logits)

@@ -54,3 +54,23 @@ class MetricSums:
 
     def clear(self) -> None:
         self._totals.clear()
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per logged step, main process) and Accelerate trackers."""
+
+    def __init__(self, path: Any, accelerator: Any) -> None:
+        self.accelerator = accelerator
+        self._file = open(path, "a", encoding="utf-8") if accelerator.is_main_process else None  # noqa: SIM115
+
+    def write(self, values: dict[str, Any]) -> None:
+        if self._file is not None:
+            import json
+
+            self._file.write(json.dumps(values) + "\n")
+            self._file.flush()
+        self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()

@@ -99,11 +99,17 @@ class PluginRegistry:
         self.clashes: dict[str, list[Registered]] = {}
 
     # -- loading -----------------------------------------------------------------------------
-    def add(self, obj: Any, name: str, distribution: str | None = None,
-            version: str | None = None) -> PluginInfo:
+    def add(
+        self, obj: Any, name: str, distribution: str | None = None, version: str | None = None
+    ) -> PluginInfo:
         """Register one plugin object (a module or any object with hookimpls)."""
-        info = PluginInfo(name=name, distribution=distribution, version=version,
-                          module=getattr(obj, "__name__", type(obj).__name__), obj=obj)
+        info = PluginInfo(
+            name=name,
+            distribution=distribution,
+            version=version,
+            module=getattr(obj, "__name__", type(obj).__name__),
+            obj=obj,
+        )
         self.plugins[name] = info
         try:
             self.pm.register(obj, name=name)
@@ -121,10 +127,12 @@ class PluginRegistry:
             self.pm.unregister(obj)
         return info
 
-    def add_failed(self, name: str, distribution: str | None, version: str | None,
-                   module: str, error: str) -> None:
-        self.plugins[name] = PluginInfo(name=name, distribution=distribution, version=version,
-                                        module=module, errors=[error])
+    def add_failed(
+        self, name: str, distribution: str | None, version: str | None, module: str, error: str
+    ) -> None:
+        self.plugins[name] = PluginInfo(
+            name=name, distribution=distribution, version=version, module=module, errors=[error]
+        )
 
     def collect_registrations(self) -> None:
         """Ask each healthy plugin for its objectives and sections, then find clashes."""

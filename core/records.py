@@ -40,11 +40,16 @@ def read_records(path: str | Path) -> list[Record]:
         records = _read_saved_dataset(path)
     else:
         suffix = path.suffix.lower()
-        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet,
-                   ".csv": _read_csv}
+        readers = {
+            ".jsonl": _read_jsonl,
+            ".json": _read_json,
+            ".parquet": _read_parquet,
+            ".csv": _read_csv,
+        }
         if suffix not in readers:
-            raise DataError(f"unsupported file type {suffix or '(none)'!r}; use {SUPPORTED}",
-                            source=str(path))
+            raise DataError(
+                f"unsupported file type {suffix or '(none)'!r}; use {SUPPORTED}", source=str(path)
+            )
         records = readers[suffix](path)
     if not records:
         raise DataError("contains no records", source=str(path))
@@ -57,13 +62,18 @@ def _decode(path: Path, raw: bytes, line_no: int | None = None) -> str:
     except UnicodeDecodeError as exc:
         if line_no is None:
             line_no = raw[: exc.start].count(b"\n") + 1
-        raise DataError("is not valid UTF-8", source=str(path), location=f"line {line_no}") from None
+        raise DataError(
+            "is not valid UTF-8", source=str(path), location=f"line {line_no}"
+        ) from None
 
 
 def _object(path: Path, value: Any, location: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise DataError(f"expected a JSON object, got {type(value).__name__}",
-                        source=str(path), location=location)
+        raise DataError(
+            f"expected a JSON object, got {type(value).__name__}",
+            source=str(path),
+            location=location,
+        )
     return value
 
 
@@ -78,8 +88,11 @@ def _read_jsonl(path: Path) -> list[Record]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})",
-                                source=str(path), location=location) from None
+                raise DataError(
+                    f"invalid JSON: {exc.msg} (column {exc.colno})",
+                    source=str(path),
+                    location=location,
+                ) from None
             records.append(Record(_object(path, value, location), str(path), location))
     return records
 
@@ -91,26 +104,31 @@ def _read_json(path: Path) -> list[Record]:
     try:
         values = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc.msg}", source=str(path),
-                        location=f"line {exc.lineno}") from None
-    return [Record(_object(path, v, f"record {i}"), str(path), f"record {i}")
-            for i, v in enumerate(values, start=1)]
+        raise DataError(
+            f"invalid JSON: {exc.msg}", source=str(path), location=f"line {exc.lineno}"
+        ) from None
+    return [
+        Record(_object(path, v, f"record {i}"), str(path), f"record {i}")
+        for i, v in enumerate(values, start=1)
+    ]
 
 
 def _read_csv(path: Path) -> list[Record]:
     text = _decode(path, path.read_bytes())
     reader = csv.DictReader(io.StringIO(text, newline=""))
     # Line numbers count the header as line 1, as an editor shows them.
-    return [Record(dict(row), str(path), f"line {reader.line_num}", from_text=True)
-            for row in reader]
+    return [
+        Record(dict(row), str(path), f"line {reader.line_num}", from_text=True) for row in reader
+    ]
 
 
 def _read_parquet(path: Path) -> list[Record]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise DataError("reading Parquet needs pyarrow: pip install 'align-core[parquet]'",
-                        source=str(path)) from None
+        raise DataError(
+            "reading Parquet needs pyarrow: pip install 'align-core[parquet]'", source=str(path)
+        ) from None
     rows = pq.read_table(path).to_pylist()
     return [Record(row, str(path), f"record {i}") for i, row in enumerate(rows, start=1)]
 
@@ -119,9 +137,11 @@ def _read_saved_dataset(path: Path) -> list[Record]:
     try:
         import datasets
     except ImportError:
-        raise DataError(f"is a directory; reading a saved dataset needs `datasets` "
-                        f"(pip install 'align-core[datasets]'), or use {SUPPORTED}",
-                        source=str(path)) from None
+        raise DataError(
+            f"is a directory; reading a saved dataset needs `datasets` "
+            f"(pip install 'align-core[datasets]'), or use {SUPPORTED}",
+            source=str(path),
+        ) from None
     try:
         loaded = datasets.load_from_disk(str(path))
     except FileNotFoundError as exc:

@@ -43,17 +43,21 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> 
 def tokenize_text(tokenizer: Any, text: str) -> Tokenized:
     """Plain language modelling: every token is trained, EOS appended."""
     ids, _ = _encode(tokenizer, text, add_special_tokens=True, need_offsets=False)
-    return _with_eos(tokenizer, Tokenized(ids, [1] * len(ids)),
-                     has_eos=ids[-1:] == [tokenizer.eos_token_id])
+    return _with_eos(
+        tokenizer, Tokenized(ids, [1] * len(ids)), has_eos=ids[-1:] == [tokenizer.eos_token_id]
+    )
 
 
-def tokenize_conversation(tokenizer: Any, messages: Sequence[dict], trained_from: int = 0,
-                          field: str = "messages") -> Tokenized:
-    """Render ``messages`` with the chat template; train on assistant turns at index ≥ trained_from."""
+def tokenize_conversation(
+    tokenizer: Any, messages: Sequence[dict], trained_from: int = 0, field: str = "messages"
+) -> Tokenized:
+    """Render ``messages`` with the chat template; train assistant turns from ``trained_from``."""
     check_messages(messages, field)
     if not getattr(tokenizer, "chat_template", None):
-        raise TokenizeError("conversational data needs a tokenizer with a chat template; "
-                            "this tokenizer has none", field)
+        raise TokenizeError(
+            "conversational data needs a tokenizer with a chat template; this tokenizer has none",
+            field,
+        )
     full = _render(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, message in enumerate(messages):
@@ -61,11 +65,16 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict], trained_from
             continue
         prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
-        if not full.startswith(prefix) or not through.startswith(prefix) \
-                or not full.startswith(through):
+        if (
+            not full.startswith(prefix)
+            or not through.startswith(prefix)
+            or not full.startswith(through)
+        ):
             raise TokenizeError(
                 f"the chat template renders the conversation up to message {i} differently "
-                "from the full conversation, so the assistant tokens cannot be located", field)
+                "from the full conversation, so the assistant tokens cannot be located",
+                field,
+            )
         spans.append((len(prefix), len(through)))
     if not spans:
         raise TokenizeError("no assistant message to train on", field)
@@ -74,7 +83,8 @@ def tokenize_conversation(tokenizer: Any, messages: Sequence[dict], trained_from
     last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full[: spans[-1][0]])
     # Templates end a turn with their own marker; EOS is added only when the last turn lacks it.
     has_eos = messages[-1]["role"] != "assistant" or any(
-        m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn))
+        m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn, strict=True)
+    )
     return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
 
 
@@ -87,26 +97,30 @@ def check_messages(messages: Any, field: str) -> None:
             raise TokenizeError(f"expected a message object, got {type(message).__name__}", where)
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
-            raise TokenizeError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}",
-                                f"{where}.role")
+            raise TokenizeError(
+                f"unknown role {role!r}; expected one of {', '.join(ROLES)}", f"{where}.role"
+            )
         if not isinstance(content, str):
-            raise TokenizeError(f"expected a string, got {type(content).__name__}",
-                                f"{where}.content")
+            raise TokenizeError(
+                f"expected a string, got {type(content).__name__}", f"{where}.content"
+            )
 
 
 def _render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: bool = True):
     if need_offsets and not getattr(tokenizer, "is_fast", False):
         encoded = tokenizer(text, add_special_tokens=add_special_tokens)
         return list(encoded["input_ids"]), None
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens,
-                        return_offsets_mapping=need_offsets)
+    encoded = tokenizer(
+        text, add_special_tokens=add_special_tokens, return_offsets_mapping=need_offsets
+    )
     ids = list(encoded["input_ids"])
     if ids and ids[:2] == [tokenizer.bos_token_id] * 2:  # the text already began with BOS
         ids = ids[1:]
@@ -117,12 +131,13 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: b
 def _mask_from_spans(ids, offsets, spans, tokenizer, prefix_text: str) -> list[int]:
     """1 for every token that overlaps a trained character span."""
     if offsets is None:  # slow tokenizer: the prefix's tokens must be a prefix of the whole
-        prefix_ids, _ = _encode(tokenizer, prefix_text, add_special_tokens=True,
-                                need_offsets=False)
+        prefix_ids, _ = _encode(tokenizer, prefix_text, add_special_tokens=True, need_offsets=False)
         if len(spans) > 1 or ids[: len(prefix_ids)] != prefix_ids:
-            raise TokenizeError("this (slow) tokenizer gives no character offsets and tokenises "
-                                "the prompt differently alone than in context; use a fast "
-                                "tokenizer")
+            raise TokenizeError(
+                "this (slow) tokenizer gives no character offsets and tokenises "
+                "the prompt differently alone than in context; use a fast "
+                "tokenizer"
+            )
         return [0] * len(prefix_ids) + [1] * (len(ids) - len(prefix_ids))
     mask = []
     for start, end in offsets:

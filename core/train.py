@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import math
 import shutil
 import sys
@@ -21,13 +20,13 @@ from typing import Any
 import torch
 
 from . import demo
-from .batching import default_batch
 from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
 from .errors import ConfigError, PluginError
 from .formats import DataReport, tokenize_records
-from .metrics import MetricSums
+from .metrics import MetricsLog, MetricSums
 from .objective import LossOutput
+from .objective_hooks import ObjectiveHooks
 from .plugins import PluginRegistry
 from .records import fingerprint, read_records
 from .reference import Reference
@@ -53,11 +52,13 @@ def apply_demo_defaults(spec: RunSpec) -> bool:
         spec.config = cfg.model_copy(update=updates)
         return True
     if cfg.data is None:
-        raise ConfigError("--data is required when --model is given "
-                          "(run without both to train the embedded demo)")
+        raise ConfigError(
+            "--data is required when --model is given (run without both to train the embedded demo)"
+        )
     if cfg.model is None:
-        raise ConfigError("--model is required when --data is given "
-                          "(run without both to train the embedded demo)")
+        raise ConfigError(
+            "--model is required when --data is given (run without both to train the embedded demo)"
+        )
     return False
 
 
@@ -68,8 +69,10 @@ def prepare_output_dir(cfg: Any, objective: str) -> Path:
         out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if (out / "run.json").exists():
         if not cfg.overwrite:
-            raise ConfigError(f"{out} already holds a run (run.json); choose another "
-                              "--output-dir or pass --overwrite")
+            raise ConfigError(
+                f"{out} already holds a run (run.json); choose another "
+                "--output-dir or pass --overwrite"
+            )
         for name in ("run.json", "metrics.jsonl", "final", "checkpoints", "logs"):
             target = out / name
             if target.is_dir():
@@ -91,16 +94,22 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model, trust_remote_code=cfg.trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, trust_remote_code=cfg.trust_remote_code, use_safetensors=True,
-            dtype=torch.float32)
+            cfg.model,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+            dtype=torch.float32,
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
-            raise ConfigError(f"model {cfg.model!r}: the tokenizer has neither a pad nor an EOS "
-                              "token")
+            raise ConfigError(
+                f"model {cfg.model!r}: the tokenizer has neither a pad nor an EOS token"
+            )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     if cfg.gradient_checkpointing:
@@ -113,18 +122,20 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def build_examples(registry: PluginRegistry, spec: RunSpec, tokenizer: Any, path: str,
-                   split: str) -> tuple[list[dict[str, Any]], DataReport]:
-    cfg, objective = spec.config, spec.objective.item
-    records = read_records(path)
-    examples, report = tokenize_records(records, objective.data_format, tokenizer,
-                                        cfg.max_length, cfg.truncation, split)
-    prepared = registry.call_objective_hook(
-        "align_prepare_dataset", spec.objective, objective=objective, examples=examples,
-        options=spec.options, split=split)
-    if prepared is not None:
-        examples = prepared
-        report.examples = len(examples)
+def build_examples(
+    hooks: ObjectiveHooks, cfg: Any, path: str, split: str
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Read and tokenise one split, then let the objective's plugin prepare it."""
+    examples, report = tokenize_records(
+        read_records(path),
+        hooks.objective.data_format,
+        hooks.tokenizer,
+        cfg.max_length,
+        cfg.truncation,
+        split,
+    )
+    examples = hooks.prepare_dataset(examples, split)
+    report.examples = len(examples)
     for index, example in enumerate(examples):
         example["index"] = index
     return examples, report
@@ -133,10 +144,16 @@ def build_examples(registry: PluginRegistry, spec: RunSpec, tokenizer: Any, path
 def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
 
 
 def make_scheduler(optimizer: Any, cfg: Any, total_steps: int) -> Any:
@@ -144,16 +161,22 @@ def make_scheduler(optimizer: Any, cfg: Any, total_steps: int) -> Any:
 
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-    return get_scheduler(name[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup,
-                         num_training_steps=total_steps)
+    return get_scheduler(
+        name[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
 
 
 # -- one step -------------------------------------------------------------------------------------
 LossFn = Callable[[dict[str, Any]], tuple[LossOutput, dict[str, tuple[Any, Any]]]]
 
 
-def accumulate_gradients(model: Any, micro_batches: list[dict[str, Any]], compute: LossFn,
-                         accelerator: Any, sums: MetricSums) -> float:
+def accumulate_gradients(
+    model: Any,
+    micro_batches: list[dict[str, Any]],
+    compute: LossFn,
+    accelerator: Any,
+    sums: MetricSums,
+) -> float:
     """Backward every micro-batch, then make the gradient that of one large batch.
 
     Each loss hook returns a *sum* over its units and their count. The summed gradients are
@@ -173,8 +196,9 @@ def accumulate_gradients(model: Any, micro_batches: list[dict[str, Any]], comput
         sums.add("loss", output.loss, output.count)
         sums.add_all(output.metrics)
         sums.add_all(extra)
-        sums.add("num_tokens", sum(v.sum() for k, v in batch.items()
-                                   if k.endswith("attention_mask")), 1)
+        sums.add(
+            "num_tokens", sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")), 1
+        )
     totals = torch.stack([loss_sum, count])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
@@ -211,13 +235,14 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
 
     transformers.utils.logging.disable_progress_bar()
-
     started = time.time()
+
+    # Set up: output directory, Accelerate, model, reference, model-preparation plugins.
     used_demo = apply_demo_defaults(spec)
-    cfg, registered, options = spec.config, spec.objective, spec.options
-    objective = registered.item
+    cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
     out = prepare_output_dir(cfg, objective.name)
@@ -226,90 +251,67 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     set_seed(cfg.seed)
     if used_demo:
         log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
-
     model, tokenizer = load_model_and_tokenizer(cfg)
     reference = Reference.frozen_copy(model) if objective.needs_reference else None
-    model = registry.chain_hook("align_prepare_model", "model", model, tokenizer=tokenizer,
-                                config=cfg, sections=spec.sections)
+    model = registry.chain_hook(
+        "align_prepare_model",
+        "model",
+        model,
+        tokenizer=tokenizer,
+        config=cfg,
+        sections=spec.sections,
+    )
 
-    train_examples, train_report = build_examples(registry, spec, tokenizer, cfg.data, "train")
-    reports = [train_report]
-    eval_examples = None
-    if cfg.eval_data:
-        eval_examples, eval_report = build_examples(registry, spec, tokenizer, cfg.eval_data,
-                                                    "eval")
-        reports.append(eval_report)
-    for report in reports:
-        log(accelerator, f"data {report.summary()}")
-
-    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = registry.call_objective_hook(
-            "align_build_batch", registered, objective=objective, examples=examples,
-            tokenizer=tokenizer, options=options)
-        if batch is None:
-            batch = default_batch(objective.data_format, examples, tokenizer.pad_token_id)
-        return batch
-
-    generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_examples, batch_size=cfg.batch_size, shuffle=True,
-                        generator=generator, collate_fn=collate)
-    eval_loader = (DataLoader(eval_examples, batch_size=cfg.batch_size, collate_fn=collate)
-                   if eval_examples else None)
+    # Data: tokenise every split once, report what was truncated or skipped.
+    hooks = ObjectiveHooks(registry, spec, tokenizer)
+    splits = {"train": cfg.data, "eval": cfg.eval_data}
+    examples, reports = {}, {}
+    for split, path in splits.items():
+        if path:
+            examples[split], reports[split] = build_examples(hooks, cfg, path, split)
+            log(accelerator, f"data {reports[split].summary()}")
+    loader = DataLoader(
+        examples["train"],
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        collate_fn=hooks.build_batch,
+    )
+    eval_loader = None
+    if "eval" in examples:
+        eval_loader = accelerator.prepare(
+            DataLoader(examples["eval"], batch_size=cfg.batch_size, collate_fn=hooks.build_batch)
+        )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+
+    # Optimizer and schedule.
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    if eval_loader is not None:
-        eval_loader = accelerator.prepare(eval_loader)
     if reference is not None:
         reference.model.to(accelerator.device)
-
-    run = Run(config=cfg, accelerator=accelerator, tokenizer=tokenizer, output_dir=out,
-              max_steps=total_steps)
-    run_info = {
-        "objective": objective.name,
-        "provided_by": registered.plugin.label,
-        "config": spec.as_dict(),
-        "requirements": registry.requirements(),
-        "versions": _library_versions(),
-        "seed": cfg.seed,
-        "data": {"train": {"path": cfg.data, "sha256": fingerprint(cfg.data),
-                           **train_report.as_dict()}},
-        "num_processes": accelerator.num_processes,
-        "total_steps": total_steps,
-        "status": "running",
-    }
-    if cfg.eval_data:
-        run_info["data"]["eval"] = {"path": cfg.eval_data, "sha256": fingerprint(cfg.eval_data),
-                                    **reports[1].as_dict()}
+    run = Run(
+        config=cfg,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        output_dir=out,
+        max_steps=total_steps,
+    )
+    run_info = describe_run(spec, registry, splits, reports, accelerator, total_steps)
     if accelerator.is_main_process:
         write_json(out / "run.json", run_info)
     if tracker:
-        accelerator.init_trackers("logs", config={k: v for k, v in cfg.model_dump().items()
-                                                  if isinstance(v, int | float | str | bool)})
+        accelerator.init_trackers(
+            "logs",
+            config={
+                k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)
+            },
+        )
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
 
     def compute(batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
-        output = registry.call_objective_hook(
-            "align_compute_loss", registered, objective=objective, model=model, batch=batch,
-            options=options, reference=reference, run=run)
-        if not isinstance(output, LossOutput):
-            raise PluginError(f"{registered.plugin.label}: align_compute_loss returned "
-                              f"{type(output).__name__}, expected align.LossOutput")
-        extra: dict[str, tuple[Any, Any]] = {}
-        for contribution in registry.pm.hook.align_metrics(
-                objective=objective, model=model, batch=batch, output=output, options=options):
-            extra.update(contribution or {})
-        return output, extra
-
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8") \
-        if accelerator.is_main_process else None
-
-    def write_metrics(values: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(values) + "\n")
-            metrics_file.flush()
-        accelerator.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
+        return hooks.compute(model, batch, reference, run)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -325,10 +327,13 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         run.training = True
         return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
 
-    from tqdm.auto import tqdm
-
-    log(accelerator, f"Training {objective.name} ({registered.plugin.label}) for {total_steps} "
-                     f"steps on {accelerator.num_processes} process(es); output: {out}")
+    # The loop: step, log, evaluate, checkpoint.
+    log(
+        accelerator,
+        f"Training {objective.name} ({spec.objective.plugin.label}) for "
+        f"{total_steps} steps on {accelerator.num_processes} process(es); "
+        f"output: {out}",
+    )
     progress = tqdm(total=total_steps, desc=objective.name, disable=not accelerator.is_main_process)
     sums = MetricSums()
     num_tokens = 0.0
@@ -353,33 +358,76 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             sums.clear()
             num_tokens += totals.pop("num_tokens")[0]
             values = {name: s / c for name, (s, c) in totals.items() if c > 0}
-            write_metrics({"step": step, "epoch": round(step / steps_per_epoch, 4),
-                           "learning_rate": learning_rate, **values, "num_tokens": int(num_tokens)})
-        if eval_loader is not None and cfg.eval_every and (step % cfg.eval_every == 0
-                                                           or step == total_steps):
-            write_metrics({"step": step, **evaluate()})
-        if cfg.save_every and step % cfg.save_every == 0 and step != total_steps:
+            metrics_log.write(
+                {
+                    "step": step,
+                    "epoch": round(step / steps_per_epoch, 4),
+                    "learning_rate": learning_rate,
+                    **values,
+                    "num_tokens": int(num_tokens),
+                }
+            )
+        last = step == total_steps
+        if eval_loader is not None and (last or cfg.eval_every and step % cfg.eval_every == 0):
+            metrics_log.write({"step": step, **evaluate()})
+        if cfg.save_every and step % cfg.save_every == 0 and not last:
             (out / "checkpoints").mkdir(exist_ok=True)
-            save_model_dir(accelerator, model, tokenizer, out / "checkpoints" / f"step-{step}",
-                           {"step": step, "epoch": epoch})
+            save_model_dir(
+                accelerator,
+                model,
+                tokenizer,
+                out / "checkpoints" / f"step-{step}",
+                {"step": step, "epoch": epoch},
+            )
     progress.close()
-    if eval_loader is not None and not cfg.eval_every:
-        write_metrics({"step": total_steps, **evaluate()})
     save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
-    if metrics_file is not None:
-        metrics_file.close()
+    metrics_log.close()
     accelerator.end_training()
     if accelerator.is_main_process:
         run_info.update(status="completed", seconds=round(time.time() - started, 1))
         write_json(out / "run.json", run_info)
-    log(accelerator, f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "
-                     f"metrics: {out / 'metrics.jsonl'}")
+    log(
+        accelerator,
+        f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "
+        f"metrics: {out / 'metrics.jsonl'}",
+    )
     return out
+
+
+def describe_run(
+    spec: RunSpec,
+    registry: PluginRegistry,
+    splits: dict[str, str | None],
+    reports: dict[str, DataReport],
+    accelerator: Any,
+    total_steps: int,
+) -> dict[str, Any]:
+    """What ``run.json`` records: config, plugin versions, data fingerprints, seed."""
+    return {
+        "objective": spec.objective.item.name,
+        "provided_by": spec.objective.plugin.label,
+        "config": spec.as_dict(),
+        "requirements": registry.requirements(),
+        "versions": _library_versions(),
+        "seed": spec.config.seed,
+        "data": {
+            split: {"path": path, "sha256": fingerprint(path), **reports[split].as_dict()}
+            for split, path in splits.items()
+            if path
+        },
+        "num_processes": accelerator.num_processes,
+        "total_steps": total_steps,
+        "status": "running",
+    }
 
 
 def _library_versions() -> dict[str, str]:
     import accelerate
     import transformers
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+    }

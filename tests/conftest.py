@@ -62,5 +62,7 @@ def write_jsonl():
 @pytest.fixture
 def sft_rows() -> list[dict]:
     """Prompt/completion rows of different lengths."""
-    return [{"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
-            for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]]
+    return [
+        {"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]
+    ]

@@ -34,14 +34,16 @@ def _yaml(tmp_path, text):
 
 
 def test_precedence_file_then_flags_then_set(registry, tmp_path):
-    config = _yaml(tmp_path, "lr: 0.001\nmax_steps: 5\nsft:\n  normalization: sequence\n"
-                             "lora:\n  r: 4\n")
+    config = _yaml(
+        tmp_path, "lr: 0.001\nmax_steps: 5\nsft:\n  normalization: sequence\nlora:\n  r: 4\n"
+    )
     spec = resolve(registry, config, {"max_steps": 7, "lr": None}, ["lora.r=32"])
     assert spec.config.lr == 0.001 and spec.config.max_steps == 7
     assert spec.options.normalization == "sequence"
     assert spec.sections["lora"].r == 32
-    spec = resolve(registry, config, {}, ["normalization=token",
-                                          "lora.target_modules=[q_proj, v_proj]"])
+    spec = resolve(
+        registry, config, {}, ["normalization=token", "lora.target_modules=[q_proj, v_proj]"]
+    )
     assert spec.options.normalization == "token"
     assert spec.sections["lora"].target_modules == ["q_proj", "v_proj"]
     assert spec.as_dict()["sft"] == {"normalization": "token"}
@@ -49,21 +51,26 @@ def test_precedence_file_then_flags_then_set(registry, tmp_path):
 
 def test_set_values_are_yaml_scalars_never_evaluated():
     parsed = parse_set(["a=3", "b=0.1", "c=true", "d=hello", "s.e=[1, 2]", "f=__import__('os')"])
-    assert parsed == {None: {"a": 3, "b": 0.1, "c": True, "d": "hello",
-                             "f": "__import__('os')"}, "s": {"e": [1, 2]}}
+    assert parsed == {
+        None: {"a": 3, "b": 0.1, "c": True, "d": "hello", "f": "__import__('os')"},
+        "s": {"e": [1, 2]},
+    }
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_set(["novalue"])
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("max_step: 3\n", "unknown key 'max_step'. Did you mean 'max_steps'?"),
-    ("lora:\n  rank: 3\n", "section 'lora': unknown option 'rank'"),
-    ("sft:\n  normalisation: token\n", "Did you mean 'normalization'?"),
-    ("lr: fast\n", "option 'lr': Input should be a valid number"),
-    ("- a\n- b\n", "expected a mapping of options, got list"),
-    ("lr: [\n", "invalid YAML"),
-    ("sft: 3\n", "section 'sft' must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("max_step: 3\n", "unknown key 'max_step'. Did you mean 'max_steps'?"),
+        ("lora:\n  rank: 3\n", "section 'lora': unknown option 'rank'"),
+        ("sft:\n  normalisation: token\n", "Did you mean 'normalization'?"),
+        ("lr: fast\n", "option 'lr': Input should be a valid number"),
+        ("- a\n- b\n", "expected a mapping of options, got list"),
+        ("lr: [\n", "invalid YAML"),
+        ("sft: 3\n", "section 'sft' must be a mapping"),
+    ],
+)
 def test_bad_config_files(registry, tmp_path, text, expected):
     path = _yaml(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -71,12 +78,15 @@ def test_bad_config_files(registry, tmp_path, text, expected):
     assert expected in str(err.value) and str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("sets, expected", [
-    (["normalisation=token"], "unknown option 'normalisation'. Did you mean 'normalization'?"),
-    (["normalization=tokens"], "Input should be 'token' or 'sequence'"),
-    (["lroa.r=3"], "unknown section 'lroa'. Did you mean 'lora'?"),
-    (["lora.r=many"], "option 'r': Input should be a valid integer"),
-])
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["normalisation=token"], "unknown option 'normalisation'. Did you mean 'normalization'?"),
+        (["normalization=tokens"], "Input should be 'token' or 'sequence'"),
+        (["lroa.r=3"], "unknown section 'lroa'. Did you mean 'lora'?"),
+        (["lora.r=many"], "option 'r': Input should be a valid integer"),
+    ],
+)
 def test_bad_set_items(registry, sets, expected):
     with pytest.raises(ConfigError) as err:
         resolve(registry, None, {}, sets)

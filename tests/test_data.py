@@ -27,34 +27,58 @@ def _error(tokenizer, tmp_path, rows, fmt="prompt_completion", raw=None, name="d
 GOOD = {"prompt": "1 + 1 =", "completion": " 2."}
 
 
-@pytest.mark.parametrize("rows, fmt, expected", [
-    ([GOOD, {"prompt": "x"}], "prompt_completion", "line 2, field 'completion': missing field"),
-    ([{"prompt": 3, "completion": "a"}], "prompt_completion",
-     "line 1, field 'prompt': expected a string, got int"),
-    ([{"prompt": "a", "completion": "  "}], "prompt_completion", "field 'completion': is empty"),
-    ([{"question": "a"}], "prompt_completion", "expected fields prompt and completion"),
-    ([{"messages": [{"role": "robot", "content": "x"}]}], "prompt_completion",
-     "line 1, field 'messages[0].role': unknown role 'robot'"),
-    ([{"prompt": "a", "completion": "b", "label": "yes"}], "feedback",
-     "line 1, field 'label': expected a boolean"),
-    ([{"prompt": "a", "completion": "b"}], "feedback", "field 'label': missing field"),
-    ([{"prompt": "a", "chosen": "b"}], "preference", "field 'rejected': missing field"),
-    ([{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}],
-     "preference", "field 'chosen': expected a list of messages"),
-])
+@pytest.mark.parametrize(
+    "rows, fmt, expected",
+    [
+        ([GOOD, {"prompt": "x"}], "prompt_completion", "line 2, field 'completion': missing field"),
+        (
+            [{"prompt": 3, "completion": "a"}],
+            "prompt_completion",
+            "line 1, field 'prompt': expected a string, got int",
+        ),
+        (
+            [{"prompt": "a", "completion": "  "}],
+            "prompt_completion",
+            "field 'completion': is empty",
+        ),
+        ([{"question": "a"}], "prompt_completion", "expected fields prompt and completion"),
+        (
+            [{"messages": [{"role": "robot", "content": "x"}]}],
+            "prompt_completion",
+            "line 1, field 'messages[0].role': unknown role 'robot'",
+        ),
+        (
+            [{"prompt": "a", "completion": "b", "label": "yes"}],
+            "feedback",
+            "line 1, field 'label': expected a boolean",
+        ),
+        ([{"prompt": "a", "completion": "b"}], "feedback", "field 'label': missing field"),
+        ([{"prompt": "a", "chosen": "b"}], "preference", "field 'rejected': missing field"),
+        (
+            [{"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}],
+            "preference",
+            "field 'chosen': expected a list of messages",
+        ),
+    ],
+)
 def test_bad_records(tokenizer, tmp_path, rows, fmt, expected):
     message = _error(tokenizer, tmp_path, rows, fmt)
     assert str(tmp_path / "d.jsonl") in message and expected in message
 
 
-@pytest.mark.parametrize("raw, expected", [
-    (b"", "contains no records"),
-    (b"\n\n", "contains no records"),
-    (b'{"prompt": "a", "completion": "b"}\n{"prompt": \n', "line 2: invalid JSON"),
-    (b'[1, 2]\n', "line 1: expected a JSON object, got list"),
-    (b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n',
-     "line 2: is not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (b"", "contains no records"),
+        (b"\n\n", "contains no records"),
+        (b'{"prompt": "a", "completion": "b"}\n{"prompt": \n', "line 2: invalid JSON"),
+        (b"[1, 2]\n", "line 1: expected a JSON object, got list"),
+        (
+            b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff\xfe", "completion": "b"}\n',
+            "line 2: is not valid UTF-8",
+        ),
+    ],
+)
 def test_bad_files(tokenizer, tmp_path, raw, expected):
     assert expected in _error(tokenizer, tmp_path, None, raw=raw)
 
@@ -94,7 +118,9 @@ def test_saved_dataset_directory(tokenizer, tmp_path):
     datasets.Dataset.from_list([GOOD]).save_to_disk(tmp_path / "ds")
     examples, _ = _tokenize(tokenizer, tmp_path / "ds")
     assert len(examples) == 1
-    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD])}).save_to_disk(
+        tmp_path / "dd"
+    )
     with pytest.raises(DataError, match="several splits"):
         read_records(tmp_path / "dd")
 
@@ -102,7 +128,9 @@ def test_saved_dataset_directory(tokenizer, tmp_path):
 LONG = {"prompt": "What is " + "1 + " * 30 + "1?", "completion": " 31."}
 
 
-def test_truncation_keep_start_counts_and_skips_when_no_completion_left(tokenizer, tmp_path, write_jsonl):
+def test_truncation_keep_start_counts_and_skips_when_no_completion_left(
+    tokenizer, tmp_path, write_jsonl
+):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, LONG, {"prompt": "a", "completion": " b" * 40}])
     examples, report = _tokenize(tokenizer, path, max_length=20)
     # LONG loses its whole completion: skipped and counted; the third is cut but trainable.
@@ -135,8 +163,9 @@ def test_nothing_usable_is_an_error(tokenizer, tmp_path, write_jsonl):
 
 
 def test_preference_and_feedback_examples(tokenizer, tmp_path, write_jsonl):
-    pref = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1 + 1 =", "chosen": " 2.",
-                                               "rejected": " 3."}])
+    pref = write_jsonl(
+        tmp_path / "p.jsonl", [{"prompt": "1 + 1 =", "chosen": " 2.", "rejected": " 3."}]
+    )
     (example,), _ = _tokenize(tokenizer, pref, "preference")
     assert example["chosen_input_ids"] != example["rejected_input_ids"]
     assert sum(example["chosen_completion_mask"]) == sum(example["rejected_completion_mask"])

@@ -28,8 +28,15 @@ def _grads(model_dir, tokenizer, micro, normalization):
 
     def compute(batch):
         out = registry.call_objective_hook(
-            "align_compute_loss", spec.objective, objective=spec.objective.item, model=model,
-            batch=batch, options=spec.options, reference=None, run=None)
+            "align_compute_loss",
+            spec.objective,
+            objective=spec.objective.item,
+            model=model,
+            batch=batch,
+            options=spec.options,
+            reference=None,
+            run=None,
+        )
         return out, {}
 
     batches = [default_batch("prompt_completion", m, tokenizer.pad_token_id) for m in micro]

@@ -1,4 +1,4 @@
-"""Plugin discovery: in-process plugins, clashes, broken plugins, and real installed distributions."""
+"""Plugin discovery: in-process plugins, clashes, broken plugins, real installed distributions."""
 
 import json
 import os
@@ -39,15 +39,22 @@ def test_in_process_registration_and_hook_routing():
     assert set(registry.objectives) == {"sft", "echo"}
     assert registry.plugins["echo-in-process"].status == "ok"
     echo = registry.objective("echo")
-    args = {"objective": None, "model": None, "batch": {}, "options": None, "reference": None,
-            "run": None}
+    args = {
+        "objective": None,
+        "model": None,
+        "batch": {},
+        "options": None,
+        "reference": None,
+        "run": None,
+    }
     assert registry.call_objective_hook("align_compute_loss", echo, **args) == "echo-loss"
     # The sft objective's loss comes from align-plugin-sft only, never from the echo plugin.
     sft = registry.objective("sft")
     assert sft.plugin.distribution == "align-plugin-sft"
     with pytest.raises(KeyError):  # sft's hook needs a real batch: it was the one called
-        registry.call_objective_hook("align_compute_loss", sft,
-                                     **{**args, "options": sft.item.options()})
+        registry.call_objective_hook(
+            "align_compute_loss", sft, **{**args, "options": sft.item.options()}
+        )
 
 
 def test_duplicate_objective_names_name_both_plugins():
@@ -59,7 +66,9 @@ def test_duplicate_objective_names_name_both_plugins():
             register(align.Objective(name="sft", description="another sft"))
 
     registry = load_plugins(extra=[Clash()])
-    with pytest.raises(PluginError, match="registered by both align-plugin-sft and clash-in-process"):
+    with pytest.raises(
+        PluginError, match="registered by both align-plugin-sft and clash-in-process"
+    ):
         registry.objective("sft")
     assert "more than one distribution" in registry.plugins["clash-in-process"].errors[0]
 
@@ -100,11 +109,14 @@ def test_failing_registration_and_wrong_type_are_reported():
     assert "expected align.Objective" in registry.plugins["wrong-type"].errors[0]
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("stf", "Did you mean 'sft'?"),
-    ("dpo", "provided by align-plugin-dpo: pip install align-plugin-dpo"),
-    ("whatever", "Installed objectives: sft."),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("stf", "Did you mean 'sft'?"),
+        ("dpo", "provided by align-plugin-dpo: pip install align-plugin-dpo"),
+        ("whatever", "Installed objectives: sft."),
+    ],
+)
 def test_unknown_objective(name, expected):
     with pytest.raises(PluginError, match="unknown objective") as err:
         load_plugins().objective(name)
@@ -134,23 +146,43 @@ def test_prepare_model_hooks_chain():
             return None
 
     registry = load_plugins(extra=[Wrap(), Keep()])
-    assert registry.chain_hook("align_prepare_model", "model", "m", tokenizer=None, config=None,
-                               sections={}) == ("wrapped", "m")
+    assert registry.chain_hook(
+        "align_prepare_model", "model", "m", tokenizer=None, config=None, sections={}
+    ) == ("wrapped", "m")
 
 
 def _cli(args, env, cwd):
-    return subprocess.run([sys.executable, "-m", "align.cli", *args], capture_output=True,
-                          text=True, env=env, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "align.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def installed_plugins(tmp_path_factory):
     """Three real distributions pip-installed into a target directory."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
-                    "--no-build-isolation", "--target", str(target),
-                    *(str(FIXTURES / name) for name in ("echo", "broken", "clash"))],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            *(str(FIXTURES / name) for name in ("echo", "broken", "clash")),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return target
 
 
@@ -165,8 +197,10 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
     assert plugins["align-test-plugin-echo"]["version"] == "0.0.1"
     assert "ModuleNotFoundError" in plugins["align-test-plugin-broken"]["errors"][0]
     for dist in ("align-test-plugin-clash", "align-plugin-sft"):
-        assert "align-plugin-sft, align-test-plugin-clash" in plugins[dist]["errors"][0] or \
-            "align-test-plugin-clash, align-plugin-sft" in plugins[dist]["errors"][0]
+        assert (
+            "align-plugin-sft, align-test-plugin-clash" in plugins[dist]["errors"][0]
+            or "align-test-plugin-clash, align-plugin-sft" in plugins[dist]["errors"][0]
+        )
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1 =", "completion": " 2."}] * 4)
     common = ["--model", str(model_dir), "--data", str(data), "--max-steps", "2"]
@@ -187,18 +221,36 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
 
 
 def test_listing_commands_do_not_import_torch(tmp_path):
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom align.cli import cli\n"
-            "for args in (['--help'], ['plugins'], ['objectives'], ['run', '--help']):\n"
-            "    assert CliRunner().invoke(cli, args).exit_code == 0, args\n"
-            "print('torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom align.cli import cli\n"
+        "for args in (['--help'], ['plugins'], ['objectives'], ['run', '--help']):\n"
+        "    assert CliRunner().invoke(cli, args).exit_code == 0, args\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 
 def test_core_and_plugin_build_wheels(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "-w", str(tmp_path), str(ROOT),
-                    str(ROOT / "plugins" / "sft")], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+            str(ROOT / "plugins" / "sft"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     names = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.whl"))
     assert names == ["align_core", "align_plugin_sft"]

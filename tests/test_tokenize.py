@@ -11,7 +11,9 @@ from align.tokenize import (
 
 
 def _trained_text(tokenizer, tok):
-    return tokenizer.decode([t for t, m in zip(tok.input_ids, tok.completion_mask) if m])
+    return tokenizer.decode(
+        [t for t, m in zip(tok.input_ids, tok.completion_mask, strict=True) if m]
+    )
 
 
 def test_prompt_completion_trains_completion_and_eos(tokenizer):
@@ -19,7 +21,7 @@ def test_prompt_completion_trains_completion_and_eos(tokenizer):
     assert tok.input_ids[0] == tokenizer.bos_token_id
     assert tok.input_ids[-1] == tokenizer.eos_token_id and tok.completion_mask[-1] == 1
     assert _trained_text(tokenizer, tok) == " 2 + 3 = 5.</s>"
-    untrained = [t for t, m in zip(tok.input_ids, tok.completion_mask) if not m]
+    untrained = [t for t, m in zip(tok.input_ids, tok.completion_mask, strict=True) if not m]
     assert tokenizer.decode(untrained) == "<s>What is 2 + 3?"
 
 
@@ -31,7 +33,7 @@ def test_token_straddling_the_boundary_is_trained(tokenizer):
 
 
 def test_completion_is_tokenised_in_context(tokenizer):
-    """Joint tokenisation: the ids equal those of the whole text, not prompt ids + completion ids."""
+    """Joint tokenisation: the ids equal the whole text's, not prompt ids + completion ids."""
     prompt, completion = "What is 2 + 3?", " 2 + 3 = 5."
     tok = tokenize_prompt_completion(tokenizer, prompt, completion)
     assert tok.input_ids[:-1] == tokenizer(prompt + completion)["input_ids"]
@@ -66,20 +68,26 @@ def test_conversation_trains_only_assistant_turns(tokenizer):
 
 
 def test_prompt_messages_are_not_trained(tokenizer):
-    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-              {"role": "user", "content": "Bye"}]
-    tok = tokenize_conversation(tokenizer, prompt + [{"role": "assistant", "content": "Bye."}],
-                                trained_from=len(prompt))
+    prompt = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    tok = tokenize_conversation(
+        tokenizer, prompt + [{"role": "assistant", "content": "Bye."}], trained_from=len(prompt)
+    )
     assert _trained_text(tokenizer, tok) == "Bye.</s>\n"
 
 
 def test_template_that_renders_prefixes_differently_is_an_error(tokenizer):
     broken = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    broken.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
-                            "{% endfor %}")
+    broken.chat_template = (
+        "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
     with pytest.raises(TokenizeError, match="renders the conversation"):
-        tokenize_conversation(broken, [{"role": "user", "content": "a"},
-                                       {"role": "assistant", "content": "b"}])
+        tokenize_conversation(
+            broken, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        )
 
 
 def test_no_chat_template_is_an_error(tokenizer):
@@ -89,12 +97,15 @@ def test_no_chat_template_is_an_error(tokenizer):
         tokenize_conversation(plain, [{"role": "assistant", "content": "b"}])
 
 
-@pytest.mark.parametrize("messages, field", [
-    ([{"role": "robot", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 3}], "messages[0].content"),
-    (["hello"], "messages[0]"),
-    ([], "messages"),
-])
+@pytest.mark.parametrize(
+    "messages, field",
+    [
+        ([{"role": "robot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 3}], "messages[0].content"),
+        (["hello"], "messages[0]"),
+        ([], "messages"),
+    ],
+)
 def test_bad_messages_name_the_field(tokenizer, messages, field):
     with pytest.raises(TokenizeError) as err:
         tokenize_conversation(tokenizer, messages)

@@ -34,17 +34,51 @@ def data(tmp_path, write_jsonl, sft_rows):
 def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl, sft_rows):
     eval_data = write_jsonl(tmp_path / "eval.jsonl", sft_rows[:3])
     out = tmp_path / "out"
-    _run("--objective", "sft", "--model", str(model_dir), "--data", str(data), "--eval-data",
-         str(eval_data), "--max-steps", "6", "--batch-size", "4", "--lr", "1e-3",
-         "--save-every", "3", "--eval-every", "3", "--output-dir", str(out))
+    _run(
+        "--objective",
+        "sft",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--eval-data",
+        str(eval_data),
+        "--max-steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "3",
+        "--output-dir",
+        str(out),
+    )
     train, evals = _metrics(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     for row in train:
-        assert {"step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens",
-                "mean_token_accuracy"} <= row.keys()
-    tokens_per_epoch = sum(len(e["input_ids"]) for e in tokenize_records(
-        read_records(data), "prompt_completion", align_tokenizer(model_dir), 1024, "keep_start",
-        "train")[0])
+        assert {
+            "step",
+            "epoch",
+            "loss",
+            "learning_rate",
+            "grad_norm",
+            "num_tokens",
+            "mean_token_accuracy",
+        } <= row.keys()
+    tokens_per_epoch = sum(
+        len(e["input_ids"])
+        for e in tokenize_records(
+            read_records(data),
+            "prompt_completion",
+            align_tokenizer(model_dir),
+            1024,
+            "keep_start",
+            "train",
+        )[0]
+    )
     assert train[1]["num_tokens"] == tokens_per_epoch  # cumulative, non-pad: 2 steps = 1 epoch
     assert train[-1]["num_tokens"] == 3 * tokens_per_epoch
     assert [r["step"] for r in evals] == [3, 6]
@@ -74,11 +108,31 @@ def align_tokenizer(model_dir):
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
 def test_step_one_logs_the_loss_before_any_update(tmp_path, model_dir, data, normalization):
     out = tmp_path / "out"
-    _run("--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--batch-size", "8",
-         "--lr", "1e-2", "--set", f"normalization={normalization}", "--output-dir", str(out))
+    _run(
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--set",
+        f"normalization={normalization}",
+        "--output-dir",
+        str(out),
+    )
     train, _ = _metrics(out)
-    examples, _ = tokenize_records(read_records(data), "prompt_completion",
-                                   align_tokenizer(model_dir), 1024, "keep_start", "train")
+    examples, _ = tokenize_records(
+        read_records(data),
+        "prompt_completion",
+        align_tokenizer(model_dir),
+        1024,
+        "keep_start",
+        "train",
+    )
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     per_seq = []
     for ex in examples:
@@ -110,8 +164,16 @@ def test_demo_run_learns(tmp_path):
 
 def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, model_dir, data):
     out = tmp_path / "out"
-    args = ["--model", str(model_dir), "--data", str(data), "--max-steps", "1",
-            "--output-dir", str(out)]
+    args = [
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "1",
+        "--output-dir",
+        str(out),
+    ]
     _run(*args)
     result = _run(*args, expect=1)
     assert "already holds a run" in result.output and "--overwrite" in result.output
@@ -121,19 +183,33 @@ def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, model_dir, 
 
 def test_bf16_and_gradient_checkpointing(tmp_path, model_dir, data):
     out = tmp_path / "out"
-    _run("--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--precision",
-         "bf16", "--gradient-checkpointing", "--output-dir", str(out))
+    _run(
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "2",
+        "--precision",
+        "bf16",
+        "--gradient-checkpointing",
+        "--output-dir",
+        str(out),
+    )
     train, _ = _metrics(out)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
-    (["--model", "/nonexistent/model"], "--data is required"),
-    (["--data", "x.jsonl"], "--model is required"),
-    (["--objective", "dpo"], "pip install align-plugin-dpo"),
-    (["--set", "normalisation=token"], "Did you mean 'normalization'?"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--model", "/nonexistent/model"], "--data is required"),
+        (["--data", "x.jsonl"], "--model is required"),
+        (["--objective", "dpo"], "pip install align-plugin-dpo"),
+        (["--set", "normalisation=token"], "Did you mean 'normalization'?"),
+    ],
+)
 def test_clear_errors(tmp_path, args, message):
     if torch.cuda.is_available() and "fp16" in args:
         pytest.skip("fp16 is allowed with a GPU")
@@ -142,8 +218,9 @@ def test_clear_errors(tmp_path, args, message):
 
 
 def test_bad_model_directory(tmp_path, data):
-    result = _run("--model", str(tmp_path), "--data", str(data), "--output-dir",
-                  str(tmp_path / "o"), expect=1)
+    result = _run(
+        "--model", str(tmp_path), "--data", str(data), "--output-dir", str(tmp_path / "o"), expect=1
+    )
     assert "cannot load model" in result.output
 
 
@@ -160,16 +237,35 @@ class ReferenceProbe:
     def align_compute_loss(self, model, batch, reference):
         policy = align.forward_logps(model, batch)
         ref = reference.sequence_logps(batch)
-        return align.LossOutput(loss=-policy.sums.sum(), count=len(ref),
-                                metrics={"ref_logp": (ref.sum(), len(ref)),
-                                         "policy_logp": (policy.sums.sum().detach(), len(ref))})
+        return align.LossOutput(
+            loss=-policy.sums.sum(),
+            count=len(ref),
+            metrics={
+                "ref_logp": (ref.sum(), len(ref)),
+                "policy_logp": (policy.sums.sum().detach(), len(ref)),
+            },
+        )
 
 
 def test_reference_is_the_frozen_starting_model(tmp_path, model_dir, data):
     plugins.reset_registry(plugins.load_plugins(extra=[ReferenceProbe()]))
     out = tmp_path / "out"
-    _run("--objective", "probe", "--model", str(model_dir), "--data", str(data), "--max-steps",
-         "4", "--batch-size", "8", "--lr", "1e-2", "--output-dir", str(out))
+    _run(
+        "--objective",
+        "probe",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--output-dir",
+        str(out),
+    )
     train, _ = _metrics(out)
     assert train[0]["ref_logp"] == pytest.approx(train[0]["policy_logp"], abs=1e-4)
     for row in train[1:]:  # the batch is the whole data set, so only the policy may move

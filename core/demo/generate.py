@@ -31,12 +31,21 @@ def main() -> None:
             wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
             wrong = wrong if wrong >= 0 else a + b + 1
             rows["prompt_completion"].append({"messages": _question(a, b) + _answer(a, b, a + b)})
-            rows["preference"].append({"prompt": _question(a, b), "chosen": _answer(a, b, a + b),
-                                       "rejected": _answer(a, b, wrong)})
+            rows["preference"].append(
+                {
+                    "prompt": _question(a, b),
+                    "chosen": _answer(a, b, a + b),
+                    "rejected": _answer(a, b, wrong),
+                }
+            )
             good = rng.random() < 0.5
-            rows["feedback"].append({"prompt": _question(a, b),
-                                     "completion": _answer(a, b, a + b if good else wrong),
-                                     "label": good})
+            rows["feedback"].append(
+                {
+                    "prompt": _question(a, b),
+                    "completion": _answer(a, b, a + b if good else wrong),
+                    "label": good,
+                }
+            )
         for fmt, records in rows.items():
             with open(DEMO_DIR / f"{fmt}_{split}.jsonl", "w", encoding="utf-8") as handle:
                 for record in records:

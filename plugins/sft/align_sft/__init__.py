@@ -17,18 +17,20 @@ class SFTOptions(align.Options):
     normalization: Literal["token", "sequence"] = Field(
         "token",
         description="token: mean over every completion token of the accumulated batch (as TRL); "
-                    "sequence: mean over sequences of each sequence's token mean.",
+        "sequence: mean over sequences of each sequence's token mean.",
     )
 
 
 @align.hookimpl
 def align_register_objectives(register):
-    register(align.Objective(
-        name="sft",
-        description="Supervised fine-tuning: negative log-likelihood of completion tokens.",
-        data_format="prompt_completion",
-        options=SFTOptions,
-    ))
+    register(
+        align.Objective(
+            name="sft",
+            description="Supervised fine-tuning: negative log-likelihood of completion tokens.",
+            data_format="prompt_completion",
+            options=SFTOptions,
+        )
+    )
 
 
 @align.hookimpl

@@ -24,5 +24,6 @@ def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.Los
         loss, count = (nll / tokens.clamp(min=1)).sum(), (tokens > 0).sum()
     predicted = out.logits[:, :-1].argmax(-1)
     correct = ((predicted == batch["input_ids"][:, 1:]) * out.mask).sum()
-    return align.LossOutput(loss=loss, count=count,
-                            metrics={"mean_token_accuracy": (correct, tokens.sum())})
+    return align.LossOutput(
+        loss=loss, count=count, metrics={"mean_token_accuracy": (correct, tokens.sum())}
+    )

@@ -22,16 +22,24 @@ class FixedLogits(torch.nn.Module):
 def _batch():
     torch.manual_seed(0)
     ids = torch.randint(0, 11, (3, 7))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0],   # 4 completion tokens, then padding
-                         [0, 1, 1, 0, 0, 0, 0],   # 2
-                         [0, 0, 0, 1, 1, 1, 1]])  # 4
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0],  # 4 completion tokens, then padding
+            [0, 1, 1, 0, 0, 0, 0],  # 2
+            [0, 0, 0, 1, 1, 1, 1],
+        ]
+    )  # 4
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask}
 
 
 def _reference_per_token(logits, batch):
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)[:, 1:]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           reduction="none", ignore_index=-100).view(labels.shape), labels != -100
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)),
+        labels.reshape(-1),
+        reduction="none",
+        ignore_index=-100,
+    ).view(labels.shape), labels != -100
 
 
 def test_token_normalisation_matches_cross_entropy():
@@ -40,8 +48,9 @@ def test_token_normalisation_matches_cross_entropy():
     out = sft_loss(model, batch, "token")
     nll, valid = _reference_per_token(model.logits.detach(), batch)
     assert out.count.item() == 10
-    assert (out.loss / out.count).item() == pytest.approx((nll.sum() / valid.sum()).item(),
-                                                          abs=1e-6)
+    assert (out.loss / out.count).item() == pytest.approx(
+        (nll.sum() / valid.sum()).item(), abs=1e-6
+    )
 
 
 def test_sequence_normalisation_matches_mean_of_means():
@@ -62,8 +71,9 @@ def test_normalisations_agree_for_equal_lengths():
     batch["completion_mask"] = torch.tensor([[0, 0, 1, 1, 1, 0, 0]] * 3)
     model = FixedLogits(torch.randn(3, 7, 11))
     token, seq = sft_loss(model, batch, "token"), sft_loss(model, batch, "sequence")
-    assert (token.loss / token.count).item() == pytest.approx((seq.loss / seq.count).item(),
-                                                              abs=1e-6)
+    assert (token.loss / token.count).item() == pytest.approx(
+        (seq.loss / seq.count).item(), abs=1e-6
+    )
 
 
 def test_token_accuracy_counts_only_completion_tokens():
