@@ -277,6 +277,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         generator=torch.Generator().manual_seed(cfg.seed),
         collate_fn=hooks.build_batch,
     )
+    loader = accelerator.prepare(loader)  # sharded: its length is per process
     eval_loader = None
     if "eval" in examples:
         eval_loader = accelerator.prepare(
@@ -288,7 +289,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     # Optimizer and schedule.
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     if reference is not None:
         reference.model.to(accelerator.device)
     run = Run(

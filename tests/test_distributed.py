@@ -1,0 +1,84 @@
+"""Data-parallel training on CPU (gloo, two processes through torchrun) equals one process
+with the combined batch: losses, gradients and metrics are reduced over processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from align.cli import cli
+from align.metrics import MetricSums
+
+
+def _torchrun(*args):
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*cmd, *map(str, args)], env=env, timeout=300, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, sft_rows):
+    """Two gloo processes with 4 examples each: the same loss and gradients as one batch of 8."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    _torchrun(Path(__file__).with_name("distributed_worker.py"), model_dir, tmp_path, data)
+    reduced = json.loads((tmp_path / "metrics.json").read_text())
+    assert reduced["uneven"] == pytest.approx(1.0)  # (3 + 1) / (1 + 3)
+    assert reduced["only_rank1"] == pytest.approx(1.0)  # names are gathered from every process
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align import default_batch
+    from align.formats import tokenize_records
+    from align.records import read_records
+    from align.train import accumulate_gradients
+    from align_sft.loss import sft_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = tokenize_records(
+        read_records(data), "prompt_completion", tokenizer, 64, "error", "train"
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    batch = default_batch("prompt_completion", examples, tokenizer.pad_token_id)
+    loss = accumulate_gradients(
+        model,
+        [batch],
+        lambda b: (sft_loss(model, b, "token"), {}),
+        Accelerator(cpu=True),
+        MetricSums(),
+    )
+    assert reduced["step_loss"] == pytest.approx(loss, abs=1e-5)
+    assert reduced["logged_loss"] == pytest.approx(loss, abs=1e-5)
+    two = load_file(str(tmp_path / "grads.safetensors"))
+    one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert two.keys() == one.keys()
+    for name, grad in one.items():
+        assert torch.allclose(two[name], grad, atol=1e-5, rtol=0), name
+
+
+def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl, sft_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    common = ["run", "--model", model_dir, "--data", data, "--max-steps", "4", "--lr", "1e-2"]
+    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    result = CliRunner().invoke(
+        cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
+    )
+    assert result.exit_code == 0, result.output
+
+    def rows(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    two, one = rows("two"), rows("one")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert (a["epoch"], a["num_tokens"]) == (b["epoch"], b["num_tokens"])
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
