@@ -145,14 +145,26 @@ def plugins(as_json: bool) -> None:
         sys.exit(1)
 
 
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def _option_line(key: str, opt: dict[str, Any]) -> str:
+    return f"  --set {key}=<{opt['type']}>  (default {opt['default']!r})  {opt['help']}"
+
+
 def _describe_options(schema: Any) -> list[dict[str, Any]]:
     rows = []
     for name, field in schema.model_fields.items():
         rows.append(
             {
                 "name": name,
-                "default": field.default,
-                "type": getattr(field.annotation, "__name__", str(field.annotation)),
+                "default": "(required)"
+                if field.is_required()
+                else field.get_default(call_default_factory=True),
+                "type": _type_name(field.annotation),
                 "help": field.description or "",
             }
         )
@@ -189,13 +201,11 @@ def objectives(as_json: bool) -> None:
         if item["needs_reference"]:
             click.echo("  uses reference log-probs")
         for opt in item["options"]:
-            click.echo(f"  --set {opt['name']}=…  (default {opt['default']!r}) {opt['help']}")
+            click.echo(_option_line(opt["name"], opt))
     for name, reg in sorted(registry.sections.items()):
         click.echo(f"section {name}  ({reg.plugin.label}): {reg.item.description}")
         for opt in _describe_options(reg.item.options):
-            click.echo(
-                f"  --set {name}.{opt['name']}=…  (default {opt['default']!r}) {opt['help']}"
-            )
+            click.echo(_option_line(f"{name}.{opt['name']}", opt))
 
 
 def main() -> None:
