@@ -106,3 +106,16 @@ def test_unknown_objective_from_config(registry, tmp_path):
 def test_missing_config_file(registry, tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         resolve(registry, str(tmp_path / "none.yaml"))
+
+
+def test_objectives_command_lists_options_and_sections(registry):
+    from click.testing import CliRunner
+
+    from align import plugins
+    from align.cli import cli
+
+    plugins.reset_registry(registry)
+    output = CliRunner().invoke(cli, ["objectives"]).output
+    assert "--set normalization=<token|sequence>  (default 'token')" in output
+    assert "section lora  (lora-like): test section" in output
+    assert "--set lora.r=<int>  (default 8)" in output
