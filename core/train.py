@@ -31,6 +31,7 @@ from .plugins import PluginRegistry
 from .records import fingerprint, read_records
 from .reference import Reference
 from .run import Run
+from .sharding import ShardedBatches
 
 
 def log(accelerator: Any, message: str) -> None:
@@ -87,6 +88,25 @@ def prepare_output_dir(cfg: Any, objective: str) -> Path:
     except OSError as exc:
         raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
     return out
+
+
+def shared_output_dir(cfg: Any, objective: str) -> Path:
+    """Prepare the output directory on the main process only and share its path (or error)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
+    result: list[str | None] = [None, None]
+    if state.is_main_process:
+        try:
+            result[0] = str(prepare_output_dir(cfg, objective))
+        except ConfigError as exc:
+            result[1] = str(exc)
+    if state.num_processes > 1:
+        broadcast_object_list(result)
+    if result[1] is not None:
+        raise ConfigError(result[1])
+    return Path(result[0])
 
 
 def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
@@ -234,7 +254,6 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     import transformers
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     transformers.utils.logging.disable_progress_bar()
@@ -245,7 +264,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
-    out = prepare_output_dir(cfg, objective.name)
+    out = shared_output_dir(cfg, objective.name)
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
     set_seed(cfg.seed)
@@ -270,18 +289,25 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         if path:
             examples[split], reports[split] = build_examples(hooks, cfg, path, split)
             log(accelerator, f"data {reports[split].summary()}")
-    loader = DataLoader(
+    loader = ShardedBatches(
         examples["train"],
-        batch_size=cfg.batch_size,
+        cfg.batch_size,
+        hooks.build_batch,
+        accelerator,
         shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        collate_fn=hooks.build_batch,
+        seed=cfg.seed,
+        split="train",
     )
-    loader = accelerator.prepare(loader)  # sharded: its length is per process
     eval_loader = None
     if "eval" in examples:
-        eval_loader = accelerator.prepare(
-            DataLoader(examples["eval"], batch_size=cfg.batch_size, collate_fn=hooks.build_batch)
+        eval_loader = ShardedBatches(
+            examples["eval"],
+            cfg.batch_size,
+            hooks.build_batch,
+            accelerator,
+            shuffle=False,
+            seed=cfg.seed,
+            split="eval",
         )
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

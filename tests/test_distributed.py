@@ -65,8 +65,29 @@ def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, s
 
 
 def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl, sft_rows):
-    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
-    common = ["run", "--model", model_dir, "--data", data, "--max-steps", "4", "--lr", "1e-2"]
+    """Ten examples (3 steps an epoch, the last a 2-example batch) and a 3-example eval split
+    that does not divide evenly: no example is repeated or dropped in either run."""
+    extra = [
+        {"prompt": "What is 9 + 9? ", "completion": "18."},
+        {"prompt": "Hi ", "completion": "Hello."},
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows + extra)
+    eval_data = write_jsonl(tmp_path / "e.jsonl", sft_rows[:3])
+    common = [
+        "run",
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--eval-data",
+        eval_data,
+        "--eval-every",
+        "2",
+        "--max-steps",
+        "4",
+        "--lr",
+        "1e-2",
+    ]
     _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
     result = CliRunner().invoke(
         cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
@@ -77,8 +98,12 @@ def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     two, one = rows("two"), rows("one")
-    assert len(one) == len(two) == 4
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
     for a, b in zip(one, two, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert (a["epoch"], a["num_tokens"]) == (b["epoch"], b["num_tokens"])
+        assert a.keys() == b.keys()
+        for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert (a.get("epoch"), a.get("num_tokens")) == (b.get("epoch"), b.get("num_tokens"))
+    assert one[3]["epoch"] == 1.0  # 3 steps an epoch in both runs
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2

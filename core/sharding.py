@@ -1,0 +1,87 @@
+"""Splitting examples into per-process micro-batches without dropping or repeating any.
+
+Accelerate's prepared data loaders pad the last batch of every process by repeating examples,
+which skews evaluation metrics and epoch counts. Here each epoch's order is cut into global
+batches of ``batch_size × num_processes`` examples, and each global batch into contiguous,
+near-equal parts, one per process. A final global batch too small to give every process an
+example joins the one before it. Every process gets the same number of micro-batches, so
+collectives inside loss hooks stay in step, and one process with batch ``2b`` sees exactly the
+union of what two processes with batch ``b`` see.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .errors import DataError
+
+
+def shard_batches(
+    order: Sequence[int], batch_size: int, num_processes: int, process_index: int
+) -> list[list[int]]:
+    """This process's micro-batches (lists of example indices) for one epoch in ``order``."""
+    global_size = batch_size * num_processes
+    bounds = list(range(0, len(order), global_size))
+    if len(bounds) > 1 and len(order) - bounds[-1] < num_processes:
+        bounds.pop()  # the tail joins the previous global batch
+    batches = []
+    for i, start in enumerate(bounds):
+        end = bounds[i + 1] if i + 1 < len(bounds) else len(order)
+        chunk = list(order[start:end])
+        base, extra = divmod(len(chunk), num_processes)
+        lo = process_index * base + min(process_index, extra)
+        batches.append(chunk[lo : lo + base + (process_index < extra)])
+    return batches
+
+
+class ShardedBatches:
+    """Per-process micro-batches over the examples of one split, collated and on device."""
+
+    def __init__(
+        self,
+        examples: list[dict[str, Any]],
+        batch_size: int,
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+        accelerator: Any,
+        shuffle: bool,
+        seed: int,
+        split: str,
+    ) -> None:
+        if len(examples) < accelerator.num_processes:
+            raise DataError(
+                f"the {split} split has {len(examples)} examples, fewer than the "
+                f"{accelerator.num_processes} processes"
+            )
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.accelerator, self.shuffle, self.seed = accelerator, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.examples)))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.examples), generator=generator).tolist()
+
+    def _batches(self) -> list[list[int]]:
+        return shard_batches(
+            self._order(),
+            self.batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from accelerate.utils import send_to_device
+
+        for indices in self._batches():
+            batch = self.collate([self.examples[i] for i in indices])
+            yield send_to_device(batch, self.accelerator.device)
