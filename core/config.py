@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .objective import Options
@@ -63,6 +63,11 @@ class TrainConfig(Options):
     )
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # YAML reads a bare `no` as false
 
 
 CORE_KEYS = set(TrainConfig.model_fields)
@@ -168,8 +173,9 @@ def resolve(
     file_values = load_yaml(config_file) if config_file else {}
     where_file = str(config_file) if config_file else "command line"
     core = {k: v for k, v in file_values.items() if k in CORE_KEYS}
+    _validate(TrainConfig, core, where_file)  # blame the file for its own values
     core.update({k: v for k, v in (flags or {}).items() if v is not None})
-    config = _validate(TrainConfig, core, where_file)
+    config = _validate(TrainConfig, core, "command line")
 
     registered = registry.objective(config.objective)
     objective_name = config.objective
@@ -184,6 +190,13 @@ def resolve(
             )
 
     set_values = parse_set(sets or [])
+    for key in set_values.get(None, {}):
+        if key in CORE_KEYS:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                f"--set {key}=…: {key!r} is a core option; use {flag} or a "
+                "top-level key in the config file"
+            )
     for section in set_values:
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]

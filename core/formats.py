@@ -135,24 +135,29 @@ FORMATS: dict[str, Callable[[Any, Record], dict[str, Any]]] = {
 
 
 def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Record) -> bool:
-    """Apply the policy to every sequence of the example in place; True if anything was cut."""
-    cut = False
-    for key in [k for k in example if k.endswith("input_ids")]:
-        mask_key = key.replace("input_ids", "completion_mask")
-        ids, mask = example[key], example[mask_key]
-        if len(ids) > max_length:
-            if policy == "error":
-                raise record.error(
-                    f"is {len(ids)} tokens long, over max_length {max_length} (truncation=error)"
-                )
-            if policy == "skip":
-                raise _Skip(f"longer than max_length {max_length}")
-            keep = slice(None, max_length) if policy == "keep_start" else slice(-max_length, None)
-            example[key], example[mask_key] = ids[keep], mask[keep]
-            cut = True
-        if not any(example[mask_key][1:]):  # position 0 is never a target
+    """Apply the policy to every sequence of the example in place; True if anything was cut.
+
+    ``keep_end`` removes the same number of leading tokens from every sequence of the example,
+    so chosen and rejected keep one and the same (shortened) prompt.
+    """
+    keys = [k for k in example if k.endswith("input_ids")]
+    longest = max(len(example[k]) for k in keys)
+    if longest > max_length:
+        if policy == "error":
+            raise record.error(
+                f"is {longest} tokens long, over max_length {max_length} (truncation=error)"
+            )
+        if policy == "skip":
+            raise _Skip(f"longer than max_length {max_length}")
+        drop = longest - max_length
+        for key in keys:
+            mask_key = key.replace("input_ids", "completion_mask")
+            keep = slice(None, max_length) if policy == "keep_start" else slice(drop, None)
+            example[key], example[mask_key] = example[key][keep], example[mask_key][keep]
+    for key in keys:
+        if not any(example[key.replace("input_ids", "completion_mask")][1:]):  # 0 is no target
             raise _Skip("no completion tokens within max_length")
-    return cut
+    return longest > max_length
 
 
 def tokenize_records(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata as metadata
 import os
+import re
 import traceback
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -103,6 +104,8 @@ class PluginRegistry:
         self, obj: Any, name: str, distribution: str | None = None, version: str | None = None
     ) -> PluginInfo:
         """Register one plugin object (a module or any object with hookimpls)."""
+        if name in self.plugins:  # an in-process plugin named like an entry point, say
+            name = next(f"{name}-{n}" for n in range(2, 1000) if f"{name}-{n}" not in self.plugins)
         info = PluginInfo(
             name=name,
             distribution=distribution,
@@ -149,6 +152,8 @@ class PluginRegistry:
                     self.sections[section.name] = Registered(section, info)
             except Exception as exc:
                 info.errors.append(f"registration failed: {_describe(exc)}")
+                info.objectives.clear()
+                self.pm.unregister(info.obj)  # none of its hooks may run
         for name, registrations in found.items():
             if len(registrations) == 1:
                 self.objectives[name] = registrations[0]
@@ -185,7 +190,8 @@ class PluginRegistry:
                 f"objective {name!r} is registered by both {labels}; uninstall one of them"
             )
         message = f"unknown objective {name!r}."
-        message += did_you_mean(name, list(self.objectives) + list(FIRST_PARTY_OBJECTIVES))
+        choices = {*self.objectives, *FIRST_PARTY_OBJECTIVES} - {name}
+        message += did_you_mean(name, choices)
         installed = ", ".join(sorted(self.objectives)) or "none"
         message += f" Installed objectives: {installed}."
         dist = FIRST_PARTY_OBJECTIVES.get(name)
@@ -196,6 +202,8 @@ class PluginRegistry:
             message += f" It is provided by {dist}: pip install {dist}"
         elif broken:
             message += " Some plugins failed to load; run `align plugins`."
+        if os.environ.get(PLUGINS_ENV) is not None:
+            message += f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load.)"
         raise PluginError(message)
 
     def call_objective_hook(self, hook_name: str, registered: Registered, **kwargs: Any) -> Any:
@@ -206,6 +214,8 @@ class PluginRegistry:
     def chain_hook(self, hook_name: str, value_name: str, value: Any, **kwargs: Any) -> Any:
         """Pass ``value`` through every implementation in call order; None keeps the value."""
         for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(f"{impl.plugin_name}: {hook_name} cannot be a hook wrapper")
             result = call_impl(impl, **{value_name: value}, **kwargs)
             if result is not None:
                 value = result
@@ -229,11 +239,16 @@ def _describe(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
 
 
+def canonical(name: str) -> str:
+    """PEP 503 normalisation: ``Align_Plugin.SFT`` and ``align-plugin-sft`` are one name."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def _selected(env_value: str | None, dist: str | None, ep_name: str) -> bool:
     if env_value is None:
         return True
-    wanted = {part.strip() for part in env_value.split(",") if part.strip()}
-    return bool(wanted & {dist, ep_name})
+    wanted = {canonical(part) for part in env_value.split(",") if part.strip()}
+    return bool(wanted & {canonical(dist or ""), canonical(ep_name)})
 
 
 def load_plugins(extra: Iterable[Any] = ()) -> PluginRegistry:

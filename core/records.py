@@ -58,7 +58,7 @@ def read_records(path: str | Path) -> list[Record]:
 
 def _decode(path: Path, raw: bytes, line_no: int | None = None) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as exc:
         if line_no is None:
             line_no = raw[: exc.start].count(b"\n") + 1

@@ -37,7 +37,10 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> 
     text = prompt + completion
     ids, spans = _encode(tokenizer, text, add_special_tokens=True)
     mask = _mask_from_spans(ids, spans, [(len(prompt), len(text))], tokenizer, prompt)
-    return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=ids[-1:] == [tokenizer.eos_token_id])
+    has_eos = ids[-1:] == [tokenizer.eos_token_id]
+    if has_eos:  # added by the tokenizer itself (offsets (0, 0)): it still belongs to the loss
+        mask[-1] = 1
+    return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
 
 
 def tokenize_text(tokenizer: Any, text: str) -> Tokenized:
@@ -58,13 +61,13 @@ def tokenize_conversation(
             "conversational data needs a tokenizer with a chat template; this tokenizer has none",
             field,
         )
-    full = _render(tokenizer, messages, add_generation_prompt=False)
+    full = _render(tokenizer, messages, False, field)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < trained_from:
             continue
-        prefix = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prefix = _render(tokenizer, messages[:i], True, field) if i else _header(tokenizer, field)
+        through = _render(tokenizer, messages[: i + 1], False, field)
         if (
             not full.startswith(prefix)
             or not through.startswith(prefix)
@@ -75,7 +78,8 @@ def tokenize_conversation(
                 "from the full conversation, so the assistant tokens cannot be located",
                 field,
             )
-        spans.append((len(prefix), len(through)))
+        # The template's whitespace after the turn (a newline after EOS) is not the answer.
+        spans.append((len(prefix), max(len(prefix), len(through.rstrip()))))
     if not spans:
         raise TokenizeError("no assistant message to train on", field)
     ids, offsets = _encode(tokenizer, full, add_special_tokens=False)
@@ -106,12 +110,26 @@ def check_messages(messages: Any, field: str) -> None:
             )
 
 
-def _render(tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool) -> str:
-    if not messages:
-        return ""
-    return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+def _render(
+    tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool, field: str
+) -> str:
+    """The template's text; an empty prefix is rendered too (BOS, generation header)."""
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except Exception as exc:  # jinja2 errors, raise_exception() in templates
+        raise TokenizeError(f"the chat template failed: {exc}", field) from None
+
+
+def _header(tokenizer: Any, field: str) -> str:
+    """What the template writes before a conversation's opening assistant turn (BOS, header):
+    templates cannot render an empty conversation, so render a marker and cut at it."""
+    marker = "\x00align-marker\x00"
+    text = _render(tokenizer, [{"role": "assistant", "content": marker}], False, field)
+    if marker not in text:
+        raise TokenizeError("the chat template drops the message content", field)
+    return text[: text.index(marker)]
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: bool = True):

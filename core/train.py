@@ -231,8 +231,8 @@ def accumulate_gradients(
     return (totals[0] / totals[1]).item()
 
 
-def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[tuple[int, list]]:
-    """Endless ``(epoch, [micro-batches])`` groups; an epoch's last group may be shorter."""
+def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[list]:
+    """Endless groups of ``grad_accum`` micro-batches; an epoch's last group may be shorter."""
     epoch = 0
     while True:
         if hasattr(loader, "set_epoch"):
@@ -241,10 +241,10 @@ def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[tuple[int, list
         for batch in loader:
             group.append(batch)
             if len(group) == grad_accum:
-                yield epoch, group
+                yield group
                 group = []
         if group:
-            yield epoch, group
+            yield group
         epoch += 1
 
 
@@ -367,7 +367,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     model.train()
     groups = micro_batch_groups(loader, cfg.grad_accum)
     for step in range(1, total_steps + 1):
-        epoch, micro_batches = next(groups)
+        micro_batches = next(groups)
         run.step = step - 1
         learning_rate = scheduler.get_last_lr()[0]
         loss = accumulate_gradients(model, micro_batches, compute, accelerator, sums)
@@ -404,7 +404,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                 model,
                 tokenizer,
                 out / "checkpoints" / f"step-{step}",
-                {"step": step, "epoch": epoch},
+                {"step": step, "epoch": round(step / steps_per_epoch, 4)},
             )
     progress.close()
     save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})

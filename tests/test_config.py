@@ -103,6 +103,18 @@ def test_unknown_objective_from_config(registry, tmp_path):
         resolve(registry, _yaml(tmp_path, "objective: sfr\n"))
 
 
+def test_yaml_no_means_full_precision(registry, tmp_path):
+    assert resolve(registry, _yaml(tmp_path, "precision: no\n")).config.precision == "no"
+
+
+def test_errors_name_where_the_value_came_from(registry, tmp_path):
+    path = _yaml(tmp_path, "batch_size: 4\n")
+    with pytest.raises(ConfigError, match="^command line: option 'batch_size'"):
+        resolve(registry, path, {"batch_size": 0})
+    with pytest.raises(ConfigError, match="'lr' is a core option; use --lr"):
+        resolve(registry, path, {}, ["lr=1e-4"])
+
+
 def test_missing_config_file(registry, tmp_path):
     with pytest.raises(ConfigError, match="cannot read config file"):
         resolve(registry, str(tmp_path / "none.yaml"))

@@ -83,6 +83,14 @@ def test_bad_files(tokenizer, tmp_path, raw, expected):
     assert expected in _error(tokenizer, tmp_path, None, raw=raw)
 
 
+def test_byte_order_mark_is_tolerated(tokenizer, tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,completion\n1 + 1 =, 2.\n")
+    for name in ("bom.jsonl", "bom.csv"):
+        examples, _ = _tokenize(tokenizer, tmp_path / name)
+        assert len(examples) == 1, name
+
+
 def test_missing_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         read_records(tmp_path / "nope.jsonl")
@@ -160,6 +168,27 @@ def test_nothing_usable_is_an_error(tokenizer, tmp_path, write_jsonl):
     path = write_jsonl(tmp_path / "d.jsonl", [LONG])
     with pytest.raises(DataError, match="no usable examples"):
         _tokenize(tokenizer, path, max_length=20, truncation="skip")
+
+
+def test_keep_end_keeps_one_prompt_for_chosen_and_rejected(tokenizer, tmp_path, write_jsonl):
+    row = {"prompt": "What is " + "1 + " * 8 + "1?", "chosen": " 9.", "rejected": " It is nine."}
+    path = write_jsonl(tmp_path / "p.jsonl", [row])
+    (full,), _ = _tokenize(tokenizer, path, "preference", max_length=1024)
+    (cut,), report = _tokenize(tokenizer, path, "preference", max_length=14, truncation="keep_end")
+    assert report.truncated == 1
+    dropped = len(full["rejected_input_ids"]) - 14
+    for side in ("chosen", "rejected"):
+        assert cut[f"{side}_input_ids"] == full[f"{side}_input_ids"][dropped:]
+    prompt = [
+        t
+        for t, m in zip(cut["chosen_input_ids"], cut["chosen_completion_mask"], strict=True)
+        if not m
+    ]
+    assert prompt == [
+        t
+        for t, m in zip(cut["rejected_input_ids"], cut["rejected_completion_mask"], strict=True)
+        if not m
+    ]
 
 
 def test_preference_and_feedback_examples(tokenizer, tmp_path, write_jsonl):

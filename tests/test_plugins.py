@@ -125,9 +125,75 @@ def test_unknown_objective(name, expected):
 
 def test_environment_variable_limits_loading(monkeypatch):
     monkeypatch.setenv("ALIGN_PLUGINS", "")
-    assert load_plugins().plugins == {}
-    monkeypatch.setenv("ALIGN_PLUGINS", "align-plugin-sft")
-    assert list(load_plugins().plugins) == ["sft"]
+    registry = load_plugins()
+    assert registry.plugins == {}
+    with pytest.raises(PluginError) as err:
+        registry.objective("sft")
+    assert "Did you mean 'sft'" not in str(err.value)
+    assert "ALIGN_PLUGINS='' limits which plugins load" in str(err.value)
+    for value in ("align-plugin-sft", "Align_Plugin.SFT", "sft"):
+        monkeypatch.setenv("ALIGN_PLUGINS", value)
+        assert list(load_plugins().plugins) == ["sft"], value
+
+
+def test_in_process_plugin_named_like_an_entry_point_does_not_replace_it():
+    class Named:
+        __name__ = "sft"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register(align.Objective(name="other", description="x"))
+
+    registry = load_plugins(extra=[Named()])
+    assert set(registry.objectives) == {"sft", "other"}
+    assert registry.objective("sft").plugin.distribution == "align-plugin-sft"
+
+
+def test_a_plugin_whose_registration_fails_runs_no_hooks():
+    class Fails:
+        __name__ = "fails"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            raise RuntimeError("boom")
+
+        @align.hookimpl
+        def align_prepare_model(self, model):
+            return "replaced"
+
+        @align.hookimpl
+        def align_metrics(self):
+            return {"x": (1, 1)}
+
+    registry = load_plugins(extra=[Fails()])
+    assert registry.plugins["fails"].status == "error"
+    assert (
+        registry.chain_hook(
+            "align_prepare_model", "model", "m", tokenizer=None, config=None, sections={}
+        )
+        == "m"
+    )
+    assert (
+        registry.pm.hook.align_metrics(
+            objective=None, model=None, batch=None, output=None, options=None
+        )
+        == []
+    )
+
+
+def test_wrapper_implementations_of_chained_hooks_are_refused():
+    class Wrapper:
+        __name__ = "wrapper"
+
+        @align.hookimpl(wrapper=True)
+        def align_prepare_model(self, model):
+            return (yield)
+
+    registry = load_plugins(extra=[Wrapper()])
+    with pytest.raises(PluginError, match="cannot be a hook wrapper"):
+        registry.chain_hook(
+            "align_prepare_model", "model", "m", tokenizer=None, config=None, sections={}
+        )
 
 
 def test_prepare_model_hooks_chain():

@@ -61,7 +61,7 @@ def test_conversation_trains_only_assistant_turns(tokenizer):
     ]
     tok = tokenize_conversation(tokenizer, messages)
     # The demo template has no generation markers: masks come from rendering prefixes.
-    assert _trained_text(tokenizer, tok) == "2.</s>\n4.</s>\n"
+    assert _trained_text(tokenizer, tok) == "2.</s>4.</s>"  # not the newline after EOS
     assert tok.input_ids.count(tokenizer.bos_token_id) == 1
     # The template ends each turn with EOS, so none is appended.
     assert tok.input_ids.count(tokenizer.eos_token_id) == len(messages)
@@ -76,7 +76,7 @@ def test_prompt_messages_are_not_trained(tokenizer):
     tok = tokenize_conversation(
         tokenizer, prompt + [{"role": "assistant", "content": "Bye."}], trained_from=len(prompt)
     )
-    assert _trained_text(tokenizer, tok) == "Bye.</s>\n"
+    assert _trained_text(tokenizer, tok) == "Bye.</s>"
 
 
 def test_template_that_renders_prefixes_differently_is_an_error(tokenizer):
@@ -115,3 +115,35 @@ def test_bad_messages_name_the_field(tokenizer, messages, field):
 def test_conversation_without_assistant_is_an_error(tokenizer):
     with pytest.raises(TokenizeError, match="no assistant message"):
         tokenize_conversation(tokenizer, [{"role": "user", "content": "hi"}])
+
+
+def test_eos_added_by_the_tokenizer_is_trained(tokenizer):
+    from tokenizers import processors
+
+    adds_eos = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    adds_eos.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    tok = tokenize_prompt_completion(adds_eos, "Q:", " A.")
+    assert tok.input_ids.count(eos) == 1 and tok.input_ids[-1] == eos
+    assert tok.completion_mask[-1] == 1
+    assert _trained_text(adds_eos, tok) == " A.</s>"
+
+
+def test_conversation_opening_with_an_assistant_turn(tokenizer):
+    tok = tokenize_conversation(tokenizer, [{"role": "assistant", "content": "Hi."}])
+    assert _trained_text(tokenizer, tok) == "Hi.</s>"  # not BOS, not the header
+
+
+def test_template_errors_become_tokenize_errors(tokenizer):
+    strict = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    strict.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}"
+    )
+    messages = [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]
+    with pytest.raises(TokenizeError, match="System role not supported") as err:
+        tokenize_conversation(strict, messages)
+    assert err.value.field == "messages"
