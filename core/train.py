@@ -289,26 +289,19 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         if path:
             examples[split], reports[split] = build_examples(hooks, cfg, path, split)
             log(accelerator, f"data {reports[split].summary()}")
-    loader = ShardedBatches(
-        examples["train"],
-        cfg.batch_size,
-        hooks.build_batch,
-        accelerator,
-        shuffle=True,
-        seed=cfg.seed,
-        split="train",
-    )
-    eval_loader = None
-    if "eval" in examples:
-        eval_loader = ShardedBatches(
-            examples["eval"],
+    loaders = {
+        split: ShardedBatches(
+            split_examples,
             cfg.batch_size,
             hooks.build_batch,
             accelerator,
-            shuffle=False,
+            shuffle=split == "train",
             seed=cfg.seed,
-            split="eval",
+            split=split,
         )
+        for split, split_examples in examples.items()
+    }
+    loader, eval_loader = loaders["train"], loaders.get("eval")
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
 

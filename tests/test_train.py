@@ -21,6 +21,10 @@ def _run(*args, expect=0):
     return result
 
 
+def _user(model_dir, data):
+    return ["--model", str(model_dir), "--data", str(data)]
+
+
 def _metrics(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
@@ -37,10 +41,7 @@ def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl
     _run(
         "--objective",
         "sft",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
+        *_user(model_dir, data),
         "--eval-data",
         str(eval_data),
         "--max-steps",
@@ -109,10 +110,7 @@ def align_tokenizer(model_dir):
 def test_step_one_logs_the_loss_before_any_update(tmp_path, model_dir, data, normalization):
     out = tmp_path / "out"
     _run(
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
+        *_user(model_dir, data),
         "--max-steps",
         "2",
         "--batch-size",
@@ -165,10 +163,7 @@ def test_demo_run_learns(tmp_path):
 def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, model_dir, data):
     out = tmp_path / "out"
     args = [
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
+        *_user(model_dir, data),
         "--max-steps",
         "1",
         "--output-dir",
@@ -184,10 +179,7 @@ def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, model_dir, 
 def test_bf16_and_gradient_checkpointing(tmp_path, model_dir, data):
     out = tmp_path / "out"
     _run(
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
+        *_user(model_dir, data),
         "--max-steps",
         "2",
         "--precision",
@@ -253,10 +245,7 @@ def test_reference_is_the_frozen_starting_model(tmp_path, model_dir, data):
     _run(
         "--objective",
         "probe",
-        "--model",
-        str(model_dir),
-        "--data",
-        str(data),
+        *_user(model_dir, data),
         "--max-steps",
         "4",
         "--batch-size",
