@@ -69,17 +69,7 @@ def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl
             "num_tokens",
             "mean_token_accuracy",
         } <= row.keys()
-    tokens_per_epoch = sum(
-        len(e["input_ids"])
-        for e in tokenize_records(
-            read_records(data),
-            "prompt_completion",
-            align_tokenizer(model_dir),
-            1024,
-            "keep_start",
-            "train",
-        )[0]
-    )
+    tokens_per_epoch = sum(len(e["input_ids"]) for e in _examples(model_dir, data)[0])
     assert train[1]["num_tokens"] == tokens_per_epoch  # cumulative, non-pad: 2 steps = 1 epoch
     assert train[-1]["num_tokens"] == 3 * tokens_per_epoch
     assert [r["step"] for r in evals] == [3, 6]
@@ -100,10 +90,14 @@ def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl
     assert info["config"]["max_steps"] == 6
 
 
-def align_tokenizer(model_dir):
+def _examples(model_dir, data):
+    """The examples a run with default settings trains on, tokenised independently."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return tokenize_records(
+        read_records(data), "prompt_completion", tokenizer, 1024, "keep_start", "train"
+    )
 
 
 @pytest.mark.parametrize("normalization", ["token", "sequence"])
@@ -123,14 +117,7 @@ def test_step_one_logs_the_loss_before_any_update(tmp_path, model_dir, data, nor
         str(out),
     )
     train, _ = _metrics(out)
-    examples, _ = tokenize_records(
-        read_records(data),
-        "prompt_completion",
-        align_tokenizer(model_dir),
-        1024,
-        "keep_start",
-        "train",
-    )
+    examples, _ = _examples(model_dir, data)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     per_seq = []
     for ex in examples:
