@@ -81,6 +81,7 @@ def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl
     assert not torch.equal(model.model.embed_tokens.weight, start.model.embed_tokens.weight)
     assert (out / "checkpoints" / "step-3" / "model.safetensors").exists()
 
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # TensorBoard, when installed
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed" and info["seed"] == 42
     assert "align-plugin-sft==0.1.0" in info["requirements"]
