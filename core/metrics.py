@@ -35,7 +35,7 @@ class MetricSums:
 
     def reduce(self, accelerator: Any = None) -> dict[str, float]:
         """Σsum/Σcount over every process; a metric whose total count is 0 is left out."""
-        return {name: s / c for name, (s, c) in self.totals(accelerator).items() if c > 0}
+        return means(self.totals(accelerator))
 
     def totals(self, accelerator: Any = None) -> dict[str, tuple[float, float]]:
         """``name -> (Σsum, Σcount)`` over every process (every process must call this)."""
@@ -54,6 +54,11 @@ class MetricSums:
 
     def clear(self) -> None:
         self._totals.clear()
+
+
+def means(totals: Mapping[str, tuple[float, float]]) -> dict[str, float]:
+    """``Σsum / Σcount`` per metric, leaving out those with no count (no NaN)."""
+    return {name: s / c for name, (s, c) in totals.items() if c > 0}
 
 
 class MetricsLog:

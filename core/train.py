@@ -24,7 +24,7 @@ from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
 from .errors import ConfigError, PluginError
 from .formats import DataReport, tokenize_records
-from .metrics import MetricsLog, MetricSums
+from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
 from .plugins import PluginRegistry
@@ -318,8 +318,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         output_dir=out,
         max_steps=total_steps,
     )
-    run_info = describe_run(spec, registry, splits, reports, accelerator, total_steps)
     if accelerator.is_main_process:
+        run_info = describe_run(spec, registry, splits, reports, accelerator, total_steps)
         write_json(out / "run.json", run_info)
     if tracker:
         accelerator.init_trackers(
@@ -377,7 +377,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             totals = sums.totals(accelerator)
             sums.clear()
             num_tokens += totals.pop("num_tokens")[0]
-            values = {name: s / c for name, (s, c) in totals.items() if c > 0}
+            values = means(totals)
             metrics_log.write(
                 {
                     "step": step,
