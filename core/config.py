@@ -197,6 +197,12 @@ def resolve(
                 f"--set {key}=…: {key!r} is a core option; use {flag} or a "
                 "top-level key in the config file"
             )
+    for name, registrations in registry.clashes["section"].items():
+        if name in file_values or name in set_values:
+            labels = " and ".join(r.plugin.label for r in registrations)
+            raise ConfigError(
+                f"section {name!r} is registered by both {labels}; uninstall one of them"
+            )
     for section in set_values:
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]

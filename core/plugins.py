@@ -97,7 +97,7 @@ class PluginRegistry:
         self.plugins: dict[str, PluginInfo] = {}
         self.objectives: dict[str, Registered] = {}
         self.sections: dict[str, Registered] = {}
-        self.clashes: dict[str, list[Registered]] = {}
+        self.clashes: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
 
     # -- loading -----------------------------------------------------------------------------
     def add(
@@ -139,32 +139,30 @@ class PluginRegistry:
 
     def collect_registrations(self) -> None:
         """Ask each healthy plugin for its objectives and sections, then find clashes."""
-        found: dict[str, list[Registered]] = {}
+        found: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
         for info in self.plugins.values():
             if info.errors:
                 continue
             try:
-                for objective in self._collect(info, "align_register_objectives", Objective):
-                    info.objectives.append(objective.name)
-                    found.setdefault(objective.name, []).append(Registered(objective, info))
-                for section in self._collect(info, "align_register_sections", Section):
-                    info.sections.append(section.name)
-                    self.sections[section.name] = Registered(section, info)
+                objectives = self._collect(info, "align_register_objectives", Objective)
+                sections = self._collect(info, "align_register_sections", Section)
             except Exception as exc:
                 info.errors.append(f"registration failed: {_describe(exc)}")
-                info.objectives.clear()
                 self.pm.unregister(info.obj)  # none of its hooks may run
-        for name, registrations in found.items():
-            if len(registrations) == 1:
-                self.objectives[name] = registrations[0]
                 continue
-            self.clashes[name] = registrations
-            labels = [r.plugin.label for r in registrations]
-            for r in registrations:
-                r.plugin.errors.append(
-                    f"objective {name!r} is registered by more than one distribution: "
-                    + ", ".join(labels)
-                )
+            for kind, items in (("objective", objectives), ("section", sections)):
+                for item in items:
+                    getattr(info, f"{kind}s").append(item.name)
+                    found[kind].setdefault(item.name, []).append(Registered(item, info))
+        for kind, table in (("objective", self.objectives), ("section", self.sections)):
+            for name, registrations in found[kind].items():
+                if len(registrations) == 1:
+                    table[name] = registrations[0]
+                    continue
+                self.clashes[kind][name] = registrations
+                labels = ", ".join(r.plugin.label for r in registrations)
+                for info in {id(r.plugin): r.plugin for r in registrations}.values():
+                    info.errors.append(f"{kind} {name!r} is registered more than once: {labels}")
 
     def _collect(self, info: PluginInfo, hook_name: str, kind: type) -> list:
         items: list = []
@@ -184,8 +182,8 @@ class PluginRegistry:
         """The registration of objective ``name``, or a PluginError that says what to do."""
         if name in self.objectives:
             return self.objectives[name]
-        if name in self.clashes:
-            labels = " and ".join(r.plugin.label for r in self.clashes[name])
+        if name in self.clashes["objective"]:
+            labels = " and ".join(r.plugin.label for r in self.clashes["objective"][name])
             raise PluginError(
                 f"objective {name!r} is registered by both {labels}; uninstall one of them"
             )

@@ -103,6 +103,17 @@ def test_unknown_objective_from_config(registry, tmp_path):
         resolve(registry, _yaml(tmp_path, "objective: sfr\n"))
 
 
+def test_clashing_sections_are_refused_only_when_used(registry, tmp_path):
+    class Twin(LoraLike):
+        __name__ = "lora-twin"
+
+    clashing = load_plugins(extra=[LoraLike(), Twin()])
+    assert "registered more than once" in clashing.plugins["lora-twin"].errors[0]
+    assert resolve(clashing, None, {}, []).config.objective == "sft"
+    with pytest.raises(ConfigError, match="section 'lora' is registered by both lora-like"):
+        resolve(clashing, None, {}, ["lora.r=4"])
+
+
 def test_yaml_no_means_full_precision(registry, tmp_path):
     assert resolve(registry, _yaml(tmp_path, "precision: no\n")).config.precision == "no"
 

@@ -70,7 +70,7 @@ def test_duplicate_objective_names_name_both_plugins():
         PluginError, match="registered by both align-plugin-sft and clash-in-process"
     ):
         registry.objective("sft")
-    assert "more than one distribution" in registry.plugins["clash-in-process"].errors[0]
+    assert "registered more than once" in registry.plugins["clash-in-process"].errors[0]
 
 
 def test_hook_matching_no_spec_is_reported_with_suggestion():
