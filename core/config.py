@@ -180,6 +180,13 @@ def resolve(
     registered = registry.objective(config.objective)
     objective_name = config.objective
     sections = {name: r.item for name, r in registry.sections.items()}
+    set_values = parse_set(sets or [])
+    for name, registrations in registry.clashes["section"].items():
+        if name in file_values or name in set_values:
+            labels = " and ".join(r.plugin.label for r in registrations)
+            raise ConfigError(
+                f"section {name!r} is registered by both {labels}; uninstall one of them"
+            )
     allowed = CORE_KEYS | set(registry.objectives) | set(sections)
     for key in file_values:
         if key not in allowed:
@@ -189,19 +196,12 @@ def resolve(
                 "objective names and plugin sections (align objectives)."
             )
 
-    set_values = parse_set(sets or [])
     for key in set_values.get(None, {}):
         if key in CORE_KEYS:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(
                 f"--set {key}=…: {key!r} is a core option; use {flag} or a "
                 "top-level key in the config file"
-            )
-    for name, registrations in registry.clashes["section"].items():
-        if name in file_values or name in set_values:
-            labels = " and ".join(r.plugin.label for r in registrations)
-            raise ConfigError(
-                f"section {name!r} is registered by both {labels}; uninstall one of them"
             )
     for section in set_values:
         if section not in (None, objective_name, *sections):
