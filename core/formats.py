@@ -18,6 +18,7 @@ from .records import Record
 from .tokenize import (
     Tokenized,
     TokenizeError,
+    check_messages,
     tokenize_conversation,
     tokenize_prompt_completion,
     tokenize_text,
@@ -82,6 +83,7 @@ def _prompt_and_answer(tokenizer: Any, record: Record, answer: str) -> Tokenized
         for name, val in (("prompt", prompt), (answer, value)):
             if not isinstance(val, list):
                 raise record.error("expected a list of messages, like the other field", name)
+            check_messages(val, name)  # so a bad message is named within its own field
         return tokenize_conversation(
             tokenizer, prompt + value, trained_from=len(prompt), field=answer
         )

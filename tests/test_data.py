@@ -59,6 +59,16 @@ GOOD = {"prompt": "1 + 1 =", "completion": " 2."}
             "preference",
             "field 'chosen': expected a list of messages",
         ),
+        (
+            [
+                {
+                    "prompt": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}],
+                    "completion": [{"role": "assistant", "content": "c"}],
+                }
+            ],
+            "prompt_completion",
+            "line 1, field 'prompt[1].role': unknown role 'bot'",
+        ),
     ],
 )
 def test_bad_records(tokenizer, tmp_path, rows, fmt, expected):
