@@ -36,7 +36,7 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> 
     """Tokenise ``prompt + completion`` jointly; train on the completion and an appended EOS."""
     text = prompt + completion
     ids, spans = _encode(tokenizer, text, add_special_tokens=True)
-    mask = _mask_from_spans(ids, spans, [(len(prompt), len(text))], tokenizer, prompt)
+    mask = _mask_from_spans(ids, spans, [(len(prompt), len(text))], tokenizer, prompt, True)
     has_eos = ids[-1:] == [tokenizer.eos_token_id]
     if has_eos:  # added by the tokenizer itself (offsets (0, 0)): it still belongs to the loss
         mask[-1] = 1
@@ -83,8 +83,8 @@ def tokenize_conversation(
     if not spans:
         raise TokenizeError("no assistant message to train on", field)
     ids, offsets = _encode(tokenizer, full, add_special_tokens=False)
-    mask = _mask_from_spans(ids, offsets, spans, tokenizer, full[: spans[0][0]])
-    last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full[: spans[-1][0]])
+    mask = _mask_from_spans(ids, offsets, spans, tokenizer, full[: spans[0][0]], False)
+    last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full[: spans[-1][0]], False)
     # Templates end a turn with their own marker; EOS is added only when the last turn lacks it.
     has_eos = messages[-1]["role"] != "assistant" or any(
         m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn, strict=True)
@@ -133,28 +133,30 @@ def _header(tokenizer: Any, field: str) -> str:
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: bool = True):
-    if need_offsets and not getattr(tokenizer, "is_fast", False):
-        encoded = tokenizer(text, add_special_tokens=add_special_tokens)
-        return list(encoded["input_ids"]), None
-    encoded = tokenizer(
-        text, add_special_tokens=add_special_tokens, return_offsets_mapping=need_offsets
-    )
+    """Token ids and, from a fast tokenizer, character offsets (None from a slow one)."""
+    with_offsets = need_offsets and getattr(tokenizer, "is_fast", False)
+    kwargs = {"return_offsets_mapping": True} if with_offsets else {}
+    encoded = tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)
     ids = list(encoded["input_ids"])
-    if ids and ids[:2] == [tokenizer.bos_token_id] * 2:  # the text already began with BOS
-        ids = ids[1:]
-        return ids, (list(encoded["offset_mapping"])[1:] if need_offsets else None)
-    return ids, (list(encoded["offset_mapping"]) if need_offsets else None)
+    offsets = list(encoded["offset_mapping"]) if with_offsets else None
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos]:  # the text already began with BOS
+        ids, offsets = ids[1:], (offsets[1:] if offsets is not None else None)
+    return ids, offsets
 
 
-def _mask_from_spans(ids, offsets, spans, tokenizer, prefix_text: str) -> list[int]:
+def _mask_from_spans(
+    ids, offsets, spans, tokenizer, prefix_text: str, add_special_tokens: bool
+) -> list[int]:
     """1 for every token that overlaps a trained character span."""
     if offsets is None:  # slow tokenizer: the prefix's tokens must be a prefix of the whole
-        prefix_ids, _ = _encode(tokenizer, prefix_text, add_special_tokens=True, need_offsets=False)
+        prefix_ids, _ = _encode(tokenizer, prefix_text, add_special_tokens, need_offsets=False)
+        if prefix_ids[-1:] == [tokenizer.eos_token_id]:  # a tokenizer that appends EOS
+            prefix_ids = prefix_ids[:-1]
         if len(spans) > 1 or ids[: len(prefix_ids)] != prefix_ids:
             raise TokenizeError(
-                "this (slow) tokenizer gives no character offsets and tokenises "
-                "the prompt differently alone than in context; use a fast "
-                "tokenizer"
+                "this (slow) tokenizer gives no character offsets and tokenises the prompt "
+                "differently alone than in context; use a fast tokenizer"
             )
         return [0] * len(prefix_ids) + [1] * (len(ids) - len(prefix_ids))
     mask = []

@@ -147,3 +147,18 @@ def test_template_errors_become_tokenize_errors(tokenizer):
     with pytest.raises(TokenizeError, match="System role not supported") as err:
         tokenize_conversation(strict, messages)
     assert err.value.field == "messages"
+
+
+def test_slow_tokenizer_without_offsets():
+    """ByT5 is a slow (Python) tokenizer that appends EOS itself: masks come from the prompt's
+    own tokens, which must be a prefix of the whole."""
+    from transformers import ByT5Tokenizer
+
+    byt5 = ByT5Tokenizer()
+    tok = tokenize_prompt_completion(byt5, "Q: 1 + 1?", " 2.")
+    assert tok.input_ids.count(byt5.eos_token_id) == 1 and tok.input_ids[-1] == byt5.eos_token_id
+    assert _trained_text(byt5, tok) == " 2.</s>"
+    assert (
+        byt5.decode([t for t, m in zip(tok.input_ids, tok.completion_mask, strict=True) if not m])
+        == "Q: 1 + 1?"
+    )
