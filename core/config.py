@@ -154,6 +154,11 @@ def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Opti
         raise ConfigError(f"{where}: {problems}") from None
 
 
+def _broken_hint(registry: PluginRegistry) -> str:
+    broken = [p.label for p in registry.plugins.values() if p.errors]
+    return f" Plugins with errors: {', '.join(broken)} (align plugins)." if broken else ""
+
+
 def _file_section(file_values: dict[str, Any], name: str, where: str) -> dict[str, Any]:
     values = file_values.get(name) or {}
     if not isinstance(values, dict):
@@ -172,28 +177,23 @@ def resolve(
     """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec."""
     file_values = load_yaml(config_file) if config_file else {}
     where_file = str(config_file) if config_file else "command line"
-    core = {k: v for k, v in file_values.items() if k in CORE_KEYS}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    core = {k: v for k, v in file_values.items() if k in CORE_KEYS and k not in flags}
     _validate(TrainConfig, core, where_file)  # blame the file for its own values
-    core.update({k: v for k, v in (flags or {}).items() if v is not None})
+    core.update(flags)
     config = _validate(TrainConfig, core, "command line")
 
     registered = registry.objective(config.objective)
     objective_name = config.objective
     sections = {name: r.item for name, r in registry.sections.items()}
     set_values = parse_set(sets or [])
-    for name, registrations in registry.clashes["section"].items():
-        if name in file_values or name in set_values:
-            labels = " and ".join(r.plugin.label for r in registrations)
-            raise ConfigError(
-                f"section {name!r} is registered by both {labels}; uninstall one of them"
-            )
     allowed = CORE_KEYS | set(registry.objectives) | set(sections)
     for key in file_values:
         if key not in allowed:
             raise ConfigError(
                 f"{where_file}: unknown key {key!r}."
                 f"{did_you_mean(key, allowed)} Top-level keys are core options, "
-                "objective names and plugin sections (align objectives)."
+                f"objective names and plugin sections (align objectives).{_broken_hint(registry)}"
             )
 
     for key in set_values.get(None, {}):
@@ -208,7 +208,7 @@ def resolve(
             choices = [objective_name, *sections]
             raise ConfigError(
                 f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
-                f" Sections: {', '.join(choices)}"
+                f" Sections: {', '.join(choices)}.{_broken_hint(registry)}"
             )
     objective_values = _file_section(file_values, objective_name, where_file)
     objective_values.update(set_values.get(None, {}))

@@ -97,7 +97,7 @@ class PluginRegistry:
         self.plugins: dict[str, PluginInfo] = {}
         self.objectives: dict[str, Registered] = {}
         self.sections: dict[str, Registered] = {}
-        self.clashes: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
+        self.clashes: dict[str, dict[str, list[Registered]]] = {"objective": {}}
 
     # -- loading -----------------------------------------------------------------------------
     def add(
@@ -154,15 +154,31 @@ class PluginRegistry:
                 for item in items:
                     getattr(info, f"{kind}s").append(item.name)
                     found[kind].setdefault(item.name, []).append(Registered(item, info))
-        for kind, table in (("objective", self.objectives), ("section", self.sections)):
-            for name, registrations in found[kind].items():
-                if len(registrations) == 1:
-                    table[name] = registrations[0]
-                    continue
-                self.clashes[kind][name] = registrations
-                labels = ", ".join(r.plugin.label for r in registrations)
-                for info in {id(r.plugin): r.plugin for r in registrations}.values():
-                    info.errors.append(f"{kind} {name!r} is registered more than once: {labels}")
+        from .config import CORE_KEYS  # config imports this module
+
+        # A section with a problem unloads its plugin: its model-preparation hooks would run
+        # in every run without their options.
+        unloaded = set()
+        for name, registrations in found["section"].items():
+            problem = _name_problem("section", name, registrations, CORE_KEYS, found["objective"])
+            if problem is None:
+                self.sections[name] = registrations[0]
+                continue
+            for r in registrations:
+                r.plugin.errors.append(problem + "; the plugin is not loaded")
+                if self.pm.is_registered(r.plugin.obj):
+                    self.pm.unregister(r.plugin.obj)
+                unloaded.add(id(r.plugin))
+        for name, registrations in found["objective"].items():
+            registrations = [r for r in registrations if id(r.plugin) not in unloaded]
+            problem = _name_problem("objective", name, registrations, CORE_KEYS, {})
+            if problem is None:
+                self.objectives[name] = registrations[0]
+                continue
+            if len(registrations) > 1:
+                self.clashes["objective"][name] = registrations
+            for info in {id(r.plugin): r.plugin for r in registrations}.values():
+                info.errors.append(problem)
 
     def _collect(self, info: PluginInfo, hook_name: str, kind: type) -> list:
         items: list = []
@@ -183,7 +199,9 @@ class PluginRegistry:
         if name in self.objectives:
             return self.objectives[name]
         if name in self.clashes["objective"]:
-            labels = " and ".join(r.plugin.label for r in self.clashes["objective"][name])
+            labels = " and ".join(
+                dict.fromkeys(r.plugin.label for r in self.clashes["objective"][name])
+            )
             raise PluginError(
                 f"objective {name!r} is registered by both {labels}; uninstall one of them"
             )
@@ -223,9 +241,25 @@ class PluginRegistry:
         """``name==version`` of align-core and every loaded plugin distribution."""
         reqs = {f"{CORE_DISTRIBUTION}=={core_version()}"}
         for info in self.plugins.values():
-            if info.distribution and not info.errors:
+            if info.distribution and self.pm.is_registered(info.obj):  # its hooks may run
                 reqs.add(f"{info.distribution}=={info.version}")
         return sorted(reqs)
+
+
+def _name_problem(
+    kind: str, name: str, registrations: list[Registered], core_keys: set[str], objectives: dict
+) -> str | None:
+    """Why a registered name cannot be used, or None: a clash, or a name the config needs."""
+    if not registrations:
+        return None
+    if len(registrations) > 1:
+        labels = ", ".join(r.plugin.label for r in registrations)
+        return f"{kind} {name!r} is registered more than once: {labels}"
+    if name in core_keys:
+        return f"{kind} {name!r} has the name of a core option"
+    if name in objectives:
+        return f"{kind} {name!r} has the name of an objective"
+    return None
 
 
 def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
@@ -245,7 +279,7 @@ def canonical(name: str) -> str:
 def _selected(env_value: str | None, dist: str | None, ep_name: str) -> bool:
     if env_value is None:
         return True
-    wanted = {canonical(part) for part in env_value.split(",") if part.strip()}
+    wanted = {canonical(part.strip()) for part in env_value.split(",") if part.strip()}
     return bool(wanted & {canonical(dist or ""), canonical(ep_name)})
 
 

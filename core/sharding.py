@@ -4,9 +4,11 @@ Accelerate's prepared data loaders pad the last batch of every process by repeat
 which skews evaluation metrics and epoch counts. Here each epoch's order is cut into global
 batches of ``batch_size × num_processes`` examples, and each global batch into contiguous,
 near-equal parts, one per process. A final global batch too small to give every process an
-example joins the one before it. Every process gets the same number of micro-batches, so
-collectives inside loss hooks stay in step, and one process with batch ``2b`` sees exactly the
-union of what two processes with batch ``b`` see.
+example (fewer than ``num_processes`` examples) joins the one before it, so a micro-batch can
+then hold up to ``batch_size + 1`` examples. Every process gets the same number of
+micro-batches, so collectives inside loss hooks stay in step. One process with batch ``P·b``
+sees exactly the union of what ``P`` processes with batch ``b`` see, except when that merge
+happens (the epoch's size modulo ``P·b`` is between 1 and ``P − 1``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> 
     """Tokenise ``prompt + completion`` jointly; train on the completion and an appended EOS."""
     text = prompt + completion
     ids, spans = _encode(tokenizer, text, add_special_tokens=True)
-    mask = _mask_from_spans(ids, spans, [(len(prompt), len(text))], tokenizer, prompt, True)
+    mask = _mask_from_spans(ids, spans, [(len(prompt), len(text))], tokenizer, text, True)
     has_eos = ids[-1:] == [tokenizer.eos_token_id]
     if has_eos:  # added by the tokenizer itself (offsets (0, 0)): it still belongs to the loss
         mask[-1] = 1
@@ -78,13 +78,12 @@ def tokenize_conversation(
                 "from the full conversation, so the assistant tokens cannot be located",
                 field,
             )
-        # The template's whitespace after the turn (a newline after EOS) is not the answer.
-        spans.append((len(prefix), max(len(prefix), len(through.rstrip()))))
+        spans.append((len(prefix), _turn_end(tokenizer, through, len(prefix))))
     if not spans:
         raise TokenizeError("no assistant message to train on", field)
     ids, offsets = _encode(tokenizer, full, add_special_tokens=False)
-    mask = _mask_from_spans(ids, offsets, spans, tokenizer, full[: spans[0][0]], False)
-    last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full[: spans[-1][0]], False)
+    mask = _mask_from_spans(ids, offsets, spans, tokenizer, full, False)
+    last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full, False)
     # Templates end a turn with their own marker; EOS is added only when the last turn lacks it.
     has_eos = messages[-1]["role"] != "assistant" or any(
         m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn, strict=True)
@@ -145,25 +144,45 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: b
     return ids, offsets
 
 
+def _turn_end(tokenizer: Any, through: str, start: int) -> int:
+    """Where a rendered assistant turn ends: whitespace the template writes after its
+    end-of-turn marker (a newline after EOS) is layout, not the answer."""
+    stripped = through.rstrip()
+    if any(stripped.endswith(t) for t in tokenizer.all_special_tokens):
+        return max(start, len(stripped))
+    return len(through)
+
+
 def _mask_from_spans(
-    ids, offsets, spans, tokenizer, prefix_text: str, add_special_tokens: bool
+    ids, offsets, spans, tokenizer, text: str, add_special_tokens: bool
 ) -> list[int]:
-    """1 for every token that overlaps a trained character span."""
-    if offsets is None:  # slow tokenizer: the prefix's tokens must be a prefix of the whole
-        prefix_ids, _ = _encode(tokenizer, prefix_text, add_special_tokens, need_offsets=False)
-        if prefix_ids[-1:] == [tokenizer.eos_token_id]:  # a tokenizer that appends EOS
-            prefix_ids = prefix_ids[:-1]
-        if len(spans) > 1 or ids[: len(prefix_ids)] != prefix_ids:
-            raise TokenizeError(
-                "this (slow) tokenizer gives no character offsets and tokenises the prompt "
-                "differently alone than in context; use a fast tokenizer"
-            )
-        return [0] * len(prefix_ids) + [1] * (len(ids) - len(prefix_ids))
+    """1 for every token that overlaps a trained character span of ``text``."""
+    if offsets is None:
+        return _mask_without_offsets(ids, spans, tokenizer, text, add_special_tokens)
     mask = []
     for start, end in offsets:
         trained = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
         mask.append(int(trained))
     return mask
+
+
+def _mask_without_offsets(ids, spans, tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    """Slow tokenizers give no offsets: the text before and through the one trained span must
+    tokenise to prefixes of the whole, and the tokens between them are trained."""
+    bounds = []
+    for end in (spans[0][0], spans[0][1]):
+        part, _ = _encode(tokenizer, text[:end], add_special_tokens, need_offsets=False)
+        appended = add_special_tokens and end < len(text)  # EOS a tokenizer adds to any text
+        if appended and part[-1:] == [tokenizer.eos_token_id]:
+            part = part[:-1]
+        bounds.append(len(part))
+        if len(spans) > 1 or ids[: len(part)] != part:
+            raise TokenizeError(
+                "this (slow) tokenizer gives no character offsets and tokenises the prompt "
+                "differently alone than in context, or the data has several assistant turns; "
+                "use a fast tokenizer"
+            )
+    return [0] * bounds[0] + [1] * (bounds[1] - bounds[0]) + [0] * (len(ids) - bounds[1])
 
 
 def _with_eos(tokenizer: Any, tok: Tokenized, has_eos: bool) -> Tokenized:

@@ -100,8 +100,8 @@ def shared_output_dir(cfg: Any, objective: str) -> Path:
     if state.is_main_process:
         try:
             result[0] = str(prepare_output_dir(cfg, objective))
-        except ConfigError as exc:
-            result[1] = str(exc)
+        except (ConfigError, OSError) as exc:  # every process must hear of it, or they wait
+            result[1] = str(exc) if isinstance(exc, ConfigError) else f"output directory: {exc}"
     if state.num_processes > 1:
         broadcast_object_list(result)
     if result[1] is not None:

@@ -103,15 +103,43 @@ def test_unknown_objective_from_config(registry, tmp_path):
         resolve(registry, _yaml(tmp_path, "objective: sfr\n"))
 
 
-def test_clashing_sections_are_refused_only_when_used(registry, tmp_path):
+def test_clashing_sections_unload_both_plugins():
     class Twin(LoraLike):
         __name__ = "lora-twin"
 
     clashing = load_plugins(extra=[LoraLike(), Twin()])
-    assert "registered more than once" in clashing.plugins["lora-twin"].errors[0]
-    assert resolve(clashing, None, {}, []).config.objective == "sft"
-    with pytest.raises(ConfigError, match="section 'lora' is registered by both lora-like"):
+    for name in ("lora-like", "lora-twin"):
+        assert "section 'lora' is registered more than once" in clashing.plugins[name].errors[0]
+        assert not clashing.pm.is_registered(clashing.plugins[name].obj)
+    assert resolve(clashing, None, {}, []).sections == {}
+    with pytest.raises(ConfigError, match="unknown section 'lora'.*Plugins with errors: lora-like"):
         resolve(clashing, None, {}, ["lora.r=4"])
+
+
+def test_reserved_names_are_refused():
+    class Reserved:
+        __name__ = "reserved"
+
+        class Opts(align.Options):
+            x: int = 1
+
+        @align.hookimpl
+        def align_register_sections(self, register):
+            register(align.Section(name="epochs", description="x", options=self.Opts))
+            register(align.Section(name="sft", description="x", options=self.Opts))
+
+    registry = load_plugins(extra=[Reserved()])
+    errors = " ".join(registry.plugins["reserved"].errors)
+    assert "section 'epochs' has the name of a core option" in errors
+    assert "section 'sft' has the name of an objective" in errors
+    assert registry.sections == {} and registry.objective("sft")
+
+
+def test_a_flag_overrides_a_bad_file_value(registry, tmp_path):
+    path = _yaml(tmp_path, "lr: -1\n")
+    assert resolve(registry, path, {"lr": 1e-3}).config.lr == 1e-3
+    with pytest.raises(ConfigError, match="c.yaml: option 'lr'"):
+        resolve(registry, path, {})
 
 
 def test_yaml_no_means_full_precision(registry, tmp_path):

@@ -131,7 +131,7 @@ def test_environment_variable_limits_loading(monkeypatch):
         registry.objective("sft")
     assert "Did you mean 'sft'" not in str(err.value)
     assert "ALIGN_PLUGINS='' limits which plugins load" in str(err.value)
-    for value in ("align-plugin-sft", "Align_Plugin.SFT", "sft"):
+    for value in ("align-plugin-sft", "Align_Plugin.SFT", "sft", "align-plugin-foo, sft"):
         monkeypatch.setenv("ALIGN_PLUGINS", value)
         assert list(load_plugins().plugins) == ["sft"], value
 

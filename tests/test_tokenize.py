@@ -162,3 +162,32 @@ def test_slow_tokenizer_without_offsets():
         byt5.decode([t for t, m in zip(tok.input_ids, tok.completion_mask, strict=True) if not m])
         == "Q: 1 + 1?"
     )
+
+
+def test_slow_tokenizer_trains_only_the_assistant_turn():
+    from transformers import ByT5Tokenizer
+
+    byt5 = ByT5Tokenizer()
+    byt5.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "bye"},
+    ]
+    tok = tokenize_conversation(byt5, messages)
+    assert _trained_text(byt5, tok) == "yo</s>"
+    with pytest.raises(TokenizeError, match="several assistant turns"):
+        tokenize_conversation(byt5, [*messages, {"role": "assistant", "content": "ok"}])
+
+
+def test_template_without_end_marker_keeps_its_newline_trained(tokenizer):
+    plain = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    plain.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tok = tokenize_conversation(
+        plain, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "yo"}]
+    )
+    # Without a generation prompt the turn's header cannot be told from its content.
+    assert _trained_text(plain, tok) == "assistant: yo\n</s>"
