@@ -6,6 +6,7 @@ counts, so plugins return ``(sum, count)`` pairs and only the final division hap
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,12 +67,12 @@ class MetricsLog:
 
     def __init__(self, path: Any, accelerator: Any) -> None:
         self.accelerator = accelerator
-        self._file = open(path, "a", encoding="utf-8") if accelerator.is_main_process else None  # noqa: SIM115
+        self._file = None
+        if accelerator.is_main_process:
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def write(self, values: dict[str, Any]) -> None:
         if self._file is not None:
-            import json
-
             self._file.write(json.dumps(values) + "\n")
             self._file.flush()
         self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
