@@ -248,3 +248,11 @@ def test_reference_is_the_frozen_starting_model(tmp_path, model_dir, data):
     for row in train[1:]:  # the batch is the whole data set, so only the policy may move
         assert row["ref_logp"] == pytest.approx(train[0]["ref_logp"], abs=1e-4)
         assert row["policy_logp"] > train[0]["policy_logp"] + 0.1
+
+
+def test_bad_data_is_reported_through_the_cli(tmp_path, model_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": "a"}\n')
+    result = _run(*_user(model_dir, bad), "--output-dir", str(tmp_path / "o"), expect=1)
+    assert f"{bad}, line 2, field 'completion': missing field" in result.output
+    assert "Traceback" not in result.output
