@@ -28,6 +28,12 @@ class MetricSums:
         else:
             self._totals[name] = [value, count]
 
+    def add_output(self, output: Any, extra: Mapping[str, tuple[Any, Any]]) -> None:
+        """A loss hook's loss and metrics, and the metrics other plugins added for its batch."""
+        self.add("loss", output.loss, output.count)
+        self.add_all(output.metrics)
+        self.add_all(extra)
+
     def add_all(self, metrics: Mapping[str, tuple[Any, Any]], prefix: str = "") -> None:
         for name, pair in metrics.items():
             if not (isinstance(pair, tuple | list) and len(pair) == 2):

@@ -169,19 +169,25 @@ def _mask_from_spans(
 def _mask_without_offsets(ids, spans, tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     """Slow tokenizers give no offsets: the text before and through the one trained span must
     tokenise to prefixes of the whole, and the tokens between them are trained."""
+
+    def refuse() -> TokenizeError:
+        return TokenizeError(
+            "this (slow) tokenizer gives no character offsets and tokenises the prompt "
+            "differently alone than in context, or the data has several assistant turns; "
+            "use a fast tokenizer"
+        )
+
+    if len(spans) > 1:
+        raise refuse()
     bounds = []
-    for end in (spans[0][0], spans[0][1]):
+    for end in spans[0]:
         part, _ = _encode(tokenizer, text[:end], add_special_tokens, need_offsets=False)
         appended = add_special_tokens and end < len(text)  # EOS a tokenizer adds to any text
         if appended and part[-1:] == [tokenizer.eos_token_id]:
             part = part[:-1]
+        if ids[: len(part)] != part:
+            raise refuse()
         bounds.append(len(part))
-        if len(spans) > 1 or ids[: len(part)] != part:
-            raise TokenizeError(
-                "this (slow) tokenizer gives no character offsets and tokenises the prompt "
-                "differently alone than in context, or the data has several assistant turns; "
-                "use a fast tokenizer"
-            )
     return [0] * bounds[0] + [1] * (bounds[1] - bounds[0]) + [0] * (len(ids) - bounds[1])
 
 

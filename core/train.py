@@ -35,7 +35,7 @@ from .sharding import ShardedBatches
 
 
 def log(accelerator: Any, message: str) -> None:
-    if accelerator is None or accelerator.is_main_process:
+    if accelerator.is_main_process:
         print(message, file=sys.stderr, flush=True)
 
 
@@ -213,9 +213,7 @@ def accumulate_gradients(
             accelerator.backward(output.loss)
         loss_sum += output.loss.detach().double().cpu()
         count += torch.as_tensor(output.count, dtype=torch.float64).detach().sum().cpu()
-        sums.add("loss", output.loss, output.count)
-        sums.add_all(output.metrics)
-        sums.add_all(extra)
+        sums.add_output(output, extra)
         sums.add(
             "num_tokens", sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")), 1
         )
@@ -235,8 +233,7 @@ def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[list]:
     """Endless groups of ``grad_accum`` micro-batches; an epoch's last group may be shorter."""
     epoch = 0
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        loader.set_epoch(epoch)
         group: list = []
         for batch in loader:
             group.append(batch)
@@ -340,9 +337,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         with torch.no_grad():
             for batch in eval_loader:
                 output, extra = compute(batch)
-                sums.add("loss", output.loss, output.count)
-                sums.add_all(output.metrics)
-                sums.add_all(extra)
+                sums.add_output(output, extra)
         model.train()
         run.training = True
         return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
