@@ -40,6 +40,8 @@ RUN_FLAGS = [
     "eval_every",
     "log_every",
     "trust_remote_code",
+    "reference",
+    "ref_model",
     "overwrite",
 ]
 

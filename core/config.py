@@ -63,6 +63,14 @@ class TrainConfig(Options):
     )
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
+    reference: Literal["precomputed", "model", "adapter"] = Field(
+        "precomputed",
+        description="Reference log-probs for DPO/KTO: precomputed once and cached, a frozen "
+        "model, or the policy with its adapter disabled.",
+    )
+    ref_model: str | None = Field(
+        None, description="Reference model (hub id or directory); default: the starting model."
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -154,6 +162,23 @@ def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Opti
         raise ConfigError(f"{where}: {problems}") from None
 
 
+def _check_reference(config: TrainConfig, objective: Any) -> None:
+    chosen = [
+        f"--{k.replace('_', '-')}"
+        for k in ("reference", "ref_model")
+        if k in config.model_fields_set
+    ]
+    if chosen and not objective.needs_reference:
+        raise ConfigError(
+            f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model"
+        )
+    if config.ref_model and config.reference == "adapter":
+        raise ConfigError(
+            "--ref-model cannot be used with --reference adapter (the reference is the policy "
+            "with its adapter disabled)"
+        )
+
+
 def _broken_hint(registry: PluginRegistry) -> str:
     broken = [p.label for p in registry.plugins.values() if p.errors]
     return f" Plugins with errors: {', '.join(broken)} (align plugins)." if broken else ""
@@ -184,6 +209,7 @@ def resolve(
     config = _validate(TrainConfig, core, "command line")
 
     registered = registry.objective(config.objective)
+    _check_reference(config, registered.item)
     objective_name = config.objective
     sections = {name: r.item for name, r in registry.sections.items()}
     set_values = parse_set(sets or [])

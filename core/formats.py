@@ -2,7 +2,8 @@
 
 Column names follow TRL: ``prompt``/``completion``, ``messages`` or ``text``
 (``prompt_completion``); ``prompt``/``chosen``/``rejected`` (``preference``);
-``prompt``/``completion``/``label`` (``feedback``). Over-long sequences follow the truncation
+``prompt``/``completion``/``label`` (``feedback``; prompt/chosen/rejected records are split into
+a desirable and an undesirable example). Over-long sequences follow the truncation
 policy, and every truncated or skipped example is counted in the report.
 """
 
@@ -118,18 +119,30 @@ def _preference(tokenizer: Any, record: Record) -> dict[str, Any]:
     return example
 
 
-def _feedback(tokenizer: Any, record: Record) -> dict[str, Any]:
+def _feedback(tokenizer: Any, record: Record) -> list[dict[str, Any]]:
+    """An unpaired example; or, from a prompt/chosen/rejected record, a desirable (chosen) and an
+    undesirable (rejected) example, as TRL's ``unpair_preference_dataset`` does."""
+    data = record.data
+    if "completion" not in data and "label" not in data and "chosen" in data:
+        _require(record, "prompt", "chosen", "rejected")
+        return [
+            _labelled(tokenizer, record, side, side == "chosen") for side in ("chosen", "rejected")
+        ]
     _require(record, "prompt", "completion", "label")
-    label = record.data["label"]
+    label = data["label"]
     if record.from_text and isinstance(label, str) and label.lower() in ("true", "false"):
         label = label.lower() == "true"
     if not isinstance(label, bool):
         raise record.error(f"expected a boolean (true = desirable), got {label!r}", "label")
-    tok = _prompt_and_answer(tokenizer, record, "completion")
+    return [_labelled(tokenizer, record, "completion", label)]
+
+
+def _labelled(tokenizer: Any, record: Record, answer: str, label: bool) -> dict[str, Any]:
+    tok = _prompt_and_answer(tokenizer, record, answer)
     return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask, "label": label}
 
 
-FORMATS: dict[str, Callable[[Any, Record], dict[str, Any]]] = {
+FORMATS: dict[str, Callable[[Any, Record], dict[str, Any] | list[dict[str, Any]]]] = {
     "prompt_completion": _prompt_completion,
     "preference": _preference,
     "feedback": _feedback,
@@ -176,14 +189,16 @@ def tokenize_records(
     examples = []
     for record in records:
         try:
-            example = build(tokenizer, record)
-            report.truncated += _truncate(example, max_length, truncation, record)
+            built = build(tokenizer, record)
         except TokenizeError as exc:
             raise record.error(str(exc), exc.field) from None
-        except _Skip as skip:
-            report.skipped[str(skip)] += 1
-            continue
-        examples.append(example)
+        for example in built if isinstance(built, list) else [built]:
+            try:
+                report.truncated += _truncate(example, max_length, truncation, record)
+            except _Skip as skip:
+                report.skipped[str(skip)] += 1
+                continue
+            examples.append(example)
     report.examples = len(examples)
     if not examples:
         raise DataError(f"no usable examples ({report.summary()})", source=records[0].source)

@@ -41,9 +41,10 @@ def align_prepare_model(model, tokenizer, config, sections):
 
 
 @hookspec(firstresult=True)
-def align_prepare_dataset(objective, examples, options, split):
+def align_prepare_dataset(objective, examples, options, split, config):
     """Return a new list of tokenised examples for ``split`` ("train" or "eval"), or None.
 
+    ``config`` is the run's core configuration (``seed``, ``max_length``, ``truncation``, …).
     Runs once per split, so per-example choices made here (KTO's mismatched partners) stay
     fixed for the whole run, independent of batching and process count.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,8 @@ from pydantic import BaseModel, ConfigDict
 DATA_FORMATS = {
     "prompt_completion": "prompt/completion, messages (chat), or text records",
     "preference": "prompt/chosen/rejected records (strings or message lists)",
-    "feedback": "prompt/completion/label records (label a JSON boolean, true = desirable)",
+    "feedback": "prompt/completion/label records (label a JSON boolean, true = desirable); "
+    "prompt/chosen/rejected records are split into a desirable and an undesirable example",
 }
 
 
@@ -30,6 +32,8 @@ class Objective:
 
     ``data_format`` is one of ``DATA_FORMATS``: the core reads and tokenises records of that
     format. ``needs_reference`` asks the core for reference log-probs in the loss hook.
+    ``derived_metrics`` maps the reduced metric means to further metrics that are not a single
+    ``Σsum/Σcount`` (a difference of two class means, say); it is called at every log and eval.
     """
 
     name: str
@@ -37,6 +41,7 @@ class Objective:
     data_format: str = "prompt_completion"
     options: type[Options] = NoOptions
     needs_reference: bool = False
+    derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 
     def __post_init__(self) -> None:
         if self.data_format not in DATA_FORMATS:

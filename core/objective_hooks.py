@@ -24,8 +24,12 @@ class ObjectiveHooks:
             hook, self.registered, objective=self.objective, options=self.options, **kwargs
         )
 
-    def prepare_dataset(self, examples: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
-        prepared = self._call("align_prepare_dataset", examples=examples, split=split)
+    def prepare_dataset(
+        self, examples: list[dict[str, Any]], split: str, config: Any
+    ) -> list[dict[str, Any]]:
+        prepared = self._call(
+            "align_prepare_dataset", examples=examples, split=split, config=config
+        )
         return examples if prepared is None else prepared
 
     def build_batch(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -33,6 +37,12 @@ class ObjectiveHooks:
         if batch is None:
             batch = default_batch(self.objective.data_format, examples, self.tokenizer.pad_token_id)
         return batch
+
+    def derive(self, values: dict[str, float]) -> dict[str, float]:
+        """Reduced metric means plus the objective's derived metrics (differences of means)."""
+        if self.objective.derived_metrics is None:
+            return values
+        return {**values, **self.objective.derived_metrics(values)}
 
     def compute(
         self, model: Any, batch: dict[str, Any], reference: Any, run: Any

@@ -1,31 +1,104 @@
 """Reference log-probs for objectives that declare ``needs_reference``.
 
-Mode ``model``: a frozen copy of the starting model, run without gradients and with dropout
-off. The loss hook receives a ``Reference`` and asks it for the sequences it needs.
+A loss hook receives a ``Reference`` and calls ``reference.sequence_logps(batch, prefix)``: the
+reference model's ``logp(y|x)`` for every row of ``batch[prefix + "input_ids"]``, summed over
+completion tokens with the same masking as the policy's, without gradients and with dropout
+off. The same call works in every mode (``--reference``):
+
+- ``precomputed`` (the default): one no-grad pass over the data before training, cached on disk
+  (``align.precompute``); no reference model is held during training and a step costs no
+  reference forward.
+- ``model``: a frozen copy of the starting model (or ``--ref-model``), run for every batch.
+- ``adapter``: the policy itself with its PEFT (LoRA) adapter disabled; no second model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .logprobs import forward_logps
+
+REFERENCE_MODES = ("precomputed", "model", "adapter")
 
 
 class Reference:
     """Per-sequence reference log-probs, summed over completion tokens like the policy's."""
+
+    mode: str = ""
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32."""
+        raise NotImplementedError
+
+
+class ModelReference(Reference):
+    """A separate frozen model: the starting model's copy, or ``--ref-model``."""
+
+    mode = "model"
 
     def __init__(self, model: Any) -> None:
         self.model = model.eval()
         self.model.requires_grad_(False)
 
     @classmethod
-    def frozen_copy(cls, model: Any) -> Reference:
+    def frozen_copy(cls, model: Any) -> ModelReference:
         return cls(copy.deepcopy(model))
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed)."""
         return forward_logps(self.model, batch, prefix).sums
+
+
+class AdapterReference(Reference):
+    """The policy with its adapter disabled: the base model, without a second copy in memory."""
+
+    mode = "adapter"
+
+    def __init__(self, policy: Any) -> None:
+        if not callable(getattr(policy, "disable_adapter", None)):
+            raise ConfigError(
+                "--reference adapter needs a policy with a PEFT (LoRA) adapter, and this model "
+                "has none; add one with a model-preparation plugin (the LoRA plugin), or use "
+                "--reference precomputed or model"
+            )
+        self.policy = policy
+
+    @torch.no_grad()
+    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        with eval_mode(self.policy), self.policy.disable_adapter():
+            return forward_logps(self.policy, batch, prefix).sums
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any):
+    """Dropout off for the duration, then the model's previous mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def load_reference_model(path: str, tokenizer: Any, trust_remote_code: bool) -> Any:
+    """``--ref-model``: loaded like the policy (safetensors only), checked against the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load reference model {path!r}: {exc}") from None
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ConfigError(
+            f"reference model {path!r} has {vocab} token embeddings but the policy's tokenizer "
+            f"has {len(tokenizer)} tokens: the reference must share the policy's tokenizer"
+        )
+    return model.eval().requires_grad_(False)

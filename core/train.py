@@ -29,7 +29,7 @@ from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
 from .plugins import PluginRegistry
 from .records import fingerprint, read_records
-from .reference import Reference
+from .reference_setup import copy_starting_model, make_reference
 from .run import Run
 from .sharding import ShardedBatches
 
@@ -154,7 +154,7 @@ def build_examples(
         cfg.truncation,
         split,
     )
-    examples = hooks.prepare_dataset(examples, split)
+    examples = hooks.prepare_dataset(examples, split, cfg)
     report.examples = len(examples)
     for index, example in enumerate(examples):
         example["index"] = index
@@ -268,7 +268,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     if used_demo:
         log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
     model, tokenizer = load_model_and_tokenizer(cfg)
-    reference = Reference.frozen_copy(model) if objective.needs_reference else None
+    starting_copy = copy_starting_model(spec, model)
     model = registry.chain_hook(
         "align_prepare_model",
         "model",
@@ -286,6 +286,16 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         if path:
             examples[split], reports[split] = build_examples(hooks, cfg, path, split)
             log(accelerator, f"data {reports[split].summary()}")
+    reference, reference_info = None, None
+    if objective.needs_reference:
+        reference, reference_info = make_reference(
+            spec, registry, model, tokenizer, examples, accelerator, starting_copy
+        )
+        del starting_copy
+        log(
+            accelerator,
+            f"reference: {cfg.reference} ({reference_info['setup_seconds']}s to set up)",
+        )
     loaders = {
         split: ShardedBatches(
             split_examples,
@@ -306,8 +316,6 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if reference is not None:
-        reference.model.to(accelerator.device)
     run = Run(
         config=cfg,
         accelerator=accelerator,
@@ -317,6 +325,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     )
     if accelerator.is_main_process:
         run_info = describe_run(spec, registry, splits, reports, accelerator, total_steps)
+        if reference_info is not None:
+            run_info["reference"] = reference_info
         write_json(out / "run.json", run_info)
     if tracker:
         accelerator.init_trackers(
@@ -340,7 +350,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                 sums.add_output(output, extra)
         model.train()
         run.training = True
-        return {f"eval_{k}": v for k, v in sums.reduce(accelerator).items()}
+        return {f"eval_{k}": v for k, v in hooks.derive(sums.reduce(accelerator)).items()}
 
     # The loop: step, log, evaluate, checkpoint.
     log(
@@ -372,7 +382,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             totals = sums.totals(accelerator)
             sums.clear()
             num_tokens += totals.pop("num_tokens")[0]
-            values = means(totals)
+            values = hooks.derive(means(totals))
             metrics_log.write(
                 {
                     "step": step,

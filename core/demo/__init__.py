@@ -8,14 +8,14 @@ seeded, saved, and then loaded through the same ``from_pretrained`` path as a us
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from ..cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV is re-exported)
+
 DEMO_DIR = Path(__file__).parent
-MODEL_VERSION = "tiny-llama-v2"
-CACHE_ENV = "ALIGN_CACHE"
+MODEL_VERSION = "tiny-llama-v3"
 
 # Used when a run has neither --model nor --data, unless the user set them.
 DEMO_SETTINGS = {
@@ -38,10 +38,6 @@ CHAT_TEMPLATE = (
 def demo_data(data_format: str, split: str) -> Path:
     """The bundled demo file for a data format and split ("train" or "eval")."""
     return DEMO_DIR / f"{data_format}_{split}.jsonl"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "align")
 
 
 def demo_model_path() -> Path:

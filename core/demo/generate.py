@@ -1,7 +1,8 @@
 """Regenerate the bundled demo data: ``python -m align.demo.generate``.
 
 Addition of two numbers in 0..49, in chat form. Each (a, b) pair lands in exactly one split, so
-the eval split is held out. Rejected/undesirable answers are off by 1 to 3.
+the eval split is held out. Rejected/undesirable answers skip the working and are off by 1 to 3
+("It is 39."): a preference a tiny model can learn from pairs within a short CPU run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ def _answer(a: int, b: int, total: int) -> list[dict[str, str]]:
     return [{"role": "assistant", "content": f"{a} + {b} = {total}."}]
 
 
+def _bad_answer(total: int) -> list[dict[str, str]]:
+    return [{"role": "assistant", "content": f"It is {total}."}]
+
+
 def main() -> None:
     rng = random.Random(1234)
     pairs = [(a, b) for a in range(50) for b in range(50)]
@@ -35,14 +40,14 @@ def main() -> None:
                 {
                     "prompt": _question(a, b),
                     "chosen": _answer(a, b, a + b),
-                    "rejected": _answer(a, b, wrong),
+                    "rejected": _bad_answer(wrong),
                 }
             )
             good = rng.random() < 0.5
             rows["feedback"].append(
                 {
                     "prompt": _question(a, b),
-                    "completion": _answer(a, b, a + b if good else wrong),
+                    "completion": _answer(a, b, a + b) if good else _bad_answer(wrong),
                     "label": good,
                 }
             )

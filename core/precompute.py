@@ -1,0 +1,235 @@
+"""``--reference precomputed``: score every sequence once before training, cache it on disk.
+
+A sequence is identified by the digest of its token ids and completion mask. Those already
+encode everything that decides what is scored (model tokenizer, chat template, data, length
+settings, truncation, KTO's mismatched partners), so a split's cache key is the reference
+model's identity plus the digests of the split's sequences. The cache is a safetensors file
+under ``$ALIGN_CACHE/reference/`` (default ``~/.cache/align``); a second run with the same
+inputs loads it and skips the pass. Looking up a batch row hashes its unpadded tokens, so the
+lookup works for any batch layout a plugin builds, as long as every sequence the loss scores is
+in the examples as ``<prefix>input_ids`` with ``<prefix>completion_mask``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .batching import sequence_batch
+from .cache import cache_dir
+from .errors import PluginError
+from .logprobs import forward_logps
+from .reference import Reference, eval_mode
+
+FORMAT_VERSION = 1  # bump when the way log-probs are computed changes
+
+
+def sequence_digest(input_ids: Any, completion_mask: Any) -> bytes:
+    """16 bytes that identify one sequence: its token ids and which of them are scored."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(np.asarray(input_ids, dtype=np.int64).tobytes())
+    digest.update(np.asarray(completion_mask, dtype=np.int8).tobytes())
+    return digest.digest()
+
+
+def example_sequences(examples: Iterable[dict[str, Any]]) -> dict[bytes, tuple[list, list]]:
+    """Each ``<prefix>input_ids`` and its ``<prefix>completion_mask`` in the examples."""
+    sequences: dict[bytes, tuple[list, list]] = {}
+    for example in examples:
+        for key in example:
+            if key.endswith("input_ids"):
+                mask = example.get(key[: -len("input_ids")] + "completion_mask")
+                if mask is not None:
+                    sequences.setdefault(sequence_digest(example[key], mask), (example[key], mask))
+    return sequences
+
+
+def batch_digests(batch: dict[str, torch.Tensor], prefix: str = "") -> list[bytes]:
+    """The digest of each row of a padded batch (padding removed through the attention mask)."""
+    ids = batch[f"{prefix}input_ids"].cpu().numpy()
+    attention = batch[f"{prefix}attention_mask"].cpu().numpy().astype(bool)
+    completion = batch[f"{prefix}completion_mask"].cpu().numpy()
+    return [sequence_digest(i[a], c[a]) for i, a, c in zip(ids, attention, completion, strict=True)]
+
+
+class PrecomputedReference(Reference):
+    """Reference log-probs looked up by sequence digest; no model is held."""
+
+    mode = "precomputed"
+
+    def __init__(self, table: dict[bytes, float]) -> None:
+        self.table = table
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        values = []
+        for digest in batch_digests(batch, prefix):
+            value = self.table.get(digest)
+            if value is None:
+                raise PluginError(
+                    "--reference precomputed has no value for a sequence of this batch "
+                    f"({prefix}input_ids): the objective scores a sequence that is not in its "
+                    "examples as <prefix>input_ids with <prefix>completion_mask; use "
+                    "--reference model, or add the sequence to the examples in "
+                    "align_prepare_dataset"
+                )
+            values.append(value)
+        device = batch[f"{prefix}input_ids"].device
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+# -- the cache ---------------------------------------------------------------------------------
+def model_identity(name_or_path: str) -> dict[str, Any]:
+    """What identifies a model's weights without reading them all.
+
+    The config's hash, and for each weight file its content hash when it is a hub download (the
+    blob's name), else its name, size and modification time.
+    """
+    from transformers.utils import cached_file
+
+    config = Path(cached_file(name_or_path, "config.json"))
+    files = {}
+    for path in sorted(config.parent.iterdir()):
+        if path.name.endswith((".safetensors", ".safetensors.index.json")):
+            real = path.resolve()
+            if real.name != path.name and real.parent.name == "blobs":
+                files[path.name] = real.name
+            else:
+                stat = real.stat()
+                files[path.name] = [stat.st_size, stat.st_mtime_ns]
+    return {
+        "path": str(config.parent.resolve()),
+        "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
+        "weights": files,
+    }
+
+
+def cache_key(model: dict[str, Any], digests: Iterable[bytes]) -> str:
+    data = hashlib.sha256()
+    data.update(json.dumps({"format": FORMAT_VERSION, "model": model}, sort_keys=True).encode())
+    for digest in sorted(digests):
+        data.update(digest)
+    return data.hexdigest()[:32]
+
+
+def cache_path(key: str) -> Path:
+    return cache_dir() / "reference" / f"{key}.safetensors"
+
+
+def save_table(path: Path, table: dict[bytes, float]) -> None:
+    """Write atomically: a reader never sees half a file."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digests = sorted(table)
+    tensors = {
+        "digests": torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 16),
+        "logps": torch.tensor([table[d] for d in digests], dtype=torch.float64),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_table(path: Path) -> dict[bytes, float]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    digests = tensors["digests"].numpy()
+    return {bytes(d): v for d, v in zip(digests, tensors["logps"].tolist(), strict=True)}
+
+
+# -- the pass ----------------------------------------------------------------------------------
+@dataclass
+class PrecomputeReport:
+    """What a split's precomputation cost, for the log and ``run.json``."""
+
+    split: str
+    sequences: int
+    cache: str
+    cache_hit: bool
+    seconds: float
+
+    def summary(self) -> str:
+        how = "loaded from cache" if self.cache_hit else f"scored in {self.seconds:.1f}s"
+        return f"{self.split}: {self.sequences} sequences {how} ({self.cache})"
+
+
+@torch.no_grad()
+def score_sequences(
+    model: Any,
+    sequences: dict[bytes, tuple[list, list]],
+    batch_size: int,
+    pad_token_id: int,
+    accelerator: Any,
+    desc: str,
+) -> dict[bytes, float]:
+    """Reference log-probs of every sequence, shared out over processes and gathered."""
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    ordered = sorted(sequences, key=lambda d: -len(sequences[d][0]))  # longest first: OOM early
+    mine = ordered[accelerator.process_index :: accelerator.num_processes]
+    table: dict[bytes, float] = {}
+    with (
+        eval_mode(model),
+        tqdm(
+            total=len(mine), desc=desc, disable=not accelerator.is_main_process, leave=False
+        ) as progress,
+    ):
+        for start in range(0, len(mine), batch_size):
+            digests = mine[start : start + batch_size]
+            rows = [
+                {"input_ids": sequences[d][0], "completion_mask": sequences[d][1]} for d in digests
+            ]
+            batch = {
+                k: v.to(accelerator.device) for k, v in sequence_batch(rows, pad_token_id).items()
+            }
+            sums = forward_logps(model, batch).sums.double().cpu().tolist()
+            table.update(zip(digests, sums, strict=True))
+            progress.update(len(digests))
+    if accelerator.num_processes > 1:
+        merged: dict[bytes, float] = {}
+        for part in gather_object([table]):
+            merged.update(part)
+        table = merged
+    return table
+
+
+def precompute_split(
+    model: Any,
+    model_id: dict[str, Any],
+    examples: list[dict[str, Any]],
+    split: str,
+    batch_size: int,
+    pad_token_id: int,
+    accelerator: Any,
+) -> tuple[dict[bytes, float], PrecomputeReport]:
+    """Load the split's table from the cache, or score it and write the cache (main process)."""
+    from accelerate.utils import broadcast_object_list
+
+    started = time.time()
+    sequences = example_sequences(examples)
+    path = cache_path(cache_key(model_id, sequences))
+    shared: list[Any] = [None]
+    if accelerator.is_main_process and path.exists():
+        shared[0] = load_table(path)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(shared)
+    table, hit = shared[0], shared[0] is not None
+    if table is None:
+        table = score_sequences(
+            model, sequences, batch_size, pad_token_id, accelerator, f"reference ({split})"
+        )
+        if accelerator.is_main_process:
+            save_table(path, table)
+    report = PrecomputeReport(split, len(sequences), str(path), hit, time.time() - started)
+    return table, report

@@ -1,0 +1,88 @@
+"""The DPO family of losses (Rafailov et al. 2023, eq. 7, and its variants).
+
+With ``Δ = logπθ(y|x) − logπref(y|x)`` (sums over completion tokens) and ``z = Δ_w − Δ_l``:
+
+- ``sigmoid``: ``−(1−ε)·logσ(βz) − ε·logσ(−βz)``; ε = ``label_smoothing`` (conservative DPO),
+  ε = 0 is DPO's ``L = −E[logσ(β(Δ_w − Δ_l))]``.
+- ``ipo``: ``((Δ_w/m_w − Δ_l/m_l) − 1/(2β))²`` with m the number of completion tokens (IPO,
+  length-normalised as TRL and the IPO authors do).
+- ``hinge``: ``relu(1 − βz)`` (SLiC).
+- ``robust``: ``[(1−ε)·(−logσ(βz)) − ε·(−logσ(−βz))] / (1−2ε)`` (Chowdhury et al. 2024).
+- ``minor``: MinorDPO, ``−logσ(β(Δ_w − max(0, Δ_l)))``: the rejected answer is pushed down only
+  while it is above the reference.
+
+Metrics, named as TRL names them, are means over pairs: ``rewards/chosen`` = βΔ_w,
+``rewards/rejected`` = βΔ_l, ``rewards/accuracies`` = share with βΔ_w > βΔ_l (strict),
+``rewards/margins`` = βΔ_w − βΔ_l, ``logps/chosen`` and ``logps/rejected`` (policy sums).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import align
+
+
+def dpo_pair_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """One loss per pair from the policy's and the reference's sequence log-probs."""
+    delta_w, delta_l = chosen - ref_chosen, rejected - ref_rejected
+    if loss_type == "ipo":
+        margin = delta_w / chosen_tokens - delta_l / rejected_tokens
+        return (margin - 1 / (2 * beta)) ** 2
+    if loss_type == "minor":
+        delta_l = delta_l.clamp(min=0)
+    z = beta * (delta_w - delta_l)
+    eps = label_smoothing
+    if loss_type in ("sigmoid", "minor"):
+        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    if loss_type == "hinge":
+        return torch.relu(1 - z)
+    if loss_type == "robust":
+        return ((1 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+    raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+
+
+def dpo_loss(model: Any, batch: dict[str, Any], reference: Any, options: Any) -> align.LossOutput:
+    """One forward over ``[chosen; rejected]``; the reference's log-probs for the same rows."""
+    policy = align.forward_logps(model, batch)
+    ref = reference.sequence_logps(batch)
+    pairs = len(ref) // 2
+    logps, tokens = policy.sums, policy.num_tokens
+    losses = dpo_pair_losses(
+        logps[:pairs],
+        logps[pairs:],
+        ref[:pairs],
+        ref[pairs:],
+        tokens[:pairs],
+        tokens[pairs:],
+        options.beta,
+        options.loss_type,
+        options.label_smoothing,
+    )
+    rewards = options.beta * (logps.detach() - ref)
+    chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
+    return align.LossOutput(
+        loss=losses.sum(),
+        count=pairs,
+        metrics={
+            "rewards/chosen": (chosen_rewards.sum(), pairs),
+            "rewards/rejected": (rejected_rewards.sum(), pairs),
+            "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum(), pairs),
+            "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
+            "logps/chosen": (logps[:pairs].detach().sum(), pairs),
+            "logps/rejected": (logps[pairs:].detach().sum(), pairs),
+        },
+    )
