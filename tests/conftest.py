@@ -13,7 +13,7 @@ from align import demo, plugins
 @pytest.fixture(autouse=True)
 def isolated_plugins(monkeypatch, tmp_path_factory):
     """Load only first-party plugins under test, and keep the demo cache out of ~/.cache."""
-    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft")
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft,align-plugin-dpo,align-plugin-kto")
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
     plugins.reset_registry()
     yield

@@ -211,3 +211,21 @@ def test_preference_and_feedback_examples(tokenizer, tmp_path, write_jsonl):
     fb = write_jsonl(tmp_path / "f.jsonl", [{**GOOD, "label": False}])
     (example,), _ = _tokenize(tokenizer, fb, "feedback")
     assert example["label"] is False
+
+
+def test_paired_records_split_into_feedback_examples(tokenizer, tmp_path, write_jsonl):
+    """KTO data may be paired: each record gives a desirable and an undesirable example."""
+    rows = [
+        {"prompt": "1 + 1 =", "chosen": " 2.", "rejected": " 3."},
+        {"prompt": "2 + 2 =", "completion": " 4.", "label": True},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    examples, report = _tokenize(tokenizer, path, "feedback")
+    (pref,), _ = _tokenize(tokenizer, write_jsonl(tmp_path / "q.jsonl", rows[:1]), "preference")
+    assert [e["label"] for e in examples] == [True, False, True]
+    assert examples[0]["input_ids"] == pref["chosen_input_ids"]
+    assert examples[1]["input_ids"] == pref["rejected_input_ids"]
+    assert (report.records, report.examples) == (2, 3)
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "a", "chosen": " b"}])
+    with pytest.raises(DataError, match="line 1, field 'rejected': missing field"):
+        _tokenize(tokenizer, bad, "feedback")

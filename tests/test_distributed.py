@@ -107,3 +107,38 @@ def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl
         assert (a.get("epoch"), a.get("num_tokens")) == (b.get("epoch"), b.get("num_tokens"))
     assert one[3]["epoch"] == 1.0  # 3 steps an epoch in both runs
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "model"])
+def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, mode):
+    """KTO's z0 is taken over every process's mismatched pairs, and the precomputed pass is
+    shared out and gathered: two processes with batch 2 equal one with batch 4."""
+    rows = [
+        {
+            "prompt": f"What is {a} + 1? ",
+            "completion": f"{a + 1}." if a % 2 else "No.",
+            "label": a % 2 == 1,
+        }
+        for a in range(10)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    eval_data = write_jsonl(tmp_path / "e.jsonl", rows[:3])
+    common = ["run", "--objective", "kto", "--model", model_dir, "--data", data]
+    common += f"--eval-data {eval_data} --eval-every 2 --max-steps 4 --lr 1e-2".split()
+    common += ["--reference", mode]
+    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    result = CliRunner().invoke(
+        cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
+    )
+    assert result.exit_code == 0, result.output
+
+    def rows_of(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = rows_of("one"), rows_of("two")
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"learning_rate", "grad_norm", "step", "epoch", "num_tokens"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert any(r.get("kl", 0) > 0 for r in one)  # z0 moves off its clamp, so it is compared

@@ -190,9 +190,10 @@ def test_bf16_and_gradient_checkpointing(tmp_path, model_dir, data):
         (["--set", "normalisation=token"], "Did you mean 'normalization'?"),
     ],
 )
-def test_clear_errors(tmp_path, args, message):
+def test_clear_errors(tmp_path, args, message, monkeypatch):
     if torch.cuda.is_available() and "fp16" in args:
         pytest.skip("fp16 is allowed with a GPU")
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft")  # dpo: a plugin not installed
     result = _run(*args, "--output-dir", str(tmp_path / "o"), expect=1)
     assert message in result.output and "Traceback" not in result.output
 

@@ -2,7 +2,8 @@
 
 Addition of two numbers in 0..49, in chat form. Each (a, b) pair lands in exactly one split, so
 the eval split is held out. Rejected/undesirable answers skip the working and are off by 1 to 3
-("It is 39."): a preference a tiny model can learn from pairs within a short CPU run.
+("It is 39."): a preference a tiny model can learn from pairs within a short CPU run. Feedback
+data alternates desirable and undesirable examples, so the classes are balanced.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def main() -> None:
                     "rejected": _bad_answer(wrong),
                 }
             )
-            good = rng.random() < 0.5
+            good = len(rows["feedback"]) % 2 == 0  # balanced classes, as KTO advises
             rows["feedback"].append(
                 {
                     "prompt": _question(a, b),

@@ -72,17 +72,30 @@ def dpo_loss(model: Any, batch: dict[str, Any], reference: Any, options: Any) ->
         options.loss_type,
         options.label_smoothing,
     )
-    rewards = options.beta * (logps.detach() - ref)
-    chosen_rewards, rejected_rewards = rewards[:pairs], rewards[pairs:]
-    return align.LossOutput(
-        loss=losses.sum(),
-        count=pairs,
-        metrics={
-            "rewards/chosen": (chosen_rewards.sum(), pairs),
-            "rewards/rejected": (rejected_rewards.sum(), pairs),
-            "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum(), pairs),
-            "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
-            "logps/chosen": (logps[:pairs].detach().sum(), pairs),
-            "logps/rejected": (logps[pairs:].detach().sum(), pairs),
-        },
+    metrics = preference_metrics(
+        logps[:pairs].detach(), logps[pairs:].detach(), ref[:pairs], ref[pairs:], options.beta
     )
+    return align.LossOutput(loss=losses.sum(), count=pairs, metrics=metrics)
+
+
+def preference_metrics(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """TRL's DPO metrics as ``(sum, count)`` pairs over the pairs of a micro-batch."""
+    pairs = len(chosen)
+    chosen_rewards, rejected_rewards = (
+        beta * (chosen - ref_chosen),
+        beta * (rejected - ref_rejected),
+    )
+    return {
+        "rewards/chosen": (chosen_rewards.sum(), pairs),
+        "rewards/rejected": (rejected_rewards.sum(), pairs),
+        "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum(), pairs),
+        "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
+        "logps/chosen": (chosen.sum(), pairs),
+        "logps/rejected": (rejected.sum(), pairs),
+    }

@@ -1,0 +1,88 @@
+"""KTO losses (shared/objectives.md §3, vectors K1 and K2) and an independent computation."""
+
+import math
+
+import pytest
+import torch
+
+from align_kto import derived_metrics
+from align_kto.loss import kto_example_losses, reference_point
+
+BETA = 0.1
+LABELS = torch.tensor([True, True, False, False])
+POLICY, REF = [-10.0, -12.0, -15.0, -9.0], [-11.0, -12.0, -13.0, -10.0]
+MISMATCHED_POLICY, MISMATCHED_REF = [-20.0, -18.0, -22.0, -25.0], [-21.0, -18.5, -21.0, -25.5]
+
+
+def _rewards(requires_grad=False):
+    policy = torch.tensor(POLICY, dtype=torch.float64, requires_grad=requires_grad)
+    return policy, policy - torch.tensor(REF, dtype=torch.float64)
+
+
+def _z0(shift=0.0):
+    return reference_point(torch.tensor(MISMATCHED_POLICY) + shift, torch.tensor(MISMATCHED_REF))
+
+
+def _independent_logistic(z0, weights):
+    out = []
+    for p, r, desirable in zip(POLICY, REF, LABELS.tolist(), strict=True):
+        gain = BETA * ((p - r) - z0) if desirable else BETA * (z0 - (p - r))
+        out.append(weights[desirable] * (1 - 1 / (1 + math.exp(-gain))))
+    return out
+
+
+def test_k1_reference_point_and_clamp():
+    assert _z0().item() == pytest.approx(0.25, abs=1e-6)
+    assert _z0(shift=-3.0).item() == 0.0  # raw mean −2.75, clamped at 0
+    ratios = torch.tensor([0.5, 1.0], requires_grad=True)
+    assert not reference_point(ratios, torch.zeros(2)).requires_grad  # detached
+
+
+def test_k1_logistic_losses_and_weights():
+    _, rewards = _rewards()
+    losses = kto_example_losses(rewards, _z0(), LABELS, BETA)
+    assert losses.tolist() == pytest.approx([0.481259, 0.506250, 0.443986, 0.518741], abs=1e-6)
+    assert losses.mean().item() == pytest.approx(0.487559, abs=1e-6)
+    assert losses.tolist() == pytest.approx(_independent_logistic(0.25, {True: 1, False: 1}))
+    weighted = kto_example_losses(rewards, _z0(), LABELS, BETA, undesirable_weight=2.0)
+    assert weighted.mean().item() == pytest.approx(0.728241, abs=1e-6)
+    assert weighted.tolist() == pytest.approx(_independent_logistic(0.25, {True: 1, False: 2}))
+
+
+def test_k1_gradient_through_the_policy_logps():
+    policy, rewards = _rewards(requires_grad=True)
+    kto_example_losses(rewards, _z0(), LABELS, BETA).mean().backward()
+    expected = [-0.0062412, -0.0062490, 0.0061716, 0.0062412]
+    assert policy.grad.tolist() == pytest.approx(expected, abs=1e-7)
+
+
+def test_k2_kahneman_tversky_utility():
+    policy, rewards = _rewards(requires_grad=True)
+    losses = kto_example_losses(rewards, _z0(), LABELS, BETA, utility="kahneman-tversky")
+    assert losses.tolist() == pytest.approx([-0.101251, 0.085494, -0.267866, 0.227815], abs=1e-6)
+    assert losses.mean().item() == pytest.approx(-0.013952, abs=1e-6)
+    losses.mean().backward()
+    expected = [-0.0299726, -0.0767023, 0.0262984, 0.0674384]
+    assert policy.grad.tolist() == pytest.approx(expected, abs=1e-7)
+    gains = [0.075, -0.025, 0.225, -0.075]  # and the value function written out
+    independent = [
+        -((abs(g) + 1e-3) ** 0.88 - 1e-3**0.88) * (1 if g >= 0 else -2.25) for g in gains
+    ]
+    assert losses.tolist() == pytest.approx(independent, abs=1e-9)
+
+
+@pytest.mark.parametrize("weight", [1.0, 2.0])
+def test_at_initialisation_every_loss_is_half_the_weight(weight):
+    zeros = torch.zeros(4)
+    for utility, expected in (("logistic", 0.5 * weight), ("kahneman-tversky", 0.0)):
+        losses = kto_example_losses(
+            zeros, reference_point(zeros, zeros), LABELS, BETA, weight, weight, utility
+        )
+        assert losses.tolist() == pytest.approx([expected] * 4)
+
+
+def test_margins_need_both_classes():
+    assert derived_metrics({"rewards/chosen": 0.3, "rewards/rejected": -0.1}) == {
+        "rewards/margins": pytest.approx(0.4)
+    }
+    assert derived_metrics({"rewards/chosen": 0.3}) == {}

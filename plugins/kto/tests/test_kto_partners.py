@@ -1,0 +1,80 @@
+"""Mismatched partners: fixed per split, never the example's own prompt, independent of batching."""
+
+import pytest
+
+import align
+from align_kto.partners import add_mismatched_partners, prompt_length, warn_if_imbalanced
+
+
+def _example(prompt, completion, label=True):
+    return {
+        "input_ids": [1, *prompt, *completion],
+        "completion_mask": [0] * (1 + len(prompt)) + [1] * len(completion),
+        "label": label,
+    }
+
+
+def _split_pairs(n):
+    """Paired data split into a desirable and an undesirable example per prompt."""
+    examples = []
+    for i in range(n):
+        examples.append(_example([10 + i, 10 + i], [50 + i], True))
+        examples.append(_example([10 + i, 10 + i], [80 + i, 80 + i], False))
+    return examples
+
+
+def test_partner_is_own_prompt_with_another_prompts_completion():
+    examples = add_mismatched_partners(_split_pairs(5), seed=3, max_length=64, split="train")
+    completions = {tuple(e["input_ids"][prompt_length(e) :]) for e in examples}
+    for example in examples:
+        p = prompt_length(example)
+        ids, mask = example["mismatched_input_ids"], example["mismatched_completion_mask"]
+        assert ids[:p] == example["input_ids"][:p] and mask[:p] == [0] * p
+        partner_completion = tuple(ids[p:])
+        assert partner_completion in completions and all(mask[p:])
+        own_prompt_completions = {
+            tuple(e["input_ids"][p:]) for e in examples if e["input_ids"][:p] == ids[:p]
+        }
+        assert partner_completion not in own_prompt_completions  # not the other answer either
+
+
+def test_partners_are_fixed_by_the_seed():
+    first = add_mismatched_partners(_split_pairs(6), seed=1, max_length=64, split="train")
+    again = add_mismatched_partners(_split_pairs(6), seed=1, max_length=64, split="train")
+    other = add_mismatched_partners(_split_pairs(6), seed=2, max_length=64, split="train")
+    key = [e["mismatched_input_ids"] for e in first]
+    assert key == [e["mismatched_input_ids"] for e in again]
+    assert key != [e["mismatched_input_ids"] for e in other]
+
+
+def test_a_single_prompt_is_an_error():
+    examples = [_example([5], [6]), _example([5], [7], False)]
+    with pytest.raises(align.DataError, match="at least two different prompts in the eval split"):
+        add_mismatched_partners(examples, seed=0, max_length=64, split="eval")
+
+
+def test_over_long_partners_lose_the_start_of_the_prompt_and_are_counted():
+    examples = [_example([2] * 6, [3]), _example([4], [5] * 6)]
+    with pytest.warns(UserWarning, match="1 mismatched pairs were longer than max_length 8"):
+        add_mismatched_partners(examples, seed=0, max_length=8, split="train")
+    long = examples[0]
+    assert len(long["mismatched_input_ids"]) == 8
+    assert long["mismatched_input_ids"][-6:] == [5] * 6  # the partner's completion is whole
+
+
+@pytest.mark.parametrize(
+    ("desirable", "undesirable", "weights", "warns"),
+    [
+        (50, 50, (1.0, 1.0), False),
+        (40, 60, (1.0, 1.0), True),
+        (40, 60, (1.6, 1.0), False),  # 1.6·40/60 ≈ 1.07
+        (10, 0, (1.0, 1.0), True),
+    ],
+)
+def test_imbalance_warning(recwarn, desirable, undesirable, weights, warns):
+    examples = [{"label": True}] * desirable + [{"label": False}] * undesirable
+    warn_if_imbalanced(examples, *weights)
+    messages = [str(w.message) for w in recwarn]
+    assert bool(messages) == warns, messages
+    if desirable == 40 and warns:
+        assert "set desirable_weight between 1.5 and 2" in messages[0]
