@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Any
 
 import torch
@@ -41,13 +42,15 @@ class ModelReference(Reference):
 
     mode = "model"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, setup_seconds: float = 0.0) -> None:
         self.model = model.eval()
         self.model.requires_grad_(False)
+        self.setup_seconds = setup_seconds  # what making it cost, for the run's record
 
     @classmethod
     def frozen_copy(cls, model: Any) -> ModelReference:
-        return cls(copy.deepcopy(model))
+        started = time.time()
+        return cls(copy.deepcopy(model), time.time() - started)
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:

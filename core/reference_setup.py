@@ -39,7 +39,7 @@ def make_reference(
     model is ever loaded.
     """
     cfg = spec.config
-    started = time.time()
+    started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
     info: dict[str, Any] = {"mode": cfg.reference, "ref_model": cfg.ref_model or cfg.model}
     if cfg.reference == "adapter":
         reference: Reference = AdapterReference(accelerator.unwrap_model(policy))

@@ -294,7 +294,9 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         del starting_copy
         log(
             accelerator,
-            f"reference: {cfg.reference} ({reference_info['setup_seconds']}s to set up)",
+            f"reference: {cfg.reference} mode, {reference_info['ref_model']}"
+            f"{' with its adapter disabled' if cfg.reference == 'adapter' else ''}; "
+            f"set up in {reference_info['setup_seconds']}s",
         )
     loaders = {
         split: ShardedBatches(

@@ -1,8 +1,10 @@
 """Reference log-probs through whole runs of DPO and KTO: every ``--reference`` mode, a
 different ``--ref-model``, the precomputed cache, and losses recomputed independently."""
 
+import gc
 import json
 import math
+import weakref
 
 import pytest
 import torch
@@ -326,3 +328,56 @@ def test_the_embedded_demo_runs(tmp_path, objective):
     train, evals = _rows(out)
     assert len(train) == 3 and len(evals) == 1
     assert "rewards/margins" in train[0] and "eval_rewards/margins" in evals[0]
+
+
+def test_a_kto_micro_batch_of_one_class_gives_no_nan(model_dir, tokenizer, feedback):
+    from align.metrics import MetricSums
+    from align.reference import ModelReference
+    from align_kto import KTOOptions, align_build_batch
+    from align_kto.loss import kto_loss
+
+    examples = [e for e in _prepared("kto", feedback, tokenizer) if not e["label"]]
+    batch = align_build_batch(examples, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    output = kto_loss(model, batch, ModelReference.frozen_copy(model), KTOOptions(), None)
+    assert output.metrics["rewards/chosen"][1] == 0
+    sums = MetricSums()
+    sums.add_output(output, {})
+    means = sums.reduce()
+    assert "rewards/chosen" not in means and "rewards/rejected" in means
+    assert all(math.isfinite(v) for v in means.values())
+
+
+class RefModelWatch:
+    """Checks, at every loss, that the --ref-model loaded for the precomputed pass is gone."""
+
+    __name__ = "ref-model-watch"
+
+    def __init__(self):
+        self.loaded, self.alive_during_training = [], []
+
+    @align.hookimpl
+    def align_metrics(self):
+        gc.collect()
+        self.alive_during_training.append(any(ref() is not None for ref in self.loaded))
+        return {}
+
+
+def test_precomputed_frees_the_ref_model_before_training(
+    tmp_path, model_dir, other_model_dir, pairs, monkeypatch
+):
+    from align import reference_setup
+
+    watch = RefModelWatch()
+    load = reference_setup.load_reference_model
+
+    def tracked(*args, **kwargs):
+        model = load(*args, **kwargs)
+        watch.loaded.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(reference_setup, "load_reference_model", tracked)
+    plugins.reset_registry(plugins.load_plugins(extra=[watch]))
+    _train(tmp_path / "o", "dpo", model_dir, pairs, "--max-steps 2", "--ref-model", other_model_dir)
+    assert len(watch.loaded) == 1
+    assert watch.alive_during_training == [False, False]
