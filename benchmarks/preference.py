@@ -1,7 +1,7 @@
 """Benchmark DPO and KTO for each reference mode: seconds per step, tokens/s, peak RSS.
 
     python benchmarks/preference.py                   # the demo model, 256 examples, 20 steps
-    python benchmarks/preference.py --wide --steps 8  # a 33M-parameter Llama, so a second
+    python benchmarks/preference.py --wide --steps 8  # a 27M-parameter Llama, so a second
                                                       # model shows in memory
 
 Every configuration runs in a fresh process (peak RSS is per process) with its own empty
@@ -65,30 +65,11 @@ class LoraPolicy:
 
 
 def build_wide_model(path: Path) -> Path:
-    """The demo tokenizer with an 8-layer, 512-wide Llama (about 33M parameters)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+    """The demo model's tokenizer and architecture, 8 layers and 512 wide (about 27M parameters)."""
     from align import demo
 
-    if (path / "config.json").exists():
-        return path
-    tokenizer = AutoTokenizer.from_pretrained(demo.demo_model_path())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    if not (path / "config.json").exists():
+        demo.build_demo_model(path, hidden_size=512, layers=8)
     return path
 
 
@@ -132,7 +113,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=256)
-    parser.add_argument("--wide", action="store_true", help="a 33M-parameter model")
+    parser.add_argument("--wide", action="store_true", help="a 27M-parameter model")
     parser.add_argument("--objectives", default="dpo,kto")
     parser.add_argument("--one", nargs=3, metavar=("OBJECTIVE", "POLICY", "MODE"))
     parser.add_argument("--model", help=argparse.SUPPRESS)

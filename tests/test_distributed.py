@@ -25,6 +25,20 @@ def _torchrun(*args):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+def _one_and_two_processes(tmp_path, common):
+    """``align run`` with batch 2 on two processes and batch 4 on one; both metrics logs."""
+    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    result = CliRunner().invoke(
+        cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
+    )
+    assert result.exit_code == 0, result.output
+
+    def rows(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    return rows("one"), rows("two")
+
+
 def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, sft_rows):
     """Two gloo processes with 4 examples each: the same loss and gradients as one batch of 8."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
@@ -88,16 +102,7 @@ def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl
         "--lr",
         "1e-2",
     ]
-    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
-    result = CliRunner().invoke(
-        cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
-    )
-    assert result.exit_code == 0, result.output
-
-    def rows(name):
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    two, one = rows("two"), rows("one")
+    one, two = _one_and_two_processes(tmp_path, common)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
@@ -126,16 +131,7 @@ def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, m
     common = ["run", "--objective", "kto", "--model", model_dir, "--data", data]
     common += f"--eval-data {eval_data} --eval-every 2 --max-steps 4 --lr 1e-2".split()
     common += ["--reference", mode]
-    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
-    result = CliRunner().invoke(
-        cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
-    )
-    assert result.exit_code == 0, result.output
-
-    def rows_of(name):
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    one, two = rows_of("one"), rows_of("two")
+    one, two = _one_and_two_processes(tmp_path, common)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()

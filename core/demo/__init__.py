@@ -99,19 +99,22 @@ def build_tokenizer():
     return fast
 
 
-def build_demo_model(directory: Path) -> None:
-    """Write a seeded tiny Llama and its tokenizer to ``directory`` (safetensors)."""
+def build_demo_model(directory: Path, hidden_size: int = 128, layers: int = 4) -> None:
+    """Write a seeded tiny Llama and its tokenizer to ``directory`` (safetensors).
+
+    ``hidden_size`` and ``layers`` make larger variants of it (the benchmarks use one).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=3 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32,
         max_position_embeddings=128,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
