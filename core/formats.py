@@ -9,6 +9,8 @@ policy, and every truncated or skipped example is counted in the report.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -138,8 +140,16 @@ def _feedback(tokenizer: Any, record: Record) -> list[dict[str, Any]]:
 
 
 def _labelled(tokenizer: Any, record: Record, answer: str, label: bool) -> dict[str, Any]:
+    """A feedback example; ``prompt_id`` tells examples of one prompt from others whatever
+    truncation did to their tokens (KTO pairs each example with another prompt's answer)."""
     tok = _prompt_and_answer(tokenizer, record, answer)
-    return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask, "label": label}
+    prompt = json.dumps(record.data["prompt"], sort_keys=True, ensure_ascii=False)
+    return {
+        "input_ids": tok.input_ids,
+        "completion_mask": tok.completion_mask,
+        "label": label,
+        "prompt_id": hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest(),
+    }
 
 
 FORMATS: dict[str, Callable[[Any, Record], dict[str, Any] | list[dict[str, Any]]]] = {

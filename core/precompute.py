@@ -16,7 +16,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,26 +91,37 @@ class PrecomputedReference(Reference):
 def model_identity(name_or_path: str) -> dict[str, Any]:
     """What identifies a model's weights without reading them all.
 
-    The config's hash, and for each weight file its content hash when it is a hub download (the
-    blob's name), else its name, size and modification time.
+    The config's hash, any Python files shipped with the model (remote code), and for each
+    weight file its content hash when it is a hub download (the blob's name), else a hash of its
+    size, its header and 16 evenly spaced 64 KiB samples of its content. Copies of a file (with
+    or without their modification time) share an identity; a fine-tuned file does not.
     """
     from transformers.utils import cached_file
 
-    config = Path(cached_file(name_or_path, "config.json"))
-    files = {}
+    found = cached_file(name_or_path, "config.json")
+    if found is None:
+        raise OSError(f"no config.json in {name_or_path}")
+    config = Path(found)
+    files: dict[str, str] = {}
     for path in sorted(config.parent.iterdir()):
-        if path.name.endswith((".safetensors", ".safetensors.index.json")):
+        if path.name.endswith((".safetensors", ".safetensors.index.json", ".py")):
             real = path.resolve()
-            if real.name != path.name and real.parent.name == "blobs":
-                files[path.name] = real.name
-            else:
-                stat = real.stat()
-                files[path.name] = [stat.st_size, stat.st_mtime_ns]
+            hub_blob = real.name != path.name and real.parent.name == "blobs"
+            files[path.name] = real.name if hub_blob else _sampled_hash(real)
     return {
-        "path": str(config.parent.resolve()),
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
-        "weights": files,
+        "files": files,
     }
+
+
+def _sampled_hash(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as handle:
+        for i in range(samples + 1):
+            handle.seek(max(0, (size - chunk) * i // samples))
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()
 
 
 def cache_key(model: dict[str, Any], digests: Iterable[bytes]) -> str:
@@ -125,7 +137,8 @@ def cache_path(key: str) -> Path:
 
 
 def save_table(path: Path, table: dict[bytes, float]) -> None:
-    """Write atomically: a reader never sees half a file."""
+    """Write atomically: a reader never sees half a file. A failure is a warning: the values
+    are in memory and the run goes on, it only loses the cache for the next run."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -135,16 +148,27 @@ def save_table(path: Path, table: dict[bytes, float]) -> None:
         "logps": torch.tensor([table[d] for d in digests], dtype=torch.float64),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"cannot write the reference cache {path}: {exc}", stacklevel=2)
 
 
-def load_table(path: Path) -> dict[bytes, float]:
+def load_table(path: Path) -> dict[bytes, float] | None:
+    """The cached table, or None when there is none or it cannot be read (then: a miss)."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
-    digests = tensors["digests"].numpy()
-    return {bytes(d): v for d, v in zip(digests, tensors["logps"].tolist(), strict=True)}
+    if not path.exists():
+        return None
+    try:
+        tensors = load_file(str(path))
+        digests = tensors["digests"].numpy()
+        return {bytes(d): v for d, v in zip(digests, tensors["logps"].tolist(), strict=True)}
+    except Exception as exc:  # a damaged file is a miss, recomputed and rewritten
+        warnings.warn(f"ignoring unreadable reference cache {path}: {exc}", stacklevel=2)
+        return None
 
 
 # -- the pass ----------------------------------------------------------------------------------
@@ -193,7 +217,8 @@ def score_sequences(
             batch = {
                 k: v.to(accelerator.device) for k, v in sequence_batch(rows, pad_token_id).items()
             }
-            sums = forward_logps(model, batch).sums.double().cpu().tolist()
+            with accelerator.autocast():  # the precision the policy trains in
+                sums = forward_logps(model, batch).sums.double().cpu().tolist()
             table.update(zip(digests, sums, strict=True))
             progress.update(len(digests))
     if accelerator.num_processes > 1:
@@ -205,7 +230,7 @@ def score_sequences(
 
 
 def precompute_split(
-    model: Any,
+    scorer: Callable[[], Any],
     model_id: dict[str, Any],
     examples: list[dict[str, Any]],
     split: str,
@@ -213,21 +238,23 @@ def precompute_split(
     pad_token_id: int,
     accelerator: Any,
 ) -> tuple[dict[bytes, float], PrecomputeReport]:
-    """Load the split's table from the cache, or score it and write the cache (main process)."""
+    """Load the split's table from the cache, or score it and write the cache (main process).
+
+    ``scorer()`` gives the reference model; it is called only on a cache miss. The main process
+    decides hit or miss for every process, so they all take the same path.
+    """
     from accelerate.utils import broadcast_object_list
 
     started = time.time()
     sequences = example_sequences(examples)
     path = cache_path(cache_key(model_id, sequences))
-    shared: list[Any] = [None]
-    if accelerator.is_main_process and path.exists():
-        shared[0] = load_table(path)
+    shared: list[Any] = [load_table(path) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared)
     table, hit = shared[0], shared[0] is not None
     if table is None:
         table = score_sequences(
-            model, sequences, batch_size, pad_token_id, accelerator, f"reference ({split})"
+            scorer(), sequences, batch_size, pad_token_id, accelerator, f"reference ({split})"
         )
         if accelerator.is_main_process:
             save_table(path, table)

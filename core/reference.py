@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,9 +29,14 @@ REFERENCE_MODES = ("precomputed", "model", "adapter")
 
 
 class Reference:
-    """Per-sequence reference log-probs, summed over completion tokens like the policy's."""
+    """Per-sequence reference log-probs, summed over completion tokens like the policy's.
+
+    ``autocast`` wraps every reference forward: the run sets it to the accelerator's, so the
+    reference runs in the mixed precision the policy trains in.
+    """
 
     mode: str = ""
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32."""
@@ -54,7 +60,8 @@ class ModelReference(Reference):
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        return forward_logps(self.model, batch, prefix).sums
+        with self.autocast():
+            return forward_logps(self.model, batch, prefix).sums
 
 
 class AdapterReference(Reference):
@@ -73,7 +80,7 @@ class AdapterReference(Reference):
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        with eval_mode(self.policy), self.policy.disable_adapter():
+        with eval_mode(self.policy), self.policy.disable_adapter(), self.autocast():
             return forward_logps(self.policy, batch, prefix).sums
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .config import RunSpec
+from .errors import ConfigError
 from .plugins import PluginRegistry
 from .precompute import PrecomputedReference, model_identity, precompute_split
 from .reference import AdapterReference, ModelReference, Reference, load_reference_model
@@ -34,9 +35,10 @@ def make_reference(
 ) -> tuple[Reference, dict[str, Any]]:
     """The run's reference, before ``accelerator.prepare``; and a record of its mode and cost.
 
-    ``precomputed`` scores with ``--ref-model``, freed afterwards, or else with the prepared
-    policy itself in eval mode: before the first update it *is* the starting model, so no second
-    model is ever loaded.
+    ``precomputed`` scores with ``--ref-model``, loaded only on a cache miss and freed
+    afterwards, or else with the prepared policy itself in eval mode: before the first update it
+    computes the starting model's function (as long as the preparing plugins leave that
+    unchanged, as LoRA's zero-initialised adapter does), so no second model is loaded.
     """
     cfg = spec.config
     started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
@@ -49,16 +51,17 @@ def make_reference(
         )
         reference.model.to(accelerator.device)
     else:
-        if cfg.ref_model:
-            scorer = load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
-            identity = {"model": model_identity(cfg.ref_model)}
-        else:
-            scorer = policy
-            identity = {
-                "model": model_identity(cfg.model),
-                "prepared_by": _model_preparation(registry, spec),
-            }
-        scorer.to(accelerator.device)
+        loaded: list[Any] = []
+
+        def scorer() -> Any:  # the reference model, loaded on the first cache miss only
+            if not loaded:
+                model = policy
+                if cfg.ref_model:
+                    model = load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
+                loaded.append(model.to(accelerator.device))
+            return loaded[0]
+
+        identity = _scorer_identity(spec, registry, policy)
         table: dict[bytes, float] = {}
         info["splits"] = {}
         for split, split_examples in examples.items():
@@ -80,14 +83,37 @@ def make_reference(
             }
             if accelerator.is_main_process:
                 print(f"reference {report.summary()}", file=sys.stderr, flush=True)
-        if scorer is not policy:
-            del scorer
+        if cfg.ref_model and loaded:
+            loaded.clear()  # the only reference to the --ref-model: free it before training
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         reference = PrecomputedReference(table)
+    reference.autocast = accelerator.autocast  # the policy's mixed precision
     info["setup_seconds"] = round(time.time() - started, 2)
     return reference, info
+
+
+def _scorer_identity(spec: RunSpec, registry: PluginRegistry, policy: Any) -> dict[str, Any]:
+    """Everything besides the sequences that decides the precomputed values (the cache key)."""
+    import transformers
+
+    cfg = spec.config
+    try:
+        model = model_identity(cfg.ref_model or cfg.model)
+    except (OSError, TypeError, ValueError) as exc:
+        what = "reference model" if cfg.ref_model else "model"
+        raise ConfigError(f"cannot load {what} {cfg.ref_model or cfg.model!r}: {exc}") from None
+    identity = {
+        "model": model,
+        "precision": cfg.precision,
+        "attention": getattr(policy.config, "_attn_implementation", None),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    if not cfg.ref_model:  # the policy scores itself, after the preparing plugins
+        identity["prepared_by"] = _model_preparation(registry, spec)
+    return identity
 
 
 def _model_preparation(registry: PluginRegistry, spec: RunSpec) -> dict[str, Any]:

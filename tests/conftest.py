@@ -18,10 +18,10 @@ def isolated_plugins(monkeypatch, tmp_path_factory):
     plugins.reset_registry()
     yield
     plugins.reset_registry()
-    _reset_accelerate()
+    reset_accelerate()
 
 
-def _reset_accelerate():
+def reset_accelerate():
     """Accelerate keeps process-wide state; each in-process run starts from a clean one."""
     import sys
 

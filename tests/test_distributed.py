@@ -25,9 +25,12 @@ def _torchrun(*args):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _one_and_two_processes(tmp_path, common):
-    """``align run`` with batch 2 on two processes and batch 4 on one; both metrics logs."""
+def _one_and_two_processes(tmp_path, common, monkeypatch):
+    """``align run`` with batch 2 on two processes and batch 4 on one, each with its own
+    cache (so neither reads the other's precomputed values); both metrics logs."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache-two"))
     _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache-one"))
     result = CliRunner().invoke(
         cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
     )
@@ -78,7 +81,9 @@ def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, s
         assert torch.allclose(two[name], grad, atol=1e-5, rtol=0), name
 
 
-def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl, sft_rows):
+def test_two_process_run_equals_one_process_run(
+    tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+):
     """Ten examples (3 steps an epoch, the last a 2-example batch) and a 3-example eval split
     that does not divide evenly: no example is repeated or dropped in either run."""
     extra = [
@@ -102,7 +107,7 @@ def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl
         "--lr",
         "1e-2",
     ]
-    one, two = _one_and_two_processes(tmp_path, common)
+    one, two = _one_and_two_processes(tmp_path, common, monkeypatch)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
@@ -115,7 +120,7 @@ def test_two_process_run_equals_one_process_run(tmp_path, model_dir, write_jsonl
 
 
 @pytest.mark.parametrize("mode", ["precomputed", "model"])
-def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, mode):
+def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, mode, monkeypatch):
     """KTO's z0 is taken over every process's mismatched pairs, and the precomputed pass is
     shared out and gathered: two processes with batch 2 equal one with batch 4."""
     rows = [
@@ -131,10 +136,13 @@ def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, m
     common = ["run", "--objective", "kto", "--model", model_dir, "--data", data]
     common += f"--eval-data {eval_data} --eval-every 2 --max-steps 4 --lr 1e-2".split()
     common += ["--reference", mode]
-    one, two = _one_and_two_processes(tmp_path, common)
+    one, two = _one_and_two_processes(tmp_path, common, monkeypatch)
     assert len(one) == len(two) == 6
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
         for key in a.keys() - {"learning_rate", "grad_norm", "step", "epoch", "num_tokens"}:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert any(r.get("kl", 0) > 0 for r in one)  # z0 moves off its clamp, so it is compared
+    for name in ("one", "two"):
+        reference = json.loads((tmp_path / name / "run.json").read_text())["reference"]
+        assert not any(split["cache_hit"] for split in reference.get("splits", {}).values())

@@ -4,12 +4,16 @@ different ``--ref-model``, the precomputed cache, and losses recomputed independ
 import gc
 import json
 import math
+import os
+import shutil
 import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from conftest import reset_accelerate
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import align
@@ -250,9 +254,34 @@ def test_the_cache_key_covers_the_reference_model(tmp_path, model_dir, other_mod
         _train(out, "dpo", model_dir, pairs, "--max-steps 1", *extra)
         return json.loads((out / "run.json").read_text())["reference"]["splits"]["train"]["cache"]
 
-    assert cache_of("a") != cache_of("b", "--ref-model", other_model_dir)
-    cut = cache_of("c", "--max-length", 10, "--truncation", "keep_end")
-    assert cut != cache_of("a2")  # truncation changes the sequences scored
+    plain = cache_of("a")
+    assert cache_of("a2") == plain
+    assert cache_of("b", "--ref-model", other_model_dir) != plain
+    assert cache_of("c", "--max-length", 10, "--truncation", "keep_end") != plain
+    reset_accelerate()  # a new precision needs a new Accelerate state, as in a new process
+    assert cache_of("d", "--precision", "bf16") != plain
+
+
+def test_the_model_identity_follows_the_weights_not_the_file_dates(tmp_path, model_dir):
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)  # new modification times, same content
+    assert precompute.model_identity(str(copy)) == precompute.model_identity(str(model_dir))
+    weights = copy / "model.safetensors"
+    stat = weights.stat()
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # size and date as before
+    assert weights.stat().st_size == stat.st_size
+    assert precompute.model_identity(str(copy)) != precompute.model_identity(str(model_dir))
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "model"])
+def test_the_reference_runs_in_the_policys_mixed_precision(tmp_path, model_dir, pairs, mode):
+    out = tmp_path / "out"
+    _train(out, "dpo", model_dir, pairs, f"--max-steps 1 --precision bf16 --reference {mode}")
+    (first,), _ = _rows(out)
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
 
 
 class LoraPolicy:
@@ -363,7 +392,7 @@ class RefModelWatch:
         return {}
 
 
-def test_precomputed_frees_the_ref_model_before_training(
+def test_precomputed_loads_the_ref_model_only_on_a_miss_and_frees_it(
     tmp_path, model_dir, other_model_dir, pairs, monkeypatch
 ):
     from align import reference_setup
@@ -377,7 +406,10 @@ def test_precomputed_frees_the_ref_model_before_training(
         return model
 
     monkeypatch.setattr(reference_setup, "load_reference_model", tracked)
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     plugins.reset_registry(plugins.load_plugins(extra=[watch]))
     _train(tmp_path / "o", "dpo", model_dir, pairs, "--max-steps 2", "--ref-model", other_model_dir)
     assert len(watch.loaded) == 1
     assert watch.alive_during_training == [False, False]
+    _train(tmp_path / "p", "dpo", model_dir, pairs, "--max-steps 1", "--ref-model", other_model_dir)
+    assert len(watch.loaded) == 1  # a cache hit loads no reference model at all

@@ -1,7 +1,9 @@
 """KTO's mismatched pairs, fixed once per split when the data is prepared.
 
 Each example's partner is its own prompt followed by the completion of an example with a
-different prompt (never its own prompt's other answer when paired data was split). Partners are
+different prompt (never its own prompt's other answer when paired data was split). Prompts are
+told apart by the core's ``prompt_id`` (a hash of the record's prompt), not by tokens, which
+truncation may have cut differently. Partners are
 drawn by rotating a seeded permutation of the split by one and skipping same-prompt examples,
 so they do not depend on batch size, shuffling, gradient accumulation or process count: the
 reference point z0 of a micro-batch is the same however the run is laid out, and precomputed
@@ -11,6 +13,7 @@ reference values stay valid.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any
 
 import align
@@ -24,26 +27,33 @@ def prompt_length(example: dict[str, Any]) -> int:
 def add_mismatched_partners(
     examples: list[dict[str, Any]], seed: int, max_length: int, split: str
 ) -> list[dict[str, Any]]:
-    """Add ``mismatched_input_ids``/``mismatched_completion_mask`` to every example."""
+    """Add ``mismatched_input_ids``/``mismatched_completion_mask`` to every example.
+
+    In a seeded permutation of the split, each example's partner is the next example (going
+    round) whose ``prompt_id`` differs from its own: one backward pass, so linear in the split.
+    """
     import torch
 
-    prompts = [tuple(e["input_ids"][: prompt_length(e)]) for e in examples]
-    if len(set(prompts)) < 2:
+    prompts = [e["prompt_id"] for e in examples]
+    counts = Counter(prompts)
+    if len(counts) < 2:
         raise align.DataError(
             f"KTO needs at least two different prompts in the {split} split: each example's "
             "reference point pairs its prompt with another prompt's completion"
         )
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = len(examples)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    ring = order + order
+    following = [0] * (2 * n)  # following[k]: the next ring position with another prompt
+    for k in range(2 * n - 2, -1, -1):
+        same = prompts[ring[k + 1]] == prompts[ring[k]]
+        following[k] = following[k + 1] if same else k + 1
     cut = 0
     for k, i in enumerate(order):
-        j = next(
-            order[(k + step) % len(order)]
-            for step in range(1, len(order))
-            if prompts[order[(k + step) % len(order)]] != prompts[i]
-        )
-        start = prompt_length(examples[j])
-        ids = list(prompts[i]) + list(examples[j]["input_ids"][start:])
-        mask = [0] * len(prompts[i]) + list(examples[j]["completion_mask"][start:])
+        j = ring[following[k]]
+        own, theirs = prompt_length(examples[i]), prompt_length(examples[j])
+        ids = examples[i]["input_ids"][:own] + examples[j]["input_ids"][theirs:]
+        mask = [0] * own + examples[j]["completion_mask"][theirs:]
         if len(ids) > max_length:
             ids, mask, cut = ids[-max_length:], mask[-max_length:], cut + 1
         examples[i]["mismatched_input_ids"], examples[i]["mismatched_completion_mask"] = ids, mask
@@ -51,6 +61,14 @@ def add_mismatched_partners(
         warnings.warn(
             f"KTO ({split}): {cut} mismatched pairs were longer than max_length {max_length} "
             "and lost the start of their prompt",
+            stacklevel=2,
+        )
+    top_count = counts.most_common(1)[0][1]
+    if top_count > n / 2:
+        warnings.warn(
+            f"KTO ({split}): {top_count} of {n} examples share one prompt, so their mismatched "
+            f"pairs borrow completions from only {n - top_count} other examples and the "
+            "reference point z0 rests on few completions",
             stacklevel=2,
         )
     return examples

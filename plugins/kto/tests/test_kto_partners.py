@@ -6,11 +6,12 @@ import align
 from align_kto.partners import add_mismatched_partners, prompt_length, warn_if_imbalanced
 
 
-def _example(prompt, completion, label=True):
+def _example(prompt, completion, label=True, prompt_id=None):
     return {
         "input_ids": [1, *prompt, *completion],
         "completion_mask": [0] * (1 + len(prompt)) + [1] * len(completion),
         "label": label,
+        "prompt_id": prompt_id or str(prompt),
     }
 
 
@@ -33,9 +34,33 @@ def test_partner_is_own_prompt_with_another_prompts_completion():
         partner_completion = tuple(ids[p:])
         assert partner_completion in completions and all(mask[p:])
         own_prompt_completions = {
-            tuple(e["input_ids"][p:]) for e in examples if e["input_ids"][:p] == ids[:p]
+            tuple(e["input_ids"][prompt_length(e) :])
+            for e in examples
+            if e["prompt_id"] == example["prompt_id"]
         }
         assert partner_completion not in own_prompt_completions  # not the other answer either
+
+
+def test_prompts_are_told_apart_by_prompt_id_not_tokens():
+    """keep_end truncation may cut a split pair's two prompts differently; they stay one prompt."""
+    examples = []
+    for i in range(4):
+        examples.append(_example([10 + i] * 3, [50 + i], True, prompt_id=f"p{i}"))
+        examples.append(_example([10 + i] * 2, [80 + i], False, prompt_id=f"p{i}"))  # cut more
+    for seed in range(20):
+        for example in add_mismatched_partners(examples, seed, max_length=64, split="train"):
+            p = prompt_length(example)
+            partner = example["mismatched_input_ids"][p:]
+            own = [e["input_ids"][prompt_length(e) :] for e in examples]
+            owner = examples[own.index(partner)]
+            assert owner["prompt_id"] != example["prompt_id"], seed
+
+
+def test_a_dominant_prompt_is_linear_and_warned_about():
+    many = [_example([7] * 50, [8], prompt_id="same") for _ in range(20_000)]
+    with pytest.warns(UserWarning, match="20000 of 20001 examples share one prompt"):
+        examples = add_mismatched_partners([*many, _example([9], [6])], 0, 64, "train")
+    assert all(e["mismatched_input_ids"][-1] == 6 for e in examples[:-1])
 
 
 def test_partners_are_fixed_by_the_seed():
