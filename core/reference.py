@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .loading import load_causal_lm
 from .logprobs import forward_logps
 
 REFERENCE_MODES = ("precomputed", "model", "adapter")
@@ -97,14 +98,7 @@ def eval_mode(model: Any):
 
 def load_reference_model(path: str, tokenizer: Any, trust_remote_code: bool) -> Any:
     """``--ref-model``: loaded like the policy (safetensors only), checked against the tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load reference model {path!r}: {exc}") from None
+    model = load_causal_lm(path, trust_remote_code, role="reference model")
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:
         raise ConfigError(

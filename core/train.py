@@ -24,6 +24,7 @@ from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
 from .errors import ConfigError, PluginError
 from .formats import DataReport, tokenize_records
+from .loading import load_causal_lm
 from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
@@ -111,20 +112,15 @@ def shared_output_dir(cfg: Any, objective: str) -> Path:
 
 def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
     """Load through ``from_pretrained``: safetensors weights only, remote code only on request."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.model, trust_remote_code=cfg.trust_remote_code
         )
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.model,
-            trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=True,
-            dtype=torch.float32,
-        )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(
