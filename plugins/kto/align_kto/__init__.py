@@ -56,7 +56,8 @@ def align_prepare_dataset(examples, options, split, config):
 
     if split == "train":
         warn_if_imbalanced(examples, options.desirable_weight, options.undesirable_weight)
-    return add_mismatched_partners(examples, config.seed, config.max_length, split)
+    source = config.data if split == "train" else config.eval_data
+    return add_mismatched_partners(examples, config.seed, config.max_length, split, source)
 
 
 @align.hookimpl

@@ -25,7 +25,11 @@ def prompt_length(example: dict[str, Any]) -> int:
 
 
 def add_mismatched_partners(
-    examples: list[dict[str, Any]], seed: int, max_length: int, split: str
+    examples: list[dict[str, Any]],
+    seed: int,
+    max_length: int,
+    split: str,
+    source: str | None = None,
 ) -> list[dict[str, Any]]:
     """Add ``mismatched_input_ids``/``mismatched_completion_mask`` to every example.
 
@@ -39,7 +43,8 @@ def add_mismatched_partners(
     if len(counts) < 2:
         raise align.DataError(
             f"KTO needs at least two different prompts in the {split} split: each example's "
-            "reference point pairs its prompt with another prompt's completion"
+            "reference point pairs its prompt with another prompt's completion",
+            source=source,
         )
     n = len(examples)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()

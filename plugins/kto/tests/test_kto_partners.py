@@ -74,8 +74,8 @@ def test_partners_are_fixed_by_the_seed():
 
 def test_a_single_prompt_is_an_error():
     examples = [_example([5], [6]), _example([5], [7], False)]
-    with pytest.raises(align.DataError, match="at least two different prompts in the eval split"):
-        add_mismatched_partners(examples, seed=0, max_length=64, split="eval")
+    with pytest.raises(align.DataError, match="^e.jsonl: KTO needs at least two different prompts"):
+        add_mismatched_partners(examples, seed=0, max_length=64, split="eval", source="e.jsonl")
 
 
 def test_over_long_partners_lose_the_start_of_the_prompt_and_are_counted():
