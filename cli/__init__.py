@@ -42,6 +42,7 @@ RUN_FLAGS = [
     "trust_remote_code",
     "reference",
     "ref_model",
+    "eval_deviation",
     "overwrite",
 ]
 
@@ -163,7 +164,7 @@ def _describe_options(schema: Any) -> list[dict[str, Any]]:
     for name, field in schema.model_fields.items():
         rows.append(
             {
-                "name": name,
+                "name": field.alias or name,
                 "default": "(required)"
                 if field.is_required()
                 else field.get_default(call_default_factory=True),

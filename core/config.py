@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .objective import Options
+from .objective import Options, option_keys
 from .plugins import PluginRegistry, Registered
 from .suggest import did_you_mean
 
@@ -71,6 +71,11 @@ class TrainConfig(Options):
     ref_model: str | None = Field(
         None, description="Reference model (hub id or directory); default: the starting model."
     )
+    eval_deviation: bool = Field(
+        False,
+        description="Log eval_deviation, the mean per-token log-ratio to the reference (the "
+        "starting model for objectives without one) on the eval split.",
+    )
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -100,9 +105,9 @@ class RunSpec:
 
     def as_dict(self) -> dict[str, Any]:
         out = self.config.model_dump()
-        out[self.objective.item.name] = self.options.model_dump()
+        out[self.objective.item.name] = self.options.model_dump(by_alias=True)
         for name, section in self.sections.items():
-            out[name] = section.model_dump()
+            out[name] = section.model_dump(by_alias=True)
         return out
 
 
@@ -145,7 +150,7 @@ def parse_set(items: list[str]) -> dict[str | None, dict[str, Any]]:
 def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Options:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping of options, got {type(values).__name__}")
-    known = set(schema.model_fields)
+    known = set(option_keys(schema))
     for key in values:
         if key not in known:
             hint = did_you_mean(key, known)
@@ -163,14 +168,16 @@ def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Opti
 
 
 def _check_reference(config: TrainConfig, objective: Any) -> None:
+    uses_reference = objective.needs_reference or config.eval_deviation
     chosen = [
-        f"--{k.replace('_', '-')}"
-        for k in ("reference", "ref_model")
-        if k in config.model_fields_set
+        f"--{key.replace('_', '-')}"
+        for key in ("reference", "ref_model")
+        if key in config.model_fields_set
     ]
-    if chosen and not objective.needs_reference:
+    if chosen and not uses_reference:
         raise ConfigError(
-            f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model"
+            f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model "
+            "(unless --eval-deviation measures the drift from one)"
         )
     if config.ref_model and config.reference == "adapter":
         raise ConfigError(

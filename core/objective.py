@@ -17,9 +17,18 @@ DATA_FORMATS = {
 
 
 class Options(BaseModel):
-    """Base class for option schemas: unknown keys are errors, values are validated."""
+    """Base class for option schemas: unknown keys are errors, values are validated.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    An option whose name is a Python keyword takes an alias: ``lambda_: float =
+    Field(0.2, alias="lambda")`` is set by users as ``lambda``.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+def option_keys(schema: type[BaseModel]) -> dict[str, str]:
+    """The key users write for each option (its alias, if any) → the field's name."""
+    return {field.alias or name: name for name, field in schema.model_fields.items()}
 
 
 class NoOptions(Options):

@@ -19,7 +19,8 @@ from .reference import AdapterReference, ModelReference, Reference, load_referen
 def copy_starting_model(spec: RunSpec, model: Any) -> ModelReference | None:
     """``--reference model`` without ``--ref-model``: copy the model before any plugin wraps it."""
     cfg = spec.config
-    if spec.objective.item.needs_reference and cfg.reference == "model" and not cfg.ref_model:
+    uses_reference = spec.objective.item.needs_reference or cfg.eval_deviation
+    if uses_reference and cfg.reference == "model" and not cfg.ref_model:
         return ModelReference.frozen_copy(model)
     return None
 

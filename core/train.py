@@ -22,6 +22,7 @@ import torch
 from . import demo
 from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
+from .deviation import deviation_sums
 from .errors import ConfigError, PluginError
 from .formats import DataReport, tokenize_records
 from .loading import load_causal_lm
@@ -257,6 +258,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+    if cfg.eval_deviation and not cfg.eval_data:
+        raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
     out = shared_output_dir(cfg, objective.name)
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
@@ -283,9 +286,10 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             examples[split], reports[split] = build_examples(hooks, cfg, path, split)
             log(accelerator, f"data {reports[split].summary()}")
     reference, reference_info = None, None
-    if objective.needs_reference:
+    if objective.needs_reference or cfg.eval_deviation:
+        scored = examples if objective.needs_reference else {"eval": examples["eval"]}
         reference, reference_info = make_reference(
-            spec, registry, model, tokenizer, examples, accelerator, starting_copy
+            spec, registry, model, tokenizer, scored, accelerator, starting_copy
         )
         del starting_copy
         log(
@@ -335,8 +339,10 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         )
     metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
 
+    loss_reference = reference if objective.needs_reference else None
+
     def compute(batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
-        return hooks.compute(model, batch, reference, run)
+        return hooks.compute(model, batch, loss_reference, run)
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -346,6 +352,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             for batch in eval_loader:
                 output, extra = compute(batch)
                 sums.add_output(output, extra)
+                if cfg.eval_deviation and "deviation" not in output.metrics:
+                    sums.add("deviation", *deviation_sums(model, batch, reference))
         model.train()
         run.training = True
         return {f"eval_{k}": v for k, v in hooks.derive(sums.reduce(accelerator)).items()}

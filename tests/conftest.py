@@ -13,7 +13,10 @@ from align import demo, plugins
 @pytest.fixture(autouse=True)
 def isolated_plugins(monkeypatch, tmp_path_factory):
     """Load only first-party plugins under test, and keep the demo cache out of ~/.cache."""
-    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft,align-plugin-dpo,align-plugin-kto")
+    monkeypatch.setenv(
+        plugins.PLUGINS_ENV,
+        "align-plugin-sft,align-plugin-dpo,align-plugin-kto,align-plugin-minorsft,align-plugin-ift",
+    )
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
     plugins.reset_registry()
     yield
@@ -38,6 +41,21 @@ def model_dir(tmp_path_factory) -> Path:
     """The demo's tiny Llama and tokenizer, saved like a user's model directory."""
     path = tmp_path_factory.mktemp("tiny-model")
     demo.build_demo_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def untied_model_dir(model_dir, tmp_path_factory):
+    """The demo architecture with separate input and output embeddings."""
+    path = tmp_path_factory.mktemp("untied-model")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tied = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LlamaConfig(**{**tied.config.to_dict(), "tie_word_embeddings": False})
+    torch.manual_seed(1)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
     return path
 
 

@@ -146,3 +146,18 @@ def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, m
     for name in ("one", "two"):
         reference = json.loads((tmp_path / name / "run.json").read_text())["reference"]
         assert not any(split["cache_hit"] for split in reference.get("splits", {}).values())
+
+
+def test_ift_with_untied_embeddings_on_two_processes(
+    tmp_path, untied_model_dir, write_jsonl, sft_rows, monkeypatch
+):
+    """IFT's input table gets no gradient; data parallelism must not trip over it."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    common = ["run", "--objective", "ift", "--model", untied_model_dir, "--data", data]
+    common += ["--max-steps", "3", "--lr", "1e-2"]
+    one, two = _one_and_two_processes(tmp_path, common, monkeypatch)
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "nll", "sft_nll"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

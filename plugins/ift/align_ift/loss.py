@@ -1,0 +1,114 @@
+"""The IFT loss (Hua et al. 2024, arXiv 2405.11870), as the official code computes it
+(TsinghuaC3I/Intuitive-Fine-Tuning ``src/trainers.py``, loss ``ift``).
+
+1. A no-grad pass on the ground-truth inputs predicts, at each completion position i, the token
+   x̂_i from position i−1 (greedy argmax; or, with ``prediction=expected``, the
+   probability-weighted embedding).
+2. Temporal residual connection: ``e_i = (1−λ)·E[x_i] + λ·E[x̂_i]`` at completion positions,
+   ``E[x_i]`` elsewhere. The lookups carry no gradient (the official code uses a frozen copy of
+   the table re-synced after each step, which equals a detached lookup of the current weights);
+   a tied output layer still learns through the logits.
+3. A second pass, with gradients, on the mixed embeddings gives each completion token's NLL
+   ``ℓ_t`` against the ground-truth next token.
+4. Relation propagation: ``item_t = ℓ_t/T``, ``c_t = Σ_{j≥t} γ^{j−t}·item_j``,
+   ``w = c·T/Σc`` (mean weight 1), kept in the graph; γ = 0 gives weights of 1 (the official
+   special case, not the formula's limit).
+5. ``loss = mean over sequences of Σ_t ℓ_t·w_t / T``.
+
+The paper's double sum, read literally, weights *later* tokens more; the official code (and
+this plugin) weights *earlier* tokens more, since c_t accumulates the losses that follow t.
+With λ = 0 and γ = 0, IFT is SFT with ``normalization=sequence``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+import align
+
+
+def discounted_suffix_sums(values: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``c_t = Σ_{j≥t} γ^{j−t}·values_j`` along the last dimension (differentiable)."""
+    length = values.shape[-1]
+    index = torch.arange(length, device=values.device)
+    offset = index.unsqueeze(0) - index.unsqueeze(1)  # [t, j] = j − t
+    decay = torch.pow(torch.tensor(gamma, dtype=values.dtype, device=values.device), offset)
+    decay = torch.where(offset >= 0, decay, torch.zeros_like(decay))
+    return values @ decay.transpose(0, 1)
+
+
+def relation_weights(nll: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Relation-propagation weights ``w = c·T/Σc`` over each row's completion tokens."""
+    if gamma == 0:
+        return torch.ones_like(nll)
+    tokens = mask.sum(-1, keepdim=True)
+    suffix = discounted_suffix_sums(nll / tokens.clamp(min=1) * mask, gamma) * mask
+    return suffix * tokens / suffix.sum(-1, keepdim=True).clamp(min=torch.finfo(nll.dtype).tiny)
+
+
+def ift_sequence_losses(nll: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``Σ_t ℓ_t·w_t / T`` per sequence, from per-token NLL ``ℓ`` (0 where masked)."""
+    weights = relation_weights(nll, mask, gamma)
+    return (nll * weights * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def mixed_embeddings(
+    model: Any,
+    embeddings: Any,
+    batch: dict[str, Any],
+    lam: float,
+    prediction: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The second pass's input embeddings, and the first pass's logits (None when λ = 0)."""
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        truth = embeddings(input_ids)
+        if lam == 0:
+            return truth, None
+        logits = model(inputs_embeds=truth, attention_mask=attention_mask, use_cache=False).logits
+        if prediction == "greedy":
+            predicted = embeddings(logits[:, :-1].argmax(-1))
+        else:
+            probs = torch.softmax(logits[:, :-1].float(), dim=-1).to(embeddings.weight.dtype)
+            predicted = probs @ embeddings.weight
+            scale = getattr(embeddings, "embed_scale", None)  # scaled embeddings (Gemma)
+            if scale is not None:
+                predicted = predicted * scale
+        mixed = (1 - lam) * truth[:, 1:] + lam * predicted.to(truth.dtype)
+        trained = batch["completion_mask"][:, 1:].bool().unsqueeze(-1)
+        rest = torch.where(trained, mixed, truth[:, 1:])
+        return torch.cat([truth[:, :1], rest], dim=1), logits
+
+
+def ift_loss(
+    model: Any,
+    embeddings: Any,
+    batch: dict[str, Any],
+    lam: float,
+    gamma: float,
+    prediction: str = "greedy",
+) -> align.LossOutput:
+    inputs, first_logits = mixed_embeddings(model, embeddings, batch, lam, prediction)
+    logits = model(
+        inputs_embeds=inputs, attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
+    logps, mask = align.token_logps(logits, batch["input_ids"], batch["completion_mask"])
+    nll = -logps
+    losses = ift_sequence_losses(nll, mask, gamma)
+    tokens = mask.sum()
+    if first_logits is None:
+        first_nll = nll.detach().sum()
+    else:
+        first, _ = align.token_logps(first_logits, batch["input_ids"], batch["completion_mask"])
+        first_nll = -first.sum()
+    return align.LossOutput(
+        loss=losses.sum(),
+        count=len(losses),
+        metrics={
+            "nll": (nll.detach().sum(), tokens),
+            "sft_nll": (first_nll, tokens),
+            "lambda": (lam, 1),
+        },
+    )

@@ -1,0 +1,41 @@
+"""MinorSFT: the ``minorsft`` objective (Xie et al. 2024; shared/objectives.md §4).
+
+Registered through the ``align`` entry-point group; the loss lives in ``align_minorsft.loss``
+and imports torch only when a run needs it.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+import align
+
+
+class MinorSFTOptions(align.Options):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="β: how fast an example's weight 2σ(−βΔ) falls as the policy moves away "
+        "from the reference on it.",
+    )
+
+
+@align.hookimpl
+def align_register_objectives(register):
+    register(
+        align.Objective(
+            name="minorsft",
+            description="MinorSFT: SFT whose per-example weight shrinks as the policy deviates "
+            "from the reference.",
+            data_format="prompt_completion",
+            options=MinorSFTOptions,
+            needs_reference=True,
+        )
+    )
+
+
+@align.hookimpl
+def align_compute_loss(model, batch, options, reference):
+    from .loss import minorsft_loss
+
+    return minorsft_loss(model, batch, reference, options.beta)

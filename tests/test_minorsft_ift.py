@@ -1,0 +1,214 @@
+"""MinorSFT and IFT on a real (tiny) model: gradients against SFT's, the temporal residual
+connection's embeddings, tied and untied embeddings, and the deviation metric on any run."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from align import default_batch
+from align.cli import cli
+from align.formats import tokenize_records
+from align.records import read_records
+from align.reference import ModelReference
+from align_ift.loss import ift_loss, mixed_embeddings
+from align_minorsft.loss import minorsft_loss
+from align_sft.loss import sft_loss
+
+
+@pytest.fixture
+def batch(tmp_path, write_jsonl, sft_rows, tokenizer):
+    """Prompt/completion rows whose completions have different lengths."""
+    path = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    examples, _ = tokenize_records(
+        read_records(path), "prompt_completion", tokenizer, 64, "error", "train"
+    )
+    lengths = {sum(e["completion_mask"]) for e in examples}
+    assert len(lengths) > 1
+    return default_batch("prompt_completion", examples, tokenizer.pad_token_id)
+
+
+def _grads(model, loss):
+    model.zero_grad()
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _mean(output):
+    return output.loss / output.count
+
+
+def test_minorsft_gradient_at_initialisation_is_sft_per_sequence(model_dir, batch):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = ModelReference.frozen_copy(model)
+    minor = _grads(model, _mean(minorsft_loss(model, batch, reference, beta=0.1)))
+    sft = _grads(model, _mean(sft_loss(model, batch, "sequence")))
+    assert minor.keys() == sft.keys()
+    for name, grad in sft.items():
+        assert torch.allclose(minor[name], grad, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_ift_without_residual_or_propagation_is_sft_per_sequence(
+    model_dir, untied_model_dir, batch, tied
+):
+    model = AutoModelForCausalLM.from_pretrained(model_dir if tied else untied_model_dir)
+    embeddings = model.get_input_embeddings()
+    ift = ift_loss(model, embeddings, batch, lam=0.0, gamma=0.0)
+    sft = sft_loss(model, batch, "sequence")
+    assert _mean(ift).item() == pytest.approx(_mean(sft).item(), abs=1e-6)
+    ift_grads, sft_grads = _grads(model, _mean(ift)), _grads(model, _mean(sft))
+    table = "model.embed_tokens.weight"
+    for name, grad in sft_grads.items():
+        if name == table:  # IFT's lookups are detached: only the output side trains it
+            continue
+        assert torch.allclose(ift_grads[name], grad, atol=1e-6, rtol=1e-5), name
+    if tied:  # the shared table still learns, through the logits only
+        assert not torch.allclose(ift_grads[table], sft_grads[table], atol=1e-6)
+        assert ift_grads[table].abs().sum() > 0
+    else:
+        assert table not in ift_grads
+
+
+@pytest.mark.parametrize("prediction", ["greedy", "expected"])
+def test_the_temporal_residual_connection(model_dir, batch, prediction):
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    table = model.get_input_embeddings().weight.detach()
+    mixed, _ = mixed_embeddings(model, model.get_input_embeddings(), batch, 0.2, prediction)
+    assert not mixed.requires_grad
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ids, trained = batch["input_ids"], batch["completion_mask"]
+    for row in range(ids.shape[0]):
+        for i in range(ids.shape[1]):
+            truth = table[ids[row, i]]
+            if i > 0 and trained[row, i]:
+                if prediction == "greedy":
+                    predicted = table[logits[row, i - 1].argmax()]
+                else:
+                    predicted = torch.softmax(logits[row, i - 1], -1) @ table
+                expected = 0.8 * truth + 0.2 * predicted
+                assert torch.allclose(mixed[row, i], expected, atol=1e-5), (row, i)
+            else:
+                assert torch.equal(mixed[row, i], truth), (row, i)
+
+
+def _run(*args):
+    result = CliRunner().invoke(cli, ["run", *map(str, args)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("objective", ["minorsft", "ift"])
+def test_runs_on_tied_and_untied_models(tmp_path, model_dir, untied_model_dir, objective, data):
+    for name, path in (("tied", model_dir), ("untied", untied_model_dir)):
+        out = tmp_path / name
+        _run(
+            "--objective",
+            objective,
+            "--model",
+            path,
+            "--data",
+            data,
+            "--max-steps",
+            3,
+            "--batch-size",
+            4,
+            "--lr",
+            "1e-2",
+            "--output-dir",
+            out,
+        )
+        rows = _rows(out)
+        assert rows[-1]["loss"] < rows[0]["loss"] or objective == "minorsft"
+        if objective == "minorsft":
+            assert rows[0]["minor_weight"] == pytest.approx(1.0, abs=1e-6)
+            assert rows[0]["deviation"] == pytest.approx(0.0, abs=1e-5)
+            assert rows[-1]["deviation"] > 0.01  # the policy moved off the reference
+        else:
+            assert rows[0]["lambda"] == pytest.approx(0.2)
+            start = AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight
+            end = AutoModelForCausalLM.from_pretrained(out / "final").get_input_embeddings().weight
+            assert torch.equal(start, end) == (name == "untied")  # tied: trained via the logits
+
+
+@pytest.fixture
+def data(tmp_path, write_jsonl, sft_rows):
+    return write_jsonl(tmp_path / "train.jsonl", sft_rows)
+
+
+def test_eval_deviation_on_an_sft_run_is_against_the_starting_model(
+    tmp_path, model_dir, data, tokenizer
+):
+    out = tmp_path / "out"
+    _run(
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--eval-deviation",
+        "--max-steps",
+        3,
+        "--batch-size",
+        8,
+        "--lr",
+        "1e-2",
+        "--output-dir",
+        out,
+    )
+    final = [r for r in _rows(out) if "eval_deviation" in r][-1]
+    examples, _ = tokenize_records(
+        read_records(data), "prompt_completion", tokenizer, 1024, "keep_start", "eval"
+    )
+    policy = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    start = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    terms = []
+    for example in examples:  # one unpadded sequence at a time
+        ids = torch.tensor([example["input_ids"]])
+        mask = torch.tensor(example["completion_mask"][1:], dtype=torch.float64)
+        with torch.no_grad():
+            logp = [
+                torch.log_softmax(m(ids).logits[0, :-1].double(), -1)
+                .gather(-1, ids[0, 1:, None])
+                .squeeze(-1)
+                for m in (policy, start)
+            ]
+        terms.append(((logp[0] - logp[1]) * mask).sum().item() / mask.sum().item())
+    assert final["eval_deviation"] == pytest.approx(sum(terms) / len(terms), abs=1e-5)
+    assert final["eval_deviation"] > 0.01
+
+
+def test_eval_deviation_needs_eval_data_and_allows_a_reference_for_sft(tmp_path, model_dir, data):
+    result = CliRunner().invoke(
+        cli, ["run", "--model", str(model_dir), "--data", str(data), "--eval-deviation"]
+    )
+    assert (
+        result.exit_code == 1 and "--eval-deviation is measured on the eval split" in result.output
+    )
+    out = tmp_path / "o"
+    _run(
+        "--model",
+        model_dir,
+        "--data",
+        data,
+        "--eval-data",
+        data,
+        "--eval-deviation",
+        "--reference",
+        "model",
+        "--ref-model",
+        model_dir,
+        "--max-steps",
+        1,
+        "--output-dir",
+        out,
+    )
+    assert [r for r in _rows(out) if "eval_deviation" in r][0]["eval_deviation"] != 0
