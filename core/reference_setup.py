@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import itertools
 import sys
 import time
 from typing import Any
@@ -11,7 +13,6 @@ import torch
 
 from .config import RunSpec
 from .errors import ConfigError
-from .plugins import PluginRegistry
 from .precompute import PrecomputedReference, model_identity, precompute_split
 from .reference import AdapterReference, ModelReference, Reference, load_reference_model
 
@@ -27,7 +28,6 @@ def copy_starting_model(spec: RunSpec, model: Any) -> ModelReference | None:
 
 def make_reference(
     spec: RunSpec,
-    registry: PluginRegistry,
     policy: Any,
     tokenizer: Any,
     examples: dict[str, list[dict[str, Any]]],
@@ -62,7 +62,7 @@ def make_reference(
                 loaded.append(model.to(accelerator.device))
             return loaded[0]
 
-        identity = _scorer_identity(spec, registry, policy)
+        identity = _scorer_identity(spec, policy)
         table: dict[bytes, float] = {}
         info["splits"] = {}
         for split, split_examples in examples.items():
@@ -95,7 +95,7 @@ def make_reference(
     return reference, info
 
 
-def _scorer_identity(spec: RunSpec, registry: PluginRegistry, policy: Any) -> dict[str, Any]:
+def _scorer_identity(spec: RunSpec, policy: Any) -> dict[str, Any]:
     """Everything besides the sequences that decides the precomputed values (the cache key)."""
     import transformers
 
@@ -113,17 +113,23 @@ def _scorer_identity(spec: RunSpec, registry: PluginRegistry, policy: Any) -> di
         "transformers": transformers.__version__,
     }
     if not cfg.ref_model:  # the policy scores itself, after the preparing plugins
-        identity["prepared_by"] = _model_preparation(registry, spec)
+        identity["prepared"] = prepared_model_fingerprint(policy)
     return identity
 
 
-def _model_preparation(registry: PluginRegistry, spec: RunSpec) -> dict[str, Any]:
-    """What may have changed the policy before the pass: preparing plugins and their sections."""
-    preparing = []
-    for impl in registry.pm.hook.align_prepare_model.get_hookimpls():
-        info = registry.plugins.get(impl.plugin_name)
-        preparing.append(f"{info.label}=={info.version}" if info else impl.plugin_name)
-    return {
-        "plugins": sorted(preparing),
-        "sections": {name: options.model_dump() for name, options in spec.sections.items()},
-    }
+def prepared_model_fingerprint(model: Any) -> str:
+    """What model-preparation plugins may have changed in the policy, cheaply: each module's
+    type and forward hooks, each parameter's and buffer's name, shape and dtype, and samples of
+    its values. Whether a parameter trains (``requires_grad``) does not change what it scores,
+    so it is left out."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, module in model.named_modules():
+        hooks = (len(module._forward_hooks), len(module._forward_pre_hooks))
+        digest.update(f"{name}:{type(module).__name__}:{hooks}".encode())
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if not tensor.is_meta and tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            sample = torch.cat([flat[:8], flat[-8:]]).double().cpu()
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()

@@ -289,7 +289,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     if objective.needs_reference or cfg.eval_deviation:
         scored = examples if objective.needs_reference else {"eval": examples["eval"]}
         reference, reference_info = make_reference(
-            spec, registry, model, tokenizer, scored, accelerator, starting_copy
+            spec, model, tokenizer, scored, accelerator, starting_copy
         )
         del starting_copy
         log(
@@ -380,6 +380,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        run.step = step  # updates taken, as evaluation and checkpoints after this one see it
         sums.add("grad_norm", grad_norm, 1)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")

@@ -413,3 +413,20 @@ def test_precomputed_loads_the_ref_model_only_on_a_miss_and_frees_it(
     assert watch.alive_during_training == [False, False]
     _train(tmp_path / "p", "dpo", model_dir, pairs, "--max-steps 1", "--ref-model", other_model_dir)
     assert len(watch.loaded) == 1  # a cache hit loads no reference model at all
+
+
+def test_the_prepared_model_fingerprint_sees_changes_to_what_scores(model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from align.reference_setup import prepared_model_fingerprint
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    plain = prepared_model_fingerprint(model)
+    model.get_input_embeddings().weight.requires_grad_(False)  # trains or not: scores the same
+    assert prepared_model_fingerprint(model) == plain
+    wrapped = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    assert prepared_model_fingerprint(wrapped) != plain
+    other = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        other.lm_head.weight[-1, -1] += 1.0  # a value the samples cover
+    assert prepared_model_fingerprint(other) != plain

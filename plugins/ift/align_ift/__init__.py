@@ -43,7 +43,11 @@ class IFTOptions(align.Options):
 
 
 def current_lambda(options: IFTOptions, run: align.Run) -> float:
-    """λ at this step: constant, or a linear warm-up over the learning-rate warm-up."""
+    """λ at this step: constant, or a linear warm-up over the learning-rate warm-up.
+
+    ``run.step`` is the number of optimizer steps taken (during evaluation, those before it).
+    The official code warms λ up over ``warmup_steps`` only; here ``warmup_ratio`` counts too.
+    """
     if options.lambda_schedule == "constant":
         return options.lambda_
     cfg = run.config
@@ -63,6 +67,15 @@ def align_register_objectives(register):
             options=IFTOptions,
         )
     )
+
+
+@align.hookimpl
+def align_prepare_dataset(options, config):
+    if options.lambda_schedule == "linear" and not (config.warmup_steps or config.warmup_ratio):
+        raise align.ConfigError(
+            "ift: lambda_schedule=linear warms λ up over the learning-rate warm-up, and this run "
+            "has none; set --warmup-steps or --warmup-ratio, or use lambda_schedule=constant"
+        )
 
 
 @align.hookimpl

@@ -30,12 +30,14 @@ import align
 
 
 def discounted_suffix_sums(values: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``c_t = Σ_{j≥t} γ^{j−t}·values_j`` along the last dimension (differentiable)."""
+    """``c_t = Σ_{j≥t} γ^{j−t}·values_j`` along the last dimension (differentiable).
+
+    One T×T discount matrix (upper triangle ``γ^{j−t}``), built with a single temporary.
+    """
     length = values.shape[-1]
-    index = torch.arange(length, device=values.device)
-    offset = index.unsqueeze(0) - index.unsqueeze(1)  # [t, j] = j − t
-    decay = torch.pow(torch.tensor(gamma, dtype=values.dtype, device=values.device), offset)
-    decay = torch.where(offset >= 0, decay, torch.zeros_like(decay))
+    index = torch.arange(length, device=values.device, dtype=values.dtype)
+    decay = (index.unsqueeze(0) - index.unsqueeze(1)).clamp_(min=0)  # [t, j] = max(j − t, 0)
+    decay = torch.pow(gamma, decay).triu_()
     return values @ decay.transpose(0, 1)
 
 
@@ -61,25 +63,32 @@ def mixed_embeddings(
     lam: float,
     prediction: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The second pass's input embeddings, and the first pass's logits (None when λ = 0)."""
+    """The second pass's input embeddings, and the first pass's summed NLL (None when λ = 0).
+
+    Only completion positions are mixed, so the expected embedding is computed for them alone.
+    """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         truth = embeddings(input_ids)
         if lam == 0:
             return truth, None
         logits = model(inputs_embeds=truth, attention_mask=attention_mask, use_cache=False).logits
+        first, _ = align.token_logps(logits, input_ids, batch["completion_mask"])
+        trained = batch["completion_mask"][:, 1:].bool()
+        previous = logits[:, :-1][trained]  # the logits that predict each mixed position
+        del logits
         if prediction == "greedy":
-            predicted = embeddings(logits[:, :-1].argmax(-1))
+            predicted = embeddings(previous.argmax(-1))
         else:
-            probs = torch.softmax(logits[:, :-1].float(), dim=-1).to(embeddings.weight.dtype)
+            probs = torch.softmax(previous.float(), dim=-1).to(embeddings.weight.dtype)
             predicted = probs @ embeddings.weight
             scale = getattr(embeddings, "embed_scale", None)  # scaled embeddings (Gemma)
             if scale is not None:
                 predicted = predicted * scale
-        mixed = (1 - lam) * truth[:, 1:] + lam * predicted.to(truth.dtype)
-        trained = batch["completion_mask"][:, 1:].bool().unsqueeze(-1)
-        rest = torch.where(trained, mixed, truth[:, 1:])
-        return torch.cat([truth[:, :1], rest], dim=1), logits
+        mixed = truth.clone()
+        rest = mixed[:, 1:]
+        rest[trained] = (1 - lam) * rest[trained] + lam * predicted.to(truth.dtype)
+        return mixed, -first.sum()
 
 
 def ift_loss(
@@ -90,7 +99,7 @@ def ift_loss(
     gamma: float,
     prediction: str = "greedy",
 ) -> align.LossOutput:
-    inputs, first_logits = mixed_embeddings(model, embeddings, batch, lam, prediction)
+    inputs, first_nll = mixed_embeddings(model, embeddings, batch, lam, prediction)
     logits = model(
         inputs_embeds=inputs, attention_mask=batch["attention_mask"], use_cache=False
     ).logits
@@ -98,11 +107,8 @@ def ift_loss(
     nll = -logps
     losses = ift_sequence_losses(nll, mask, gamma)
     tokens = mask.sum()
-    if first_logits is None:
+    if first_nll is None:  # λ = 0: the inputs were the ground truth
         first_nll = nll.detach().sum()
-    else:
-        first, _ = align.token_logps(first_logits, batch["input_ids"], batch["completion_mask"])
-        first_nll = -first.sum()
     return align.LossOutput(
         loss=losses.sum(),
         count=len(losses),

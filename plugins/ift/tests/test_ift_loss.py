@@ -1,12 +1,12 @@
 """IFT relation propagation (shared/objectives.md §5, vector I1) and the λ schedule."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from align_ift import IFTOptions, current_lambda
+import align
+from align_ift import IFTOptions, align_prepare_dataset, current_lambda
 from align_ift.loss import discounted_suffix_sums, ift_sequence_losses, relation_weights
 
 NLL = [1.0, 2.0, 0.5, 0.5]
@@ -79,8 +79,14 @@ def test_lambda_schedule(schedule, step, expected):
         step=step, max_steps=100, config=SimpleNamespace(warmup_steps=10, warmup_ratio=0.0)
     )
     assert current_lambda(options, run) == pytest.approx(expected)
-    no_warmup = SimpleNamespace(
-        **{**vars(run), "config": SimpleNamespace(warmup_steps=0, warmup_ratio=0)}
-    )
-    assert current_lambda(options, no_warmup) == pytest.approx(0.2)
-    assert not math.isnan(current_lambda(options, run))
+    ratio = SimpleNamespace(warmup_steps=0, warmup_ratio=0.1)  # 10% of 100 steps
+    by_ratio = SimpleNamespace(step=step, max_steps=100, config=ratio)
+    assert current_lambda(options, by_ratio) == pytest.approx(expected)
+
+
+def test_a_linear_schedule_needs_a_warm_up():
+    options = IFTOptions(lambda_schedule="linear")
+    with pytest.raises(align.ConfigError, match="lambda_schedule=linear warms λ up"):
+        align_prepare_dataset(options, SimpleNamespace(warmup_steps=0, warmup_ratio=0.0))
+    align_prepare_dataset(options, SimpleNamespace(warmup_steps=5, warmup_ratio=0.0))
+    align_prepare_dataset(IFTOptions(), SimpleNamespace(warmup_steps=0, warmup_ratio=0.0))
