@@ -8,8 +8,9 @@ Every configuration runs in a fresh process (peak RSS is per process) with its o
 reference cache, so ``precomputed`` pays its pass; ``precomputed (cached)`` is a second run that
 finds the cache. ``setup s`` is the reference set-up (the pass, or copying/loading a model);
 seconds per step and tokens per second are over the training steps after the first, from the
-first to the last loss computation (no evaluation, no checkpoints). The LoRA rows wrap the policy
-in a PEFT adapter (r=16, all linear projections), which is what ``adapter`` mode needs.
+first to the last loss computation (no evaluation, no checkpoints). The LoRA rows train with
+``--lora`` (align-plugin-lora: r=16, alpha=32, all linear projections), which ``adapter`` mode
+needs.
 """
 
 from __future__ import annotations
@@ -50,20 +51,6 @@ class StepClock:
         return {}
 
 
-class LoraPolicy:
-    """Wraps the policy in a PEFT LoRA adapter, as a LoRA plugin would."""
-
-    __name__ = "benchmark-lora"
-
-    @align.hookimpl
-    def align_prepare_model(self, model):
-        from peft import LoraConfig, get_peft_model
-
-        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
-        return get_peft_model(model, config)
-
-
 def build_wide_model(path: Path) -> Path:
     """The demo model's tokenizer and architecture, 8 layers and 512 wide (about 27M parameters)."""
     from align import demo
@@ -79,14 +66,13 @@ def run_one(args: argparse.Namespace) -> None:
     from align.cli import cli
 
     clock = StepClock()
-    extra = [clock] + ([LoraPolicy()] if args.policy == "lora" else [])
-    plugins.reset_registry(plugins.load_plugins(extra=extra))
+    plugins.reset_registry(plugins.load_plugins(extra=[clock]))
     mode = args.mode.split()[0]
     lr = "1e-4" if args.policy == "lora" else "1e-5"
     argv = ["run", "--objective", args.objective, "--model", args.model, "--data", args.data]
     argv += ["--reference", mode, "--max-steps", str(args.steps), "--lr", lr]
     argv += ["--batch-size", str(args.batch_size), "--max-length", "64", "--overwrite"]
-    argv += ["--output-dir", args.out]
+    argv += ["--output-dir", args.out] + (["--lora"] if args.policy == "lora" else [])
     cli.main(argv, standalone_mode=False)
     rows = [json.loads(x) for x in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
     info = json.loads((Path(args.out) / "run.json").read_text())["reference"]

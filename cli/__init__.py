@@ -11,7 +11,7 @@ import click
 
 from align.config import TrainConfig, resolve
 from align.errors import AlignError
-from align.objective import DATA_FORMATS
+from align.objective import DATA_FORMATS, Preset, option_keys
 from align.plugins import PLUGINS_ENV, get_registry
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
@@ -72,20 +72,61 @@ def _run_options(func: Any) -> Any:
     return func
 
 
+SECTION_FLAG = "section__"  # prefix of the parameter names of plugin sections' flags
+
+
+class RunCommand(click.Command):
+    """``align run``, with the flags installed plugins' sections declare (``--lora``)."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = [*self.params, *self._section_params()]
+        help_option = self.get_help_option(ctx)
+        return [*params, help_option] if help_option is not None else params
+
+    @staticmethod
+    def _section_params() -> list[click.Option]:
+        params = []
+        for name, registered in sorted(get_registry().sections.items()):
+            section = registered.item
+            keys = option_keys(section.options)
+            for flag, key in section.flags.items():
+                field = section.options.model_fields[keys[key]]
+                dest = f"{SECTION_FLAG}{name}__{key}"
+                text = f"{field.description or ''} (sets {name}.{key}; {registered.plugin.label})"
+                if field.annotation is bool:
+                    params.append(click.Option([f"--{flag}", dest], is_flag=True, help=text))
+                else:
+                    params.append(click.Option([f"--{flag}", dest], metavar="VALUE", help=text))
+        return params
+
+
+def _split_section_flags(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Take the section flags out of ``flags``: ``{section: {key: value}}`` of those given."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dest in [d for d in flags if d.startswith(SECTION_FLAG)]:
+        value = flags.pop(dest)
+        if value is not None and value is not False:
+            name, key = dest[len(SECTION_FLAG) :].split("__", 1)
+            sections.setdefault(name, {})[key] = value
+    return sections
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="align-core", prog_name="align")
 def cli() -> None:
     """align: fine-tune language models with objectives installed as plugins.
 
     \b
-    align run                          train SFT on the embedded demo (about a minute on CPU)
-    align run --objective sft --model DIR --data FILE.jsonl
+    align run                          train SFT on the embedded demo (under a minute on CPU)
+    align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto
+    align run --objective sft --model DIR --data FILE.jsonl [--lora]
+    align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align objectives                   objectives installed, with their options
     align plugins                      plugins installed, their versions, hooks and errors
     """
 
 
-@cli.command()
+@cli.command(cls=RunCommand)
 @_run_options
 @click.option(
     "--config",
@@ -109,11 +150,12 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     data, with demo defaults (lr 3e-3, batch 16, 4 epochs, cosine) for options you do not
     set. --batch-size is per process; --max-steps wins over --epochs. Output goes to
     --output-dir (default runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and
-    checkpoints/step-N/.
+    checkpoints/step-N/. Flags that plugins add (such as --lora) set options of their sections.
     """
     try:
         registry = get_registry()
-        spec = resolve(registry, config_file, flags, list(sets))
+        section_flags = _split_section_flags(flags)
+        spec = resolve(registry, config_file, flags, list(sets), section_flags)
         from align.train import train
 
         train(spec, registry)
@@ -180,9 +222,21 @@ def _describe_options(schema: Any) -> list[dict[str, Any]]:
 def objectives(as_json: bool) -> None:
     """List installed objectives with their options, defaults and help."""
     registry = get_registry()
-    data = []
+    data, presets = [], []
     for name, reg in sorted(registry.objectives.items()):
         obj = reg.item
+        if isinstance(obj, Preset):
+            presets.append(
+                {
+                    "name": name,
+                    "description": obj.description,
+                    "preset_of": obj.objective,
+                    "options": obj.options,
+                    "sections": obj.sections,
+                    "distribution": reg.plugin.label,
+                }
+            )
+            continue
         data.append(
             {
                 "name": name,
@@ -194,7 +248,7 @@ def objectives(as_json: bool) -> None:
             }
         )
     if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
+        click.echo(json.dumps(data + presets, indent=2, default=str))
         return
     if not data:
         click.echo("No objectives installed. Try: pip install align-plugin-sft")
@@ -206,10 +260,44 @@ def objectives(as_json: bool) -> None:
             click.echo("  uses reference log-probs")
         for opt in item["options"]:
             click.echo(_option_line(opt["name"], opt))
+    for item in presets:
+        settings = [f"{k}={v}" for k, v in item["options"].items()]
+        for section, values in item["sections"].items():
+            settings += [f"{section}.{k}={v}" for k, v in values.items()]
+        click.echo(f"{item['name']}  ({item['distribution']})")
+        click.echo(f"  {item['description']}")
+        click.echo(f"  preset: {item['preset_of']} with {', '.join(settings) or 'its defaults'}")
     for name, reg in sorted(registry.sections.items()):
         click.echo(f"section {name}  ({reg.plugin.label}): {reg.item.description}")
+        flags = {key: flag for flag, key in reg.item.flags.items()}
         for opt in _describe_options(reg.item.options):
-            click.echo(_option_line(f"{name}.{opt['name']}", opt))
+            line = _option_line(f"{name}.{opt['name']}", opt)
+            if opt["name"] in flags:
+                line += f" Flag: --{flags[opt['name']]}."
+            click.echo(line)
+
+
+@cli.command()
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Directory.")
+@click.option("--base", help="Base model (default: the adapter's base_model_name_or_path).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--trust-remote-code", is_flag=True, help="Run model code from the hub (unsafe).")
+def merge(
+    adapter: str, output: str, base: str | None, overwrite: bool, trust_remote_code: bool
+) -> None:
+    """Merge a LoRA adapter (a run's final/ or checkpoint) into its base model.
+
+    Writes a full model (safetensors) and the tokenizer to --output, loadable with
+    AutoModelForCausalLM.from_pretrained.
+    """
+    try:
+        from align.merge import merge_adapter
+
+        merge_adapter(adapter, output, base, overwrite, trust_remote_code)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Merged model: {output}")
 
 
 def main() -> None:

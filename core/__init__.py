@@ -13,7 +13,7 @@ import pluggy
 
 from .batching import default_batch, pad, paired_batch, sequence_batch
 from .errors import AlignError, ConfigError, DataError, PluginError
-from .objective import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Section
+from .objective import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Preset, Section
 from .run import Run
 from .tokenize import (
     Tokenized,
@@ -50,6 +50,7 @@ __all__ = [
     "Objective",
     "Options",
     "PluginError",
+    "Preset",
     "Run",
     "Section",
     "Tokenized",

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .reference import REFERENCE_ADAPTER
+
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
@@ -26,18 +28,26 @@ def save_model_dir(
     if accelerator.is_main_process:
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(
-            tmp, state_dict=state_dict, safe_serialization=True
-        )
+        unwrapped = accelerator.unwrap_model(model)
+        adapters = {}
+        if hasattr(unwrapped, "peft_config"):  # adapter-only, without the frozen reference one
+            names = [n for n in unwrapped.peft_config if n != REFERENCE_ADAPTER]
+            adapters = {"selected_adapters": names}
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **adapters)
         tokenizer.save_pretrained(tmp)
         if state is not None:
             write_json(tmp / "trainer_state.json", state)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     accelerator.wait_for_everyone()
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished directory into place, replacing ``target`` if it exists."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

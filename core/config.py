@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError
-from .objective import Options, option_keys
+from .objective import Options, Preset, option_keys
 from .plugins import PluginRegistry, Registered
 from .suggest import did_you_mean
 
@@ -95,6 +95,7 @@ class RunSpec:
         objective: Registered,
         options: Options,
         sections: dict[str, Options],
+        preset: str | None = None,
     ) -> None:
         self.config, self.objective, self.options, self.sections = (
             config,
@@ -102,6 +103,7 @@ class RunSpec:
             options,
             sections,
         )
+        self.preset = preset
 
     def as_dict(self) -> dict[str, Any]:
         out = self.config.model_dump()
@@ -205,8 +207,14 @@ def resolve(
     config_file: str | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
+    section_flags: dict[str, dict[str, Any]] | None = None,
 ) -> RunSpec:
-    """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec."""
+    """Merge defaults, the YAML file, flags and ``--set`` items into a validated RunSpec.
+
+    ``section_flags`` holds the values of plugin sections' own flags (``--lora`` →
+    ``{"lora": {"enabled": True}}``); they rank with ``--set``. A preset objective resolves to
+    the objective it names, its defaults ranking below everything the user gives.
+    """
     file_values = load_yaml(config_file) if config_file else {}
     where_file = str(config_file) if config_file else "command line"
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
@@ -216,8 +224,16 @@ def resolve(
     config = _validate(TrainConfig, core, "command line")
 
     registered = registry.objective(config.objective)
+    preset = registered.item if isinstance(registered.item, Preset) else None
+    if preset is not None:
+        registered = registry.objective(preset.objective)
+        if isinstance(registered.item, Preset):
+            raise ConfigError(f"preset {preset.name!r} names another preset, {preset.objective!r}")
     _check_reference(config, registered.item)
-    objective_name = config.objective
+    objective_name = registered.item.name
+    for name in preset.sections if preset else ():
+        if name not in registry.sections:
+            raise ConfigError(f"preset {preset.name!r} sets section {name!r}, which no plugin has")
     sections = {name: r.item for name, r in registry.sections.items()}
     set_values = parse_set(sets or [])
     allowed = CORE_KEYS | set(registry.objectives) | set(sections)
@@ -243,7 +259,8 @@ def resolve(
                 f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
                 f" Sections: {', '.join(choices)}.{_broken_hint(registry)}"
             )
-    objective_values = _file_section(file_values, objective_name, where_file)
+    objective_values = dict(preset.options) if preset else {}
+    objective_values.update(_file_section(file_values, objective_name, where_file))
     objective_values.update(set_values.get(None, {}))
     objective_values.update(set_values.get(objective_name, {}))
     options = _validate(
@@ -253,9 +270,11 @@ def resolve(
     )
     section_options = {}
     for name, section in sections.items():
-        values = _file_section(file_values, name, where_file)
+        values = dict(preset.sections.get(name, {})) if preset else {}
+        values.update(_file_section(file_values, name, where_file))
         values.update(set_values.get(name, {}))
+        values.update((section_flags or {}).get(name, {}))
         section_options[name] = _validate(
             section.options, values, f"{where_file}: section {name!r}"
         )
-    return RunSpec(config, registered, options, section_options)
+    return RunSpec(config, registered, options, section_options, preset.name if preset else None)

@@ -10,13 +10,16 @@ import torch
 from .errors import ConfigError
 
 
-def load_causal_lm(path: str, trust_remote_code: bool, role: str = "model") -> Any:
-    """``AutoModelForCausalLM.from_pretrained``; a failure names the ``role`` and the path."""
+def load_causal_lm(path: str, trust_remote_code: bool, role: str = "model", **extra: Any) -> Any:
+    """``AutoModelForCausalLM.from_pretrained``; a failure names the ``role`` and the path.
+
+    ``extra`` adds or overrides ``from_pretrained`` arguments (``quantization_config``, …)."""
     from transformers import AutoModelForCausalLM
 
+    kwargs = {"use_safetensors": True, "dtype": torch.float32, **extra}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=torch.float32
+            path, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load {role} {path!r}: {exc}") from None

@@ -64,11 +64,41 @@ class Objective:
 
 @dataclass(frozen=True)
 class Section:
-    """A config section owned by a model-preparation plugin (``lora:`` → ``--set lora.r=32``)."""
+    """A config section owned by a model-preparation plugin (``lora:`` → ``--set lora.r=32``).
+
+    ``flags`` maps command-line flags to options of the section: ``{"lora": "enabled"}`` makes
+    ``align run --lora`` set ``lora.enabled=true`` (a boolean option is a switch, any other takes
+    a value). ``load_kwargs(options, device)`` returns extra ``from_pretrained`` arguments for
+    loading the policy (a quantisation config, say), or an empty dict.
+    """
 
     name: str
     description: str
     options: type[Options] = NoOptions
+    flags: dict[str, str] = field(default_factory=dict)
+    load_kwargs: Callable[[Any, Any], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        keys = option_keys(self.options)
+        for flag, key in self.flags.items():
+            if key not in keys:
+                raise ValueError(
+                    f"section {self.name!r}: flag --{flag} names no option {key!r}; "
+                    f"options: {', '.join(sorted(keys))}"
+                )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named shortcut to an objective registered elsewhere, with defaults the user can still
+    override: ``Preset("lora-sft", "…", objective="sft", sections={"lora": {"enabled": True}})``
+    makes ``--objective lora-sft`` train ``sft`` with LoRA on. Registered like an objective."""
+
+    name: str
+    description: str
+    objective: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

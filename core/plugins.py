@@ -19,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
-from .objective import Objective, Section
+from .objective import Objective, Preset, Section
 from .suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "align"
@@ -144,7 +144,7 @@ class PluginRegistry:
             if info.errors:
                 continue
             try:
-                objectives = self._collect(info, "align_register_objectives", Objective)
+                objectives = self._collect(info, "align_register_objectives", (Objective, Preset))
                 sections = self._collect(info, "align_register_sections", Section)
             except Exception as exc:
                 info.errors.append(f"registration failed: {_describe(exc)}")
@@ -159,8 +159,16 @@ class PluginRegistry:
         # A section with a problem unloads its plugin: its model-preparation hooks would run
         # in every run without their options.
         unloaded = set()
+        flag_owner: dict[str, str] = {}
         for name, registrations in found["section"].items():
             problem = _name_problem("section", name, registrations, CORE_KEYS, found["objective"])
+            for flag in registrations[0].item.flags if problem is None else ():
+                if flag.replace("-", "_") in CORE_KEYS or flag in ("config", "set"):
+                    problem = f"section {name!r}: flag --{flag} is a core flag"
+                elif flag in flag_owner:
+                    problem = f"section {name!r}: flag --{flag} is section {flag_owner[flag]!r}'s"
+                else:
+                    flag_owner[flag] = name
             if problem is None:
                 self.sections[name] = registrations[0]
                 continue
@@ -171,6 +179,8 @@ class PluginRegistry:
                 unloaded.add(id(r.plugin))
         for name, registrations in found["objective"].items():
             registrations = [r for r in registrations if id(r.plugin) not in unloaded]
+            if not registrations:  # its only plugin was unloaded
+                continue
             problem = _name_problem("objective", name, registrations, CORE_KEYS, {})
             if problem is None:
                 self.objectives[name] = registrations[0]
@@ -180,12 +190,14 @@ class PluginRegistry:
             for info in {id(r.plugin): r.plugin for r in registrations}.values():
                 info.errors.append(problem)
 
-    def _collect(self, info: PluginInfo, hook_name: str, kind: type) -> list:
+    def _collect(self, info: PluginInfo, hook_name: str, kind: type | tuple[type, ...]) -> list:
         items: list = []
+        kinds = kind if isinstance(kind, tuple) else (kind,)
 
         def register(item: Any) -> None:
-            if not isinstance(item, kind):
-                raise TypeError(f"{hook_name} registered {item!r}, expected align.{kind.__name__}")
+            if not isinstance(item, kinds):
+                expected = " or ".join(f"align.{k.__name__}" for k in kinds)
+                raise TypeError(f"{hook_name} registered {item!r}, expected {expected}")
             items.append(item)
 
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():

@@ -27,6 +27,7 @@ from .loading import load_causal_lm
 from .logprobs import forward_logps
 
 REFERENCE_MODES = ("precomputed", "model", "adapter")
+REFERENCE_ADAPTER = "reference"  # a frozen starting adapter, used in place of no adapter
 
 
 class Reference:
@@ -66,7 +67,12 @@ class ModelReference(Reference):
 
 
 class AdapterReference(Reference):
-    """The policy with its adapter disabled: the base model, without a second copy in memory."""
+    """The policy with its trainable adapter switched off: no second model in memory.
+
+    When the policy also holds a frozen adapter named ``reference`` (a run that starts from an
+    existing adapter loads it twice), that adapter is switched on instead, so the reference is
+    the starting point, not the bare base model.
+    """
 
     mode = "adapter"
 
@@ -74,15 +80,34 @@ class AdapterReference(Reference):
         if not callable(getattr(policy, "disable_adapter", None)):
             raise ConfigError(
                 "--reference adapter needs a policy with a PEFT (LoRA) adapter, and this model "
-                "has none; add one with a model-preparation plugin (the LoRA plugin), or use "
+                "has none; add one with a model-preparation plugin (--lora), or use "
                 "--reference precomputed or model"
             )
         self.policy = policy
+        self.has_reference_adapter = REFERENCE_ADAPTER in getattr(policy, "peft_config", {})
+
+    @contextlib.contextmanager
+    def _reference_weights(self):
+        if not self.has_reference_adapter:
+            with self.policy.disable_adapter():
+                yield
+            return
+        trained = self.policy.active_adapter
+        self.policy.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            self.policy.set_adapter(trained)
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        with eval_mode(self.policy), self.policy.disable_adapter(), self.autocast():
+        with eval_mode(self.policy), self._reference_weights(), self.autocast():
             return forward_logps(self.policy, batch, prefix).sums
+
+
+def has_adapter(model: Any) -> bool:
+    """Whether a model-preparation plugin gave the policy a PEFT adapter."""
+    return callable(getattr(model, "disable_adapter", None))
 
 
 @contextlib.contextmanager

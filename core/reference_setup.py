@@ -14,7 +14,21 @@ import torch
 from .config import RunSpec
 from .errors import ConfigError
 from .precompute import PrecomputedReference, model_identity, precompute_split
-from .reference import AdapterReference, ModelReference, Reference, load_reference_model
+from .reference import (
+    AdapterReference,
+    ModelReference,
+    Reference,
+    has_adapter,
+    load_reference_model,
+)
+
+
+def reference_mode(cfg: Any, policy: Any) -> str:
+    """``--reference`` as given; by default ``adapter`` for a policy with a PEFT adapter (no
+    second model, no pass), else ``precomputed``."""
+    if "reference" in cfg.model_fields_set or cfg.ref_model:
+        return cfg.reference
+    return "adapter" if has_adapter(policy) else cfg.reference
 
 
 def copy_starting_model(spec: RunSpec, model: Any) -> ModelReference | None:
@@ -43,10 +57,11 @@ def make_reference(
     """
     cfg = spec.config
     started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
-    info: dict[str, Any] = {"mode": cfg.reference, "ref_model": cfg.ref_model or cfg.model}
-    if cfg.reference == "adapter":
+    mode = reference_mode(cfg, policy)
+    info: dict[str, Any] = {"mode": mode, "ref_model": cfg.ref_model or cfg.model}
+    if mode == "adapter":
         reference: Reference = AdapterReference(accelerator.unwrap_model(policy))
-    elif cfg.reference == "model":
+    elif mode == "model":
         reference = starting_copy or ModelReference(
             load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
         )

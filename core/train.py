@@ -111,8 +111,10 @@ def shared_output_dir(cfg: Any, objective: str) -> Path:
     return Path(result[0])
 
 
-def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
-    """Load through ``from_pretrained``: safetensors weights only, remote code only on request."""
+def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
+    """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
+
+    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
     from transformers import AutoTokenizer
 
     try:
@@ -121,7 +123,7 @@ def load_model_and_tokenizer(cfg: Any) -> tuple[Any, Any]:
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
-    model = load_causal_lm(cfg.model, cfg.trust_remote_code)
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(
@@ -266,7 +268,11 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     set_seed(cfg.seed)
     if used_demo:
         log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    load_kwargs: dict[str, Any] = {}
+    for name, registered in registry.sections.items():
+        if registered.item.load_kwargs is not None:
+            load_kwargs.update(registered.item.load_kwargs(spec.sections[name], accelerator.device))
+    model, tokenizer = load_model_and_tokenizer(cfg, **load_kwargs)
     starting_copy = copy_starting_model(spec, model)
     model = registry.chain_hook(
         "align_prepare_model",
@@ -294,8 +300,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         del starting_copy
         log(
             accelerator,
-            f"reference: {cfg.reference} mode, {reference_info['ref_model']}"
-            f"{' with its adapter disabled' if cfg.reference == 'adapter' else ''}; "
+            f"reference: {reference_info['mode']} mode, {reference_info['ref_model']}"
+            f"{' with its adapter switched off' if reference_info['mode'] == 'adapter' else ''}; "
             f"set up in {reference_info['setup_seconds']}s",
         )
     loaders = {

@@ -22,6 +22,12 @@ class LoraLike:
         register(align.Section(name="lora", description="test section", options=self.Opts))
 
 
+@pytest.fixture(autouse=True)
+def only_sft(monkeypatch):
+    """These tests bring a stand-in ``lora`` section; the real LoRA plugin would clash with it."""
+    monkeypatch.setenv("ALIGN_PLUGINS", "align-plugin-sft")
+
+
 @pytest.fixture
 def registry():
     return load_plugins(extra=[LoraLike()])

@@ -100,6 +100,8 @@ def ift_loss(
     prediction: str = "greedy",
 ) -> align.LossOutput:
     inputs, first_nll = mixed_embeddings(model, embeddings, batch, lam, prediction)
+    if torch.is_grad_enabled():  # reentrant gradient checkpointing needs an input with a grad
+        inputs.requires_grad_(True)  # (PEFT's input hook never sees these detached lookups)
     logits = model(
         inputs_embeds=inputs, attention_mask=batch["attention_mask"], use_cache=False
     ).logits

@@ -1,0 +1,47 @@
+"""Wrapping the policy in a PEFT LoRA adapter, or loading a saved one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import align
+from align.reference import REFERENCE_ADAPTER
+
+
+def lora_config(options: Any) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=options.target_modules,
+        use_rslora=options.use_rslora,
+        modules_to_save=options.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model: Any, options: Any, config: Any) -> Any:
+    """A fresh trainable adapter, or ``options.adapter`` loaded trainable and, once more,
+    frozen under the name the core's adapter reference switches to."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    if options.adapter:
+        try:
+            model = PeftModel.from_pretrained(model, options.adapter, is_trainable=True)
+            model.load_adapter(options.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        except (OSError, ValueError) as exc:
+            raise align.ConfigError(
+                f"lora.adapter: cannot load adapter {options.adapter!r}: {exc}"
+            ) from None
+        model.set_adapter("default")
+    else:
+        model = get_peft_model(model, lora_config(options))
+    if config.gradient_checkpointing:
+        model.enable_input_require_grads()  # reentrant checkpointing needs a grad at the input
+    return model
