@@ -262,7 +262,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
     if cfg.eval_deviation and not cfg.eval_data:
         raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
-    out = shared_output_dir(cfg, objective.name)
+    out = shared_output_dir(cfg, cfg.objective)
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
     set_seed(cfg.seed)
@@ -443,6 +443,7 @@ def describe_run(
     """What ``run.json`` records: config, plugin versions, data fingerprints, seed."""
     return {
         "objective": spec.objective.item.name,
+        "preset": spec.preset,
         "provided_by": spec.objective.plugin.label,
         "config": spec.as_dict(),
         "requirements": registry.requirements(),

@@ -321,3 +321,55 @@ def test_core_and_plugin_build_wheels(tmp_path):
     )
     names = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.whl"))
     assert names == ["align_core", "align_plugin_sft"]
+
+
+class FlagPlugin:
+    """A section whose flags clash with a core flag."""
+
+    __name__ = "flag-plugin"
+
+    class Opts(align.Options):
+        on: bool = False
+
+    @align.hookimpl
+    def align_register_sections(self, register):
+        register(
+            align.Section(name="flagged", description="x", options=self.Opts, flags={"lr": "on"})
+        )
+
+
+def test_a_section_flag_may_not_shadow_a_core_flag():
+    registry = load_plugins(extra=[FlagPlugin()])
+    assert "flag --lr is a core flag" in " ".join(registry.plugins["flag-plugin"].errors)
+    assert "flagged" not in registry.sections
+    with pytest.raises(ValueError, match="flag --x names no option 'missing'"):
+        align.Section(name="s", description="x", options=FlagPlugin.Opts, flags={"x": "missing"})
+
+
+def test_a_preset_is_its_objective_with_overridable_defaults():
+    from align.config import resolve
+
+    registry = load_plugins()
+    spec = resolve(registry, None, {"objective": "lora-sft"}, ["lora.r=4"])
+    assert spec.objective.item.name == "sft" and spec.preset == "lora-sft"
+    assert spec.sections["lora"].enabled and spec.sections["lora"].r == 4
+    plain = resolve(registry, None, {"objective": "sft"}, [])
+    assert not plain.sections["lora"].enabled
+    flagged = resolve(registry, None, {"objective": "dpo"}, [], {"lora": {"enabled": True}})
+    assert flagged.sections["lora"].enabled
+
+
+def test_a_preset_of_a_missing_section_is_an_error(monkeypatch):
+    from align.config import resolve
+
+    class BadPreset:
+        __name__ = "bad-preset"
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register(align.Preset("x-sft", "x", objective="sft", sections={"nope": {"a": 1}}))
+
+    monkeypatch.setenv(PLUGINS_ENV, "align-plugin-sft")
+    registry = load_plugins(extra=[BadPreset()])
+    with pytest.raises(align.ConfigError, match="sets section 'nope', which no plugin has"):
+        resolve(registry, None, {"objective": "x-sft"}, [])
