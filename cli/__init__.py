@@ -12,7 +12,7 @@ import click
 from align.config import TrainConfig, resolve
 from align.errors import AlignError
 from align.objective import DATA_FORMATS, Preset, option_keys
-from align.plugins import PLUGINS_ENV, get_registry
+from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
 RUN_FLAGS = [
@@ -77,6 +77,15 @@ SECTION_FLAG = "section__"  # prefix of the parameter names of plugin sections' 
 
 class RunCommand(click.Command):
     """``align run``, with the flags installed plugins' sections declare (``--lora``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            dist = FIRST_PARTY_FLAGS.get(exc.option_name)
+            if dist:
+                exc.message += f" ({exc.option_name} is added by {dist}: pip install {dist})"
+            raise
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = [*self.params, *self._section_params()]

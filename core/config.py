@@ -16,7 +16,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .objective import Options, Preset, option_keys
-from .plugins import PluginRegistry, Registered
+from .plugins import FIRST_PARTY_SECTIONS, PluginRegistry, Registered
 from .suggest import did_you_mean
 
 
@@ -231,6 +231,11 @@ def resolve(
             raise ConfigError(f"preset {preset.name!r} names another preset, {preset.objective!r}")
     _check_reference(config, registered.item)
     objective_name = registered.item.name
+    if preset is not None and preset.name in file_values:
+        raise ConfigError(
+            f"{where_file}: {preset.name!r} is a preset of objective {objective_name!r}; put "
+            f"its options in a section named {objective_name!r}"
+        )
     for name in preset.sections if preset else ():
         if name not in registry.sections:
             raise ConfigError(f"preset {preset.name!r} sets section {name!r}, which no plugin has")
@@ -255,9 +260,11 @@ def resolve(
     for section in set_values:
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]
+            dist = FIRST_PARTY_SECTIONS.get(section)
+            install = f" It is provided by {dist}: pip install {dist}." if dist else ""
             raise ConfigError(
                 f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
-                f" Sections: {', '.join(choices)}.{_broken_hint(registry)}"
+                f" Sections: {', '.join(choices)}.{install}{_broken_hint(registry)}"
             )
     objective_values = dict(preset.options) if preset else {}
     objective_values.update(_file_section(file_values, objective_name, where_file))

@@ -5,9 +5,22 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from .checkpoint import replace_dir
 from .errors import ConfigError
 from .loading import load_causal_lm
+
+
+def _stored_dtype(base: str, trust_remote_code: bool) -> torch.dtype | None:
+    """The dtype the base model's config declares (bf16 stays bf16), or None."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def merge_adapter(
@@ -18,14 +31,20 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> Path:
     """Load ``base`` (default: the adapter's ``base_model_name_or_path``) with the adapter,
-    merge, and write the model (safetensors) and tokenizer to ``output`` atomically."""
+    merge in float32, and write the model (safetensors, in the base's stored dtype) and the
+    tokenizer to ``output`` atomically. ``output`` may not be the adapter's or base's folder."""
     try:
         from peft import PeftConfig, PeftModel
     except ImportError:
         raise ConfigError("align merge needs peft: pip install align-plugin-lora") from None
     from transformers import AutoTokenizer
 
-    target = Path(output)
+    target = Path(output).resolve()
+    for source in (Path(adapter).resolve(), Path(base).resolve() if base else None):
+        if source is not None and (target == source or target in source.parents):
+            raise ConfigError(f"--output {output} would overwrite its own input {source}")
+    if target == Path.cwd() or target.parent == target:
+        raise ConfigError(f"--output {output}: give a directory of its own")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target} exists and is not empty; pass --overwrite to replace it")
     try:
@@ -36,7 +55,15 @@ def merge_adapter(
     if not base:
         raise ConfigError(f"{adapter}: the adapter names no base model; pass --base")
     model = load_causal_lm(base, trust_remote_code, role="base model")
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    stored = _stored_dtype(base, trust_remote_code)
+    try:
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except RuntimeError as exc:  # shapes that do not match the base model
+        raise ConfigError(
+            f"adapter {adapter} does not fit base model {base!r}: {str(exc).splitlines()[0]}"
+        ) from None
+    if stored is not None:  # merged in float32, saved in the base's own precision
+        merged = merged.to(stored)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,14 @@ FIRST_PARTY_OBJECTIVES = {
     "ift": "align-plugin-ift",
 }
 
+# Sections and the flags they add, for the same hint.
+FIRST_PARTY_SECTIONS = {"lora": "align-plugin-lora"}
+FIRST_PARTY_FLAGS = {
+    "--lora": "align-plugin-lora",
+    "--adapter": "align-plugin-lora",
+    "--load-in-4bit": "align-plugin-lora",
+}
+
 
 @dataclass
 class PluginInfo:

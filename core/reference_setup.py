@@ -61,6 +61,7 @@ def make_reference(
     info: dict[str, Any] = {"mode": mode, "ref_model": cfg.ref_model or cfg.model}
     if mode == "adapter":
         reference: Reference = AdapterReference(accelerator.unwrap_model(policy))
+        info["starting_adapter"] = reference.has_reference_adapter
     elif mode == "model":
         reference = starting_copy or ModelReference(
             load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)

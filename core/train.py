@@ -301,7 +301,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         log(
             accelerator,
             f"reference: {reference_info['mode']} mode, {reference_info['ref_model']}"
-            f"{' with its adapter switched off' if reference_info['mode'] == 'adapter' else ''}; "
+            f"{_adapter_note(reference_info)}; "
             f"set up in {reference_info['setup_seconds']}s",
         )
     loaders = {
@@ -430,6 +430,14 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         f"metrics: {out / 'metrics.jsonl'}",
     )
     return out
+
+
+def _adapter_note(info: dict[str, Any]) -> str:
+    if info["mode"] != "adapter":
+        return ""
+    if info.get("starting_adapter"):
+        return " with the starting adapter (a frozen copy) switched on"
+    return " with its adapter switched off"
 
 
 def describe_run(

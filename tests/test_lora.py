@@ -139,7 +139,7 @@ def test_the_adapter_reference_after_three_updates(
     _run(
         "--objective",
         "dpo",
-        "--lora",
+        *([] if start_from_adapter else ["--lora"]),  # --adapter alone switches LoRA on
         "--set",
         "lora.dropout=0",  # dropout would make the training forward differ from eval mode
         *extra,
@@ -230,6 +230,29 @@ def test_merge_gives_the_logits_of_base_plus_adapter(tmp_path, model_dir, data):
     assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(model_dir)(ids).logits)
     again = CliRunner().invoke(cli, ["merge", str(adapter), "--output", str(merged)])
     assert again.exit_code == 1 and "pass --overwrite" in again.output
+    onto_itself = CliRunner().invoke(
+        cli, ["merge", str(adapter), "--output", str(adapter), "--overwrite"]
+    )
+    assert onto_itself.exit_code == 1 and "would overwrite its own input" in onto_itself.output
+    assert (adapter / "adapter_model.safetensors").exists()
+
+
+def test_merge_keeps_the_base_precision_and_names_a_mismatch(tmp_path, model_dir, data):
+    adapter = _train_adapter(tmp_path, model_dir, data)
+    bf16 = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(bf16)
+    merged = tmp_path / "merged"
+    args = ["merge", str(adapter), "--base", str(bf16), "--output", str(merged)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert {t.dtype for t in load_file(merged / "model.safetensors").values()} == {torch.bfloat16}
+    other = tmp_path / "other-base"
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    config.hidden_size, config.intermediate_size = 64, 192
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    args = ["merge", str(adapter), "--base", str(other), "--output", str(tmp_path / "m2")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "does not fit base model" in result.output
 
 
 @pytest.mark.parametrize("objective", ["kto", "minorsft", "ift"])
@@ -263,6 +286,8 @@ def test_lora_composes_with_every_objective(tmp_path, model_dir, data, objective
     )
     config = json.loads((out / "final" / "adapter_config.json").read_text())
     assert config["r"] == 4 and set(config["target_modules"]) == {"q_proj", "v_proj"}
+    weights = load_file(out / "final" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # it trained
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _rows(out))
     if objective != "ift":
         assert _reference_info(out)["mode"] == "adapter"
@@ -289,3 +314,11 @@ def test_lora_flags_are_in_run_help():
     text = CliRunner().invoke(cli, ["run", "--help"]).output
     for flag in ("--lora", "--adapter", "--load-in-4bit"):
         assert flag in text
+
+
+def test_without_the_plugin_the_flags_say_what_to_install(monkeypatch):
+    monkeypatch.setenv(plugins.PLUGINS_ENV, "align-plugin-sft")
+    result = CliRunner().invoke(cli, ["run", "--lora"])
+    assert result.exit_code == 2 and "pip install align-plugin-lora" in result.output
+    result = CliRunner().invoke(cli, ["run", "--set", "lora.r=4"])
+    assert result.exit_code == 1 and "pip install align-plugin-lora" in result.output

@@ -346,7 +346,12 @@ def test_a_section_flag_may_not_shadow_a_core_flag():
         align.Section(name="s", description="x", options=FlagPlugin.Opts, flags={"x": "missing"})
 
 
-def test_a_preset_is_its_objective_with_overridable_defaults():
+def test_a_preset_is_its_objective_with_overridable_defaults(tmp_path):
+    def _yaml_file(text):
+        path = tmp_path / f"run{len(list(tmp_path.iterdir()))}.yaml"
+        path.write_text(text)
+        return str(path)
+
     from align.config import resolve
 
     registry = load_plugins()
@@ -357,6 +362,14 @@ def test_a_preset_is_its_objective_with_overridable_defaults():
     assert not plain.sections["lora"].enabled
     flagged = resolve(registry, None, {"objective": "dpo"}, [], {"lora": {"enabled": True}})
     assert flagged.sections["lora"].enabled
+    off = _yaml_file("objective: lora-sft\nlora:\n  enabled: false\n  r: 4\n")
+    spec = resolve(registry, off, {}, [])
+    assert not spec.sections["lora"].enabled and spec.sections["lora"].r == 4  # file > preset
+    spec = resolve(registry, off, {}, ["lora.r=8"], {"lora": {"enabled": True}})
+    assert spec.sections["lora"].enabled and spec.sections["lora"].r == 8  # flags > file
+    misplaced = _yaml_file("objective: lora-sft\nlora-sft:\n  normalization: sequence\n")
+    with pytest.raises(align.ConfigError, match="put its options in a section named 'sft'"):
+        resolve(registry, misplaced, {}, [])
 
 
 def test_a_preset_of_a_missing_section_is_an_error(monkeypatch):

@@ -29,7 +29,9 @@ def add_adapter(model: Any, options: Any, config: Any) -> Any:
 
     if getattr(model, "is_loaded_in_4bit", False):
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},  # as the core sets it
         )
     if options.adapter:
         try:
@@ -38,6 +40,11 @@ def add_adapter(model: Any, options: Any, config: Any) -> Any:
         except (OSError, ValueError) as exc:
             raise align.ConfigError(
                 f"lora.adapter: cannot load adapter {options.adapter!r}: {exc}"
+            ) from None
+        except RuntimeError as exc:  # shapes that do not match the base model
+            raise align.ConfigError(
+                f"lora.adapter: adapter {options.adapter!r} does not fit model "
+                f"{config.model!r}: {str(exc).splitlines()[0]}"
             ) from None
         model.set_adapter("default")
     else:
