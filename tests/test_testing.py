@@ -1,0 +1,47 @@
+"""The conformance suite itself: it passes a good plugin and fails a broken one."""
+
+pytest_plugins = ["pytester"]
+
+BROKEN_PLUGIN = """
+import torch  # at import time: the suite says so
+import align
+
+
+@align.hookimpl
+def align_register_objectives(register):
+    register(align.Objective(name="broken", description="padding-dependent loss"))
+
+
+@align.hookimpl
+def align_compute_loss(model, batch):
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return align.LossOutput(
+        loss=logits.mean(),  # every position, padding included
+        count=1,
+        metrics={"vector": (logits.mean(-1).sum(-1).detach(), 1)},  # not a scalar
+    )
+"""
+
+SUITE = """
+import broken_plugin
+from align.testing import ObjectiveConformance
+
+
+class TestBroken(ObjectiveConformance):
+    objective = "broken"
+    plugin = broken_plugin
+"""
+
+
+def test_the_suite_fails_a_broken_plugin(pytester, monkeypatch):
+    pytester.makepyfile(broken_plugin=BROKEN_PLUGIN, test_broken=SUITE)
+    monkeypatch.setenv("ALIGN_PLUGINS", "")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3, failed=3)
+    output = result.stdout.str()
+    for check in (
+        "test_extra_padding_leaves_the_loss_unchanged",
+        "test_metrics_are_scalar_sum_count_pairs",
+        "test_importing_the_plugin_does_not_import_torch",
+    ):
+        assert f"FAILED test_broken.py::TestBroken::{check}" in output
