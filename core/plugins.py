@@ -303,6 +303,28 @@ def _selected(env_value: str | None, dist: str | None, ep_name: str) -> bool:
     return bool(wanted & {canonical(dist or ""), canonical(ep_name)})
 
 
+def _core_requirement_problem(dist: Any) -> str | None:
+    """Why the installed align-core does not satisfy what the plugin requires of it, or None."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    for line in (dist.requires or []) if dist is not None else []:
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonical(requirement.name) != CORE_DISTRIBUTION or requirement.marker:
+            continue
+        installed = core_version()
+        if requirement.specifier and not requirement.specifier.contains(
+            installed, prereleases=True
+        ):
+            return (
+                f"incompatible: requires {CORE_DISTRIBUTION}{requirement.specifier}, but "
+                f"{CORE_DISTRIBUTION} {installed} is installed; upgrade the plugin or the core"
+            )
+    return None
+
+
 def load_plugins(extra: Iterable[Any] = ()) -> PluginRegistry:
     """Load entry-point plugins (limited by ``ALIGN_PLUGINS``), then ``extra`` in-process ones.
 
@@ -320,6 +342,10 @@ def load_plugins(extra: Iterable[Any] = ()) -> PluginRegistry:
             continue
         seen.add(key)
         name = ep.name if ep.name not in registry.plugins else f"{dist}:{ep.name}"
+        incompatible = _core_requirement_problem(ep.dist)
+        if incompatible:  # never imported: its hooks could expect another core
+            registry.add_failed(name, dist, version, ep.value, incompatible)
+            continue
         try:
             obj = ep.load()
         except BaseException as exc:  # SyntaxError, ImportError, anything at import time

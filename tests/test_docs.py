@@ -31,6 +31,14 @@ def test_every_hook_is_documented():
         assert f"`{name}`" in CONTRIBUTING, name
 
 
+def test_every_hook_has_a_test():
+    """Each hook is implemented by a plugin in a test (datasette's rule: no untested hook)."""
+    sources = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/*.py")]
+    text = "".join(path.read_text() for path in sources)
+    for name in [n for n in dir(hookspecs) if n.startswith("align_")]:
+        assert f"def {name}(" in text, f"no test implements {name}"
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"```bash\n{ci}\n```" in README

@@ -231,7 +231,7 @@ def _cli(args, env, cwd):
 
 @pytest.fixture(scope="module")
 def installed_plugins(tmp_path_factory):
-    """Three real distributions pip-installed into a target directory."""
+    """Four real distributions pip-installed into a target directory."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [
@@ -244,7 +244,7 @@ def installed_plugins(tmp_path_factory):
             "--no-build-isolation",
             "--target",
             str(target),
-            *(str(FIXTURES / name) for name in ("echo", "broken", "clash")),
+            *(str(FIXTURES / name) for name in ("echo", "broken", "clash", "future")),
         ],
         check=True,
         capture_output=True,
@@ -263,6 +263,9 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
     assert plugins["align-test-plugin-echo"]["objectives"] == ["echo"]
     assert plugins["align-test-plugin-echo"]["version"] == "0.0.1"
     assert "ModuleNotFoundError" in plugins["align-test-plugin-broken"]["errors"][0]
+    future = plugins["align-test-plugin-future"]
+    assert future["status"] == "error" and not future["objectives"] and not future["hooks"]
+    assert future["errors"][0].startswith("incompatible: requires align-core>=99, but")
     for dist in ("align-test-plugin-clash", "align-plugin-sft"):
         assert (
             "align-plugin-sft, align-test-plugin-clash" in plugins[dist]["errors"][0]
@@ -386,3 +389,39 @@ def test_a_preset_of_a_missing_section_is_an_error(monkeypatch):
     registry = load_plugins(extra=[BadPreset()])
     with pytest.raises(align.ConfigError, match="sets section 'nope', which no plugin has"):
         resolve(registry, None, {"objective": "x-sft"}, [])
+
+
+class Reverser:
+    """Data hooks of the selected objective only: reverses the split, marks its batches."""
+
+    __name__ = "reverser"
+
+    @align.hookimpl
+    def align_register_objectives(self, register):
+        register(align.Objective(name="rev", description="test"))
+
+    @align.hookimpl
+    def align_prepare_dataset(self, examples, split, config):
+        return [{**e, "split": split, "seed": config.seed} for e in reversed(examples)]
+
+    @align.hookimpl
+    def align_build_batch(self, examples, tokenizer):
+        batch = align.default_batch("prompt_completion", examples, tokenizer.pad_token_id)
+        return {**batch, "order": [e["input_ids"][1] for e in examples]}
+
+
+def test_data_hooks_reach_only_the_selected_objectives_plugin(tokenizer):
+    from align.config import resolve
+    from align.objective_hooks import ObjectiveHooks
+
+    registry = load_plugins(extra=[Reverser()])
+    examples = [{"input_ids": [1, i, 2], "completion_mask": [0, 1, 1]} for i in (5, 6, 7)]
+    rev = resolve(registry, None, {"objective": "rev", "seed": 3}, [])
+    hooks = ObjectiveHooks(registry, rev, tokenizer)
+    prepared = hooks.prepare_dataset([dict(e) for e in examples], "eval", rev.config)
+    assert [e["input_ids"][1] for e in prepared] == [7, 6, 5]
+    assert prepared[0]["split"] == "eval" and prepared[0]["seed"] == 3
+    assert hooks.build_batch(prepared)["order"] == [7, 6, 5]
+    sft = ObjectiveHooks(registry, resolve(registry, None, {"objective": "sft"}, []), tokenizer)
+    assert sft.prepare_dataset([dict(e) for e in examples], "train", rev.config) == examples
+    assert "order" not in sft.build_batch(examples)
