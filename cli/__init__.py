@@ -309,5 +309,23 @@ def merge(
     click.echo(f"Merged model: {output}")
 
 
+@cli.command("new-plugin")
+@click.argument("name")
+@click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), help="Parent.")
+def new_plugin(name: str, directory: str) -> None:
+    """Write a ready-to-install objective plugin project, align-plugin-NAME/.
+
+    It holds a pyproject with the entry point and the core version bound, a module with the
+    objective and a starting loss, a README and a test that runs the align.testing suite.
+    """
+    from align.scaffold import new_plugin as scaffold
+
+    try:
+        root = scaffold(name, directory)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Wrote {root}. Next: pip install -e '{root}[test]' && python -m pytest {root}")
+
+
 def main() -> None:
     cli()
