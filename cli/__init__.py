@@ -130,6 +130,9 @@ def cli() -> None:
     align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
+    align inspect --objective dpo      the first examples, token by token, with loss masks
+    align plot RUN_DIR                 loss and metric curves of a run as a PNG
+    align new-plugin NAME              start an objective plugin project
     align objectives                   objectives installed, with their options
     align plugins                      plugins installed, their versions, hooks and errors
     """
@@ -307,6 +310,40 @@ def merge(
     except AlignError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Merged model: {output}")
+
+
+@cli.command(cls=RunCommand)
+@_run_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As for align run.")
+@click.option("-n", "count", default=3, show_default=True, help="Examples to show.")
+def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags: Any) -> None:
+    """Show the first examples as the model will see them: each token, its id, whether the loss
+    trains on it, and special tokens. Takes align run's options (--objective, --model, --data,
+    --max-length, --truncation, ...); with neither --model nor --data, the demo's."""
+    try:
+        registry = get_registry()
+        section_flags = _split_section_flags(flags)
+        spec = resolve(registry, config_file, flags, list(sets), section_flags)
+        from align.inspect_data import inspect_examples
+
+        inspect_examples(spec, registry, count, click.echo)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG (default: in RUN_DIR).")
+def plot(run_dir: str, output: str | None) -> None:
+    """Plot a run's loss and metric curves from metrics.jsonl to a PNG (needs matplotlib)."""
+    from align.plot import plot_run
+
+    try:
+        target = plot_run(run_dir, output)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Wrote {target}")
 
 
 @cli.command("new-plugin")

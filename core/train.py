@@ -111,10 +111,8 @@ def shared_output_dir(cfg: Any, objective: str) -> Path:
     return Path(result[0])
 
 
-def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
-    """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
-
-    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
+def load_tokenizer(cfg: Any) -> Any:
+    """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
     from transformers import AutoTokenizer
 
     try:
@@ -123,7 +121,6 @@ def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
-    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(
@@ -131,6 +128,15 @@ def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
             )
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
+    """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
+
+    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x

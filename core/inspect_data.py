@@ -1,0 +1,51 @@
+"""``align inspect``: tokenised examples as the model will see them, token by token.
+
+Each sequence of an example is listed with its token ids, the decoded token, and whether the
+loss trains on it, with special tokens marked: the check users want when a chat template or a
+loss mask goes wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .config import RunSpec
+from .formats import tokenize_records
+from .objective_hooks import ObjectiveHooks
+from .plugins import PluginRegistry
+from .records import read_records
+
+
+def inspect_examples(
+    spec: RunSpec, registry: PluginRegistry, count: int, echo: Callable[[str], None]
+) -> None:
+    from .train import apply_demo_defaults, load_tokenizer
+
+    apply_demo_defaults(spec)
+    cfg = spec.config
+    tokenizer = load_tokenizer(cfg)
+    hooks = ObjectiveHooks(registry, spec, tokenizer)
+    records = read_records(cfg.data)
+    fmt = spec.objective.item.data_format
+    examples, report = tokenize_records(
+        records, fmt, tokenizer, cfg.max_length, cfg.truncation, "train"
+    )
+    examples = hooks.prepare_dataset(examples, "train", cfg)
+    echo(f"{cfg.data}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
+    echo(f"objective {spec.objective.item.name}, data format {fmt}, tokenizer {cfg.model}")
+    special = set(tokenizer.all_special_ids)
+    for number, example in enumerate(examples[:count], start=1):
+        extra = {k: v for k, v in example.items() if not k.endswith(("input_ids", "_mask"))}
+        echo(f"\n=== example {number} {extra if extra else ''}".rstrip())
+        for key in [k for k in example if k.endswith("input_ids")]:
+            prefix = key[: -len("input_ids")]
+            ids, mask = example[key], example[f"{prefix}completion_mask"]
+            label = prefix.rstrip("_") or "sequence"
+            echo(f"--- {label} ({len(ids)} tokens, {sum(mask)} trained)")
+            for i, (token_id, trained) in enumerate(zip(ids, mask, strict=True)):
+                text = repr(tokenizer.decode([token_id]))
+                mark = "TRAIN" if trained else "     "
+                tag = "  <special>" if token_id in special else ""
+                echo(f"{i:>5} {token_id:>7} {mark} {text}{tag}")
+            trained_text = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m])
+            echo(f"    trained text: {trained_text!r}")
