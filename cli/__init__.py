@@ -316,7 +316,9 @@ def merge(
 @_run_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As for align run.")
-@click.option("-n", "count", default=3, show_default=True, help="Examples to show.")
+@click.option(
+    "-n", "count", default=3, show_default=True, type=click.IntRange(1), help="Examples to show."
+)
 def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags: Any) -> None:
     """Show the first examples as the model will see them: each token, its id, whether the loss
     trains on it, and special tokens. Takes align run's options (--objective, --model, --data,

@@ -43,7 +43,8 @@ def inspect_examples(
             label = prefix.rstrip("_") or "sequence"
             echo(f"--- {label} ({len(ids)} tokens, {sum(mask)} trained)")
             for i, (token_id, trained) in enumerate(zip(ids, mask, strict=True)):
-                text = repr(tokenizer.decode([token_id]))
+                piece = tokenizer.convert_ids_to_tokens(token_id)
+                text = f"{tokenizer.decode([token_id])!r} {piece!r}"
                 mark = "TRAIN" if trained else "     "
                 tag = "  <special>" if token_id in special else ""
                 echo(f"{i:>5} {token_id:>7} {mark} {text}{tag}")

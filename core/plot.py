@@ -23,17 +23,26 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise ConfigError(f"{run_dir}: no metrics.jsonl (is it a run directory?)")
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    points: dict[str, dict[str, dict[float, float]]] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int | float):
+            raise ConfigError(f"{path}, line {number}: a row without a numeric 'step'")
         for key, value in row.items():
             if key in SKIP or not isinstance(value, int | float):
                 continue
             name, split = (key[5:], "eval") if key.startswith("eval_") else (key, "train")
-            series.setdefault(name, {}).setdefault(split, []).append((row["step"], value))
+            # the last value of a step wins: a resumed run rewrites the steps it repeats
+            points.setdefault(name, {}).setdefault(split, {})[row["step"]] = value
+    series = {
+        name: {split: sorted(values.items()) for split, values in splits.items()}
+        for name, splits in points.items()
+    }
     if not series:
         raise ConfigError(f"{path}: no metrics to plot")
     names = (

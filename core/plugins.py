@@ -304,20 +304,30 @@ def _selected(env_value: str | None, dist: str | None, ep_name: str) -> bool:
 
 
 def _core_requirement_problem(dist: Any) -> str | None:
-    """Why the installed align-core does not satisfy what the plugin requires of it, or None."""
-    from packaging.requirements import InvalidRequirement, Requirement
+    """Why the installed align-core does not satisfy what the plugin requires of it, or None.
 
+    A core running from a source tree (version unknown) is not judged; a pre-release or
+    development core counts as its release (0.2.0.dev3 as 0.2.0)."""
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        installed = Version(core_version())
+    except InvalidVersion:
+        return None
+    if installed.local == "unknown":
+        return None
+    release = Version(installed.base_version)
     for line in (dist.requires or []) if dist is not None else []:
         try:
             requirement = Requirement(line)
         except InvalidRequirement:
             continue
-        if canonical(requirement.name) != CORE_DISTRIBUTION or requirement.marker:
+        if canonical(requirement.name) != CORE_DISTRIBUTION:
             continue
-        installed = core_version()
-        if requirement.specifier and not requirement.specifier.contains(
-            installed, prereleases=True
-        ):
+        if requirement.marker and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        if not requirement.specifier.contains(release, prereleases=True):
             return (
                 f"incompatible: requires {CORE_DISTRIBUTION}{requirement.specifier}, but "
                 f"{CORE_DISTRIBUTION} {installed} is installed; upgrade the plugin or the core"

@@ -112,7 +112,12 @@ def new_plugin(name: str, directory: str | Path = ".") -> Path:
     root = Path(directory) / f"align-plugin-{name}"
     if root.exists():
         raise ConfigError(f"{root} already exists")
-    major, minor = (int(part) for part in core_version().split(".")[:2])
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        major, minor = (*Version(core_version()).release, 0)[:2]
+    except InvalidVersion:
+        major, minor = 0, 1
     requirement = f"align-core>={major}.{minor},<{major}.{minor + 1}"
     if major:
         requirement = f"align-core>={major}.{minor},<{major + 1}"

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -97,6 +98,14 @@ class _OneProcess:
     def reduce(self, tensor: Any, reduction: str = "sum") -> Any:
         return tensor
 
+    def gather(self, tensor: Any) -> Any:
+        return tensor
+
+    gather_for_metrics = gather
+
+    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0) -> Any:
+        return tensor
+
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
@@ -155,7 +164,15 @@ class ObjectiveConformance:
         )
         examples = hooks.prepare_dataset(examples, "train", spec.config)
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).train()
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = registry.chain_hook(
+            "align_prepare_model",
+            "model",
+            model,
+            tokenizer=tokenizer,
+            config=spec.config,
+            sections=spec.sections,
+        ).train()
         reference = (
             ModelReference.frozen_copy(model) if spec.objective.item.needs_reference else None
         )
@@ -235,13 +252,19 @@ class ObjectiveConformance:
                 assert torch.as_tensor(part).numel() == 1, f"{name}: not a scalar"
 
     def test_importing_the_plugin_does_not_import_torch(self, registry: Any) -> None:
-        module = registry.objective(self.objective).plugin.module
-        code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        assert result.returncode == 0, f"importing {module} imports torch{result.stderr[-500:]}"
+        info = registry.objective(self.objective).plugin
+        obj = info.obj
+        module = obj.__name__ if isinstance(obj, ModuleType) else type(obj).__module__
+        code = f"import sys\nimport {module}\nsys.exit(3 if 'torch' in sys.modules else 0)"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env
+        )
+        assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
+        assert result.returncode == 0, f"importing {module} imports torch; import it in hooks"
 
     def test_a_two_step_run_saves_a_model_that_loads(
-        self, setup: SimpleNamespace, tmp_path: Path
+        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
     ) -> None:
         from click.testing import CliRunner
         from transformers import AutoModelForCausalLM
@@ -254,6 +277,7 @@ class ObjectiveConformance:
         args += ["--output-dir", str(out), "--max-length", "64"]
         for key, value in self.options.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
+        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))  # not the user's cache
         reset_accelerate()
         try:
             result = CliRunner().invoke(cli, args)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import align
+from align import plugins as plugins_module
 from align.errors import PluginError
 from align.plugins import PLUGINS_ENV, load_plugins
 
@@ -425,3 +426,22 @@ def test_data_hooks_reach_only_the_selected_objectives_plugin(tokenizer):
     sft = ObjectiveHooks(registry, resolve(registry, None, {"objective": "sft"}, []), tokenizer)
     assert sft.prepare_dataset([dict(e) for e in examples], "train", rev.config) == examples
     assert "order" not in sft.build_batch(examples)
+
+
+@pytest.mark.parametrize(
+    ("core", "requires", "incompatible"),
+    [
+        ("0.1.0", ["align-core>=0.1,<0.2"], False),
+        ("0.1.0", ["align-core>=99"], True),
+        ("0.2.0.dev3", ["align-core>=0.2,<0.3"], False),  # a dev core counts as its release
+        ("0+unknown", ["align-core>=0.1,<0.2"], False),  # a source tree is not judged
+        ("0.1.0", ["align-core>=99; python_version < '3'"], False),  # a marker that is false
+        ("0.1.0", ["torch>=2.4"], False),  # no requirement on the core at all
+    ],
+)
+def test_core_version_ranges(monkeypatch, core, requires, incompatible):
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(plugins_module, "core_version", lambda: core)
+    problem = plugins_module._core_requirement_problem(SimpleNamespace(requires=requires))
+    assert (problem is not None) == incompatible, problem
