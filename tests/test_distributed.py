@@ -15,6 +15,10 @@ from safetensors.torch import load_file
 from align.cli import cli
 from align.metrics import MetricSums
 
+# torchrun picks free ports for its rendezvous; two launches at once on the xdist workers can
+# race for one, so every test here runs on the same worker (pytest's --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def _torchrun(*args):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
