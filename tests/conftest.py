@@ -66,6 +66,20 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def pip_install_into(target: Path, *projects: Path | str) -> None:
+    """``pip install`` local projects into a ``--target`` directory (no dependencies, offline)."""
+    import subprocess
+    import sys
+
+    args = ["install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
+    subprocess.run(
+        [sys.executable, "-m", "pip", *args, *map(str, projects)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 def _write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import pip_install_into
 
 import align
 from align import plugins as plugins_module
@@ -234,23 +235,7 @@ def _cli(args, env, cwd):
 def installed_plugins(tmp_path_factory):
     """Four real distributions pip-installed into a target directory."""
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            *(str(FIXTURES / name) for name in ("echo", "broken", "clash", "future")),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    pip_install_into(target, *(FIXTURES / name for name in ("echo", "broken", "clash", "future")))
     return target
 
 

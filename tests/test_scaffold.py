@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
+from conftest import pip_install_into
 
 from align.cli import cli
 
@@ -16,23 +17,7 @@ def test_a_new_plugin_installs_and_passes_the_suite(tmp_path):
     pyproject = (project / "pyproject.toml").read_text()
     assert 'my-loss = "align_my_loss"' in pyproject and '"align-core>=0.1,<0.2"' in pyproject
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(project),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    pip_install_into(target, project)
     env = {**os.environ, "PYTHONPATH": str(target), "ALIGN_CACHE": str(tmp_path / "cache")}
     env.pop("ALIGN_PLUGINS", None)
     suite = subprocess.run(

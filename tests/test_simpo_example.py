@@ -26,6 +26,21 @@ def _run(args, env, cwd, check=True):
     return result
 
 
+def _align_run(python: str, out: Path) -> list[str]:
+    return [
+        python,
+        "-m",
+        "align.cli",
+        "run",
+        "--objective",
+        "simpo",
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
+
+
 def test_the_simpo_example_round_trip(tmp_path):
     try:
         metadata.version("align-plugin-simpo")
@@ -74,43 +89,12 @@ def test_the_simpo_example_round_trip(tmp_path):
     )
     assert " passed" in suite.stdout and "failed" not in suite.stdout
 
-    run = _run(
-        [
-            python,
-            "-m",
-            "align.cli",
-            "run",
-            "--objective",
-            "simpo",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(tmp_path / "run"),
-        ],
-        env,
-        tmp_path,
-    )
+    run = _run(_align_run(python, tmp_path / "run"), env, tmp_path)
     assert (tmp_path / "run" / "final" / "model.safetensors").exists(), run.stderr
     listing = _run([python, "-m", "align.cli", "plugins"], env, tmp_path, check=False)
     assert "align-plugin-simpo 0.1.0  [ok]" in listing.stdout
 
     _run([python, "-m", "pip", "uninstall", "-q", "-y", "align-plugin-simpo"], env, tmp_path)
-    gone = _run(
-        [
-            python,
-            "-m",
-            "align.cli",
-            "run",
-            "--objective",
-            "simpo",
-            "--max-steps",
-            "2",
-            "--output-dir",
-            str(tmp_path / "gone"),
-        ],
-        env,
-        tmp_path,
-        check=False,
-    )
+    gone = _run(_align_run(python, tmp_path / "gone"), env, tmp_path, check=False)
     assert gone.returncode == 1
     assert "unknown objective 'simpo'" in gone.stderr and "Installed objectives:" in gone.stderr
