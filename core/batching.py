@@ -6,6 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def sequence_prefixes(keys: Any) -> list[str]:
+    """The prefixes of the sequences in an example or batch: ``""`` for ``input_ids``,
+    ``"chosen_"`` for ``chosen_input_ids`` and so on, in key order."""
+    return [key[: -len("input_ids")] for key in keys if key.endswith("input_ids")]
+
+
 def pad(sequences: Sequence[Sequence[int]], value: int) -> Any:
     """Right-pad integer sequences into a ``[len(sequences), longest]`` long tensor."""
     import torch

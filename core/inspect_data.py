@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .batching import sequence_prefixes
 from .config import RunSpec
 from .formats import tokenize_records
 from .objective_hooks import ObjectiveHooks
@@ -37,9 +38,8 @@ def inspect_examples(
     for number, example in enumerate(examples[:count], start=1):
         extra = {k: v for k, v in example.items() if not k.endswith(("input_ids", "_mask"))}
         echo(f"\n=== example {number} {extra if extra else ''}".rstrip())
-        for key in [k for k in example if k.endswith("input_ids")]:
-            prefix = key[: -len("input_ids")]
-            ids, mask = example[key], example[f"{prefix}completion_mask"]
+        for prefix in sequence_prefixes(example):
+            ids, mask = example[f"{prefix}input_ids"], example[f"{prefix}completion_mask"]
             label = prefix.rstrip("_") or "sequence"
             echo(f"--- {label} ({len(ids)} tokens, {sum(mask)} trained)")
             for i, (token_id, trained) in enumerate(zip(ids, mask, strict=True)):

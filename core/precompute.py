@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .batching import sequence_batch
+from .batching import sequence_batch, sequence_prefixes
 from .cache import cache_dir
 from .errors import PluginError
 from .logprobs import forward_logps
@@ -46,11 +46,10 @@ def example_sequences(examples: Iterable[dict[str, Any]]) -> dict[bytes, tuple[l
     """Each ``<prefix>input_ids`` and its ``<prefix>completion_mask`` in the examples."""
     sequences: dict[bytes, tuple[list, list]] = {}
     for example in examples:
-        for key in example:
-            if key.endswith("input_ids"):
-                mask = example.get(key[: -len("input_ids")] + "completion_mask")
-                if mask is not None:
-                    sequences.setdefault(sequence_digest(example[key], mask), (example[key], mask))
+        for prefix in sequence_prefixes(example):
+            ids, mask = example[f"{prefix}input_ids"], example.get(f"{prefix}completion_mask")
+            if mask is not None:
+                sequences.setdefault(sequence_digest(ids, mask), (ids, mask))
     return sequences
 
 

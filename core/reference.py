@@ -77,7 +77,7 @@ class AdapterReference(Reference):
     mode = "adapter"
 
     def __init__(self, policy: Any) -> None:
-        if not callable(getattr(policy, "disable_adapter", None)):
+        if not has_adapter(policy):
             raise ConfigError(
                 "--reference adapter needs a policy with a PEFT (LoRA) adapter, and this model "
                 "has none; add one with a model-preparation plugin (--lora), or use "

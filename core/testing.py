@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import pytest
 
 from . import plugins
+from .batching import sequence_prefixes
 from .plugins import PLUGINS_ENV
 
 SAMPLE_RECORDS = {
@@ -110,10 +111,6 @@ class _OneProcess:
         return contextlib.nullcontext()
 
 
-def _sequence_prefixes(batch: dict[str, Any]) -> list[str]:
-    return [k[: -len("input_ids")] for k in batch if k.endswith("input_ids")]
-
-
 class ObjectiveConformance:
     """Subclass as ``TestSomething`` and set ``objective`` (and maybe ``plugin``, ``options``)."""
 
@@ -187,7 +184,7 @@ class ObjectiveConformance:
         import torch
 
         batch = setup.hooks.build_batch(setup.examples)
-        prefixes = _sequence_prefixes(batch)
+        prefixes = sequence_prefixes(batch)
         assert prefixes, "a batch needs at least one <prefix>input_ids tensor"
         rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes}
         for prefix in prefixes:
@@ -228,7 +225,7 @@ class ObjectiveConformance:
 
         batch = setup.hooks.build_batch(setup.examples)
         padded = dict(batch)
-        for prefix in _sequence_prefixes(batch):
+        for prefix in sequence_prefixes(batch):
             for name, fill in (
                 ("input_ids", setup.tokenizer.pad_token_id),
                 ("attention_mask", 0),

@@ -427,6 +427,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
     metrics_log.close()
     accelerator.end_training()
+    if accelerator.num_processes > 1:  # a process group left up can abort the exit (gloo)
+        accelerator.state.destroy_process_group()
     if accelerator.is_main_process:
         run_info.update(status="completed", seconds=round(time.time() - started, 1))
         write_json(out / "run.json", run_info)

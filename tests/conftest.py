@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from align import demo, plugins
+from align.testing import reset_accelerate
 
 
 @pytest.fixture(autouse=True)
@@ -22,18 +23,6 @@ def isolated_plugins(monkeypatch, tmp_path_factory):
     yield
     plugins.reset_registry()
     reset_accelerate()
-
-
-def reset_accelerate():
-    """Accelerate keeps process-wide state; each in-process run starts from a clean one."""
-    import sys
-
-    if "accelerate.state" in sys.modules:
-        from accelerate.state import AcceleratorState, GradientState, PartialState
-
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +55,30 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def pip_install_into(target: Path, *projects: Path | str) -> None:
-    """``pip install`` local projects into a ``--target`` directory (no dependencies, offline)."""
+def _pip(*args: str) -> None:
     import subprocess
     import sys
 
-    args = ["install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
-    subprocess.run(
-        [sys.executable, "-m", "pip", *args, *map(str, projects)],
-        check=True,
-        capture_output=True,
-        timeout=300,
+    command = [sys.executable, "-m", "pip", *args]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+
+
+def pip_install_into(target: Path, *projects: Path | str) -> None:
+    """``pip install`` local projects into a ``--target`` directory (no dependencies, offline)."""
+    _pip(
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(target),
+        *map(str, projects),
     )
+
+
+def pip_wheel_into(target: Path, *projects: Path | str) -> None:
+    """Build wheels of local projects into ``target`` (no dependencies, offline)."""
+    _pip("wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(target), *map(str, projects))
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

@@ -57,6 +57,7 @@ def main(model_dir: str, out: str, data: str) -> None:
         save_file(grads, str(Path(out) / "grads.safetensors"))
         (Path(out) / "metrics.json").write_text(json.dumps(reduced))
     accelerator.wait_for_everyone()
+    accelerator.state.destroy_process_group()  # or gloo's threads may abort the exit
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import pip_install_into
+from conftest import pip_install_into, pip_wheel_into
 
 import align
 from align import plugins as plugins_module
@@ -290,24 +290,7 @@ def test_listing_commands_do_not_import_torch(tmp_path):
 
 
 def test_core_and_plugin_build_wheels(tmp_path):
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-            str(ROOT / "plugins" / "sft"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    pip_wheel_into(tmp_path, ROOT, ROOT / "plugins" / "sft")
     names = sorted(p.name.split("-")[0] for p in tmp_path.glob("*.whl"))
     assert names == ["align_core", "align_plugin_sft"]
 

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from conftest import pip_wheel_into
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "simpo"
@@ -53,22 +54,7 @@ def test_the_simpo_example_round_trip(tmp_path):
     source = tmp_path / "simpo"  # build from a copy: nothing stale from the source tree
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     wheels = tmp_path / "wheels"
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(wheels),
-            str(source),
-        ],
-        env,
-        tmp_path,
-    )
+    pip_wheel_into(wheels, source)
     (wheel,) = wheels.glob("align_plugin_simpo-*.whl")
 
     venv = tmp_path / "venv"
