@@ -37,6 +37,8 @@ RUN_FLAGS = [
     "precision",
     "gradient_checkpointing",
     "save_every",
+    "keep_last",
+    "resume",
     "eval_every",
     "log_every",
     "trust_remote_code",
@@ -44,6 +46,8 @@ RUN_FLAGS = [
     "ref_model",
     "eval_deviation",
     "overwrite",
+    "on_nonfinite",
+    "num_processes",
 ]
 
 
@@ -55,6 +59,16 @@ def _option_for(name: str) -> Any:
     base = args[0] if args and typing.get_origin(annotation) is not typing.Literal else annotation
     default = f" [default: {field.default}]" if field.default is not None else ""
     help_text = (field.description or "") + default
+    if name == "resume":  # --resume alone means the latest checkpoint
+        return click.option(
+            flag,
+            name,
+            is_flag=False,
+            flag_value="latest",
+            default=None,
+            metavar="[PATH]",
+            help=help_text,
+        )
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
     if typing.get_origin(annotation) is typing.Literal:
@@ -79,6 +93,7 @@ class RunCommand(click.Command):
     """``align run``, with the flags installed plugins' sections declare (``--lora``)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["align.args"] = list(args)  # what --num-processes passes on to each process
         try:
             return super().parse_args(ctx, args)
         except click.NoSuchOption as exc:
@@ -162,17 +177,37 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     data, with demo defaults (lr 3e-3, batch 16, 4 epochs, cosine) for options you do not
     set. --batch-size is per process; --max-steps wins over --epochs. Output goes to
     --output-dir (default runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and
-    checkpoints/step-N/. Flags that plugins add (such as --lora) set options of their sections.
+    checkpoints/step-N/ (every --save-every N steps, and on SIGINT/SIGTERM, which then stop
+    the run). --resume continues an interrupted run from its newest checkpoint, exactly as if
+    it had not stopped; --num-processes N trains data-parallel on N processes. Flags that
+    plugins add (such as --lora) set options of their sections.
     """
+    from align.launch import launch, needs_launch
+
     try:
         registry = get_registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
+        if needs_launch(spec.config.num_processes):
+            args = click.get_current_context().meta["align.args"]
+            sys.exit(launch(spec.config.num_processes, args))
         from align.train import train
 
         train(spec, registry)
     except AlignError as exc:
-        raise click.ClickException(str(exc)) from None
+        _exit_with(exc)
+    except KeyboardInterrupt:
+        click.echo("Interrupted before training started; nothing to save.", err=True)
+        sys.exit(130)
+
+
+def _exit_with(exc: AlignError) -> None:
+    """Print the error (from the first process only, when there are several) and exit."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        click.echo(f"Error: {exc}", err=True)
+    sys.exit(getattr(exc, "exit_code", 1))
 
 
 @cli.command()

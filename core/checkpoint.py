@@ -1,6 +1,7 @@
 """Writing model directories and run files so a reader never sees half of one.
 
-Everything is written into a temporary sibling and renamed into place.
+Everything is written into a temporary sibling, flushed to disk and renamed into place: a
+process killed at any moment leaves either the previous directory or the new one, complete.
 """
 
 from __future__ import annotations
@@ -16,33 +17,75 @@ from .reference import REFERENCE_ADAPTER
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
-def save_model_dir(
-    accelerator: Any, model: Any, tokenizer: Any, target: Path, state: dict[str, Any] | None = None
-) -> None:
-    """Save model (safetensors) and tokenizer to ``target`` atomically; every process calls it."""
+def temporary_sibling(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp")
+
+
+def write_model(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -> None:
+    """Model weights (safetensors; the adapter only for a PEFT model) and tokenizer into an
+    existing directory. Every process calls it (FSDP gathers the weights); the main one writes.
+    """
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
         adapters = {}
         if hasattr(unwrapped, "peft_config"):  # adapter-only, without the frozen reference one
             names = [n for n in unwrapped.peft_config if n != REFERENCE_ADAPTER]
             adapters = {"selected_adapters": names}
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True, **adapters)
-        tokenizer.save_pretrained(tmp)
+        unwrapped.save_pretrained(
+            directory, state_dict=state_dict, safe_serialization=True, **adapters
+        )
+        tokenizer.save_pretrained(directory)
+
+
+def save_model_dir(
+    accelerator: Any, model: Any, tokenizer: Any, target: Path, state: dict[str, Any] | None = None
+) -> None:
+    """Save model and tokenizer to ``target`` atomically; every process calls it."""
+    tmp = temporary_sibling(target)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    write_model(accelerator, model, tokenizer, tmp)
+    if accelerator.is_main_process:
         if state is not None:
             write_json(tmp / "trainer_state.json", state)
         replace_dir(tmp, target)
     accelerator.wait_for_everyone()
 
 
+def sync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and the directories themselves to disk."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _sync_dir(Path(root))
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished directory into place, replacing ``target`` if it exists."""
+    sync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -51,3 +94,4 @@ def replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
+    _sync_dir(target.parent)

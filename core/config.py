@@ -57,7 +57,28 @@ class TrainConfig(Options):
     )
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps.")
+    save_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data)."
+    )
+    keep_last: int | None = Field(
+        None, ge=1, description="Keep only the newest K checkpoints (default: all)."
+    )
+    resume: str | None = Field(
+        None,
+        description="Continue an interrupted run: 'latest' (the newest complete checkpoint in "
+        "output_dir) or a checkpoint directory.",
+    )
+    on_nonfinite: Literal["error", "skip"] = Field(
+        "error",
+        description="A NaN or infinite loss or gradient: stop the run naming the step and its "
+        "examples (error), or leave the weights unchanged for that step and count it (skip).",
+    )
+    num_processes: int | None = Field(
+        None,
+        ge=1,
+        description="Data-parallel processes: align launches them (torchrun) and refuses to train "
+        "on any other number.",
+    )
     eval_every: int | None = Field(
         None, ge=1, description="Evaluate every N steps (and at the end)."
     )

@@ -203,6 +203,7 @@ def tokenize_records(
         except TokenizeError as exc:
             raise record.error(str(exc), exc.field) from None
         for example in built if isinstance(built, list) else [built]:
+            example["record"] = record.location  # named when the example's loss is not finite
             try:
                 report.truncated += _truncate(example, max_length, truncation, record)
             except _Skip as skip:

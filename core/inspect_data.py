@@ -20,7 +20,7 @@ from .records import read_records
 def inspect_examples(
     spec: RunSpec, registry: PluginRegistry, count: int, echo: Callable[[str], None]
 ) -> None:
-    from .train import apply_demo_defaults, load_tokenizer
+    from .setup import apply_demo_defaults, load_tokenizer
 
     apply_demo_defaults(spec)
     cfg = spec.config

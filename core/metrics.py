@@ -59,6 +59,16 @@ class MetricSums:
             stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum").cpu()
         return {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}
 
+    def merge(self, other: MetricSums) -> None:
+        """Add another's totals (a step's, once it is known to be good)."""
+        for name, (value, count) in other._totals.items():
+            self.add(name, value, count)
+
+    def restore(self, totals: Mapping[str, tuple[float, float]]) -> None:
+        """Add totals saved by a checkpoint (``totals()`` of the interrupted run)."""
+        for name, (value, count) in totals.items():
+            self.add(name, value, count)
+
     def clear(self) -> None:
         self._totals.clear()
 

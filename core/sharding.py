@@ -82,8 +82,14 @@ class ShardedBatches:
         return len(self._batches())
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _indices, batch in self.batches():
+            yield batch
+
+    def batches(self, start: int = 0) -> Iterator[tuple[list[int], dict[str, Any]]]:
+        """``(example indices, batch)`` of this epoch's micro-batches from number ``start`` on
+        (a resumed run skips what it trained on without building those batches)."""
         from accelerate.utils import send_to_device
 
-        for indices in self._batches():
+        for indices in self._batches()[start:]:
             batch = self.collate([self.examples[i] for i in indices])
-            yield send_to_device(batch, self.accelerator.device)
+            yield indices, send_to_device(batch, self.accelerator.device)

@@ -1,4 +1,4 @@
-"""The training loop: set up, build data, step, log, evaluate, checkpoint.
+"""The training loop: set up, build data, step, log, evaluate, checkpoint, resume.
 
 Nothing here is specific to an objective: the selected objective's plugin builds batches and
 computes the loss through hooks, and any plugin may add metrics or prepare the model.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
-import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -19,176 +20,48 @@ from typing import Any
 
 import torch
 
-from . import demo
+from . import resume
 from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
 from .deviation import deviation_sums
 from .errors import ConfigError, PluginError
-from .formats import DataReport, tokenize_records
-from .loading import load_causal_lm
+from .formats import DataReport
+from .launch import check_world_size
 from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
 from .plugins import PluginRegistry
-from .records import fingerprint, read_records
+from .records import fingerprint
 from .reference_setup import copy_starting_model, make_reference
 from .run import Run
+from .setup import (
+    apply_demo_defaults,
+    build_examples,
+    load_model,
+    load_tokenizer,
+    make_optimizer,
+    make_scheduler,
+    shared_output_dir,
+)
 from .sharding import ShardedBatches
+from .stopping import (
+    RunStopped,
+    StopSignals,
+    nonfinite,
+    nonfinite_message,
+    offending_examples,
+)
+
+DEEPSPEED_REFUSED = (
+    "DeepSpeed is not supported: align makes the accumulated gradient that of one large batch "
+    "by scaling gradients after backward, and DeepSpeed's engine takes the optimizer step inside "
+    "backward. Use FSDP for sharded training (examples/accelerate/fsdp.yaml)."
+)
 
 
 def log(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
         print(message, file=sys.stderr, flush=True)
-
-
-# -- set-up ---------------------------------------------------------------------------------------
-def apply_demo_defaults(spec: RunSpec) -> bool:
-    """Fill model, data and demo hyperparameters when neither --model nor --data was given."""
-    cfg = spec.config
-    if cfg.model is None and cfg.data is None:
-        fmt = spec.objective.item.data_format
-        updates = {k: v for k, v in demo.DEMO_SETTINGS.items() if k not in cfg.model_fields_set}
-        updates["model"] = str(demo.demo_model_path())
-        updates["data"] = str(demo.demo_data(fmt, "train"))
-        if cfg.eval_data is None:
-            updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
-        spec.config = cfg.model_copy(update=updates)
-        return True
-    if cfg.data is None:
-        raise ConfigError(
-            "--data is required when --model is given (run without both to train the embedded demo)"
-        )
-    if cfg.model is None:
-        raise ConfigError(
-            "--model is required when --data is given (run without both to train the embedded demo)"
-        )
-    return False
-
-
-def prepare_output_dir(cfg: Any, objective: str) -> Path:
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-    else:
-        out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if (out / "run.json").exists():
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{out} already holds a run (run.json); choose another "
-                "--output-dir or pass --overwrite"
-            )
-        for name in ("run.json", "metrics.jsonl", "final", "checkpoints", "logs"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
-    return out
-
-
-def shared_output_dir(cfg: Any, objective: str) -> Path:
-    """Prepare the output directory on the main process only and share its path (or error)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, parse_flag_from_env
-
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
-    result: list[str | None] = [None, None]
-    if state.is_main_process:
-        try:
-            result[0] = str(prepare_output_dir(cfg, objective))
-        except (ConfigError, OSError) as exc:  # every process must hear of it, or they wait
-            result[1] = str(exc) if isinstance(exc, ConfigError) else f"output directory: {exc}"
-    if state.num_processes > 1:
-        broadcast_object_list(result)
-    if result[1] is not None:
-        raise ConfigError(result[1])
-    return Path(result[0])
-
-
-def load_tokenizer(cfg: Any) -> Any:
-    """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.model, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(
-                f"model {cfg.model!r}: the tokenizer has neither a pad nor an EOS token"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def load_model_and_tokenizer(cfg: Any, **load_kwargs: Any) -> tuple[Any, Any]:
-    """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
-
-    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
-    tokenizer = load_tokenizer(cfg)
-    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
-    if cfg.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.config.use_cache = False
-    return model, tokenizer
-
-
-def build_examples(
-    hooks: ObjectiveHooks, cfg: Any, path: str, split: str
-) -> tuple[list[dict[str, Any]], DataReport]:
-    """Read and tokenise one split, then let the objective's plugin prepare it."""
-    examples, report = tokenize_records(
-        read_records(path),
-        hooks.objective.data_format,
-        hooks.tokenizer,
-        cfg.max_length,
-        cfg.truncation,
-        split,
-    )
-    examples = hooks.prepare_dataset(examples, split, cfg)
-    report.examples = len(examples)
-    for index, example in enumerate(examples):
-        example["index"] = index
-    return examples, report
-
-
-def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=cfg.lr,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-    )
-
-
-def make_scheduler(optimizer: Any, cfg: Any, total_steps: int) -> Any:
-    from transformers import get_scheduler
-
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
-    return get_scheduler(
-        name[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
-    )
 
 
 # -- one step -------------------------------------------------------------------------------------
@@ -201,13 +74,14 @@ def accumulate_gradients(
     compute: LossFn,
     accelerator: Any,
     sums: MetricSums,
+    losses: list[torch.Tensor] | None = None,
 ) -> float:
     """Backward every micro-batch, then make the gradient that of one large batch.
 
     Each loss hook returns a *sum* over its units and their count. The summed gradients are
     scaled by ``world_size / Σcount`` (Σ over micro-batches and processes; DDP averages over
     processes), which equals the gradient of ``Σloss / Σcount`` over the accumulated batch.
-    Returns that loss.
+    Returns that loss; ``losses``, when given, receives each micro-batch's loss sum.
     """
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
@@ -216,6 +90,8 @@ def accumulate_gradients(
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
             output, extra = compute(batch)
             accelerator.backward(output.loss)
+        if losses is not None:
+            losses.append(output.loss.detach())
         loss_sum += output.loss.detach().double().cpu()
         count += torch.as_tensor(output.count, dtype=torch.float64).detach().sum().cpu()
         sums.add_output(output, extra)
@@ -234,51 +110,73 @@ def accumulate_gradients(
     return (totals[0] / totals[1]).item()
 
 
-def micro_batch_groups(loader: Any, grad_accum: int) -> Iterator[list]:
-    """Endless groups of ``grad_accum`` micro-batches; an epoch's last group may be shorter."""
-    epoch = 0
+def micro_batch_groups(loader: Any, grad_accum: int, start: int = 0) -> Iterator[list]:
+    """Endless groups of ``grad_accum`` ``(indices, micro-batch)`` pairs, one per optimizer
+    step, from step ``start`` on; an epoch's last group may be shorter."""
+    steps_per_epoch = math.ceil(len(loader) / grad_accum)
+    epoch, skip = divmod(start, steps_per_epoch)
     while True:
         loader.set_epoch(epoch)
         group: list = []
-        for batch in loader:
-            group.append(batch)
+        for item in loader.batches(skip * grad_accum):
+            group.append(item)
             if len(group) == grad_accum:
                 yield group
                 group = []
         if group:
             yield group
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 # -- the run --------------------------------------------------------------------------------------
 def train(spec: RunSpec, registry: PluginRegistry) -> Path:
-    """Run training for a resolved spec; return the output directory."""
+    """Run training for a resolved spec (or continue it, ``--resume``); return the output
+    directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
     import transformers
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 
     transformers.utils.logging.disable_progress_bar()
     started = time.time()
 
-    # Set up: output directory, Accelerate, model, reference, model-preparation plugins.
+    # Checks that need no model: options, processes, output directory, data.
     used_demo = apply_demo_defaults(spec)
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
     if cfg.eval_deviation and not cfg.eval_data:
         raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
-    out = shared_output_dir(cfg, cfg.objective)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
+    check_world_size(cfg.num_processes, state)
+    output = shared_output_dir(cfg, cfg.objective, state)
+    out, checkpoint = output.path, output.checkpoint
+    splits = {"train": cfg.data, "eval": cfg.eval_data}
+    digests = {split: fingerprint(path) for split, path in splits.items() if path}
+    previous = None
+    if checkpoint is not None:
+        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        resume.check_same_run(previous, spec.as_dict(), digests, state.num_processes)
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(DEEPSPEED_REFUSED)
     set_seed(cfg.seed)
     if used_demo:
         log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
+    tokenizer = load_tokenizer(cfg)
+    hooks = ObjectiveHooks(registry, spec, tokenizer)
+    examples, reports = {}, {}
+    for split, path in splits.items():
+        if path:
+            examples[split], reports[split] = build_examples(hooks, cfg, path, split)
+            log(accelerator, f"data {reports[split].summary()}")
+
+    # The model, the model-preparation plugins and the reference.
     load_kwargs: dict[str, Any] = {}
     for name, registered in registry.sections.items():
         if registered.item.load_kwargs is not None:
             load_kwargs.update(registered.item.load_kwargs(spec.sections[name], accelerator.device))
-    model, tokenizer = load_model_and_tokenizer(cfg, **load_kwargs)
+    model = load_model(cfg, **load_kwargs)
     starting_copy = copy_starting_model(spec, model)
     model = registry.chain_hook(
         "align_prepare_model",
@@ -288,15 +186,6 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         config=cfg,
         sections=spec.sections,
     )
-
-    # Data: tokenise every split once, report what was truncated or skipped.
-    hooks = ObjectiveHooks(registry, spec, tokenizer)
-    splits = {"train": cfg.data, "eval": cfg.eval_data}
-    examples, reports = {}, {}
-    for split, path in splits.items():
-        if path:
-            examples[split], reports[split] = build_examples(hooks, cfg, path, split)
-            log(accelerator, f"data {reports[split].summary()}")
     reference, reference_info = None, None
     if objective.needs_reference or cfg.eval_deviation:
         scored = examples if objective.needs_reference else {"eval": examples["eval"]}
@@ -310,6 +199,15 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             f"{_adapter_note(reference_info)}; "
             f"set up in {reference_info['setup_seconds']}s",
         )
+    trainer_state: dict[str, Any] = {}
+    if checkpoint is not None:  # after the reference, which the starting weights give
+        trainer_state = resume.read_trainer_state(checkpoint)
+        resume.check_reference(
+            trainer_state.get("reference"), resume.reference_state(reference_info)
+        )
+        resume.restore_weights(model, checkpoint)
+
+    # Batches, optimizer and schedule.
     loaders = {
         split: ShardedBatches(
             split_examples,
@@ -325,22 +223,41 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     loader, eval_loader = loaders["train"], loaders.get("eval")
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-
-    # Optimizer and schedule.
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
+    resume.attach(accelerator)
+    start = trainer_state.get("step", 0)
+    if checkpoint is not None:
+        resume.restore_training_state(accelerator, scheduler, checkpoint)
     run = Run(
         config=cfg,
         accelerator=accelerator,
         tokenizer=tokenizer,
         output_dir=out,
         max_steps=total_steps,
+        step=start,
     )
-    if accelerator.is_main_process:
-        run_info = describe_run(spec, registry, splits, reports, accelerator, total_steps)
+
+    # run.json and metrics.jsonl: new, or the interrupted run's, continued.
+    if previous is not None:
+        run_info = previous
+        run_info.setdefault("resumed", []).append(
+            {"from_step": start, "checkpoint": str(checkpoint), "at": datetime.now().isoformat()}
+        )
+        run_info["status"] = "running"
+    else:
+        run_info = describe_run(spec, registry, splits, digests, reports, accelerator, total_steps)
         if reference_info is not None:
             run_info["reference"] = reference_info
+    if accelerator.is_main_process:
+        if checkpoint is not None:
+            dropped = resume.truncate_metrics(out / "metrics.jsonl", start)
+            log(
+                accelerator,
+                f"Resuming at step {start} of {total_steps} from {checkpoint}"
+                + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""),
+            )
         write_json(out / "run.json", run_info)
     if tracker:
         accelerator.init_trackers(
@@ -370,68 +287,143 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         run.training = True
         return {f"eval_{k}": v for k, v in hooks.derive(sums.reduce(accelerator)).items()}
 
-    # The loop: step, log, evaluate, checkpoint.
+    sums = MetricSums()
+    num_tokens = float(trainer_state.get("num_tokens", 0.0))
+    skipped_steps = int(trainer_state.get("skipped_steps", 0))
+    if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
+        sums.restore(trainer_state.get("pending_metrics", {}))
+    last_checkpoint = checkpoint
+
+    def save_checkpoint(step: int) -> Path:
+        target = resume.checkpoint_dir(out, step)
+        if accelerator.is_main_process:
+            target.parent.mkdir(exist_ok=True)
+        resume.save_checkpoint(
+            accelerator,
+            model,
+            tokenizer,
+            scheduler,
+            target,
+            {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 4),
+                "data_position": {
+                    "epoch": step // steps_per_epoch,
+                    "micro_batch": step % steps_per_epoch * cfg.grad_accum,
+                },
+                "pending_metrics": sums.totals(accelerator),
+                "num_tokens": num_tokens,
+                "skipped_steps": skipped_steps,
+                "num_processes": accelerator.num_processes,
+                "reference": resume.reference_state(reference_info),
+            },
+        )
+        if accelerator.is_main_process:
+            resume.remove_old_checkpoints(out, cfg.keep_last)
+        return target
+
+    def finish(status: str, **details: Any) -> None:
+        metrics_log.close()
+        accelerator.end_training()
+        if accelerator.num_processes > 1:  # a process group left up can abort the exit (gloo)
+            accelerator.state.destroy_process_group()
+        if accelerator.is_main_process:
+            run_info.update(status=status, seconds=round(time.time() - started, 1), **details)
+            if skipped_steps:
+                run_info["skipped_steps"] = skipped_steps
+            write_json(out / "run.json", run_info)
+
+    # The loop: step, log, evaluate, checkpoint; stop on a signal or a non-finite value.
     log(
         accelerator,
         f"Training {objective.name} ({spec.objective.plugin.label}) for "
         f"{total_steps} steps on {accelerator.num_processes} process(es); "
         f"output: {out}",
     )
-    progress = tqdm(total=total_steps, desc=objective.name, disable=not accelerator.is_main_process)
-    sums = MetricSums()
-    num_tokens = 0.0
-    model.train()
-    groups = micro_batch_groups(loader, cfg.grad_accum)
-    for step in range(1, total_steps + 1):
-        micro_batches = next(groups)
-        run.step = step - 1
-        learning_rate = scheduler.get_last_lr()[0]
-        loss = accumulate_gradients(model, micro_batches, compute, accelerator, sums)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        run.step = step  # updates taken, as evaluation and checkpoints after this one see it
-        sums.add("grad_norm", grad_norm, 1)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss:.4f}")
+    from tqdm.auto import tqdm
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            totals = sums.totals(accelerator)
-            sums.clear()
-            num_tokens += totals.pop("num_tokens")[0]
-            values = hooks.derive(means(totals))
-            metrics_log.write(
-                {
+    progress = tqdm(
+        total=total_steps,
+        initial=start,
+        desc=objective.name,
+        disable=not accelerator.is_main_process,
+    )
+    model.train()
+    groups = micro_batch_groups(loader, cfg.grad_accum, start)
+    with StopSignals(announce=accelerator.is_main_process) as signals:
+        for step in range(start + 1, total_steps + 1):
+            group = next(groups)
+            run.step = step - 1
+            learning_rate = scheduler.get_last_lr()[0]
+            step_sums, micro_losses = MetricSums(), []
+            loss = accumulate_gradients(
+                model, [batch for _, batch in group], compute, accelerator, step_sums, micro_losses
+            )
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            bad = nonfinite(
+                loss, grad_norm, scaler_handles_gradients=accelerator.scaler is not None
+            )
+            if bad:
+                value = loss if bad == "loss" else float(grad_norm)
+                where = offending_examples(group, micro_losses, bad, examples["train"], accelerator)
+                if cfg.on_nonfinite == "error":
+                    progress.close()
+                    finish("failed", failed_at_step=step, failure=f"non-finite {bad}")
+                    raise RunStopped(
+                        nonfinite_message(step, bad, value, where, cfg.data, last_checkpoint)
+                    )
+                skipped_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                log(
+                    accelerator,
+                    f"step {step}: the {bad} is {value}; step skipped ({skipped_steps} so far). "
+                    f"Examples: {cfg.data}: {', '.join(where[:20])}",
+                )
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                sums.merge(step_sums)
+                sums.add("grad_norm", grad_norm, 1)
+            scheduler.step()
+            run.step = step  # updates taken, as evaluation and checkpoints after this one see it
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}")
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                totals = sums.totals(accelerator)
+                sums.clear()
+                num_tokens += totals.pop("num_tokens", (0.0, 0.0))[0]
+                values = hooks.derive(means(totals))
+                row = {
                     "step": step,
                     "epoch": round(step / steps_per_epoch, 4),
                     "learning_rate": learning_rate,
                     **values,
                     "num_tokens": int(num_tokens),
                 }
-            )
-        last = step == total_steps
-        if eval_loader is not None and (last or cfg.eval_every and step % cfg.eval_every == 0):
-            metrics_log.write({"step": step, **evaluate()})
-        if cfg.save_every and step % cfg.save_every == 0 and not last:
-            (out / "checkpoints").mkdir(exist_ok=True)
-            save_model_dir(
-                accelerator,
-                model,
-                tokenizer,
-                out / "checkpoints" / f"step-{step}",
-                {"step": step, "epoch": round(step / steps_per_epoch, 4)},
-            )
+                if skipped_steps:
+                    row["skipped_steps"] = skipped_steps
+                metrics_log.write(row)
+            last = step == total_steps
+            if eval_loader is not None and (last or cfg.eval_every and step % cfg.eval_every == 0):
+                metrics_log.write({"step": step, **evaluate()})
+            stop = signals.requested(accelerator)
+            if not last and (stop or cfg.save_every and step % cfg.save_every == 0):
+                last_checkpoint = save_checkpoint(step)
+            if stop and not last:
+                progress.close()
+                finish("interrupted", stopped_at_step=step)
+                name = signal.Signals(stop).name
+                raise RunStopped(
+                    f"{name}: stopped after step {step} of {total_steps}; checkpoint "
+                    f"{last_checkpoint}. Resume with the same command and --resume "
+                    f"(--output-dir {out}).",
+                    exit_code=128 + stop,
+                )
     progress.close()
     save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
-    metrics_log.close()
-    accelerator.end_training()
-    if accelerator.num_processes > 1:  # a process group left up can abort the exit (gloo)
-        accelerator.state.destroy_process_group()
-    if accelerator.is_main_process:
-        run_info.update(status="completed", seconds=round(time.time() - started, 1))
-        write_json(out / "run.json", run_info)
+    finish("completed")
     log(
         accelerator,
         f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "
@@ -452,6 +444,7 @@ def describe_run(
     spec: RunSpec,
     registry: PluginRegistry,
     splits: dict[str, str | None],
+    digests: dict[str, str],
     reports: dict[str, DataReport],
     accelerator: Any,
     total_steps: int,
@@ -466,7 +459,7 @@ def describe_run(
         "versions": _library_versions(),
         "seed": spec.config.seed,
         "data": {
-            split: {"path": path, "sha256": fingerprint(path), **reports[split].as_dict()}
+            split: {"path": path, "sha256": digests[split], **reports[split].as_dict()}
             for split, path in splits.items()
             if path
         },

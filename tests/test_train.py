@@ -76,7 +76,12 @@ def test_sft_run_on_a_user_model_and_data(tmp_path, model_dir, data, write_jsonl
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert (out / "final" / "model.safetensors").exists()
-    assert not list(out.rglob("*.bin")) and not list(out.rglob(".*tmp*"))
+    assert not list(out.rglob(".*tmp*"))
+    # Weights only as safetensors; the optimizer's state (checkpoints/*/state/) loads with
+    # torch.load(weights_only=True).
+    assert [p.name for p in out.rglob("*.bin")] == ["optimizer.bin"]
+    for name in ("optimizer.bin", "scheduler.pt"):
+        torch.load(out / "checkpoints" / "step-3" / "state" / name, weights_only=True)
     start = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(model.model.embed_tokens.weight, start.model.embed_tokens.weight)
     assert (out / "checkpoints" / "step-3" / "model.safetensors").exists()

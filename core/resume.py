@@ -1,0 +1,289 @@
+"""Checkpoints that continue a run exactly, and finding and checking them.
+
+``checkpoints/step-N/`` is a model directory, like ``final/``, plus:
+
+- ``state/``: what ``Accelerator.save_state`` writes (the optimizer, sharded under FSDP; the
+  gradient scaler under fp16; every process's RNG states, loaded back with
+  ``torch.load(weights_only=True)`` and a short allow-list of numpy types), and the scheduler;
+- ``trainer_state.json``: the step, the data position, the metric sums not yet logged, the
+  cumulative token count and the precomputed-reference cache keys.
+
+A checkpoint is written into a temporary sibling and renamed into place, so one that exists
+is complete; the newest one is what ``--resume`` takes. The data order is a function of the
+seed and the epoch, so the data position is the number of optimizer steps taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import replace_dir, temporary_sibling, write_json, write_model
+from .errors import ConfigError
+
+CHECKPOINTS = "checkpoints"
+STATE_DIR = "state"
+TRAINER_STATE = "trainer_state.json"
+SCHEDULER = "scheduler.pt"
+FORMAT = 1
+# Options that may change when a run is resumed: they do not change what is trained.
+MAY_CHANGE_ON_RESUME = {
+    "resume",
+    "overwrite",
+    "output_dir",
+    "save_every",
+    "keep_last",
+    "eval_every",
+    "log_every",
+    "on_nonfinite",
+    "num_processes",  # the world size is compared instead
+    "data",  # the data files' sha256 are compared instead
+    "eval_data",
+}
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step-{step}"
+
+
+def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every complete checkpoint in a run directory, oldest first."""
+    root = out / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = re.fullmatch(r"step-(\d+)", path.name)
+            if match and (path / TRAINER_STATE).is_file() and (path / STATE_DIR).is_dir():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def remove_partial_checkpoints(out: Path) -> list[Path]:
+    """Delete what a killed process left half-written; return what was deleted."""
+    root = out / CHECKPOINTS
+    removed = []
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(".") and path.name.endswith((".tmp", ".old")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def remove_old_checkpoints(out: Path, keep_last: int | None) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints (all when None)."""
+    if keep_last:
+        for _step, path in complete_checkpoints(out)[:-keep_last]:
+            shutil.rmtree(path)
+
+
+# -- writing ----------------------------------------------------------------------------------
+def attach(accelerator: Any) -> None:
+    """Let ``save_state``/``load_state`` handle optimizer, scaler and RNG states but not the
+    model weights, which the checkpoint already holds as a model directory (FSDP and DeepSpeed
+    save and load their shards through Accelerate all the same)."""
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    scheduler: Any,
+    target: Path,
+    trainer_state: dict[str, Any],
+) -> None:
+    """Write a checkpoint atomically. Every process calls it."""
+    tmp = temporary_sibling(target)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / STATE_DIR).mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    write_model(accelerator, model, tokenizer, tmp)
+    accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's RNG file is in place
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), tmp / STATE_DIR / SCHEDULER)
+        write_json(tmp / TRAINER_STATE, {"format": FORMAT, **trainer_state})
+        replace_dir(tmp, target)
+    accelerator.wait_for_everyone()
+
+
+# -- finding and checking ---------------------------------------------------------------------
+def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
+    """The checkpoint ``--resume`` names and the run directory it belongs to."""
+    if resume == "latest":
+        if not output_dir:
+            raise ConfigError(
+                "--resume needs --output-dir, the run to continue (or give --resume "
+                "RUN_DIR/checkpoints/step-N)"
+            )
+        out = Path(output_dir)
+        if not (out / "run.json").is_file():
+            raise ConfigError(f"--resume: {out} holds no run (no run.json)")
+        found = complete_checkpoints(out)
+        if not found:
+            raise ConfigError(
+                f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (they are written "
+                "every --save-every N steps and on SIGINT/SIGTERM); start again with --overwrite"
+            )
+        return found[-1][1], out
+    checkpoint = Path(resume)
+    if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():
+        raise ConfigError(
+            f"--resume {checkpoint}: not a complete checkpoint (expected {TRAINER_STATE} and "
+            f"{STATE_DIR}/ in it)"
+        )
+    out = checkpoint.resolve().parent.parent
+    if checkpoint.resolve().parent.name != CHECKPOINTS or not (out / "run.json").is_file():
+        raise ConfigError(f"--resume {checkpoint}: not inside a run directory's {CHECKPOINTS}/")
+    if output_dir and Path(output_dir).resolve() != out:
+        raise ConfigError(
+            f"--resume {checkpoint} belongs to the run in {out}, not --output-dir {output_dir}"
+        )
+    return checkpoint, out
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        raise ConfigError(
+            f"{checkpoint / TRAINER_STATE}: checkpoint format {state.get('format')!r}, this "
+            f"align-core writes format {FORMAT}"
+        )
+    return state
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key in ("model", "ref_model") and isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
+def check_same_run(
+    previous: dict[str, Any], config: dict[str, Any], data: dict[str, str], num_processes: int
+) -> None:
+    """A resumed run must be the run that was interrupted: the same options (but for those
+    that do not change training), the same data bytes and the same number of processes."""
+    problems = []
+    before = previous.get("config", {})
+    for key in sorted(set(before) | set(config)):
+        if key in MAY_CHANGE_ON_RESUME:
+            continue
+        old, new = before.get(key), config.get(key)
+        if _comparable(key, old) != _comparable(key, new):
+            problems.append(f"{key}: was {old!r}, now {new!r}")
+    for split, digest in data.items():
+        old = previous.get("data", {}).get(split, {}).get("sha256")
+        if old != digest:
+            problems.append(f"{split} data: its content changed (sha256 {old} → {digest})")
+    if previous.get("num_processes") != num_processes:
+        problems.append(
+            f"processes: was {previous.get('num_processes')}, now {num_processes} (the data "
+            "order and every process's RNG state depend on it)"
+        )
+    if problems:
+        raise ConfigError(
+            "--resume continues the same run, but it differs from the one in the output "
+            "directory: " + "; ".join(problems) + ". Start a new run (another --output-dir) "
+            "to train differently."
+        )
+
+
+def check_reference(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
+    """The precomputed reference log-probs must be the ones the run started with."""
+    keys = (saved or {}).get("cache_keys")
+    if keys and keys != (current or {}).get("cache_keys"):
+        raise ConfigError(
+            "--resume: the precomputed reference log-probs differ from the interrupted run's "
+            f"(cache keys {keys} → {(current or {}).get('cache_keys')}): the reference model's "
+            "files, the precision or the torch/transformers versions changed"
+        )
+
+
+def reference_state(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a checkpoint records of the reference: its mode and its cache keys."""
+    if info is None:
+        return None
+    keys = {split: Path(s["cache"]).stem for split, s in info.get("splits", {}).items()}
+    return {"mode": info["mode"], "cache_keys": keys or None}
+
+
+# -- loading ----------------------------------------------------------------------------------
+def restore_weights(model: Any, checkpoint: Path) -> None:
+    """Load the checkpoint's weights into the model, before ``accelerator.prepare``: the full
+    model, or for a PEFT model its trained adapter. Every key must match."""
+    from safetensors.torch import load_file
+
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(
+            model, load_file(str(checkpoint / "adapter_model.safetensors"))
+        )
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise ConfigError(f"{checkpoint}: adapter weights the model lacks: {unexpected[:5]}")
+        return
+    index = checkpoint / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(checkpoint / name)))
+    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]  # tied: fine
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"{checkpoint}: its weights do not fit the model (missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]})"
+        )
+
+
+def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -> None:
+    """Optimizer, scaler and RNG states (through Accelerate), and the scheduler."""
+    from accelerate.utils import load
+
+    state_dir = checkpoint / STATE_DIR
+    rng_file = state_dir / f"random_states_{accelerator.process_index}.pkl"
+    if not rng_file.is_file():
+        raise ConfigError(f"{checkpoint}: no RNG state for process {accelerator.process_index}")
+    accelerator.load_state(str(state_dir))
+    saved = load(rng_file)  # Accelerate swallows a failure to restore RNG states: check
+    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
+        raise ConfigError(f"{rng_file}: the RNG states could not be restored")
+    scheduler.load_state_dict(
+        torch.load(state_dir / SCHEDULER, map_location="cpu", weights_only=True)
+    )
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the rows a killed run logged after its last checkpoint; return how many."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            dropped += 1
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = temporary_sibling(path)
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped

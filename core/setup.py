@@ -1,0 +1,200 @@
+"""Setting a run up: demo defaults, the output directory, tokenizer, data, model, optimizer.
+
+Everything that can be refused is checked before the model is loaded: the options, the
+output directory (writable, not another run's, or the run ``--resume`` continues) and every
+record of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import demo, resume
+from .config import RunSpec
+from .errors import ConfigError
+from .formats import DataReport, tokenize_records
+from .loading import load_causal_lm
+from .objective_hooks import ObjectiveHooks
+from .records import read_records
+
+
+def apply_demo_defaults(spec: RunSpec) -> bool:
+    """Fill model, data and demo hyperparameters when neither --model nor --data was given."""
+    cfg = spec.config
+    if cfg.model is None and cfg.data is None:
+        fmt = spec.objective.item.data_format
+        updates = {k: v for k, v in demo.DEMO_SETTINGS.items() if k not in cfg.model_fields_set}
+        updates["model"] = str(demo.demo_model_path())
+        updates["data"] = str(demo.demo_data(fmt, "train"))
+        if cfg.eval_data is None:
+            updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
+        spec.config = cfg.model_copy(update=updates)
+        return True
+    if cfg.data is None:
+        raise ConfigError(
+            "--data is required when --model is given (run without both to train the embedded demo)"
+        )
+    if cfg.model is None:
+        raise ConfigError(
+            "--model is required when --data is given (run without both to train the embedded demo)"
+        )
+    return False
+
+
+# -- the output directory -------------------------------------------------------------------------
+@dataclass
+class OutputDir:
+    path: Path
+    checkpoint: Path | None = None  # the checkpoint to resume from
+
+
+RUN_FILES = ("run.json", "metrics.jsonl", "final", "checkpoints", "logs")
+
+
+def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
+    """Create or check the run directory: refuse one that holds another run (unless
+    ``--overwrite``) or is not writable; for ``--resume``, find the checkpoint."""
+    if cfg.resume:
+        if cfg.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite replaces it: pick one")
+        checkpoint, out = resume.find_checkpoint(cfg.resume, cfg.output_dir)
+        if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "completed":
+            raise ConfigError(f"--resume: the run in {out} already completed; nothing to resume")
+        _check_writable(out)
+        resume.remove_partial_checkpoints(out)
+        return OutputDir(out, checkpoint)
+    if cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
+        out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if (out / "run.json").exists():
+        if not cfg.overwrite:
+            hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""
+            raise ConfigError(
+                f"{out} already holds a run (run.json);{hint} choose another --output-dir or "
+                "pass --overwrite to replace it"
+            )
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    _check_writable(out)
+    return OutputDir(out)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
+
+
+def shared_output_dir(cfg: Any, objective: str, state: Any) -> OutputDir:
+    """Prepare the output directory on the main process only and share it (or the error)."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            result[0] = prepare_output_dir(cfg, objective)
+        except (ConfigError, OSError) as exc:  # every process must hear of it, or they wait
+            result[1] = str(exc) if isinstance(exc, ConfigError) else f"output directory: {exc}"
+    if state.num_processes > 1:
+        broadcast_object_list(result)
+    if result[1] is not None:
+        raise ConfigError(result[1])
+    return result[0]
+
+
+# -- tokenizer, data and model --------------------------------------------------------------------
+def load_tokenizer(cfg: Any) -> Any:
+    """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError(
+                f"model {cfg.model!r}: the tokenizer has neither a pad nor an EOS token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_examples(
+    hooks: ObjectiveHooks, cfg: Any, path: str, split: str
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Read and tokenise one split, then let the objective's plugin prepare it."""
+    examples, report = tokenize_records(
+        read_records(path),
+        hooks.objective.data_format,
+        hooks.tokenizer,
+        cfg.max_length,
+        cfg.truncation,
+        split,
+    )
+    examples = hooks.prepare_dataset(examples, split, cfg)
+    report.examples = len(examples)
+    for index, example in enumerate(examples):
+        example["index"] = index
+    return examples, report
+
+
+def load_model(cfg: Any, **load_kwargs: Any) -> Any:
+    """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
+
+    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
+    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
+    if cfg.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
+    return model
+
+
+# -- optimizer and schedule -----------------------------------------------------------------------
+def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
+
+
+def make_scheduler(optimizer: Any, cfg: Any, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+    return get_scheduler(
+        name[cfg.lr_scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )

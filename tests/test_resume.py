@@ -1,0 +1,303 @@
+"""Checkpoints and --resume: a resumed run is the same run, for every first-party objective;
+a checkpoint that exists is complete whatever killed the process; SIGINT/SIGTERM save and exit;
+a resumed run must be the run that was interrupted."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from align.cli import cli
+from align.resume import complete_checkpoints
+
+
+def _run(*args, expect=0):
+    result = CliRunner().invoke(cli, ["run", *map(str, args)])
+    assert result.exit_code == expect, result.output + repr(result.exception)
+    return result
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(directory):
+    name = "adapter_model.safetensors"
+    return load_file(
+        str(directory / (name if (directory / name).exists() else "model.safetensors"))
+    )
+
+
+def _crash_copy(done, target, checkpoint_step, logged_up_to):
+    """What a run killed after step ``logged_up_to`` leaves: ``done``'s directory without its
+    final model and later checkpoints, its metrics cut there with a half-written line."""
+    shutil.copytree(done, target)
+    shutil.rmtree(target / "final")
+    for step, path in complete_checkpoints(target):
+        if step > checkpoint_step:
+            shutil.rmtree(path)
+    rows = [r for r in _rows(done) if r["step"] <= logged_up_to]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 99, "lo'
+    (target / "metrics.jsonl").write_text(text)
+    info = json.loads((target / "run.json").read_text())
+    info["status"] = "running"
+    (target / "run.json").write_text(json.dumps(info))
+
+
+def _assert_same_run(a, b, after, minimum=20):
+    rows_a, rows_b = _rows(a), _rows(b)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    compared = 0
+    for x, y in zip(rows_a, rows_b, strict=True):
+        assert x.keys() == y.keys()
+        if x["step"] > after:
+            for key, value in x.items():
+                assert y[key] == pytest.approx(value, abs=1e-6, rel=0), (x["step"], key)
+                compared += 1
+    assert compared >= minimum
+    wa, wb = _weights(a / "final"), _weights(b / "final")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-6, rtol=0), name
+
+
+def _data(objective, tmp_path, write_jsonl, sft_rows):
+    rows = sft_rows + [
+        {"prompt": "What is 9 + 9? ", "completion": "18."},
+        {"prompt": "Hi ", "completion": "Hello."},
+    ]
+    if objective == "dpo":
+        rows = [
+            {"prompt": r["prompt"], "chosen": r["completion"], "rejected": " No idea."}
+            for r in rows
+        ]
+    if objective == "kto":
+        rows = [{**r, "label": i % 3 != 0} for i, r in enumerate(rows)]
+    return write_jsonl(tmp_path / "train.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", rows[:3])
+
+
+CASES = {
+    "sft": [],
+    "dpo": [],  # precomputed reference, the cache deleted before the resume
+    "kto": ["--reference", "model"],
+    "minorsft": [],
+    "ift": [],
+    "lora-sft": [],  # LoRA dropout draws random numbers: the RNG state must be restored
+}
+
+
+@pytest.mark.parametrize("objective", list(CASES))
+def test_resumed_run_equals_uninterrupted_run(
+    objective, tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+):
+    """Ten examples, batch 2, two micro-batches a step: 3 steps an epoch, so the 7 steps cross
+    two epoch boundaries. Checkpoint at step 3 with metric sums pending (logged every 2)."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    data, eval_data = _data(objective, tmp_path, write_jsonl, sft_rows)
+    args = ["--objective", objective, "--model", model_dir, "--data", data]
+    args += ["--eval-data", eval_data, "--eval-every", "2", "--log-every", "2", "--lr", "1e-2"]
+    args += ["--batch-size", "2", "--grad-accum", "2", "--max-steps", "7", "--save-every", "3"]
+    args += CASES[objective]
+    _run(*args, "--output-dir", tmp_path / "a")
+    assert [s for s, _ in complete_checkpoints(tmp_path / "a")] == [3, 6]
+
+    _crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=3, logged_up_to=4)
+    if objective == "dpo":
+        shutil.rmtree(tmp_path / "cache")  # the reference is scored again from the start weights
+    result = _run(*args, "--output-dir", tmp_path / "b", "--resume")
+    assert "Resuming at step 3 of 7" in result.output
+    _assert_same_run(tmp_path / "a", tmp_path / "b", after=3)
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert info["status"] == "completed" and info["resumed"][0]["from_step"] == 3
+
+
+def test_resume_from_a_given_checkpoint_and_keep_last(tmp_path, model_dir, write_jsonl, sft_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    args = ["--model", model_dir, "--data", data, "--batch-size", "2", "--lr", "1e-2"]
+    args += ["--max-steps", "6", "--save-every", "1", "--keep-last", "2"]
+    _run(*args, "--output-dir", tmp_path / "a")
+    assert [s for s, _ in complete_checkpoints(tmp_path / "a")] == [4, 5]
+
+    _crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=5, logged_up_to=5)
+    checkpoint = tmp_path / "b" / "checkpoints" / "step-4"  # not the newest: a given path
+    result = _run(*args, "--resume", checkpoint)
+    assert "Resuming at step 4 of 6" in result.output
+    _assert_same_run(tmp_path / "a", tmp_path / "b", after=4, minimum=10)
+    assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [4, 5]
+
+
+def test_a_resumed_run_must_be_the_same_run(tmp_path, model_dir, write_jsonl, sft_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    out = tmp_path / "out"
+    args = ["--model", model_dir, "--data", data, "--max-steps", "4", "--save-every", "2"]
+    _run(*args, "--output-dir", out)
+    result = _run(*args, "--output-dir", out, "--resume", expect=1)
+    assert "already completed" in result.output
+
+    _crash_copy(out, tmp_path / "b", checkpoint_step=2, logged_up_to=2)
+    b = ["--output-dir", tmp_path / "b", "--resume"]
+    result = _run(*args, "--lr", "1e-3", *b, expect=1)
+    assert "lr: was 2e-05, now 0.001" in result.output
+    write_jsonl(data, sft_rows[:6])
+    result = _run(*args, *b, expect=1)
+    assert "train data: its content changed" in result.output
+    result = _run(*args, *b, "--overwrite", expect=1)
+    assert "pick one" in result.output
+    result = _run(*args, "--resume", expect=1)
+    assert "--resume needs --output-dir" in result.output
+    result = _run(*args, "--output-dir", tmp_path / "b", expect=1)
+    assert "continue it with --resume" in result.output
+
+    fresh = tmp_path / "fresh"
+    _run(*args[:-2], "--output-dir", fresh)  # no --save-every: no checkpoint to resume from
+    (fresh / "run.json").write_text(json.dumps({"status": "running"}))
+    result = _run(*args, "--output-dir", fresh, "--resume", expect=1)
+    assert "holds no complete checkpoint" in result.output
+    result = _run(*args, "--resume", tmp_path / "nowhere", expect=1)
+    assert "not a complete checkpoint" in result.output
+
+
+# -- killed processes and signals -------------------------------------------------------------
+KILL_ON_SECOND_STATE_SAVE = """
+import os, signal, sys
+import accelerate
+save_state = accelerate.Accelerator.save_state
+calls = []
+def killing_save_state(self, *args, **kwargs):
+    result = save_state(self, *args, **kwargs)
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint is half written: model and state, no manifest
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+accelerate.Accelerator.save_state = killing_save_state
+from align.cli import cli
+cli.main(args=sys.argv[1:], prog_name="align")
+"""
+
+
+def _env(tmp_path):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE": str(tmp_path / "cache")}
+
+
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
+    tmp_path, model_dir, write_jsonl, sft_rows
+):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    args = ["run", "--model", model_dir, "--data", data, "--batch-size", "2", "--lr", "1e-2"]
+    args += ["--max-steps", "6", "--save-every", "2"]
+    killed = tmp_path / "killed"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_ON_SECOND_STATE_SAVE, *map(str, args), "--output-dir", killed],
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (killed / "checkpoints" / ".step-4.tmp").is_dir()  # the half-written one
+    assert [s for s, _ in complete_checkpoints(killed)] == [2]
+
+    result = _run(*args[1:], "--output-dir", killed, "--resume")
+    assert "Resuming at step 2 of 6" in result.output
+    assert not (killed / "checkpoints" / ".step-4.tmp").exists()
+    _run(*args[1:], "--output-dir", tmp_path / "whole")
+    _assert_same_run(tmp_path / "whole", killed, after=2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_a_checkpoint_and_exits(sig, tmp_path, model_dir, write_jsonl, sft_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    out = tmp_path / "out"
+    args = ["run", "--model", model_dir, "--data", data, "--batch-size", "2", "--lr", "1e-2"]
+    args += ["--max-steps", "400", "--output-dir", out]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "align.cli", *map(str, args)],
+        env=_env(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or len(_rows(out)) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr[-2000:]
+    assert "Resume with the same command and --resume" in stderr and "Traceback" not in stderr
+    ((step, checkpoint),) = complete_checkpoints(out)
+    assert _rows(out)[-1]["step"] == step < 400
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["stopped_at_step"] == step
+    assert set(os.listdir(checkpoint / "state")) == {
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "scheduler.pt",
+    }
+
+
+# -- non-finite values ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def poisoned_model_dir(untied_model_dir, tmp_path_factory):
+    """The untied model with a NaN input embedding for "~": a sequence holding it has a NaN
+    loss, and the others are untouched."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("poisoned")
+    tokenizer = AutoTokenizer.from_pretrained(untied_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+    (tilde,) = tokenizer("~", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tilde] = float("nan")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _poisoned_data(write_jsonl, tmp_path, sft_rows):
+    rows = list(sft_rows)
+    rows[2] = {"prompt": "What is ~? ", "completion": "A tilde."}  # line 3
+    return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+def test_a_nan_loss_stops_the_run_naming_step_and_example(
+    tmp_path, poisoned_model_dir, write_jsonl, sft_rows
+):
+    data = _poisoned_data(write_jsonl, tmp_path, sft_rows)
+    out = tmp_path / "out"
+    args = ["--model", poisoned_model_dir, "--data", data, "--batch-size", "1", "--lr", "1e-3"]
+    result = _run(*args, "--save-every", "1", "--output-dir", out, expect=1)
+    info = json.loads((out / "run.json").read_text())
+    step = info["failed_at_step"]
+    assert f"step {step}: the loss is nan" in result.output
+    assert f"{data}: line 3." in result.output and "Traceback" not in result.output
+    assert info["status"] == "failed" and info["failure"] == "non-finite loss"
+    if step > 1:
+        last_good = out / "checkpoints" / f"step-{step - 1}"
+        assert f"The last good checkpoint is {last_good}" in result.output
+        weights = _weights(last_good)
+        assert all(torch.isfinite(w).all() for n, w in weights.items() if "embed" not in n)
+    assert [s for s, _ in complete_checkpoints(out)] == list(range(1, step))
+    assert not (out / "final").exists()
+
+
+def test_skipping_non_finite_steps_counts_them(tmp_path, poisoned_model_dir, write_jsonl, sft_rows):
+    data = _poisoned_data(write_jsonl, tmp_path, sft_rows)
+    out = tmp_path / "out"
+    args = ["--model", poisoned_model_dir, "--data", data, "--batch-size", "1", "--lr", "1e-3"]
+    result = _run(*args, "--epochs", "2", "--on-nonfinite", "skip", "--output-dir", out)
+    assert result.output.count("the loss is nan; step skipped") == 2  # once an epoch
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["skipped_steps"] == 2
+    rows = _rows(out)
+    assert len(rows) == 16 and rows[-1]["skipped_steps"] == 2
+    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN logged
+    weights = _weights(out / "final")
+    assert all(torch.isfinite(w).all() for n, w in weights.items() if "embed_tokens" not in n)
