@@ -106,6 +106,31 @@ class TrainConfig(Options):
 
 CORE_KEYS = set(TrainConfig.model_fields)
 
+# transformers/TRL TrainingArguments names users bring along, and the core option for each.
+TRAINING_ARGUMENT_NAMES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "lr_scheduler",
+    "max_seq_length": "max_length",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "save_total_limit": "keep_last",
+    "eval_steps": "eval_every",
+    "resume_from_checkpoint": "resume",
+    "model_name_or_path": "model",
+    "bf16": "precision",
+    "fp16": "precision",
+    "overwrite_output_dir": "overwrite",
+}
+
+
+def _core_hint(key: str, allowed: set[str]) -> str:
+    if key in TRAINING_ARGUMENT_NAMES:
+        return f" Did you mean {TRAINING_ARGUMENT_NAMES[key]!r}?"
+    return did_you_mean(key, allowed)
+
 
 class RunSpec:
     """A fully validated run: core config, objective options and section options."""
@@ -267,7 +292,7 @@ def resolve(
         if key not in allowed:
             raise ConfigError(
                 f"{where_file}: unknown key {key!r}."
-                f"{did_you_mean(key, allowed)} Top-level keys are core options, "
+                f"{_core_hint(key, allowed)} Top-level keys are core options, "
                 f"objective names and plugin sections (align objectives).{_broken_hint(registry)}"
             )
 
