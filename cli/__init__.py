@@ -206,7 +206,8 @@ def _exit_with(exc: AlignError) -> None:
     import os
 
     if os.environ.get("RANK", "0") == "0":
-        click.echo(f"Error: {exc}", err=True)
+        stopped_by_signal = getattr(exc, "exit_code", 1) > 128
+        click.echo(str(exc) if stopped_by_signal else f"Error: {exc}", err=True)
     sys.exit(getattr(exc, "exit_code", 1))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime
@@ -47,6 +48,26 @@ def apply_demo_defaults(spec: RunSpec) -> bool:
             "--model is required when --data is given (run without both to train the embedded demo)"
         )
     return False
+
+
+def precision_from_launcher(spec: RunSpec) -> None:
+    """Take ``mixed_precision`` from an Accelerate config (``accelerate launch``) when
+    ``--precision`` was not given; refuse when the two disagree, rather than let one win."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    cfg = spec.config
+    if not launched or launched == cfg.precision:
+        return
+    if "precision" in cfg.model_fields_set:
+        raise ConfigError(
+            f"--precision {cfg.precision}, but the Accelerate config sets mixed_precision "
+            f"{launched}: make them agree"
+        )
+    if launched not in ("no", "bf16", "fp16"):
+        raise ConfigError(
+            f"mixed_precision {launched} (from the Accelerate config) is not supported: use "
+            "no, bf16 or fp16"
+        )
+    spec.config = cfg.model_copy(update={"precision": launched})
 
 
 # -- the output directory -------------------------------------------------------------------------

@@ -99,7 +99,7 @@ def offending_examples(
     mine = []
     for (indices, _batch), loss in zip(group, micro_losses, strict=True):
         if what == "gradient" or not torch.isfinite(loss).all():
-            mine += [_describe(examples[i], i) for i in indices]
+            mine += [_describe(examples[i], i) for i in sorted(indices)]
     if accelerator.num_processes > 1:
         mine = list(gather_object(mine))
     return mine

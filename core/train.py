@@ -41,6 +41,7 @@ from .setup import (
     load_tokenizer,
     make_optimizer,
     make_scheduler,
+    precision_from_launcher,
     shared_output_dir,
 )
 from .sharding import ShardedBatches
@@ -141,6 +142,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
 
     # Checks that need no model: options, processes, output directory, data.
     used_demo = apply_demo_defaults(spec)
+    precision_from_launcher(spec)
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")

@@ -29,11 +29,25 @@ def _torchrun(*args):
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _one_and_two_processes(tmp_path, common, monkeypatch):
+def _align_run(*args, env=None):
+    """``align run --num-processes 2 …``: align launches the processes itself."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "align.cli", *map(str, args), "--num-processes", "2"]
+    return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+
+def _one_and_two_processes(tmp_path, common, monkeypatch, launcher="torchrun"):
     """``align run`` with batch 2 on two processes and batch 4 on one, each with its own
-    cache (so neither reads the other's precomputed values); both metrics logs."""
+    cache (so neither reads the other's precomputed values); both metrics logs. The two
+    processes are started by torchrun, or by ``align run --num-processes 2``."""
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache-two"))
-    _torchrun("-m", "align.cli", *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    two = [*common, "--batch-size", "2", "--output-dir", tmp_path / "two"]
+    if launcher == "torchrun":
+        _torchrun("-m", "align.cli", *two)
+    else:
+        result = _align_run(*two)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "on 2 process(es)" in result.stderr
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache-one"))
     result = CliRunner().invoke(
         cli, [*map(str, common), "--batch-size", "4", "--output-dir", str(tmp_path / "one")]
@@ -111,7 +125,7 @@ def test_two_process_run_equals_one_process_run(
         "--lr",
         "1e-2",
     ]
-    one, two = _one_and_two_processes(tmp_path, common, monkeypatch)
+    one, two = _one_and_two_processes(tmp_path, common, monkeypatch, launcher="align")
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
@@ -165,3 +179,97 @@ def test_ift_with_untied_embeddings_on_two_processes(
         for key in ("loss", "nll", "sft_nll"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_dpo_on_two_processes_equals_one_process(tmp_path, model_dir, write_jsonl, monkeypatch):
+    """DPO with a precomputed reference: the pass is shared out and gathered; the pairs'
+    losses and reward metrics are reduced as sums and counts over processes."""
+    rows = [
+        {"prompt": f"What is {a} + 1? ", "chosen": f"{a + 1}.", "rejected": f"It is {a}."}
+        for a in range(10)
+    ]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    eval_data = write_jsonl(tmp_path / "e.jsonl", rows[:3])
+    common = ["run", "--objective", "dpo", "--model", model_dir, "--data", data]
+    common += f"--eval-data {eval_data} --eval-every 2 --max-steps 4 --lr 1e-2".split()
+    one, two = _one_and_two_processes(tmp_path, common, monkeypatch, launcher="align")
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"learning_rate", "step", "epoch", "num_tokens"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert one[-2]["rewards/margins"] > 0  # the policy moved, so the comparison means something
+
+
+def test_num_processes_refuses_another_world_size(tmp_path, model_dir, write_jsonl, sft_rows):
+    """A launcher that starts one process (as `accelerate launch --cpu --num_processes 2`
+    does) for a run that asked for two: refused before training."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    cmd += ["-m", "align.cli", "run", "--model", str(model_dir), "--data", str(data)]
+    cmd += ["--num-processes", "2", "--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "--num-processes 2, but this run has 1 process(es)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_every_process_at_one_checkpoint(tmp_path, model_dir, write_jsonl, sft_rows):
+    """SIGTERM to `align run --num-processes 2`: both processes stop after the same step and
+    save one checkpoint (each its RNG state); --resume continues on two processes."""
+    import signal
+    import time
+
+    from align.resume import complete_checkpoints
+
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    out = tmp_path / "out"
+    args = ["run", "--model", model_dir, "--data", data, "--batch-size", "1", "--lr", "1e-2"]
+    args += ["--max-steps", "60", "--output-dir", out]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "align.cli", *map(str, args), "--num-processes", "2"]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    ((step, checkpoint),) = complete_checkpoints(out)
+    assert step < 60 and "Resume with the same command and --resume" in stderr
+    state = sorted(p.name for p in (checkpoint / "state").iterdir())
+    assert state == ["optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.pt"]
+
+    result = _align_run(*args, "--resume", env={"ALIGN_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resuming at step {step} of 60" in result.stderr
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 61))
+
+
+def test_accelerate_config_examples(tmp_path, model_dir, write_jsonl, sft_rows):
+    """The example Accelerate configs parse; the CPU one really starts two processes."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    examples = Path(__file__).parents[1] / "examples" / "accelerate"
+    kinds = {
+        p.stem: load_config_from_file(str(p)).distributed_type for p in examples.glob("*.yaml")
+    }
+    assert kinds == {
+        "cpu": "MULTI_CPU",
+        "multi_gpu": "MULTI_GPU",
+        "fsdp": "FSDP",
+        "multi_node": "FSDP",
+    }
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    cmd += [str(examples / "cpu.yaml"), "-m", "align.cli", "run", "--num-processes", "2"]
+    cmd += ["--model", str(model_dir), "--data", str(data), "--max-steps", "2"]
+    cmd += ["--output-dir", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 process(es)" in result.stderr

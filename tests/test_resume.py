@@ -15,6 +15,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import align
+from align import plugins
 from align.cli import cli
 from align.resume import complete_checkpoints
 
@@ -301,3 +303,30 @@ def test_skipping_non_finite_steps_counts_them(tmp_path, poisoned_model_dir, wri
     assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # no NaN logged
     weights = _weights(out / "final")
     assert all(torch.isfinite(w).all() for n, w in weights.items() if "embed_tokens" not in n)
+
+
+class NanGradient:
+    """An objective whose loss is finite (0) and whose gradient is not: d√u/du at u = 0."""
+
+    __name__ = "nan-gradient"
+
+    @align.hookimpl
+    def align_register_objectives(self, register):
+        register(align.Objective(name="nan-gradient", description="test"))
+
+    @align.hookimpl
+    def align_compute_loss(self, model, batch):
+        logps = align.forward_logps(model, batch).sums
+        return align.LossOutput(loss=torch.sqrt((logps * 0).sum()), count=len(logps))
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_is_caught(
+    tmp_path, model_dir, write_jsonl, sft_rows
+):
+    plugins.reset_registry(plugins.load_plugins(extra=[NanGradient()]))
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows[:2])
+    args = ["--objective", "nan-gradient", "--model", model_dir, "--data", data]
+    result = _run(*args, "--batch-size", "2", "--output-dir", tmp_path / "out", expect=1)
+    assert "step 1: the gradient is nan (not finite)" in result.output
+    assert f"Examples in this step's batch: {data}: line 1, line 2." in result.output
+    assert "No checkpoint was written before it" in result.output

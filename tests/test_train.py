@@ -262,3 +262,16 @@ def test_bad_data_is_reported_through_the_cli(tmp_path, model_dir):
     result = _run(*_user(model_dir, bad), "--output-dir", str(tmp_path / "o"), expect=1)
     assert f"{bad}, line 2, field 'completion': missing field" in result.output
     assert "Traceback" not in result.output
+
+
+def test_precision_from_an_accelerate_config(tmp_path, model_dir, data, monkeypatch):
+    """`accelerate launch` with mixed_precision in its config: used when --precision is not
+    given, and a disagreement is an error rather than a silent choice."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    out = tmp_path / "out"
+    _run(*_user(model_dir, data), "--max-steps", "1", "--output-dir", str(out))
+    assert json.loads((out / "run.json").read_text())["config"]["precision"] == "bf16"
+    result = _run(
+        *_user(model_dir, data), "--precision", "no", "--output-dir", str(tmp_path / "o"), expect=1
+    )
+    assert "--precision no, but the Accelerate config sets mixed_precision bf16" in result.output
