@@ -4,8 +4,8 @@
 
 For each policy it runs ``--steps`` SFT steps twice, without checkpoints and with
 ``--save-every 1`` (the difference per step is the cost of one checkpoint), then resumes the
-second run from its middle checkpoint and reports how long the resumed run took to reach its
-first step, against a fresh run's set-up.
+second run from its middle checkpoint and reports the resumed run's wall time (set-up, loading
+the checkpoint, and the second half of the steps).
 """
 
 from __future__ import annotations
