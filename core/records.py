@@ -157,6 +157,8 @@ def fingerprint(path: str | Path) -> str:
     import hashlib
 
     path = Path(path)
+    if not path.exists():
+        raise DataError("no such file or directory", source=str(path))
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:

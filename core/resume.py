@@ -8,6 +8,10 @@
 - ``trainer_state.json``: the step, the data position, the metric sums not yet logged, the
   cumulative token count and the precomputed-reference cache keys.
 
+Under FSDP, ``save_state`` also writes the sharded model into ``state/`` (and ``load_state``
+reads it), so a checkpoint holds the model twice: gathered for ``from_pretrained``, sharded for
+resuming.
+
 A checkpoint is written into a temporary sibling and renamed into place, so one that exists
 is complete; the newest one is what ``--resume`` takes. The data order is a function of the
 seed and the epoch, so the data position is the number of optimizer steps taken.
@@ -43,8 +47,8 @@ MAY_CHANGE_ON_RESUME = {
     "log_every",
     "on_nonfinite",
     "num_processes",  # the world size is compared instead
-    "data",  # the data files' sha256 are compared instead
-    "eval_data",
+    "data",  # the training data's sha256 is compared instead
+    "eval_data",  # evaluation does not change training
 }
 
 
@@ -64,23 +68,50 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def remove_partial_checkpoints(out: Path) -> list[Path]:
-    """Delete what a killed process left half-written; return what was deleted."""
+def remove_partial_checkpoints(out: Path) -> None:
+    """Clean up after a killed process: delete half-written checkpoints and half-deleted old
+    ones; finish a replacement cut between its two renames (``replace_dir``)."""
     root = out / CHECKPOINTS
-    removed = []
-    if root.is_dir():
-        for path in root.iterdir():
-            if path.name.startswith(".") and path.name.endswith((".tmp", ".old")):
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-    return removed
+    if not root.is_dir():
+        return
+    for old in root.glob(".*.old"):
+        target = root / old.name[1 : -len(".old")]
+        tmp = root / f".{target.name}.tmp"
+        if not target.exists() and tmp.is_dir():  # tmp was complete: only the rename is left
+            os.replace(tmp, target)
+    for path in root.iterdir():
+        if path.name.startswith(".") and path.name.endswith((".tmp", ".old", ".trash")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def remove_old_checkpoints(out: Path, keep_last: int | None) -> None:
-    """Keep the newest ``keep_last`` complete checkpoints (all when None)."""
+def _delete(path: Path) -> None:
+    """Delete a checkpoint so that a kill midway never leaves a half one looking complete."""
+    trash = path.with_name(f".{path.name}.trash")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_old_checkpoints(out: Path, keep_last: int | None, newest: Path) -> None:
+    """Keep the newest ``keep_last`` complete checkpoints (all when None), ``newest`` (the
+    one just written) always among them."""
     if keep_last:
         for _step, path in complete_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(path)
+            if path != newest:
+                _delete(path)
+
+
+def set_aside_later_checkpoints(out: Path, step: int) -> list[Path]:
+    """Resuming from ``step`` abandons what the interrupted run did after it: its later
+    checkpoints are renamed ``abandoned-step-N`` (kept, but never resumed from)."""
+    moved = []
+    for later, path in complete_checkpoints(out):
+        if later > step:
+            target = path.with_name(f"abandoned-{path.name}")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved.append(target)
+    return moved
 
 
 # -- writing ----------------------------------------------------------------------------------
@@ -128,6 +159,7 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
         out = Path(output_dir)
         if not (out / "run.json").is_file():
             raise ConfigError(f"--resume: {out} holds no run (no run.json)")
+        remove_partial_checkpoints(out)
         found = complete_checkpoints(out)
         if not found:
             raise ConfigError(
@@ -136,6 +168,8 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
             )
         return found[-1][1], out
     checkpoint = Path(resume)
+    if checkpoint.resolve().parent.name == CHECKPOINTS:
+        remove_partial_checkpoints(checkpoint.resolve().parent.parent)
     if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():
         raise ConfigError(
             f"--resume {checkpoint}: not a complete checkpoint (expected {TRAINER_STATE} and "
@@ -168,22 +202,25 @@ def _comparable(key: str, value: Any) -> Any:
 
 
 def check_same_run(
-    previous: dict[str, Any], config: dict[str, Any], data: dict[str, str], num_processes: int
-) -> None:
+    previous: dict[str, Any], config: dict[str, Any], train_sha256: str, num_processes: int
+) -> dict[str, list[Any]]:
     """A resumed run must be the run that was interrupted: the same options (but for those
-    that do not change training), the same data bytes and the same number of processes."""
-    problems = []
+    that do not change training), the same training data bytes and the same number of
+    processes. Returns the options that changed and may: ``{key: [old, new]}``."""
+    problems, changed = [], {}
     before = previous.get("config", {})
     for key in sorted(set(before) | set(config)):
-        if key in MAY_CHANGE_ON_RESUME:
-            continue
         old, new = before.get(key), config.get(key)
-        if _comparable(key, old) != _comparable(key, new):
+        if _comparable(key, old) == _comparable(key, new):
+            continue
+        if key in MAY_CHANGE_ON_RESUME:
+            if key not in ("resume", "output_dir"):
+                changed[key] = [old, new]
+        else:
             problems.append(f"{key}: was {old!r}, now {new!r}")
-    for split, digest in data.items():
-        old = previous.get("data", {}).get(split, {}).get("sha256")
-        if old != digest:
-            problems.append(f"{split} data: its content changed (sha256 {old} → {digest})")
+    old = previous.get("data", {}).get("train", {}).get("sha256")
+    if old != train_sha256:
+        problems.append(f"train data: its content changed (sha256 {old} → {train_sha256})")
     if previous.get("num_processes") != num_processes:
         problems.append(
             f"processes: was {previous.get('num_processes')}, now {num_processes} (the data "
@@ -195,16 +232,19 @@ def check_same_run(
             "directory: " + "; ".join(problems) + ". Start a new run (another --output-dir) "
             "to train differently."
         )
+    return changed
 
 
 def check_reference(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
-    """The precomputed reference log-probs must be the ones the run started with."""
-    keys = (saved or {}).get("cache_keys")
-    if keys and keys != (current or {}).get("cache_keys"):
+    """The precomputed reference log-probs of the training data must be the ones the run
+    started with (the eval data may change on resume)."""
+    key = ((saved or {}).get("cache_keys") or {}).get("train")
+    now = ((current or {}).get("cache_keys") or {}).get("train")
+    if key and key != now:
         raise ConfigError(
-            "--resume: the precomputed reference log-probs differ from the interrupted run's "
-            f"(cache keys {keys} → {(current or {}).get('cache_keys')}): the reference model's "
-            "files, the precision or the torch/transformers versions changed"
+            "--resume: the precomputed reference log-probs of the training data differ from "
+            f"the interrupted run's (cache key {key} → {now}): the reference model's files, "
+            "the precision or the torch/transformers versions changed"
         )
 
 
@@ -217,10 +257,12 @@ def reference_state(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def restore_weights(model: Any, checkpoint: Path) -> None:
+def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = False) -> None:
     """Load the checkpoint's weights into the model, before ``accelerator.prepare``: the full
     model, or for a PEFT model its trained adapter. Every key must match."""
     from safetensors.torch import load_file
+
+    from .loading import load_causal_lm
 
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -240,15 +282,27 @@ def restore_weights(model: Any, checkpoint: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(checkpoint / name)))
+    missing, unexpected = _load_exactly(model, state)
+    if missing or unexpected:
+        # Saved in another layout than the model holds in memory (transformers converts the
+        # experts of mixture-of-experts models when saving): load it as from_pretrained does.
+        converted = load_causal_lm(str(checkpoint), trust_remote_code, role="checkpoint")
+        missing, unexpected = _load_exactly(model, converted.state_dict())
+        del converted
+    if missing or unexpected:
+        raise ConfigError(
+            f"{checkpoint}: its weights do not fit the model (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+
+
+def _load_exactly(model: Any, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Load ``state``; the keys it lacks (but for tied weights) and those the model lacks."""
     result = model.load_state_dict(state, strict=False)
     own = model.state_dict()
     loaded = {own[k].data_ptr() for k in state if k in own}
     missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]  # tied: fine
-    if missing or result.unexpected_keys:
-        raise ConfigError(
-            f"{checkpoint}: its weights do not fit the model (missing {missing[:5]}, "
-            f"unexpected {list(result.unexpected_keys)[:5]})"
-        )
+    return missing, list(result.unexpected_keys)
 
 
 def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -> None:
@@ -261,8 +315,16 @@ def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -
         raise ConfigError(f"{checkpoint}: no RNG state for process {accelerator.process_index}")
     accelerator.load_state(str(state_dir))
     saved = load(rng_file)  # Accelerate swallows a failure to restore RNG states: check
-    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
-        raise ConfigError(f"{rng_file}: the RNG states could not be restored")
+    restored = torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
+    if restored and "torch_cuda_manual_seed" in saved and torch.cuda.is_available():
+        now = torch.cuda.get_rng_state_all()
+        before = saved["torch_cuda_manual_seed"]
+        restored = len(now) == len(before) and all(map(torch.equal, now, before))
+    if not restored:
+        raise ConfigError(
+            f"{rng_file}: the RNG states could not be restored (on GPUs: the same number of "
+            "visible GPUs is needed)"
+        )
     scheduler.load_state_dict(
         torch.load(state_dir / SCHEDULER, map_location="cpu", weights_only=True)
     )

@@ -55,7 +55,7 @@ def precision_from_launcher(spec: RunSpec) -> None:
     ``--precision`` was not given; refuse when the two disagree, rather than let one win."""
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
     cfg = spec.config
-    if not launched or launched == cfg.precision:
+    if not launched or launched in ("no", cfg.precision):  # "no": accelerate launch's default
         return
     if "precision" in cfg.model_fields_set:
         raise ConfigError(
@@ -75,6 +75,7 @@ def precision_from_launcher(spec: RunSpec) -> None:
 class OutputDir:
     path: Path
     checkpoint: Path | None = None  # the checkpoint to resume from
+    replaces_run: bool = False  # --overwrite: clear the old run once set-up has succeeded
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "final", "checkpoints", "logs")
@@ -90,27 +91,31 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
         if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "completed":
             raise ConfigError(f"--resume: the run in {out} already completed; nothing to resume")
         _check_writable(out)
-        resume.remove_partial_checkpoints(out)
         return OutputDir(out, checkpoint)
     if cfg.output_dir:
         out = Path(cfg.output_dir)
     else:
         out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if (out / "run.json").exists():
-        if not cfg.overwrite:
-            hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""
-            raise ConfigError(
-                f"{out} already holds a run (run.json);{hint} choose another --output-dir or "
-                "pass --overwrite to replace it"
-            )
-        for name in RUN_FILES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    replaces_run = (out / "run.json").exists()
+    if replaces_run and not cfg.overwrite:
+        hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""
+        raise ConfigError(
+            f"{out} already holds a run (run.json);{hint} choose another --output-dir or "
+            "pass --overwrite to replace it"
+        )
     _check_writable(out)
-    return OutputDir(out)
+    return OutputDir(out, replaces_run=replaces_run)
+
+
+def clear_run(out: Path) -> None:
+    """Delete the files of the run ``--overwrite`` replaces (once the new one is set up, so a
+    typo in the new run's options costs nothing)."""
+    for name in RUN_FILES:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def _check_writable(out: Path) -> None:

@@ -4,8 +4,8 @@ loss or gradient (name the step and its examples; or skip the step and count it)
 from __future__ import annotations
 
 import math
+import os
 import signal
-import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -24,13 +24,16 @@ class RunStopped(AlignError):
 
 
 class StopSignals:
-    """While active, SIGINT and SIGTERM ask the loop to stop after the current step.
+    """While active, SIGINT, SIGTERM and SIGHUP ask the loop to stop after the current step.
 
     A repeated signal changes nothing (``torchrun`` forwards the terminal's Ctrl-C, so a
     worker may get it twice); SIGKILL is the way to stop at once, and checkpoints survive it.
+    A signal the process was started ignoring (``nohup``) stays ignored.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = tuple(
+        getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+    )
 
     def __init__(self, announce: bool) -> None:
         self.received = 0
@@ -40,7 +43,8 @@ class StopSignals:
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -52,13 +56,12 @@ class StopSignals:
         if self.received:
             return
         self.received = signum
-        if self.announce:
+        if self.announce:  # os.write: print() may be inside a write to stderr already
             name = signal.Signals(signum).name
-            print(
-                f"\n{name}: stopping after this step and saving a checkpoint "
-                "(SIGKILL stops at once; the last checkpoint stays usable)",
-                file=sys.stderr,
-                flush=True,
+            os.write(
+                2,
+                f"\n{name}: stopping after this step and saving a checkpoint (SIGKILL stops at "
+                "once; the last checkpoint stays usable)\n".encode(),
             )
 
     def requested(self, accelerator: Any) -> int:

@@ -37,6 +37,7 @@ from .run import Run
 from .setup import (
     apply_demo_defaults,
     build_examples,
+    clear_run,
     load_model,
     load_tokenizer,
     make_optimizer,
@@ -154,10 +155,12 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     out, checkpoint = output.path, output.checkpoint
     splits = {"train": cfg.data, "eval": cfg.eval_data}
     digests = {split: fingerprint(path) for split, path in splits.items() if path}
-    previous = None
+    previous, changed = None, {}
     if checkpoint is not None:
         previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
-        resume.check_same_run(previous, spec.as_dict(), digests, state.num_processes)
+        changed = resume.check_same_run(
+            previous, spec.as_dict(), digests["train"], state.num_processes
+        )
     tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
     accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -207,7 +210,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         resume.check_reference(
             trainer_state.get("reference"), resume.reference_state(reference_info)
         )
-        resume.restore_weights(model, checkpoint)
+        resume.restore_weights(model, checkpoint, cfg.trust_remote_code)
 
     # Batches, optimizer and schedule.
     loaders = {
@@ -244,21 +247,42 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     # run.json and metrics.jsonl: new, or the interrupted run's, continued.
     if previous is not None:
         run_info = previous
+        for key in ("stopped_at_step", "failed_at_step", "failure"):
+            run_info.pop(key, None)
         run_info.setdefault("resumed", []).append(
-            {"from_step": start, "checkpoint": str(checkpoint), "at": datetime.now().isoformat()}
+            {
+                "from_step": start,
+                "checkpoint": str(checkpoint),
+                "at": datetime.now().isoformat(),
+                "changed": changed,
+            }
         )
-        run_info["status"] = "running"
+        run_info.update(status="running", config=spec.as_dict())
+        if "eval" in digests:
+            run_info["data"]["eval"] = {"path": cfg.eval_data, "sha256": digests["eval"]}
+            run_info["data"]["eval"].update(reports["eval"].as_dict())
+        else:
+            run_info["data"].pop("eval", None)
+        started -= previous.get("seconds", 0.0)  # run.json's seconds: every session's
     else:
         run_info = describe_run(spec, registry, splits, digests, reports, accelerator, total_steps)
         if reference_info is not None:
             run_info["reference"] = reference_info
     if accelerator.is_main_process:
+        if output.replaces_run:  # --overwrite: only now that the new run is set up
+            clear_run(out)
         if checkpoint is not None:
             dropped = resume.truncate_metrics(out / "metrics.jsonl", start)
+            abandoned = resume.set_aside_later_checkpoints(out, start)
             log(
                 accelerator,
                 f"Resuming at step {start} of {total_steps} from {checkpoint}"
-                + (f"; dropped {dropped} metrics rows logged after it" if dropped else ""),
+                + (f"; dropped {dropped} metrics rows logged after it" if dropped else "")
+                + (
+                    f"; later checkpoints set aside: {', '.join(p.name for p in abandoned)}"
+                    if abandoned
+                    else ""
+                ),
             )
         write_json(out / "run.json", run_info)
     if tracker:
@@ -296,7 +320,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         sums.restore(trainer_state.get("pending_metrics", {}))
     last_checkpoint = checkpoint
 
-    def save_checkpoint(step: int) -> Path:
+    def save_checkpoint(step: int, eval_pending: bool) -> Path:
         target = resume.checkpoint_dir(out, step)
         if accelerator.is_main_process:
             target.parent.mkdir(exist_ok=True)
@@ -318,10 +342,11 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                 "skipped_steps": skipped_steps,
                 "num_processes": accelerator.num_processes,
                 "reference": resume.reference_state(reference_info),
+                "eval_pending": eval_pending,
             },
         )
         if accelerator.is_main_process:
-            resume.remove_old_checkpoints(out, cfg.keep_last)
+            resume.remove_old_checkpoints(out, cfg.keep_last, target)
         return target
 
     def finish(status: str, **details: Any) -> None:
@@ -353,6 +378,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     model.train()
     groups = micro_batch_groups(loader, cfg.grad_accum, start)
     with StopSignals(announce=accelerator.is_main_process) as signals:
+        if trainer_state.get("eval_pending"):  # the stop at `start` came before its evaluation
+            metrics_log.write({"step": start, **evaluate()})
         for step in range(start + 1, total_steps + 1):
             group = next(groups)
             run.step = step - 1
@@ -376,6 +403,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                         nonfinite_message(step, bad, value, where, cfg.data, last_checkpoint)
                     )
                 skipped_steps += 1
+                if accelerator.scaler is not None:  # clipping unscaled: the scaler must move on
+                    accelerator.scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 log(
                     accelerator,
@@ -408,12 +437,15 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                     row["skipped_steps"] = skipped_steps
                 metrics_log.write(row)
             last = step == total_steps
-            if eval_loader is not None and (last or cfg.eval_every and step % cfg.eval_every == 0):
+            stop = 0 if last else signals.requested(accelerator)  # the last step: save final/
+            eval_due = eval_loader is not None and (
+                last or bool(cfg.eval_every) and step % cfg.eval_every == 0
+            )
+            if eval_due and not stop:  # when stopping, the resumed run evaluates first
                 metrics_log.write({"step": step, **evaluate()})
-            stop = signals.requested(accelerator)
-            if not last and (stop or cfg.save_every and step % cfg.save_every == 0):
-                last_checkpoint = save_checkpoint(step)
-            if stop and not last:
+            if stop or not last and cfg.save_every and step % cfg.save_every == 0:
+                last_checkpoint = save_checkpoint(step, eval_pending=eval_due and bool(stop))
+            if stop:
                 progress.close()
                 finish("interrupted", stopped_at_step=step)
                 name = signal.Signals(stop).name
@@ -423,9 +455,12 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                     f"(--output-dir {out}).",
                     exit_code=128 + stop,
                 )
-    progress.close()
-    save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
-    finish("completed")
+        progress.close()  # a signal from here on lets the final model be written first
+        save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
+        finish("completed")
+    if signals.received:
+        name = signal.Signals(signals.received).name
+        log(accelerator, f"{name} came during the last step or the final save; the run completed.")
     log(
         accelerator,
         f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "

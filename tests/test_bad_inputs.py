@@ -29,6 +29,7 @@ DATA_ERRORS = [
         ", line 1, field 'messages[0].content': expected a string",
     ),
     ("missing_column.csv", "sft", ", line 2, field 'completion': missing field"),
+    ("no_such_file.jsonl", "sft", ": no such file or directory"),
 ]
 
 

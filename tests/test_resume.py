@@ -130,10 +130,15 @@ def test_resume_from_a_given_checkpoint_and_keep_last(tmp_path, model_dir, write
 
     _crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=5, logged_up_to=5)
     checkpoint = tmp_path / "b" / "checkpoints" / "step-4"  # not the newest: a given path
-    result = _run(*args, "--resume", checkpoint)
+    result = _run(*args, "--keep-last", "3", "--resume", checkpoint)
     assert "Resuming at step 4 of 6" in result.output
+    assert "later checkpoints set aside: abandoned-step-5" in result.output
     _assert_same_run(tmp_path / "a", tmp_path / "b", after=4, minimum=10)
     assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [4, 5]
+    assert (tmp_path / "b" / "checkpoints" / "abandoned-step-5" / "trainer_state.json").exists()
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert info["resumed"][0]["changed"] == {"keep_last": [2, 3]}
+    assert info["config"]["keep_last"] == 3
 
 
 def test_a_resumed_run_must_be_the_same_run(tmp_path, model_dir, write_jsonl, sft_rows):
@@ -216,10 +221,14 @@ def test_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_a_checkpoint_and_exits(sig, tmp_path, model_dir, write_jsonl, sft_rows):
+    """The stop comes before the step's evaluation (a preemption notice gives little time);
+    the resumed run evaluates first, so every step still has its evaluation row."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    eval_data = write_jsonl(tmp_path / "e.jsonl", sft_rows[:2])
     out = tmp_path / "out"
     args = ["run", "--model", model_dir, "--data", data, "--batch-size", "2", "--lr", "1e-2"]
-    args += ["--max-steps", "400", "--output-dir", out]
+    args += ["--max-steps", "100", "--eval-data", eval_data, "--eval-every", "1"]
+    args += ["--output-dir", out]
     proc = subprocess.Popen(
         [sys.executable, "-m", "align.cli", *map(str, args)],
         env=_env(tmp_path),
@@ -235,7 +244,8 @@ def test_a_signal_saves_a_checkpoint_and_exits(sig, tmp_path, model_dir, write_j
     assert proc.returncode == 128 + sig, stderr[-2000:]
     assert "Resume with the same command and --resume" in stderr and "Traceback" not in stderr
     ((step, checkpoint),) = complete_checkpoints(out)
-    assert _rows(out)[-1]["step"] == step < 400
+    assert _rows(out)[-1]["step"] == step < 100
+    assert "eval_loss" not in _rows(out)[-1]  # stopped before evaluating
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "interrupted" and info["stopped_at_step"] == step
     assert set(os.listdir(checkpoint / "state")) == {
@@ -243,6 +253,52 @@ def test_a_signal_saves_a_checkpoint_and_exits(sig, tmp_path, model_dir, write_j
         "random_states_0.pkl",
         "scheduler.pt",
     }
+    _run(*args[1:], "--resume")
+    rows = _rows(out)
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 101))
+    assert [r["step"] for r in rows if "eval_loss" in r] == list(range(1, 101))
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and "stopped_at_step" not in info
+
+
+def test_an_ignored_signal_stays_ignored():
+    from align.stopping import StopSignals
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals(announce=False):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_restoring_a_model_saved_in_another_layout(tmp_path):
+    """transformers saves mixture-of-experts weights in another layout than it holds them in
+    memory; restoring a checkpoint of one goes through from_pretrained's conversion."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from align.resume import restore_weights
+
+    config = MixtralConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    torch.manual_seed(0)
+    trained = MixtralForCausalLM(config)
+    trained.save_pretrained(tmp_path, state_dict=trained.state_dict())
+    torch.manual_seed(1)
+    fresh = MixtralForCausalLM(config)
+    restore_weights(fresh, tmp_path)
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
 
 
 # -- non-finite values ------------------------------------------------------------------------
@@ -330,3 +386,19 @@ def test_a_non_finite_gradient_with_a_finite_loss_is_caught(
     assert "step 1: the gradient is nan (not finite)" in result.output
     assert f"Examples in this step's batch: {data}: line 1, line 2." in result.output
     assert "No checkpoint was written before it" in result.output
+
+
+def test_a_kill_between_the_two_renames_of_a_replacement_is_finished(tmp_path):
+    """replace_dir renames the old directory aside, then the new one into place; a kill in
+    between leaves neither in place. The clean-up finishes the replacement; a checkpoint
+    that was only half written is deleted."""
+    from align.resume import remove_partial_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name, step in ((".step-4.old", 3), (".step-4.tmp", 4), (".step-6.tmp", 6)):
+        (root / name / "state").mkdir(parents=True)
+        (root / name / "trainer_state.json").write_text(json.dumps({"step": step}))
+    (root / ".step-2.trash").mkdir()
+    remove_partial_checkpoints(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["step-4"]
+    assert json.loads((root / "step-4" / "trainer_state.json").read_text()) == {"step": 4}

@@ -165,6 +165,11 @@ def test_an_existing_run_is_not_overwritten_without_asking(tmp_path, model_dir, 
     _run(*args)
     result = _run(*args, expect=1)
     assert "already holds a run" in result.output and "--overwrite" in result.output
+    # --overwrite clears the old run only once the new one is set up: a typo costs nothing.
+    typo = [*_user(model_dir, data.with_name("typo.jsonl")), *args[4:], "--overwrite"]
+    result = _run(*typo, expect=1)
+    assert "typo.jsonl: no such file or directory" in result.output
+    assert (out / "final" / "model.safetensors").exists() and len(_metrics(out)[0]) == 1
     _run(*args, "--overwrite")
     assert len(_metrics(out)[0]) == 1
 
