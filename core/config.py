@@ -65,8 +65,8 @@ class TrainConfig(Options):
     )
     resume: str | None = Field(
         None,
-        description="Continue an interrupted run: 'latest' (the newest complete checkpoint in "
-        "output_dir) or a checkpoint directory.",
+        description="Continue an interrupted run from the newest complete checkpoint in "
+        "output_dir (--resume alone; `latest` or `true` in YAML) or from a checkpoint directory.",
     )
     on_nonfinite: Literal["error", "skip"] = Field(
         "error",
@@ -97,6 +97,11 @@ class TrainConfig(Options):
         description="Log eval_deviation, the mean per-token log-ratio to the reference (the "
         "starting model for objectives without one) on the eval split.",
     )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _yaml_true(cls, value: Any) -> Any:
+        return {True: "latest", False: None}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -176,3 +176,10 @@ def test_objectives_command_lists_options_and_sections(registry):
     assert "--set normalization=<token|sequence>  (default 'token')" in output
     assert "section lora  (lora-like): test section" in output
     assert "--set lora.r=<int>  (default 8)" in output
+
+
+def test_resume_in_a_config_file(registry, tmp_path):
+    for text, expected in (("resume: true", "latest"), ("resume: latest", "latest"), ("", None)):
+        path = tmp_path / "run.yaml"
+        path.write_text(text + "\n")
+        assert resolve(registry, str(path)).config.resume == expected

@@ -280,3 +280,13 @@ def test_precision_from_an_accelerate_config(tmp_path, model_dir, data, monkeypa
         *_user(model_dir, data), "--precision", "no", "--output-dir", str(tmp_path / "o"), expect=1
     )
     assert "--precision no, but the Accelerate config sets mixed_precision bf16" in result.output
+
+
+def test_an_output_directory_that_cannot_be_written_is_refused(tmp_path, model_dir, data):
+    """Refused before anything is loaded (a file where a directory should be: the tests run
+    as root, for whom permission bits do not stop a write)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run(*_user(model_dir, data), "--output-dir", str(blocker / "run"), expect=1)
+    assert f"output directory {blocker / 'run'} is not writable" in result.output
+    assert "Traceback" not in result.output
