@@ -76,8 +76,8 @@ class TrainConfig(Options):
     num_processes: int | None = Field(
         None,
         ge=1,
-        description="Data-parallel processes: align launches them (torchrun) and refuses to train "
-        "on any other number.",
+        description="Data-parallel processes: align starts them (torchrun) unless a launcher "
+        "did; a launcher's other number is refused.",
     )
     eval_every: int | None = Field(
         None, ge=1, description="Evaluate every N steps (and at the end)."

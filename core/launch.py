@@ -1,8 +1,10 @@
 """``align run --num-processes N``: launch N data-parallel processes through torchrun, and make
 sure a run trains on the number of processes it asked for.
 
-``accelerate launch --cpu --num_processes 2`` silently runs one process; a run that asked for
-N and got another number refuses to train instead of training differently.
+Started as one plain process (``align run``, or ``accelerate launch --cpu --num_processes 2``,
+which silently starts one), ``align run --num-processes N`` starts the N processes itself.
+Under a launcher that started processes (it sets ``WORLD_SIZE``), a number other than N, or
+processes that did not join as one run, is refused instead of training differently.
 """
 
 from __future__ import annotations
@@ -58,12 +60,34 @@ def launch(num_processes: int, run_args: list[str]) -> int:
     return 0
 
 
+def launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def cpu_processes_join() -> None:
+    """Processes a launcher started on a machine without CUDA (torchrun, ``accelerate launch
+    --multi_gpu``) each run alone, all as rank 0, unless Accelerate is told to use the CPU:
+    tell it (gloo)."""
+    import torch
+
+    if launched_processes() > 1 and not torch.cuda.is_available():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+
+
 def check_world_size(requested: int | None, state: Any) -> None:
-    """Refuse to train on another number of processes than ``--num-processes`` asked for."""
+    """Refuse to train when the processes did not join as one run, or when ``--num-processes``
+    asked for another number than the launcher started."""
+    launched = launched_processes()
+    if launched != state.num_processes:
+        raise ConfigError(
+            f"the launcher started {launched} processes (WORLD_SIZE), but Accelerate runs this "
+            f"one as one of {state.num_processes}; on CPU set ACCELERATE_USE_CPU=true, on GPUs "
+            "check the devices each process sees"
+        )
     if requested is not None and requested != state.num_processes:
         raise ConfigError(
-            f"--num-processes {requested}, but this run has {state.num_processes} process(es). "
-            "On CPU, `accelerate launch --cpu --num_processes N` starts one process: use "
-            "`align run --num-processes N`, `torchrun --nproc_per_node N -m align.cli run …` "
-            "or `accelerate launch --multi_gpu --num_processes N` with ACCELERATE_USE_CPU=true."
+            f"--num-processes {requested}, but the launcher started {state.num_processes} "
+            "process(es): give the launcher the same number (torchrun --nproc_per_node, "
+            "accelerate launch --num_processes), or run `align run --num-processes "
+            f"{requested}` without a launcher, which starts them itself"
         )

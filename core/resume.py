@@ -168,6 +168,11 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
             )
         return found[-1][1], out
     checkpoint = Path(resume)
+    if not re.fullmatch(r"step-\d+", checkpoint.name):
+        raise ConfigError(
+            f"--resume {checkpoint}: expected a checkpoint directory named step-N (checkpoints "
+            "set aside as abandoned-step-N are not resumed from)"
+        )
     if checkpoint.resolve().parent.name == CHECKPOINTS:
         remove_partial_checkpoints(checkpoint.resolve().parent.parent)
     if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():

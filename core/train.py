@@ -26,7 +26,7 @@ from .config import RunSpec
 from .deviation import deviation_sums
 from .errors import ConfigError, PluginError
 from .formats import DataReport
-from .launch import check_world_size
+from .launch import check_world_size, cpu_processes_join
 from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
@@ -149,6 +149,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
     if cfg.eval_deviation and not cfg.eval_data:
         raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
+    cpu_processes_join()
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     check_world_size(cfg.num_processes, state)
     output = shared_output_dir(cfg, cfg.objective, state)
@@ -272,8 +273,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         if output.replaces_run:  # --overwrite: only now that the new run is set up
             clear_run(out)
         if checkpoint is not None:
-            dropped = resume.truncate_metrics(out / "metrics.jsonl", start)
-            abandoned = resume.set_aside_later_checkpoints(out, start)
+            abandoned = resume.set_aside_later_checkpoints(out, start)  # first: a kill in
+            dropped = resume.truncate_metrics(out / "metrics.jsonl", start)  # between loses none
             log(
                 accelerator,
                 f"Resuming at step {start} of {total_steps} from {checkpoint}"
@@ -378,7 +379,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     model.train()
     groups = micro_batch_groups(loader, cfg.grad_accum, start)
     with StopSignals(announce=accelerator.is_main_process) as signals:
-        if trainer_state.get("eval_pending"):  # the stop at `start` came before its evaluation
+        if trainer_state.get("eval_pending") and eval_loader is not None:  # owed by a stop
             metrics_log.write({"step": start, **evaluate()})
         for step in range(start + 1, total_steps + 1):
             group = next(groups)

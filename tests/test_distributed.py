@@ -60,6 +60,17 @@ def _one_and_two_processes(tmp_path, common, monkeypatch, launcher="torchrun"):
     return rows("one"), rows("two")
 
 
+def _assert_same_final_weights(tmp_path, lr=1e-2):
+    """The final weights agree to lr/100: the two set-ups sum gradients in another order, and
+    Adam divides each coordinate's step by its own scale, so a float difference in a gradient
+    near zero becomes a visible (but tiny) difference in that weight's step."""
+    one = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        assert torch.allclose(value, two[name], atol=lr / 100, rtol=0), name
+
+
 def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, sft_rows):
     """Two gloo processes with 4 examples each: the same loss and gradients as one batch of 8."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
@@ -132,8 +143,11 @@ def test_two_process_run_equals_one_process_run(
         for key in ("loss", "eval_loss", "mean_token_accuracy", "eval_mean_token_accuracy"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        if "grad_norm" in a:
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
         assert (a.get("epoch"), a.get("num_tokens")) == (b.get("epoch"), b.get("num_tokens"))
     assert one[3]["epoch"] == 1.0  # 3 steps an epoch in both runs
+    _assert_same_final_weights(tmp_path)
     assert json.loads((tmp_path / "two" / "run.json").read_text())["num_processes"] == 2
 
 
@@ -199,11 +213,12 @@ def test_dpo_on_two_processes_equals_one_process(tmp_path, model_dir, write_json
         for key in a.keys() - {"learning_rate", "step", "epoch", "num_tokens"}:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert one[-2]["rewards/margins"] > 0  # the policy moved, so the comparison means something
+    _assert_same_final_weights(tmp_path)
 
 
 def test_num_processes_refuses_another_world_size(tmp_path, model_dir, write_jsonl, sft_rows):
-    """A launcher that starts one process (as `accelerate launch --cpu --num_processes 2`
-    does) for a run that asked for two: refused before training."""
+    """A launcher that started one process for a run that asked for two: refused before
+    training. (Started without a launcher, align would start the two itself.)"""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
@@ -211,7 +226,21 @@ def test_num_processes_refuses_another_world_size(tmp_path, model_dir, write_jso
     cmd += ["--num-processes", "2", "--output-dir", str(tmp_path / "out")]
     result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "--num-processes 2, but this run has 1 process(es)" in result.stderr
+    assert "--num-processes 2, but the launcher started 1 process(es)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_processes_that_did_not_join_are_refused(tmp_path, model_dir, write_jsonl, sft_rows):
+    """Two processes on CPU that Accelerate is told not to run on the CPU each run alone, as
+    rank 0 (what `accelerate launch --multi_gpu` on a CPU machine used to give): refused."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "align.cli", "run", "--model", str(model_dir), "--data", str(data)]
+    cmd += ["--output-dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "the launcher started 2 processes (WORLD_SIZE), but Accelerate runs" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -259,14 +288,15 @@ def test_accelerate_config_examples(tmp_path, model_dir, write_jsonl, sft_rows):
         p.stem: load_config_from_file(str(p)).distributed_type for p in examples.glob("*.yaml")
     }
     assert kinds == {
-        "cpu": "MULTI_CPU",
+        "cpu": "MULTI_GPU",
         "multi_gpu": "MULTI_GPU",
         "fsdp": "FSDP",
         "multi_node": "FSDP",
     }
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
-    cmd += [str(examples / "cpu.yaml"), "-m", "align.cli", "run", "--num-processes", "2"]
+    cmd += [str(examples / "cpu.yaml"), "-m", "align.cli", "run"]  # no --num-processes: the
+    # processes must come from the launcher, not from align starting them itself
     cmd += ["--model", str(model_dir), "--data", str(data), "--max-steps", "2"]
     cmd += ["--output-dir", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

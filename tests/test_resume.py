@@ -135,10 +135,13 @@ def test_resume_from_a_given_checkpoint_and_keep_last(tmp_path, model_dir, write
     assert "later checkpoints set aside: abandoned-step-5" in result.output
     _assert_same_run(tmp_path / "a", tmp_path / "b", after=4, minimum=10)
     assert [s for s, _ in complete_checkpoints(tmp_path / "b")] == [4, 5]
-    assert (tmp_path / "b" / "checkpoints" / "abandoned-step-5" / "trainer_state.json").exists()
+    abandoned = tmp_path / "b" / "checkpoints" / "abandoned-step-5"
+    assert (abandoned / "trainer_state.json").exists()
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["resumed"][0]["changed"] == {"keep_last": [2, 3]}
     assert info["config"]["keep_last"] == 3
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"status": "running"}))
+    assert "abandoned-step-N are not resumed" in _run(*args, "--resume", abandoned, expect=1).output
 
 
 def test_a_resumed_run_must_be_the_same_run(tmp_path, model_dir, write_jsonl, sft_rows):
@@ -169,6 +172,8 @@ def test_a_resumed_run_must_be_the_same_run(tmp_path, model_dir, write_jsonl, sf
     result = _run(*args, "--output-dir", fresh, "--resume", expect=1)
     assert "holds no complete checkpoint" in result.output
     result = _run(*args, "--resume", tmp_path / "nowhere", expect=1)
+    assert "expected a checkpoint directory named step-N" in result.output
+    result = _run(*args, "--resume", tmp_path / "b" / "checkpoints" / "step-9", expect=1)
     assert "not a complete checkpoint" in result.output
 
 
@@ -402,3 +407,14 @@ def test_a_kill_between_the_two_renames_of_a_replacement_is_finished(tmp_path):
     remove_partial_checkpoints(tmp_path)
     assert sorted(p.name for p in root.iterdir()) == ["step-4"]
     assert json.loads((root / "step-4" / "trainer_state.json").read_text()) == {"step": 4}
+
+
+def test_a_changed_reference_is_refused():
+    from align.errors import ConfigError
+    from align.resume import check_reference
+
+    saved = {"mode": "precomputed", "cache_keys": {"train": "abc", "eval": "def"}}
+    check_reference(saved, {"mode": "precomputed", "cache_keys": {"train": "abc"}})  # eval may go
+    check_reference({"mode": "model", "cache_keys": None}, {"mode": "model", "cache_keys": None})
+    with pytest.raises(ConfigError, match="cache key abc → xyz"):
+        check_reference(saved, {"mode": "precomputed", "cache_keys": {"train": "xyz"}})
