@@ -10,8 +10,9 @@ A plugin's whole test file can be::
 The suite builds a tiny Llama and tokenizer offline, tokenises a few records of the objective's
 data format, and checks: batch keys, shapes and loss masks; a finite loss whose gradient reaches
 the trainable parameters; that extra padding leaves the loss unchanged; that metrics are scalar
-``(sum, count)`` pairs; that importing the plugin module does not import torch; and a two-step
-``align run`` that saves a model ``from_pretrained`` loads again. Set ``plugin`` to a module (or
+``(sum, count)`` pairs; that importing the plugin module does not import torch; a two-step
+``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
+continued with ``--resume`` equals one that was not stopped. Set ``plugin`` to a module (or
 object with hookimpls) to test it without installing it, and ``options`` to test other settings.
 """
 
@@ -260,27 +261,64 @@ class ObjectiveConformance:
         assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
         assert result.returncode == 0, f"importing {module} imports torch; import it in hooks"
 
-    def test_a_two_step_run_saves_a_model_that_loads(
-        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
-    ) -> None:
+    def _align_run(self, setup: SimpleNamespace, out: Path, *extra: str) -> str:
+        """``align run`` of this objective on the sample data, in-process; its output."""
         from click.testing import CliRunner
-        from transformers import AutoModelForCausalLM
 
         from .cli import cli
 
-        out = tmp_path / "run"
         args = ["run", "--objective", self.objective, "--model", str(setup.model_dir)]
-        args += ["--data", str(setup.data), "--max-steps", "2", "--batch-size", "2"]
-        args += ["--output-dir", str(out), "--max-length", "64"]
+        args += ["--data", str(setup.data), "--batch-size", "2"]
+        args += ["--output-dir", str(out), "--max-length", "64", *extra]
         for key, value in self.options.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
-        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))  # not the user's cache
         reset_accelerate()
         try:
             result = CliRunner().invoke(cli, args)
         finally:
             reset_accelerate()
         assert result.exit_code == 0, result.output + repr(result.exception)
+        return result.output
+
+    def test_a_two_step_run_saves_a_model_that_loads(
+        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))  # not the user's cache
+        out = tmp_path / "run"
+        self._align_run(setup, out, "--max-steps", "2")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2]
         AutoModelForCausalLM.from_pretrained(out / "final")
+
+    def test_a_resumed_run_equals_an_uninterrupted_one(
+        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
+    ) -> None:
+        """Stopped after step 2 of 5 (2 steps an epoch), ``--resume`` continues it to the same
+        losses and weights: the loss keeps no state of its own across steps."""
+        import shutil
+
+        import torch
+        from safetensors.torch import load_file
+
+        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+        steps = ["--max-steps", "5", "--save-every", "2", "--lr", "1e-2"]
+        whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+        self._align_run(setup, whole, *steps)
+        shutil.copytree(whole, stopped)  # what a run killed during step 3 leaves
+        shutil.rmtree(stopped / "final")
+        shutil.rmtree(stopped / "checkpoints" / "step-4")
+        rows = (stopped / "metrics.jsonl").read_text().splitlines()
+        kept = [r for r in rows if json.loads(r)["step"] <= 2]
+        (stopped / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+        info = json.loads((stopped / "run.json").read_text())
+        (stopped / "run.json").write_text(json.dumps({**info, "status": "running"}))
+        output = self._align_run(setup, stopped, *steps, "--resume")
+        assert "Resuming at step 2 of 5" in output
+        assert (stopped / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+        name = next(p.name for p in (whole / "final").glob("*.safetensors"))
+        a, b = load_file(str(whole / "final" / name)), load_file(str(stopped / "final" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
