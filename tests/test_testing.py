@@ -45,3 +45,37 @@ def test_the_suite_fails_a_broken_plugin(pytester, monkeypatch):
         "test_importing_the_plugin_does_not_import_torch",
     ):
         assert f"FAILED test_broken.py::TestBroken::{check}" in output
+
+
+STATEFUL_PLUGIN = """
+import align
+
+CALLS = [0]  # a counter kept between calls: a resumed run starts it again at 0
+
+
+@align.hookimpl
+def align_register_objectives(register):
+    register(align.Objective(name="stateful", description="a loss with its own step counter"))
+
+
+@align.hookimpl
+def align_compute_loss(model, batch, run):
+    logps = align.forward_logps(model, batch)
+    if run.training:
+        CALLS[0] += 1
+    weight = 1.0 + 0.5 * CALLS[0]
+    loss = -weight * logps.logps.mul(logps.mask).sum()
+    return align.LossOutput(loss=loss, count=logps.num_tokens)
+"""
+
+
+def test_the_suite_fails_a_plugin_that_does_not_resume(pytester, monkeypatch):
+    """A loss that counts its own steps instead of reading run.step: a resumed run differs."""
+    suite = SUITE.replace("broken", "stateful").replace("TestBroken", "TestStateful")
+    pytester.makepyfile(stateful_plugin=STATEFUL_PLUGIN, test_stateful=suite)
+    monkeypatch.setenv("ALIGN_PLUGINS", "")
+    result = pytester.runpytest_subprocess(
+        "-q", "-p", "no:cacheprovider", "-k", "resumed or two_step"
+    )
+    result.assert_outcomes(passed=1, failed=1)
+    assert "FAILED test_stateful.py::TestStateful::test_a_resumed_run_equals" in result.stdout.str()
