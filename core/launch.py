@@ -19,32 +19,26 @@ SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 SHUTDOWN_TIMEOUT = "900"
 
 
-def is_launched() -> bool:
-    """True inside a process that a launcher (torchrun, accelerate launch) started."""
-    return "WORLD_SIZE" in os.environ
-
-
 def needs_launch(num_processes: int | None) -> bool:
-    return bool(num_processes and num_processes > 1 and not is_launched())
+    """More than one process asked for, and no launcher (they set ``WORLD_SIZE``) started them."""
+    return bool(num_processes and num_processes > 1 and "WORLD_SIZE" not in os.environ)
 
 
 def launch(num_processes: int, run_args: list[str]) -> int:
     """Run ``align run RUN_ARGS`` on ``num_processes`` local processes; their exit status.
 
-    On a machine without CUDA the workers run on CPU (gloo), which Accelerate does only when
-    told to (``ACCELERATE_USE_CPU``). With CUDA, each process takes one GPU.
+    With CUDA each process takes one GPU; without, they run on the CPU (gloo, see
+    ``cpu_processes_join``).
     """
     import torch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    if torch.cuda.is_available():
-        if torch.cuda.device_count() < num_processes:
-            raise ConfigError(
-                f"--num-processes {num_processes}: only {torch.cuda.device_count()} GPU(s) here"
-            )
-    else:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    if torch.cuda.is_available() and torch.cuda.device_count() < num_processes:
+        raise ConfigError(
+            f"--num-processes {num_processes}: only {torch.cuda.device_count()} GPU(s) here"
+        )
     os.environ.setdefault(SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT)
     args = ["--standalone", "--nproc_per_node", str(num_processes)]
     try:
@@ -52,11 +46,8 @@ def launch(num_processes: int, run_args: list[str]) -> int:
     except ChildFailedError as exc:  # the workers printed their errors
         _rank, failure = exc.get_first_failure()
         return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
-    except Exception as exc:  # torchrun's SignalException: it stopped the workers first
-        sigval = getattr(exc, "sigval", None)
-        if sigval is None:
-            raise
-        return 128 + int(sigval)
+    except SignalException as exc:  # torchrun stopped the workers (they saved) first
+        return 128 + int(exc.sigval)
     return 0
 
 

@@ -59,13 +59,9 @@ class MetricSums:
             stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum").cpu()
         return {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}
 
-    def merge(self, other: MetricSums) -> None:
-        """Add another's totals (a step's, once it is known to be good)."""
-        for name, (value, count) in other._totals.items():
-            self.add(name, value, count)
-
-    def restore(self, totals: Mapping[str, tuple[float, float]]) -> None:
-        """Add totals saved by a checkpoint (``totals()`` of the interrupted run)."""
+    def add_totals(self, totals: Mapping[str, tuple[Any, Any]]) -> None:
+        """Add ``name -> (sum, count)`` totals: another's ``totals()`` (a step's, once it is
+        known to be good), or those a checkpoint saved."""
         for name, (value, count) in totals.items():
             self.add(name, value, count)
 

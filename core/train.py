@@ -318,7 +318,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     num_tokens = float(trainer_state.get("num_tokens", 0.0))
     skipped_steps = int(trainer_state.get("skipped_steps", 0))
     if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
-        sums.restore(trainer_state.get("pending_metrics", {}))
+        sums.add_totals(trainer_state.get("pending_metrics", {}))
     last_checkpoint = checkpoint
 
     def save_checkpoint(step: int, eval_pending: bool) -> Path:
@@ -415,7 +415,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             else:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                sums.merge(step_sums)
+                sums.add_totals(step_sums.totals())
                 sums.add("grad_norm", grad_norm, 1)
             scheduler.step()
             run.step = step  # updates taken, as evaluation and checkpoints after this one see it
