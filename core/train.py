@@ -258,12 +258,9 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                 "changed": changed,
             }
         )
-        run_info.update(status="running", config=spec.as_dict())
-        if "eval" in digests:
-            run_info["data"]["eval"] = {"path": cfg.eval_data, "sha256": digests["eval"]}
-            run_info["data"]["eval"].update(reports["eval"].as_dict())
-        else:
-            run_info["data"].pop("eval", None)
+        run_info.update(
+            status="running", config=spec.as_dict(), data=data_info(splits, digests, reports)
+        )
         started -= previous.get("seconds", 0.0)  # run.json's seconds: every session's
     else:
         run_info = describe_run(spec, registry, splits, digests, reports, accelerator, total_steps)
@@ -496,14 +493,21 @@ def describe_run(
         "requirements": registry.requirements(),
         "versions": _library_versions(),
         "seed": spec.config.seed,
-        "data": {
-            split: {"path": path, "sha256": digests[split], **reports[split].as_dict()}
-            for split, path in splits.items()
-            if path
-        },
+        "data": data_info(splits, digests, reports),
         "num_processes": accelerator.num_processes,
         "total_steps": total_steps,
         "status": "running",
+    }
+
+
+def data_info(
+    splits: dict[str, str | None], digests: dict[str, str], reports: dict[str, DataReport]
+) -> dict[str, Any]:
+    """``run.json``'s ``data``: each split's path, sha256 and what happened to its records."""
+    return {
+        split: {"path": path, "sha256": digests[split], **reports[split].as_dict()}
+        for split, path in splits.items()
+        if path
     }
 
 
