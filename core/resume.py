@@ -117,8 +117,8 @@ def set_aside_later_checkpoints(out: Path, step: int) -> list[Path]:
 # -- writing ----------------------------------------------------------------------------------
 def attach(accelerator: Any) -> None:
     """Let ``save_state``/``load_state`` handle optimizer, scaler and RNG states but not the
-    model weights, which the checkpoint already holds as a model directory (FSDP and DeepSpeed
-    save and load their shards through Accelerate all the same)."""
+    model weights, which the checkpoint already holds as a model directory. (Under FSDP,
+    Accelerate saves and loads the sharded model before these hooks run, all the same.)"""
     accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
     accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
