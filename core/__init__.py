@@ -29,6 +29,7 @@ _LAZY = {
     "forward_logps": "logprobs",
     "token_logps": "logprobs",
     "TokenLogps": "logprobs",
+    "pack": "packing",
     "Reference": "reference",
     "MetricSums": "metrics",
 }

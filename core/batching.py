@@ -51,15 +51,47 @@ def paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[
     return sequence_batch(rows, pad_token_id)
 
 
-def default_batch(
-    data_format: str, examples: Sequence[dict[str, Any]], pad_token_id: int
+def packed_paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
+    """:func:`paired_batch`'s sequences, in its order, packed with each pair's prompt shared
+    (``align.packing``)."""
+    from .packing import pack_in_order
+
+    n = len(examples)
+    groups = [
+        [(e[f"{side}_input_ids"], e[f"{side}_completion_mask"]) for side in ("chosen", "rejected")]
+        for e in examples
+    ]
+    return pack_in_order(groups, [[i, n + i] for i in range(n)], pad_token_id)
+
+
+def packed_sequence_batch(
+    examples: Sequence[dict[str, Any]], pad_token_id: int, prefix: str = ""
 ) -> dict[str, Any]:
-    """The core's batch for a data format, used when the objective's plugin builds none."""
+    """:func:`sequence_batch`'s sequences, packed without padding (keys not prefixed)."""
+    from .packing import pack
+
+    groups = [[(e[f"{prefix}input_ids"], e[f"{prefix}completion_mask"])] for e in examples]
+    return pack(groups, pad_token_id)
+
+
+def default_batch(
+    data_format: str, examples: Sequence[dict[str, Any]], pad_token_id: int, packed: bool = False
+) -> dict[str, Any]:
+    """The core's batch for a data format, used when the objective's plugin builds none.
+
+    Preference data gives ``[chosen; rejected]`` rows. Otherwise every sequence of the examples
+    is batched under its own prefix (``input_ids``, and e.g. ``mismatched_input_ids`` that a
+    plugin's ``align_prepare_dataset`` added), and feedback data adds ``labels``. ``packed``:
+    padding-free batches (``align.packing``) with the same sequences in the same order.
+    """
     import torch
 
     if data_format == "preference":
-        return paired_batch(examples, pad_token_id)
-    batch = sequence_batch(examples, pad_token_id)
+        return (packed_paired_batch if packed else paired_batch)(examples, pad_token_id)
+    batch: dict[str, Any] = {}
+    for prefix in sequence_prefixes(examples[0]):
+        build = packed_sequence_batch if packed else sequence_batch
+        batch.update({f"{prefix}{k}": v for k, v in build(examples, pad_token_id, prefix).items()})
     if data_format == "feedback":
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
     return batch

@@ -57,6 +57,11 @@ class TrainConfig(Options):
     )
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    padding_free: bool = Field(
+        True,
+        description="Pack each micro-batch's sequences into rows without padding, a preference "
+        "pair's prompt computed once (objectives that support it: sft, minorsft, dpo, kto).",
+    )
     save_every: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data)."
     )

@@ -1,7 +1,14 @@
 """Per-token and per-sequence log-probabilities of completion tokens.
 
-Logits at positions ``0..L-2`` predict the tokens at ``1..L-1``; the target's log-softmax is
-taken in float32, and positions outside the completion mask contribute 0.
+In a padded batch, logits at positions ``0..L-2`` predict the tokens at ``1..L-1``; positions
+outside the completion mask contribute 0. A packed batch (``align.packing``) names each
+position's target token and the sequence it belongs to instead, since its rows hold several
+sequences and shared prompts.
+
+``log p(target) = logit[target] − logsumexp(logits)`` is computed in float32 in chunks of
+positions, and only at positions whose target is trained: no full-vocabulary float32
+log-softmax is ever materialised, forward or backward (for a 32k vocabulary that copy, and the
+temporaries of its backward, are several times the logits themselves).
 """
 
 from __future__ import annotations
@@ -11,42 +18,135 @@ from typing import Any
 
 import torch
 
+CHUNK_ELEMENTS = 1 << 22  # float32 elements of one chunk of logits rows (16 MiB)
+
 
 @dataclass
 class TokenLogps:
-    """Shifted per-token log-probs ``[B, L-1]`` with their mask, and the logits they came from."""
+    """Per-token log-probs of a batch, in the batch's layout, and how they map to sequences.
+
+    ``logps``, ``mask`` and ``targets`` have one entry per predicting position (``[B, L-1]``
+    in a padded batch, ``[R, T]`` in a packed one); ``logits`` are the model's logits, and
+    ``predicting_logits`` the ones aligned with ``targets``. ``sums`` and ``num_tokens`` have one
+    value per sequence, in the order the batch lists its sequences.
+    """
 
     logps: torch.Tensor
     mask: torch.Tensor
     logits: torch.Tensor
+    targets: torch.Tensor
+    sequence: torch.Tensor | None = None  # packed: the sequence of each position
+    num_sequences: int = 0
+
+    @property
+    def predicting_logits(self) -> torch.Tensor:
+        return self.logits if self.sequence is not None else self.logits[:, :-1]
+
+    def _per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        if self.sequence is None:
+            return values.sum(-1)
+        out = values.new_zeros(self.num_sequences)
+        return out.index_add(0, self.sequence.flatten(), values.flatten())
 
     @property
     def sums(self) -> torch.Tensor:
         """``logp(y|x)``: the sum over completion tokens, one value per sequence."""
-        return self.logps.sum(-1)
+        return self._per_sequence(self.logps)
 
     @property
     def num_tokens(self) -> torch.Tensor:
-        return self.mask.sum(-1)
+        return self._per_sequence(self.mask)
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """``logit[target] − logsumexp(logit)`` at the masked positions, in float32 chunks.
+
+    Forward and backward each hold one chunk of float32 rows at a time; the backward writes
+    ``onehot(target) − softmax`` times the incoming gradient into the logits' gradient row by
+    row. Saved for backward: the logits (which the caller holds anyway) and one float per
+    position.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        flat_targets = targets.reshape(-1)
+        rows = mask.reshape(-1).nonzero().squeeze(-1)
+        out = torch.zeros(flat.shape[0], dtype=torch.float32, device=logits.device)
+        lse = torch.zeros(rows.shape[0], dtype=torch.float32, device=logits.device)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step]
+            x = flat[chunk].float()
+            lse[start : start + step] = torch.logsumexp(x, dim=-1)
+            picked = x.gather(-1, flat_targets[chunk].unsqueeze(-1)).squeeze(-1)
+            out[chunk] = picked - lse[start : start + step]
+        ctx.save_for_backward(logits, flat_targets, rows, lse)
+        return out.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, flat_targets, rows, lse = ctx.saved_tensors
+        vocab = logits.shape[-1]
+        flat = logits.reshape(-1, vocab)
+        grad = torch.zeros_like(flat)
+        grad_rows = grad_out.reshape(-1)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.shape[0], step):
+            chunk = rows[start : start + step]
+            g = grad_rows[chunk].float().unsqueeze(-1)
+            part = torch.exp(flat[chunk].float() - lse[start : start + step].unsqueeze(-1))
+            part.mul_(-g)
+            part.scatter_add_(-1, flat_targets[chunk].unsqueeze(-1), g)
+            grad[chunk] = part.to(grad.dtype)
+        return grad.view(logits.shape), None, None
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log p(targets)`` (float32) where ``mask`` is set, 0 elsewhere; ``logits`` has one more
+    (vocabulary) dimension than ``targets`` and ``mask``."""
+    return _TargetLogProbs.apply(logits, targets, mask.bool())
 
 
 def token_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shifted target log-probs (float32, 0 where masked) and the shifted mask."""
-    logits = logits[:, :-1].float()
-    targets = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
-    return logps, mask
+    """Shifted target log-probs ``[B, L-1]`` (float32, 0 where masked) and the shifted mask."""
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    shifted = torch.zeros_like(completion_mask)
+    shifted[:, :-1] = completion_mask[:, 1:]
+    logps = target_logps(logits, targets, shifted)[:, :-1]
+    return logps, shifted[:, :-1].float()
 
 
 def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> TokenLogps:
-    """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs."""
+    """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs.
+
+    Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
+    the packed one (``align.packing``: ``position_ids``, a 4-D ``attention_mask``,
+    ``targets``, ``target_mask``, ``target_sequence``).
+    """
     input_ids = batch[f"{prefix}input_ids"]
+    if f"{prefix}targets" not in batch:
+        logits = model(
+            input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
+        ).logits
+        logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
+        return TokenLogps(logps=logps, mask=mask, logits=logits, targets=input_ids[:, 1:])
     logits = model(
-        input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
+        input_ids=input_ids,
+        attention_mask=batch[f"{prefix}attention_mask"],
+        position_ids=batch[f"{prefix}position_ids"],
+        use_cache=False,
     ).logits
-    logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
-    return TokenLogps(logps=logps, mask=mask, logits=logits)
+    targets, mask = batch[f"{prefix}targets"], batch[f"{prefix}target_mask"]
+    return TokenLogps(
+        logps=target_logps(logits, targets, mask),
+        mask=mask.float(),
+        logits=logits,
+        targets=targets,
+        sequence=batch[f"{prefix}target_sequence"],
+        num_sequences=int(batch[f"{prefix}sequence_digests"].shape[0]),
+    )

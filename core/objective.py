@@ -43,6 +43,10 @@ class Objective:
     format. ``needs_reference`` asks the core for reference log-probs in the loss hook.
     ``derived_metrics`` maps the reduced metric means to further metrics that are not a single
     ``Σsum/Σcount`` (a difference of two class means, say); it is called at every log and eval.
+    ``packable`` says the loss reads the core's batches only through ``align.forward_logps``
+    (per-sequence ``sums`` and ``num_tokens``; per-token values with their ``targets``) and the
+    reference, so the core may hand it padding-free batches (``align.packing``) when the run
+    has ``padding_free`` on; the conformance suite checks that the loss is unchanged by it.
     """
 
     name: str
@@ -51,6 +55,7 @@ class Objective:
     options: type[Options] = NoOptions
     needs_reference: bool = False
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+    packable: bool = False
 
     def __post_init__(self) -> None:
         if self.data_format not in DATA_FORMATS:

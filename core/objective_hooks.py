@@ -18,6 +18,7 @@ class ObjectiveHooks:
     def __init__(self, registry: PluginRegistry, spec: RunSpec, tokenizer: Any) -> None:
         self.registry, self.registered = registry, spec.objective
         self.objective, self.options, self.tokenizer = spec.objective.item, spec.options, tokenizer
+        self.packed = self.objective.packable and spec.config.padding_free
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         return self.registry.call_objective_hook(
@@ -32,10 +33,17 @@ class ObjectiveHooks:
         )
         return examples if prepared is None else prepared
 
-    def build_batch(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def build_batch(
+        self, examples: list[dict[str, Any]], packed: bool | None = None
+    ) -> dict[str, Any]:
+        """The plugin's batch, else the core's: packed when the objective is ``packable`` and
+        the run has ``padding_free`` on (``packed`` overrides that)."""
         batch = self._call("align_build_batch", examples=examples, tokenizer=self.tokenizer)
         if batch is None:
-            batch = default_batch(self.objective.data_format, examples, self.tokenizer.pad_token_id)
+            packed = self.packed if packed is None else packed
+            batch = default_batch(
+                self.objective.data_format, examples, self.tokenizer.pad_token_id, packed
+            )
         return batch
 
     def derive(self, values: dict[str, float]) -> dict[str, float]:

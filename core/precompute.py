@@ -29,6 +29,7 @@ from .batching import sequence_batch, sequence_prefixes
 from .cache import cache_dir
 from .errors import PluginError
 from .logprobs import forward_logps
+from .packing import pack
 from .reference import Reference, eval_mode
 
 FORMAT_VERSION = 1  # bump when the way log-probs are computed changes
@@ -42,19 +43,32 @@ def sequence_digest(input_ids: Any, completion_mask: Any) -> bytes:
     return digest.digest()
 
 
-def example_sequences(examples: Iterable[dict[str, Any]]) -> dict[bytes, tuple[list, list]]:
-    """Each ``<prefix>input_ids`` and its ``<prefix>completion_mask`` in the examples."""
-    sequences: dict[bytes, tuple[list, list]] = {}
+def example_groups(examples: Iterable[dict[str, Any]]) -> list[dict[bytes, tuple[list, list]]]:
+    """Each example's sequences (by digest) as one group, which a packed pass scores with their
+    shared prompt computed once; a sequence already in an earlier group is left out."""
+    seen: set[bytes] = set()
+    groups = []
     for example in examples:
+        group: dict[bytes, tuple[list, list]] = {}
         for prefix in sequence_prefixes(example):
             ids, mask = example[f"{prefix}input_ids"], example.get(f"{prefix}completion_mask")
-            if mask is not None:
-                sequences.setdefault(sequence_digest(ids, mask), (ids, mask))
-    return sequences
+            if mask is None:
+                continue
+            digest = sequence_digest(ids, mask)
+            if digest not in seen:
+                seen.add(digest)
+                group[digest] = (ids, mask)
+        if group:
+            groups.append(group)
+    return groups
 
 
 def batch_digests(batch: dict[str, torch.Tensor], prefix: str = "") -> list[bytes]:
-    """The digest of each row of a padded batch (padding removed through the attention mask)."""
+    """The digest of each sequence of a batch: a packed batch lists them; a padded one's rows
+    are hashed (padding removed through the attention mask)."""
+    listed = batch.get(f"{prefix}sequence_digests")
+    if listed is not None:
+        return [bytes(row) for row in listed.cpu().numpy()]
     ids = batch[f"{prefix}input_ids"].cpu().numpy()
     attention = batch[f"{prefix}attention_mask"].cpu().numpy().astype(bool)
     completion = batch[f"{prefix}completion_mask"].cpu().numpy()
@@ -189,33 +203,47 @@ class PrecomputeReport:
 @torch.no_grad()
 def score_sequences(
     model: Any,
-    sequences: dict[bytes, tuple[list, list]],
+    groups: list[dict[bytes, tuple[list, list]]],
     batch_size: int,
     pad_token_id: int,
     accelerator: Any,
     desc: str,
+    packed: bool = True,
 ) -> dict[bytes, float]:
-    """Reference log-probs of every sequence, shared out over processes and gathered."""
+    """Reference log-probs of every sequence, shared out over processes and gathered.
+
+    Whole groups packed with their prompts shared (``packed``), or padded rows of single
+    sequences, in batches of at least ``batch_size`` sequences.
+    """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    ordered = sorted(sequences, key=lambda d: -len(sequences[d][0]))  # longest first: OOM early
+    if not packed:
+        groups = [{d: s} for group in groups for d, s in group.items()]
+    size = {id(g): sum(len(ids) for ids, _ in g.values()) for g in groups}
+    ordered = sorted(groups, key=lambda g: -size[id(g)])  # longest first: OOM early
     mine = ordered[accelerator.process_index :: accelerator.num_processes]
     table: dict[bytes, float] = {}
     with (
         eval_mode(model),
         tqdm(
-            total=len(mine), desc=desc, disable=not accelerator.is_main_process, leave=False
+            total=sum(map(len, mine)),
+            desc=desc,
+            disable=not accelerator.is_main_process,
+            leave=False,
         ) as progress,
     ):
-        for start in range(0, len(mine), batch_size):
-            digests = mine[start : start + batch_size]
-            rows = [
-                {"input_ids": sequences[d][0], "completion_mask": sequences[d][1]} for d in digests
-            ]
-            batch = {
-                k: v.to(accelerator.device) for k, v in sequence_batch(rows, pad_token_id).items()
-            }
+        vocab = model.get_output_embeddings().weight.shape[0]
+        for chunk in _batches_of_groups(mine, batch_size, vocab):
+            digests = [d for group in chunk for d in group]
+            if packed:
+                batch = pack([list(group.values()) for group in chunk], pad_token_id)
+            else:
+                rows = [
+                    {"input_ids": g[d][0], "completion_mask": g[d][1]} for g in chunk for d in g
+                ]
+                batch = sequence_batch(rows, pad_token_id)
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():  # the precision the policy trains in
                 sums = forward_logps(model, batch).sums.double().cpu().tolist()
             table.update(zip(digests, sums, strict=True))
@@ -228,6 +256,27 @@ def score_sequences(
     return table
 
 
+LOGITS_BUDGET = 1 << 26  # logits elements of one no-grad forward (256 MiB in float32)
+
+
+def _batches_of_groups(groups: list[dict], batch_size: int, vocab: int) -> Iterable[list[dict]]:
+    """Whole groups, at least ``batch_size`` sequences a forward; up to 4× that while the
+    logits stay within ``LOGITS_BUDGET`` (small models score faster in larger batches)."""
+    chunk: list[dict] = []
+    sequences = tokens = 0
+    for group in groups:
+        chunk.append(group)
+        sequences += len(group)
+        tokens += sum(len(ids) for ids, _ in group.values())
+        if sequences >= 4 * batch_size or (
+            sequences >= batch_size and tokens * vocab >= LOGITS_BUDGET
+        ):
+            yield chunk
+            chunk, sequences, tokens = [], 0, 0
+    if chunk:
+        yield chunk
+
+
 def precompute_split(
     scorer: Callable[[], Any],
     model_id: dict[str, Any],
@@ -236,6 +285,7 @@ def precompute_split(
     batch_size: int,
     pad_token_id: int,
     accelerator: Any,
+    packed: bool = True,
 ) -> tuple[dict[bytes, float], PrecomputeReport]:
     """Load the split's table from the cache, or score it and write the cache (main process).
 
@@ -245,7 +295,8 @@ def precompute_split(
     from accelerate.utils import broadcast_object_list
 
     started = time.time()
-    sequences = example_sequences(examples)
+    groups = example_groups(examples)
+    sequences = {d: s for group in groups for d, s in group.items()}
     path = cache_path(cache_key(model_id, sequences))
     shared: list[Any] = [load_table(path) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
@@ -253,7 +304,7 @@ def precompute_split(
     table, hit = shared[0], shared[0] is not None
     if table is None:
         table = score_sequences(
-            scorer(), sequences, batch_size, pad_token_id, accelerator, f"reference ({split})"
+            scorer(), groups, batch_size, pad_token_id, accelerator, f"reference ({split})", packed
         )
         if accelerator.is_main_process:
             save_table(path, table)

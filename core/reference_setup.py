@@ -90,6 +90,7 @@ def make_reference(
                 2 * cfg.batch_size,
                 tokenizer.pad_token_id,
                 accelerator,
+                cfg.padding_free,
             )
             table.update(part)
             info["splits"][split] = {

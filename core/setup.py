@@ -201,9 +201,18 @@ def load_model(cfg: Any, **load_kwargs: Any) -> Any:
 
 
 # -- optimizer and schedule -----------------------------------------------------------------------
-def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims)."""
+def make_optimizer(model: Any, cfg: Any, fused: bool = False) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (parameters with fewer than 2 dims).
+
+    ``fused``: PyTorch's fused kernel (one call for all parameters; on a small model it is
+    several times faster than the per-tensor loop), where every parameter is a plain float
+    tensor on the CPU or a CUDA device.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = fused and all(
+        type(p) is torch.nn.Parameter and p.is_floating_point() and p.device.type in ("cpu", "cuda")
+        for p in params
+    )
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
@@ -213,6 +222,7 @@ def make_optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
+        fused=fused or None,
     )
 
 

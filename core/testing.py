@@ -10,7 +10,8 @@ A plugin's whole test file can be::
 The suite builds a tiny Llama and tokenizer offline, tokenises a few records of the objective's
 data format, and checks: batch keys, shapes and loss masks; a finite loss whose gradient reaches
 the trainable parameters; that extra padding leaves the loss unchanged; that metrics are scalar
-``(sum, count)`` pairs; that importing the plugin module does not import torch; a two-step
+``(sum, count)`` pairs; that a ``packable`` objective's loss, metrics and gradients are the same
+on padding-free batches; that importing the plugin module does not import torch; a two-step
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
 continued with ``--resume`` equals one that was not stopped. Set ``plugin`` to a module (or
 object with hookimpls) to test it without installing it, and ``options`` to test other settings.
@@ -184,7 +185,7 @@ class ObjectiveConformance:
     def test_batch_keys_shapes_and_loss_masks(self, setup: SimpleNamespace) -> None:
         import torch
 
-        batch = setup.hooks.build_batch(setup.examples)
+        batch = setup.hooks.build_batch(setup.examples, packed=False)
         prefixes = sequence_prefixes(batch)
         assert prefixes, "a batch needs at least one <prefix>input_ids tensor"
         rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes}
@@ -224,7 +225,7 @@ class ObjectiveConformance:
     def test_extra_padding_leaves_the_loss_unchanged(self, setup: SimpleNamespace) -> None:
         import torch
 
-        batch = setup.hooks.build_batch(setup.examples)
+        batch = setup.hooks.build_batch(setup.examples, packed=False)
         padded = dict(batch)
         for prefix in sequence_prefixes(batch):
             for name, fill in (
@@ -239,6 +240,36 @@ class ObjectiveConformance:
             plain, _ = self._loss(setup, batch)
             more, _ = self._loss(setup, padded)
         assert float(more.loss) == pytest.approx(float(plain.loss), rel=1e-4, abs=1e-5)
+
+    def test_packed_batches_give_the_padded_loss(self, setup: SimpleNamespace) -> None:
+        """A ``packable`` objective: the same loss, metrics and gradients from the core's
+        padding-free batches as from padded ones."""
+        import torch
+
+        if not setup.spec.objective.item.packable:
+            pytest.skip("the objective is not packable")
+        results = []
+        for packed in (False, True):
+            setup.model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples, packed))
+            output.loss.backward()
+            grads = {
+                n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
+            }
+            metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
+            results.append(
+                (float(output.loss), float(torch.as_tensor(output.count).sum()), metrics, grads)
+            )
+        (loss, count, metrics, grads), (p_loss, p_count, p_metrics, p_grads) = results
+        assert p_loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
+        assert p_count == count
+        assert p_metrics.keys() == metrics.keys()
+        for name, (total, n) in metrics.items():
+            assert p_metrics[name] == pytest.approx((total, n), rel=1e-5, abs=1e-5), name
+        assert p_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(p_grads[name], grad, rtol=1e-4, atol=1e-5), name
 
     def test_metrics_are_scalar_sum_count_pairs(self, setup: SimpleNamespace) -> None:
         import torch

@@ -67,7 +67,8 @@ def tokenize_conversation(
         if message["role"] != "assistant" or i < trained_from:
             continue
         prefix = _render(tokenizer, messages[:i], True, field) if i else _header(tokenizer, field)
-        through = _render(tokenizer, messages[: i + 1], False, field)
+        last = i == len(messages) - 1
+        through = full if last else _render(tokenizer, messages[: i + 1], False, field)
         if (
             not full.startswith(prefix)
             or not through.startswith(prefix)

@@ -30,6 +30,7 @@ from .launch import check_world_size, cpu_processes_join
 from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
+from .packing import count_tokens
 from .plugins import PluginRegistry
 from .records import fingerprint
 from .reference_setup import copy_starting_model, make_reference
@@ -97,9 +98,7 @@ def accumulate_gradients(
         loss_sum += output.loss.detach().double().cpu()
         count += torch.as_tensor(output.count, dtype=torch.float64).detach().sum().cpu()
         sums.add_output(output, extra)
-        sums.add(
-            "num_tokens", sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")), 1
-        )
+        sums.add("num_tokens", count_tokens(batch), 1)
     totals = torch.stack([loss_sum, count])
     if accelerator.num_processes > 1:
         totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
@@ -229,7 +228,9 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     loader, eval_loader = loaders["train"], loaders.get("eval")
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(
+        model, cfg, fused=accelerator.distributed_type != DistributedType.FSDP
+    )
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     resume.attach(accelerator)

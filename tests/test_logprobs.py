@@ -31,3 +31,26 @@ def test_unshifted_gather_differs():
 def test_float32_for_half_logits():
     logps, _ = token_logps(LOGITS.to(torch.bfloat16), IDS, MASK)
     assert logps.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_log_probs_and_gradients_equal_a_full_log_softmax(monkeypatch, dtype):
+    """Chunks of 3 positions: the same values and gradients as the naive full log-softmax."""
+    from align import logprobs
+
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 50)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 50).to(dtype).requires_grad_()
+    ids = torch.randint(0, 50, (3, 9))
+    mask = (torch.rand(3, 9) > 0.3).long()
+    weights = torch.randn(3, 8)
+    logps, _ = token_logps(logits, ids, mask)
+    (logps * weights).sum().backward()
+    chunked = logits.grad.clone()
+    logits.grad = None
+    naive = torch.log_softmax(logits.float()[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
+    naive = naive * mask[:, 1:]
+    (naive * weights).sum().backward()
+    assert torch.allclose(logps, naive, atol=1e-5, rtol=0)
+    assert torch.allclose(chunked.float(), logits.grad.float(), atol=1e-5, rtol=0)
+    assert chunked.dtype == dtype

@@ -360,13 +360,14 @@ def test_the_embedded_demo_runs(tmp_path, objective):
 
 
 def test_a_kto_micro_batch_of_one_class_gives_no_nan(model_dir, tokenizer, feedback):
+    from align import default_batch
     from align.metrics import MetricSums
     from align.reference import ModelReference
-    from align_kto import KTOOptions, align_build_batch
+    from align_kto import KTOOptions
     from align_kto.loss import kto_loss
 
     examples = [e for e in _prepared("kto", feedback, tokenizer) if not e["label"]]
-    batch = align_build_batch(examples, tokenizer)
+    batch = default_batch("feedback", examples, tokenizer.pad_token_id, packed=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     output = kto_loss(model, batch, ModelReference.frozen_copy(model), KTOOptions(), None)
     assert output.metrics["rewards/chosen"][1] == 0

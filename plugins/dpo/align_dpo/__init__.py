@@ -49,6 +49,7 @@ def align_register_objectives(register):
             data_format="preference",
             options=DPOOptions,
             needs_reference=True,
+            packable=True,
         )
     )
 

@@ -46,6 +46,7 @@ def align_register_objectives(register):
             options=KTOOptions,
             needs_reference=True,
             derived_metrics=derived_metrics,
+            packable=True,
         )
     )
 
@@ -58,17 +59,6 @@ def align_prepare_dataset(examples, options, split, config):
         warn_if_imbalanced(examples, options.desirable_weight, options.undesirable_weight)
     source = config.data if split == "train" else config.eval_data
     return add_mismatched_partners(examples, config.seed, config.max_length, split, source)
-
-
-@align.hookimpl
-def align_build_batch(examples, tokenizer):
-    import torch
-
-    batch = align.sequence_batch(examples, tokenizer.pad_token_id)
-    partners = align.sequence_batch(examples, tokenizer.pad_token_id, prefix="mismatched_")
-    batch.update({f"mismatched_{key}": value for key, value in partners.items()})
-    batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
-    return batch
 
 
 @align.hookimpl

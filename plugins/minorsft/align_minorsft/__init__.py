@@ -30,6 +30,7 @@ def align_register_objectives(register):
             data_format="prompt_completion",
             options=MinorSFTOptions,
             needs_reference=True,
+            packable=True,
         )
     )
 

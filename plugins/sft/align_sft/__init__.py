@@ -29,6 +29,7 @@ def align_register_objectives(register):
             description="Supervised fine-tuning: negative log-likelihood of completion tokens.",
             data_format="prompt_completion",
             options=SFTOptions,
+            packable=True,
         )
     )
 

@@ -16,14 +16,13 @@ import align
 
 def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.LossOutput:
     out = align.forward_logps(model, batch)
-    nll = -out.logps.sum(-1)
+    nll = -out.sums
     tokens = out.num_tokens
     if normalization == "token":
         loss, count = nll.sum(), tokens.sum()
     else:
         loss, count = (nll / tokens.clamp(min=1)).sum(), (tokens > 0).sum()
-    predicted = out.logits[:, :-1].argmax(-1)
-    correct = ((predicted == batch["input_ids"][:, 1:]) * out.mask).sum()
+    correct = ((out.predicting_logits.argmax(-1) == out.targets) * out.mask).sum()
     return align.LossOutput(
         loss=loss, count=count, metrics={"mean_token_accuracy": (correct, tokens.sum())}
     )
