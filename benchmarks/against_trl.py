@@ -213,6 +213,56 @@ def child(args: argparse.Namespace) -> None:
     print("BENCH " + json.dumps(figures), flush=True)
 
 
+# -- the log-prob computation alone ------------------------------------------------------------
+LOGPROB_SHAPE = (8, 512, 32000)  # a realistic DPO micro-batch: 4 pairs, 512 tokens, 32k vocab
+
+
+def logprob_child(method: str, dtype: str) -> None:
+    """Forward and backward of the completion log-probs from given logits; peak RSS above the
+    RSS with the logits (and their random targets and mask) allocated."""
+    import torch
+
+    from align.logprobs import token_logps
+
+    torch.manual_seed(0)
+    rows, length, vocab = LOGPROB_SHAPE
+    logits = torch.randn(rows, length, vocab, dtype=getattr(torch, dtype)).requires_grad_()
+    ids = torch.randint(0, vocab, (rows, length))
+    mask = torch.zeros(rows, length, dtype=torch.long)
+    mask[:, length // 2 :] = 1  # the second half of each sequence is its completion
+    baseline = rss_mib()
+    started = time.perf_counter()
+    if method == "naive":
+        logps = torch.log_softmax(logits.float()[:, :-1], -1)
+        logps = logps.gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+    else:
+        logps, _ = token_logps(logits, ids, mask)
+    logps.sum().backward()
+    seconds = time.perf_counter() - started
+    print("BENCH " + json.dumps({"peak": peak_rss_mib() - baseline, "seconds": seconds}))
+
+
+def measure_logprobs(dtype: str) -> dict:
+    figures = {}
+    for method in ("naive", "align"):
+        command = [sys.executable, __file__, "--logprob-child", method, dtype]
+        result = subprocess.run(command, capture_output=True, text=True)
+        line = next((x for x in result.stdout.splitlines() if x.startswith("BENCH ")), None)
+        if result.returncode or line is None:
+            raise RuntimeError(f"log-prob benchmark failed:\n{result.stderr[-3000:]}")
+        figures[method] = json.loads(line[len("BENCH ") :])
+    mib = LOGPROB_SHAPE[0] * LOGPROB_SHAPE[1] * LOGPROB_SHAPE[2] * 4 / 2**20
+    print(
+        f"log-probs of {'x'.join(map(str, LOGPROB_SHAPE))} {dtype} logits ({mib:.0f} MiB as "
+        f"float32), forward + backward: peak above the logits {figures['naive']['peak']:.0f} "
+        f"MiB naive (log_softmax, gather), {figures['align']['peak']:.0f} MiB align "
+        f"({figures['align']['peak'] / figures['naive']['peak']:.2f}x); "
+        f"{figures['naive']['seconds']:.2f}s vs {figures['align']['seconds']:.2f}s",
+        flush=True,
+    )
+    return {"dtype": dtype, "shape": LOGPROB_SHAPE, **figures}
+
+
 # -- the parent --------------------------------------------------------------------------------
 def measure(
     framework: str,
@@ -292,7 +342,9 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="extra `align run` options for align's runs")
     parser.add_argument("--json", default="benchmark-against-trl.json", help="where to write")
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; figures: medians")
+    parser.add_argument("--logprobs-only", action="store_true", help="only the log-prob figures")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--logprob-child", nargs=2, help=argparse.SUPPRESS)
     for hidden in ("--objective", "--model", "--data", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -300,6 +352,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--trl-options", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.logprob_child:
+        logprob_child(*args.logprob_child)
+        return
     if args.child:
         args.framework = args.child
         child(args)
@@ -309,11 +364,14 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="align-vs-trl-"))
     print(f"{os.cpu_count()} CPUs; work directory {work}\n")
+    results: dict[str, Any] = {"logprobs": [measure_logprobs(d) for d in ("float32", "bfloat16")]}
+    if args.logprobs_only:
+        return
     header = f"{'workload':9} {'obj':4} {'frame':6} {'options':28} {'wall s':>8} "
     header += f"{'1st step s':>10} {'s/step':>8} {'ex/s':>8} {'tok/s':>9} {'peak MiB':>9} "
     header += f"{'+MiB':>7}"
-    print(header + "\n" + "-" * len(header))
-    results = []
+    print("\n" + header + "\n" + "-" * len(header))
+    results["runs"] = []
     for workload in args.workloads.split(","):
         settings = WORKLOADS[workload]
         if workload == "tiny":
@@ -346,7 +404,7 @@ def main() -> None:
                     extra,
                     trl_options,
                 )
-                results.append(row)
+                results["runs"].append(row)
                 print_row(row)
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")

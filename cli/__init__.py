@@ -36,6 +36,7 @@ RUN_FLAGS = [
     "truncation",
     "precision",
     "gradient_checkpointing",
+    "group_by_length",
     "padding_free",
     "save_every",
     "keep_last",

@@ -57,6 +57,11 @@ class TrainConfig(Options):
     )
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    group_by_length: bool = Field(
+        False,
+        description="Batch training examples of similar length together (within runs of 50 "
+        "batches of the shuffled order): less padding, the same examples per epoch.",
+    )
     padding_free: bool = Field(
         True,
         description="Pack each micro-batch's sequences into rows without padding, a preference "

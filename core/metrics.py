@@ -14,14 +14,18 @@ import torch
 
 
 class MetricSums:
-    """Running ``name -> [sum, count]`` totals since the last report."""
+    """Running ``name -> [sum, count]`` totals since the last report.
+
+    Totals stay on the device their values came from until :meth:`totals`, so adding a GPU
+    metric never waits for the GPU.
+    """
 
     def __init__(self) -> None:
         self._totals: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, value: Any, count: Any) -> None:
-        value = torch.as_tensor(value).detach().to(torch.float64).sum().cpu()
-        count = torch.as_tensor(count).detach().to(torch.float64).sum().cpu()
+        value = torch.as_tensor(value).detach().to(torch.float64).sum()
+        count = torch.as_tensor(count).detach().to(torch.float64).sum()
         if name in self._totals:
             self._totals[name][0] += value
             self._totals[name][1] += count
@@ -54,7 +58,9 @@ class MetricSums:
         if not names:
             return {}
         zero = torch.zeros((), dtype=torch.float64)
-        stacked = torch.stack([torch.stack(self._totals.get(n, [zero, zero])) for n in names])
+        stacked = torch.stack(
+            [torch.stack([t.cpu() for t in self._totals.get(n, [zero, zero])]) for n in names]
+        )
         if accelerator is not None and accelerator.num_processes > 1:
             stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum").cpu()
         return {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}

@@ -9,6 +9,11 @@ then hold up to ``batch_size + 1`` examples. Every process gets the same number 
 micro-batches, so collectives inside loss hooks stay in step. One process with batch ``P·b``
 sees exactly the union of what ``P`` processes with batch ``b`` see, except when that merge
 happens (the epoch's size modulo ``P·b`` is between 1 and ``P − 1``).
+
+``group_by_length`` (as in Hugging Face's Trainer) sorts each run of 50 global batches of the
+shuffled order by length, so examples of similar length share a micro-batch and pad (or pack)
+less; the batches' order is shuffled again, with the longest first so a batch too large for
+memory fails at once.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ def shard_batches(
     return batches
 
 
+def example_length(example: dict[str, Any]) -> int:
+    """The tokens of all of an example's sequences."""
+    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
+
+
 class ShardedBatches:
     """Per-process micro-batches over the examples of one split, collated and on device."""
 
@@ -51,6 +61,7 @@ class ShardedBatches:
         shuffle: bool,
         seed: int,
         split: str,
+        group_by_length: bool = False,
     ) -> None:
         if len(examples) < accelerator.num_processes:
             raise DataError(
@@ -59,6 +70,7 @@ class ShardedBatches:
             )
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.accelerator, self.shuffle, self.seed = accelerator, shuffle, seed
+        self.group_by_length = group_by_length and shuffle
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -68,7 +80,25 @@ class ShardedBatches:
         if not self.shuffle:
             return list(range(len(self.examples)))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.examples), generator=generator).tolist()
+        order = torch.randperm(len(self.examples), generator=generator).tolist()
+        if self.group_by_length:
+            order = self._grouped_by_length(order, generator)
+        return order
+
+    def _grouped_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+        size = self.batch_size * self.accelerator.num_processes
+        lengths = [example_length(self.examples[i]) for i in range(len(self.examples))]
+        mega = 50 * size
+        grouped: list[int] = []
+        for start in range(0, len(order), mega):
+            grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches = [grouped[i : i + size] for i in range(0, len(grouped), size)]
+        short = len(batches) > 1 and len(batches[-1]) < size
+        tail = [batches.pop()] if short else []  # the short batch stays last
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
+        longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
+        shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+        return [i for batch in shuffled + tail for i in batch]
 
     def _batches(self) -> list[list[int]]:
         return shard_batches(

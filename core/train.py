@@ -84,10 +84,11 @@ def accumulate_gradients(
     Each loss hook returns a *sum* over its units and their count. The summed gradients are
     scaled by ``world_size / Σcount`` (Σ over micro-batches and processes; DDP averages over
     processes), which equals the gradient of ``Σloss / Σcount`` over the accumulated batch.
-    Returns that loss; ``losses``, when given, receives each micro-batch's loss sum.
+    Returns that loss; ``losses``, when given, receives each micro-batch's loss sum. Nothing
+    is copied off the device before the last backward.
     """
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    count = torch.zeros((), dtype=torch.float64)
+    loss_sum: Any = 0.0
+    count: Any = 0.0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
@@ -95,13 +96,15 @@ def accumulate_gradients(
             accelerator.backward(output.loss)
         if losses is not None:
             losses.append(output.loss.detach())
-        loss_sum += output.loss.detach().double().cpu()
-        count += torch.as_tensor(output.count, dtype=torch.float64).detach().sum().cpu()
+        loss = output.loss.detach().double()
+        loss_sum = loss_sum + loss
+        count = count + torch.as_tensor(output.count, dtype=torch.float64, device=loss.device).sum()
         sums.add_output(output, extra)
         sums.add("num_tokens", count_tokens(batch), 1)
-    totals = torch.stack([loss_sum, count])
+    totals = torch.stack([torch.as_tensor(loss_sum), torch.as_tensor(count)])
     if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum")
+    totals = totals.cpu()
     if totals[1] <= 0:
         raise PluginError("the loss hook reported a count of 0 loss units for a whole step")
     scale = accelerator.num_processes / totals[1].item()
@@ -222,6 +225,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             shuffle=split == "train",
             seed=cfg.seed,
             split=split,
+            group_by_length=cfg.group_by_length,
         )
         for split, split_examples in examples.items()
     }
