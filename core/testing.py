@@ -259,7 +259,12 @@ class ObjectiveConformance:
             }
             metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
             results.append(
-                (float(output.loss.detach()), float(torch.as_tensor(output.count).sum()), metrics, grads)
+                (
+                    float(output.loss.detach()),
+                    float(torch.as_tensor(output.count).sum()),
+                    metrics,
+                    grads,
+                )
             )
         (loss, count, metrics, grads), (p_loss, p_count, p_metrics, p_grads) = results
         assert p_loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
