@@ -175,6 +175,54 @@ def pack_in_order(
     }
 
 
+def why_not_packable(model: Any, probe: bool = True) -> str | None:
+    """None when ``model`` gives packed batches the log-probs it gives padded ones; else why not.
+
+    Packing needs attention that takes a custom 4-D mask (``sdpa``, ``eager``), positions from
+    ``position_ids``, and no sliding-window layers (a custom mask replaces their window). With
+    ``probe``, a no-grad forward of three short sequences, packed and padded, checks the rest.
+    """
+    import torch
+
+    from .batching import sequence_batch
+    from .logprobs import forward_logps
+    from .reference import eval_mode
+
+    config = getattr(model, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if any(kind != "full_attention" for kind in layer_types):
+            return "the model has sliding-window attention layers"
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "the model has sliding-window attention"
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation not in ("sdpa", "eager"):
+        return f"the {implementation} attention implementation takes no custom 4-D mask"
+    if not probe:
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = [(3 + 5 * i) % vocab for i in range(6)]
+    groups = [
+        [(prompt + [7, 9, 11], [0] * 6 + [1] * 3), (prompt + [13, 15], [0] * 6 + [1] * 2)],
+        [([(4 + 3 * i) % vocab for i in range(5)], [0, 0, 1, 1, 1])],
+    ]
+    rows = [{"input_ids": ids, "completion_mask": mask} for group in groups for ids, mask in group]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), eval_mode(model):
+            batches = [pack(groups, 0), sequence_batch(rows, 0)]
+            packed, padded = (
+                forward_logps(model, {k: v.to(device) for k, v in b.items()}).sums.float()
+                for b in batches
+            )
+    except Exception as exc:  # a model whose forward rejects the packed layout
+        return f"the model rejects a packed batch ({type(exc).__name__}: {exc})"
+    tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if not torch.allclose(packed, padded, rtol=0, atol=tolerance):
+        return "the model's log-probs of a packed batch differ from a padded one's"
+    return None
+
+
 def is_packed(batch: dict[str, Any], prefix: str = "") -> bool:
     return f"{prefix}targets" in batch
 

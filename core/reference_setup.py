@@ -47,6 +47,7 @@ def make_reference(
     examples: dict[str, list[dict[str, Any]]],
     accelerator: Any,
     starting_copy: ModelReference | None,
+    packed: bool = False,
 ) -> tuple[Reference, dict[str, Any]]:
     """The run's reference, before ``accelerator.prepare``; and a record of its mode and cost.
 
@@ -54,6 +55,7 @@ def make_reference(
     afterwards, or else with the prepared policy itself in eval mode: before the first update it
     computes the starting model's function (as long as the preparing plugins leave that
     unchanged, as LoRA's zero-initialised adapter does), so no second model is loaded.
+    ``packed``: the pass scores padding-free batches (``align.packing``), prompts shared.
     """
     cfg = spec.config
     started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
@@ -90,7 +92,7 @@ def make_reference(
                 2 * cfg.batch_size,
                 tokenizer.pad_token_id,
                 accelerator,
-                cfg.padding_free,
+                packed,
             )
             table.update(part)
             info["splits"][split] = {

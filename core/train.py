@@ -30,7 +30,7 @@ from .launch import check_world_size, cpu_processes_join
 from .metrics import MetricsLog, MetricSums, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
-from .packing import count_tokens
+from .packing import count_tokens, why_not_packable
 from .plugins import PluginRegistry
 from .records import fingerprint
 from .reference_setup import copy_starting_model, make_reference
@@ -195,10 +195,18 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         sections=spec.sections,
     )
     reference, reference_info = None, None
-    if objective.needs_reference or cfg.eval_deviation:
+    uses_reference = objective.needs_reference or cfg.eval_deviation
+    packed = cfg.padding_free and (objective.packable or uses_reference)
+    if packed:  # a probe forward where the model is now (FSDP: not before it is sharded)
+        reason = why_not_packable(model, probe=accelerator.distributed_type != DistributedType.FSDP)
+        if reason:
+            log(accelerator, f"padding_free: off, {reason}; batches are padded.")
+            packed = False
+    hooks.packed = hooks.packed and packed
+    if uses_reference:
         scored = examples if objective.needs_reference else {"eval": examples["eval"]}
         reference, reference_info = make_reference(
-            spec, model, tokenizer, scored, accelerator, starting_copy
+            spec, model, tokenizer, scored, accelerator, starting_copy, packed
         )
         del starting_copy
         log(
@@ -269,6 +277,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         started -= previous.get("seconds", 0.0)  # run.json's seconds: every session's
     else:
         run_info = describe_run(spec, registry, splits, digests, reports, accelerator, total_steps)
+        run_info["packed_batches"] = hooks.packed
         if reference_info is not None:
             run_info["reference"] = reference_info
     if accelerator.is_main_process:

@@ -142,3 +142,32 @@ def test_default_batch_batches_every_sequence_prefix():
         assert int(count_tokens(batch)) == 5 + 6
         key = "mismatched_sequence_digests" if packed else "mismatched_attention_mask"
         assert key in batch
+
+
+def test_packing_is_refused_where_a_custom_mask_would_change_the_model(model):
+    from align.packing import why_not_packable
+
+    assert why_not_packable(model) is None
+    config = model.config
+    try:
+        config.layer_types = ["full_attention", "sliding_attention"] * 2
+        assert "sliding-window" in why_not_packable(model)
+        config.layer_types = None
+        config._attn_implementation = "flash_attention_2"
+        assert "flash_attention_2" in why_not_packable(model)
+    finally:
+        config.layer_types = ["full_attention"] * 4
+        config._attn_implementation = "sdpa"
+    assert why_not_packable(model) is None
+
+
+def test_the_probe_catches_a_model_that_ignores_positions(model, monkeypatch):
+    from align.packing import why_not_packable
+
+    forward = type(model).forward
+
+    def without_positions(self, *args, position_ids=None, **kwargs):
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", without_positions)
+    assert "differ" in why_not_packable(model)
