@@ -3,7 +3,7 @@
     pip install -r benchmarks/requirements.txt       # TRL: the benchmark's, never align's
     python benchmarks/against_trl.py                 # both workloads, table + JSON
     python benchmarks/against_trl.py --workloads tiny --objectives dpo --json out.json
-    python benchmarks/against_trl.py --align-only --extra "--precision bf16"   # a lever alone
+    python benchmarks/against_trl.py --align-only --extra="--precision bf16"   # a lever alone
 
 Workloads:
 
@@ -280,8 +280,8 @@ def measure(
     command = [sys.executable, __file__, "--child", framework, "--objective", objective]
     command += ["--model", model, "--data", data, "--out", str(out)]
     command += ["--batch", str(settings["batch"]), "--max-length", str(settings["max_length"])]
-    command += ["--steps", str(settings["steps"] or 0), "--extra", extra]
-    command += ["--trl-options", trl_options]
+    command += ["--steps", str(settings["steps"] or 0), f"--extra={extra}"]
+    command += [f"--trl-options={trl_options}"]
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     env = {**os.environ, "ALIGN_CACHE": str(cache), "TQDM_DISABLE": "1"}
     env["HF_DATASETS_CACHE"] = str(cache / "datasets")
