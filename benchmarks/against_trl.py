@@ -14,7 +14,9 @@ Workloads:
   512 tokens (prompts of 100-300 tokens, completions of 50-200), batch 4, a few steps: steady
   state, as examples (pairs) per second over the steps after the warm-up.
 
-Every run is a fresh process with its own empty reference cache. Both frameworks run with their
+Every run is a fresh process with its own empty reference cache; the rows of one objective and
+workload run interleaved (align, TRL, align, TRL, ...) ``--repeat`` times and report medians, so
+a slow spell of the machine hits both. Both frameworks run with their
 defaults (align: the precomputed reference; TRL: a reference model copy run every step) in
 fp32 on the CPU, at the same learning rate and ``max_length``; TRL saves its final model as a
 user would (``trainer.save_model``), logs every 10 steps, no checkpoints, no evaluation.
@@ -313,14 +315,13 @@ def measure(
     }
 
 
-def measure_repeated(repeat: int, *args: Any, **kwargs: Any) -> dict:
-    """:func:`measure` ``repeat`` times, alternating nothing else: the median of each figure."""
-    runs = [measure(*args, **kwargs) for _ in range(repeat)]
+def medians(runs: list[dict]) -> dict:
+    """One row from repeated runs of a configuration: the median of each figure."""
     row = dict(runs[0])
     for key, value in row.items():
         if isinstance(value, float):
             row[key] = round(statistics.median(r[key] for r in runs), 4)
-    row["repeats"] = repeat
+    row["repeats"] = len(runs)
     return row
 
 
@@ -391,21 +392,25 @@ def main() -> None:
                 runs.append(("trl", "", ""))
                 if objective == "dpo":
                     runs.append(("trl", "", json.dumps({"precompute_ref_log_probs": True})))
-            for framework, extra, trl_options in runs:
-                row = measure_repeated(
-                    args.repeat,
-                    framework,
-                    objective,
-                    workload,
-                    model,
-                    data,
-                    work,
-                    tokens,
-                    extra,
-                    trl_options,
-                )
-                results["runs"].append(row)
-                print_row(row)
+            repeats: list[list[dict]] = [[] for _ in runs]
+            for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits all
+                for done, (framework, extra, trl_options) in zip(repeats, runs, strict=True):
+                    done.append(
+                        measure(
+                            framework,
+                            objective,
+                            workload,
+                            model,
+                            data,
+                            work,
+                            tokens,
+                            extra,
+                            trl_options,
+                        )  # fmt: skip
+                    )
+            for done in repeats:
+                results["runs"].append(medians(done))
+                print_row(results["runs"][-1])
     Path(args.json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {args.json}")
 
