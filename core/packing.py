@@ -60,7 +60,7 @@ def shared_prefix(sequences: Sequence[Scored]) -> int:
 def _lay_out(group: Sequence[Scored], slots: Sequence[int]) -> _Piece:
     shared = shared_prefix(group) if len(group) > 1 else 0
     prompt = max(shared - 1, 0)  # the last shared token is copied into every branch
-    ids, mask0 = group[0]
+    ids = group[0][0]
     piece = _Piece(
         ids=list(ids[:prompt]),
         positions=list(range(prompt)),
@@ -83,9 +83,8 @@ def _lay_out(group: Sequence[Scored], slots: Sequence[int]) -> _Piece:
 def pack(groups: Sequence[Sequence[Scored]], pad_token_id: int, prefix: str = "") -> dict:
     """Pack groups of sequences into a padding-free batch (see the module docstring).
 
-    Sequences are numbered in group order: group 0's sequences first. Callers that want
-    another order (``[all chosen; all rejected]``) list ``sequence_digests`` accordingly with
-    :func:`pack_in_order`.
+    Sequences are numbered in group order, group 0's first; :func:`pack_in_order` takes each
+    sequence's number instead (``[all chosen; all rejected]``, say).
     """
     slots, next_slot = [], 0
     for group in groups:
