@@ -136,12 +136,7 @@ def tokens_per_example(model: str, data: str, objective: str, max_length: int) -
 
 
 # -- one run, in a child process ---------------------------------------------------------------
-class StepTimes:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-
-def run_align(args: argparse.Namespace, clock: StepTimes) -> None:
+def run_align(args: argparse.Namespace, step_times: list[float]) -> None:
     import align
     from align import plugins
     from align.cli import cli
@@ -151,7 +146,7 @@ def run_align(args: argparse.Namespace, clock: StepTimes) -> None:
 
         @align.hookimpl
         def align_metrics(self):
-            clock.times.append(time.time())
+            step_times.append(time.time())
             return {}
 
     plugins.reset_registry(plugins.load_plugins(extra=[Clock()]))
@@ -163,14 +158,14 @@ def run_align(args: argparse.Namespace, clock: StepTimes) -> None:
     cli.main(argv, standalone_mode=False)
 
 
-def run_trl(args: argparse.Namespace, clock: StepTimes) -> None:
+def run_trl(args: argparse.Namespace, step_times: list[float]) -> None:
     import datasets
     import trl
     from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def on_step_end(self, *_, **__):
-            clock.times.append(time.time())
+            step_times.append(time.time())
 
     datasets.disable_progress_bars()
     data = datasets.load_dataset("json", data_files=args.data, split="train")
@@ -209,9 +204,9 @@ def child(args: argparse.Namespace) -> None:
     import transformers  # noqa: F401
 
     baseline = rss_mib()
-    clock = StepTimes()
-    (run_align if args.framework == "align" else run_trl)(args, clock)
-    figures = {"step_times": clock.times, "baseline_rss_mib": baseline, "peak": peak_rss_mib()}
+    step_times: list[float] = []
+    (run_align if args.framework == "align" else run_trl)(args, step_times)
+    figures = {"step_times": step_times, "baseline_rss_mib": baseline, "peak": peak_rss_mib()}
     print("BENCH " + json.dumps(figures), flush=True)
 
 

@@ -220,8 +220,7 @@ def score_sequences(
 
     if not packed:
         groups = [{d: s} for group in groups for d, s in group.items()]
-    size = {id(g): sum(len(ids) for ids, _ in g.values()) for g in groups}
-    ordered = sorted(groups, key=lambda g: -size[id(g)])  # longest first: OOM early
+    ordered = sorted(groups, key=lambda g: -sum(len(ids) for ids, _ in g.values()))  # OOM early
     mine = ordered[accelerator.process_index :: accelerator.num_processes]
     table: dict[bytes, float] = {}
     with (
@@ -233,7 +232,8 @@ def score_sequences(
             leave=False,
         ) as progress,
     ):
-        vocab = model.get_output_embeddings().weight.shape[0]
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else 1 << 20  # unknown: assume large
         for chunk in _batches_of_groups(mine, batch_size, vocab):
             digests = [d for group in chunk for d in group]
             if packed:
