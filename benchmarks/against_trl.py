@@ -126,13 +126,13 @@ def tokens_per_example(model: str, data: str, objective: str, max_length: int) -
 
     from align.formats import tokenize_records
     from align.records import read_records
+    from align.sharding import example_length
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples, _ = tokenize_records(
         read_records(data), DATA_FORMATS[objective], tokenizer, max_length, "keep_start", "train"
     )
-    counts = [sum(len(v) for k, v in e.items() if k.endswith("input_ids")) for e in examples]
-    return statistics.fmean(counts)
+    return statistics.fmean(example_length(e) for e in examples)
 
 
 # -- one run, in a child process ---------------------------------------------------------------

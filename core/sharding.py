@@ -70,7 +70,7 @@ class ShardedBatches:
             )
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.accelerator, self.shuffle, self.seed = accelerator, shuffle, seed
-        self.group_by_length = group_by_length and shuffle
+        self.lengths = [example_length(e) for e in examples] if group_by_length and shuffle else []
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -81,13 +81,12 @@ class ShardedBatches:
             return list(range(len(self.examples)))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.examples), generator=generator).tolist()
-        if self.group_by_length:
+        if self.lengths:
             order = self._grouped_by_length(order, generator)
         return order
 
     def _grouped_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
-        size = self.batch_size * self.accelerator.num_processes
-        lengths = [example_length(self.examples[i]) for i in range(len(self.examples))]
+        size, lengths = self.batch_size * self.accelerator.num_processes, self.lengths
         mega = 50 * size
         grouped: list[int] = []
         for start in range(0, len(order), mega):
