@@ -9,10 +9,11 @@ from typing import Any
 
 import click
 
-from align.config import TrainConfig, resolve
+from align.config import TrainConfig, check_inputs, resolve
+from align.console import echo, tolerant_console
 from align.errors import AlignError
 from align.objective import DATA_FORMATS, Preset, option_keys
-from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry
+from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry, install_hint
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
 RUN_FLAGS = [
@@ -36,6 +37,7 @@ RUN_FLAGS = [
     "truncation",
     "precision",
     "gradient_checkpointing",
+    "disable_dropout",
     "group_by_length",
     "padding_free",
     "save_every",
@@ -101,7 +103,7 @@ class RunCommand(click.Command):
         except click.NoSuchOption as exc:
             dist = FIRST_PARTY_FLAGS.get(exc.option_name)
             if dist:
-                exc.message += f" ({exc.option_name} is added by {dist}: pip install {dist})"
+                exc.message += f" ({exc.option_name} is added by {dist}: {install_hint(dist)})"
             raise
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
@@ -190,16 +192,23 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
         registry = get_registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
+        check_inputs(spec)  # before torch: a wrong flag or path costs a second, not a load
         if needs_launch(spec.config.num_processes):
             args = click.get_current_context().meta["align.args"]
-            sys.exit(launch(spec.config.num_processes, args))
+            with tolerant_console():
+                sys.exit(launch(spec.config.num_processes, args))
+        from align.setup import removed_if_unstarted
         from align.train import train
 
-        train(spec, registry)
+        with tolerant_console(), removed_if_unstarted():
+            train(spec, registry)
     except AlignError as exc:
         _exit_with(exc)
     except KeyboardInterrupt:
-        click.echo("Interrupted before training started; nothing to save.", err=True)
+        echo(
+            "Interrupted outside the training steps (before the first or after the final "
+            "save); nothing more to save."
+        )
         sys.exit(130)
 
 
@@ -209,7 +218,7 @@ def _exit_with(exc: AlignError) -> None:
 
     if os.environ.get("RANK", "0") == "0":
         stopped_by_signal = getattr(exc, "exit_code", 1) > 128
-        click.echo(str(exc) if stopped_by_signal else f"Error: {exc}", err=True)
+        echo(str(exc) if stopped_by_signal else f"Error: {exc}")  # even into a closed pipe
     sys.exit(getattr(exc, "exit_code", 1))
 
 
@@ -301,7 +310,7 @@ def objectives(as_json: bool) -> None:
         click.echo(json.dumps(data + presets, indent=2, default=str))
         return
     if not data:
-        click.echo("No objectives installed. Try: pip install align-plugin-sft")
+        click.echo(f"No objectives installed. Try: {install_hint('align-plugin-sft')}")
     for item in data:
         click.echo(f"{item['name']}  ({item['distribution']})")
         click.echo(f"  {item['description']}")
@@ -365,6 +374,7 @@ def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags:
         registry = get_registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
+        check_inputs(spec)
         from align.inspect_data import inspect_examples
 
         inspect_examples(spec, registry, count, click.echo)

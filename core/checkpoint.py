@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,28 @@ def _sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def honour_umask(path: Path) -> None:
+    """Give every file under ``path`` the mode a new file there gets (by the umask, or the
+    directory's default ACL). safetensors writes weights through a temporary file, mode 0600,
+    and on a shared cluster others read the models."""
+    probe = path / ".mode-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            file = os.path.join(root, name)
+            st = os.lstat(file)
+            if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != mode:
+                os.chmod(file, mode)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished directory into place, replacing ``target`` if it exists."""
+    honour_umask(tmp)
     sync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old")

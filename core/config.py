@@ -3,21 +3,26 @@
 Precedence: defaults < YAML file < command-line flags and ``--set``. In the YAML file core
 options sit at top level, the objective's options in a section named after it, and a
 model-preparation plugin's options in its own section. Unknown keys are errors with a
-"did you mean" suggestion; values are validated by pydantic, never evaluated.
+"did you mean" suggestion; values are validated by pydantic, never evaluated. Every error names
+the source of the value it refuses: the file, the flag (``--lr``) or the ``--set`` item.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, PluginError
+from .loading import check_model_source
 from .objective import Options, Preset, option_keys
-from .plugins import FIRST_PARTY_SECTIONS, PluginRegistry, Registered
+from .plugins import FIRST_PARTY_SECTIONS, PluginRegistry, Registered, install_hint
 from .suggest import did_you_mean
+
+Sources = dict[str, str]  # option key → where its value came from: run.yaml, --lr, --set k=v
 
 
 class TrainConfig(Options):
@@ -57,6 +62,11 @@ class TrainConfig(Options):
     )
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    disable_dropout: bool | None = Field(
+        None,
+        description="Set every dropout probability of the policy to 0 (LoRA's too) before "
+        "training; default: the objective's (on for dpo, kto, minorsft, ift; off for sft).",
+    )
     group_by_length: bool = Field(
         False,
         description="Batch training examples of similar length together (within runs of 50 "
@@ -113,6 +123,11 @@ class TrainConfig(Options):
     def _yaml_true(cls, value: Any) -> Any:
         return {True: "latest", False: None}.get(value, value) if isinstance(value, bool) else value
 
+    @field_validator("model", "ref_model", "data", "eval_data", "output_dir")
+    @classmethod
+    def _expand_home(cls, value: str | None) -> str | None:
+        return os.path.expanduser(value) if value else value  # `~` the shell did not expand
+
     @field_validator("precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
@@ -157,6 +172,7 @@ class RunSpec:
         options: Options,
         sections: dict[str, Options],
         preset: str | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self.config, self.objective, self.options, self.sections = (
             config,
@@ -165,6 +181,11 @@ class RunSpec:
             sections,
         )
         self.preset = preset
+        self.sources = sources or {}  # core option → the file or flag that set it
+
+    def named(self, key: str) -> str:
+        """A core option as a message names it: ``--data``, or ``data (run.yaml)``."""
+        return _named(key, self.sources)
 
     def as_dict(self) -> dict[str, Any]:
         out = self.config.model_dump()
@@ -196,7 +217,12 @@ def parse_set(items: list[str]) -> dict[str | None, dict[str, Any]]:
 
     Values are read as YAML (``3``, ``true``, ``[q_proj, v_proj]``), never evaluated.
     """
-    out: dict[str | None, dict[str, Any]] = {}
+    return {section: values for section, (values, _) in _parse_set_items(items).items()}
+
+
+def _parse_set_items(items: list[str]) -> dict[str | None, tuple[dict[str, Any], Sources]]:
+    """As :func:`parse_set`, with each key's source: the ``--set`` item that gave its value."""
+    out: dict[str | None, tuple[dict[str, Any], Sources]] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -206,37 +232,54 @@ def parse_set(items: list[str]) -> dict[str | None, dict[str, Any]]:
         except yaml.YAMLError:
             value = raw
         section, dot, name = key.strip().rpartition(".")
-        out.setdefault(section if dot else None, {})[name] = value
+        values, sources = out.setdefault(section if dot else None, ({}, {}))
+        values[name], sources[name] = value, f"--set {item}"
     return out
 
 
-def _validate(schema: type[Options], values: dict[str, Any], where: str) -> Options:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping of options, got {type(values).__name__}")
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _validate(
+    schema: type[Options], values: dict[str, Any], sources: Sources, context: str = ""
+) -> Options:
+    """Validate ``values`` against ``schema``; an error names the source of each bad value
+    (``sources``: key → ``run.yaml``, ``--lr``, ``--set lora.r=abc``) and then ``context``."""
     known = set(option_keys(schema))
     for key in values:
         if key not in known:
             hint = did_you_mean(key, known)
             choices = ", ".join(sorted(known)) or "none"
-            raise ConfigError(f"{where}: unknown option {key!r}.{hint} Options: {choices}")
+            raise ConfigError(
+                f"{sources[key]}: {context}unknown option {key!r}.{hint} Options: {choices}"
+            )
     try:
         return schema(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"option {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} "
-            f"(got {err.get('input')!r})"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"{where}: {problems}") from None
+        problems: dict[str, list[str]] = {}
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            if err["loc"] and err["loc"][0] in sources:
+                source = sources[str(err["loc"][0])]
+            else:  # a check across options: every source of the values involved
+                source = ", ".join(dict.fromkeys(sources[k] for k in values)) or "defaults"
+            text = f"option {loc!r}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"]
+            problems.setdefault(source, []).append(text)
+        raise ConfigError(
+            "; ".join(f"{source}: {context}{'; '.join(p)}" for source, p in problems.items())
+        ) from None
 
 
-def _check_reference(config: TrainConfig, objective: Any) -> None:
+def _named(key: str, sources: Sources) -> str:
+    """A core option as an error names it: its flag, or its key and the file that set it."""
+    source = sources.get(key, _flag(key))
+    return source if source.startswith("--") else f"{key} ({source})"
+
+
+def _check_reference(config: TrainConfig, objective: Any, sources: Sources) -> None:
     uses_reference = objective.needs_reference or config.eval_deviation
-    chosen = [
-        f"--{key.replace('_', '-')}"
-        for key in ("reference", "ref_model")
-        if key in config.model_fields_set
-    ]
+    chosen = [_named(key, sources) for key in ("reference", "ref_model") if key in sources]
     if chosen and not uses_reference:
         raise ConfigError(
             f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model "
@@ -244,8 +287,8 @@ def _check_reference(config: TrainConfig, objective: Any) -> None:
         )
     if config.ref_model and config.reference == "adapter":
         raise ConfigError(
-            "--ref-model cannot be used with --reference adapter (the reference is the policy "
-            "with its adapter disabled)"
+            f"{_named('ref_model', sources)} cannot be used with {_named('reference', sources)} "
+            "adapter (the reference is the policy with its adapter disabled)"
         )
 
 
@@ -263,6 +306,17 @@ def _file_section(file_values: dict[str, Any], name: str, where: str) -> dict[st
     return dict(values)
 
 
+def _merged(*layers: tuple[dict[str, Any], Sources | str]) -> tuple[dict[str, Any], Sources]:
+    """Merge ``(values, source)`` layers, later ones winning; each key keeps the source of the
+    value it ends with (``source`` is one label for every key of its layer, or one per key)."""
+    values: dict[str, Any] = {}
+    sources: Sources = {}
+    for layer, source in layers:
+        values.update(layer)
+        sources.update({k: source if isinstance(source, str) else source[k] for k in layer})
+    return values, sources
+
+
 def resolve(
     registry: PluginRegistry,
     config_file: str | None = None,
@@ -274,23 +328,28 @@ def resolve(
 
     ``section_flags`` holds the values of plugin sections' own flags (``--lora`` →
     ``{"lora": {"enabled": True}}``); they rank with ``--set``. A preset objective resolves to
-    the objective it names, its defaults ranking below everything the user gives.
+    the objective it names, its defaults ranking below everything the user gives. An error
+    names the source of the value it refuses: the file, the flag or the ``--set`` item.
     """
     file_values = load_yaml(config_file) if config_file else {}
-    where_file = str(config_file) if config_file else "command line"
+    where_file = str(config_file)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    core = {k: v for k, v in file_values.items() if k in CORE_KEYS and k not in flags}
-    _validate(TrainConfig, core, where_file)  # blame the file for its own values
-    core.update(flags)
-    config = _validate(TrainConfig, core, "command line")
+    core, core_sources = _merged(
+        ({k: v for k, v in file_values.items() if k in CORE_KEYS}, where_file),
+        (flags, {k: _flag(k) for k in flags}),
+    )
+    config = _validate(TrainConfig, core, core_sources)
 
-    registered = registry.objective(config.objective)
+    try:
+        registered = registry.objective(config.objective)
+    except PluginError as exc:
+        raise PluginError(f"{core_sources.get('objective', 'objective')}: {exc}") from None
     preset = registered.item if isinstance(registered.item, Preset) else None
     if preset is not None:
         registered = registry.objective(preset.objective)
         if isinstance(registered.item, Preset):
             raise ConfigError(f"preset {preset.name!r} names another preset, {preset.objective!r}")
-    _check_reference(config, registered.item)
+    _check_reference(config, registered.item, core_sources)
     objective_name = registered.item.name
     if preset is not None and preset.name in file_values:
         raise ConfigError(
@@ -301,7 +360,7 @@ def resolve(
         if name not in registry.sections:
             raise ConfigError(f"preset {preset.name!r} sets section {name!r}, which no plugin has")
     sections = {name: r.item for name, r in registry.sections.items()}
-    set_values = parse_set(sets or [])
+    set_values = _parse_set_items(sets or [])
     allowed = CORE_KEYS | set(registry.objectives) | set(sections)
     for key in file_values:
         if key not in allowed:
@@ -311,38 +370,72 @@ def resolve(
                 f"objective names and plugin sections (align objectives).{_broken_hint(registry)}"
             )
 
-    for key in set_values.get(None, {}):
+    top_level, top_sources = set_values.get(None, ({}, {}))
+    for key in top_level:
         if key in CORE_KEYS:
-            flag = "--" + key.replace("_", "-")
             raise ConfigError(
-                f"--set {key}=…: {key!r} is a core option; use {flag} or a "
+                f"{top_sources[key]}: {key!r} is a core option; use {_flag(key)} or a "
                 "top-level key in the config file"
             )
-    for section in set_values:
+    for section, (_, section_sources) in set_values.items():
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]
             dist = FIRST_PARTY_SECTIONS.get(section)
-            install = f" It is provided by {dist}: pip install {dist}." if dist else ""
+            install = f" It is provided by {dist}: {install_hint(dist)}." if dist else ""
             raise ConfigError(
-                f"--set: unknown section {section!r}.{did_you_mean(section, choices)}"
-                f" Sections: {', '.join(choices)}.{install}{_broken_hint(registry)}"
+                f"{next(iter(section_sources.values()))}: unknown section {section!r}."
+                f"{did_you_mean(section, choices)} Sections: {', '.join(choices)}.{install}"
+                f"{_broken_hint(registry)}"
             )
-    objective_values = dict(preset.options) if preset else {}
-    objective_values.update(_file_section(file_values, objective_name, where_file))
-    objective_values.update(set_values.get(None, {}))
-    objective_values.update(set_values.get(objective_name, {}))
+    preset_source = f"preset {preset.name!r}" if preset else ""
+    objective_values, objective_sources = _merged(
+        (dict(preset.options) if preset else {}, preset_source),
+        (_file_section(file_values, objective_name, where_file), where_file),
+        set_values.get(None, ({}, {})),
+        set_values.get(objective_name, ({}, {})),
+    )
     options = _validate(
         registered.item.options,
         objective_values,
-        f"{where_file}: options of objective {objective_name!r}",
+        objective_sources,
+        f"options of objective {objective_name!r}: ",
     )
     section_options = {}
     for name, section in sections.items():
-        values = dict(preset.sections.get(name, {})) if preset else {}
-        values.update(_file_section(file_values, name, where_file))
-        values.update(set_values.get(name, {}))
-        values.update((section_flags or {}).get(name, {}))
-        section_options[name] = _validate(
-            section.options, values, f"{where_file}: section {name!r}"
+        flag_values = (section_flags or {}).get(name, {})
+        flag_names = {key: f"--{flag}" for flag, key in section.flags.items()}
+        values, sources = _merged(
+            (dict(preset.sections.get(name, {})) if preset else {}, preset_source),
+            (_file_section(file_values, name, where_file), where_file),
+            set_values.get(name, ({}, {})),
+            (flag_values, {k: flag_names.get(k, f"--{name}") for k in flag_values}),
         )
-    return RunSpec(config, registered, options, section_options, preset.name if preset else None)
+        section_options[name] = _validate(section.options, values, sources, f"section {name!r}: ")
+    return RunSpec(
+        config,
+        registered,
+        options,
+        section_options,
+        preset.name if preset else None,
+        core_sources,
+    )
+
+
+def check_inputs(spec: RunSpec) -> None:
+    """Refuse a run whose inputs are missing, in seconds and before torch is imported: data
+    without a model (or the reverse), a data file or model path that does not exist, a hub id
+    the hub cannot serve. Each error names the flag or file that gave the value."""
+    cfg = spec.config
+    for given, missing in (("model", "data"), ("data", "model")):
+        if getattr(cfg, given) is not None and getattr(cfg, missing) is None:
+            raise ConfigError(
+                f"{_flag(missing)} is required when {spec.named(given)} is given (run without "
+                "both to train the embedded demo)"
+            )
+    for key in ("data", "eval_data"):
+        path = getattr(cfg, key)
+        if path and not Path(path).exists():
+            raise DataError(f"no such file or directory (given by {spec.named(key)})", source=path)
+    for key, role in (("model", "model"), ("ref_model", "reference model")):
+        if getattr(cfg, key):
+            check_model_source(getattr(cfg, key), role, spec.named(key))

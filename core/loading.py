@@ -1,21 +1,96 @@
 """Loading causal language models the one safe way: safetensors weights only, float32, remote
-code only when the user asked for it."""
+code only when the user asked for it; and refusing at once a model that cannot be loaded."""
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import ConfigError
+
+HUB_TIMEOUT = 3.0  # seconds to wait for a connection to the hub before calling it unreachable
+_PATH_PREFIXES = ("./", "../", "/", "~")
+
+
+def check_model_source(name: str, role: str = "model", given_by: str | None = None) -> None:
+    """Refuse, in at most a few seconds, a model that cannot be loaded: a path that does not
+    exist, or a hub id that is not cached while the hub is offline or unreachable (the hub
+    client would otherwise spend minutes retrying). Imports neither torch nor transformers.
+
+    A value is a path when it starts with ``./``, ``../``, ``/`` or ``~``, is not a valid hub
+    id, or has a first folder that exists here (``models/llama`` next to ``models/``).
+    """
+    by = f" (given by {given_by})" if given_by else ""
+    if name and Path(name).expanduser().exists():
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+        is_hub_id = not name.startswith(_PATH_PREFIXES) and not (
+            "/" in name and Path(name.split("/", 1)[0]).is_dir()
+        )
+    except HFValidationError:
+        is_hub_id = False
+    if not is_hub_id:
+        raise ConfigError(f"{role} path {name} does not exist{by}")
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return  # in the hub cache: loads offline
+    if _offline():
+        why = "HF_HUB_OFFLINE is set and the model is not in the hub cache"
+    else:
+        why = _unreachable(constants.ENDPOINT)
+        if why is None:
+            return
+    raise ConfigError(
+        f"{role} {name!r}{by} is not a local directory and the model hub is unreachable "
+        f"({why}); check the path or hub id, or download the model where the hub can be reached"
+    )
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(flag.upper() in ("1", "ON", "YES", "TRUE") for flag in flags)
+
+
+@functools.lru_cache(maxsize=4)
+def _unreachable(endpoint: str) -> str | None:
+    """Why a TCP connection to ``endpoint`` (or the HTTPS proxy) failed, or None when it worked.
+
+    Name resolution has no timeout of its own, so the attempt runs in a thread."""
+    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or endpoint)
+    address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
+    outcome: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=HUB_TIMEOUT).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(f"{address[0]}:{address[1]}: {exc.strerror or exc}")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT)
+    return outcome[0] if outcome else f"{address[0]}: no answer within {HUB_TIMEOUT:g} s"
 
 
 def load_causal_lm(path: str, trust_remote_code: bool, role: str = "model", **extra: Any) -> Any:
     """``AutoModelForCausalLM.from_pretrained``; a failure names the ``role`` and the path.
 
     ``extra`` adds or overrides ``from_pretrained`` arguments (``quantization_config``, …)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
+    path = os.path.expanduser(path)
+    check_model_source(path, role)
     kwargs = {"use_safetensors": True, "dtype": torch.float32, **extra}
     try:
         return AutoModelForCausalLM.from_pretrained(

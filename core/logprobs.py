@@ -3,7 +3,8 @@
 In a padded batch, logits at positions ``0..L-2`` predict the tokens at ``1..L-1``; positions
 outside the completion mask contribute 0. A packed batch (``align.packing``) names each
 position's target token and the sequence it belongs to instead, since its rows hold several
-sequences and shared prompts.
+sequences and shared prompts; its boolean 4-D mask reaches the model as an additive float mask
+(:func:`attention_bias`), the form every attention implementation takes.
 
 ``log p(target) = logit[target] − logsumexp(logits)`` is computed in float32 in chunks of
 positions, and only at positions whose target is trained: no full-vocabulary float32
@@ -121,12 +122,30 @@ def token_logps(
     return logps, shifted[:, :-1].float()
 
 
+def attention_bias(mask: torch.Tensor, model: Any) -> torch.Tensor:
+    """A boolean 4-D attention mask (True: attends) as the additive mask transformers itself
+    hands its attention functions: 0 where a position attends, the dtype's minimum elsewhere.
+
+    ``eager`` attention adds a 4-D mask to its scores as it is, so a boolean one would add 0 or
+    1 and mask nothing; ``sdpa`` takes either form. The dtype is the one attention computes in:
+    the autocast dtype under autocast, else the model's.
+    """
+    device = mask.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+    return bias.masked_fill_(~mask.bool(), torch.finfo(dtype).min)
+
+
 def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> TokenLogps:
     """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
-    the packed one (``align.packing``: ``position_ids``, a 4-D ``attention_mask``,
-    ``targets``, ``target_mask``, ``target_sequence``).
+    the packed one (``align.packing``: ``position_ids``, a boolean 4-D ``attention_mask``
+    handed to the model as :func:`attention_bias`, ``targets``, ``target_mask``,
+    ``target_sequence``).
     """
     input_ids = batch[f"{prefix}input_ids"]
     if f"{prefix}targets" not in batch:
@@ -137,7 +156,7 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") 
         return TokenLogps(logps=logps, mask=mask, logits=logits, targets=input_ids[:, 1:])
     logits = model(
         input_ids=input_ids,
-        attention_mask=batch[f"{prefix}attention_mask"],
+        attention_mask=attention_bias(batch[f"{prefix}attention_mask"], model),
         position_ids=batch[f"{prefix}position_ids"],
         use_cache=False,
     ).logits

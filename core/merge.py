@@ -36,7 +36,7 @@ def merge_adapter(
     try:
         from peft import PeftConfig, PeftModel
     except ImportError:
-        raise ConfigError("align merge needs peft: pip install align-plugin-lora") from None
+        raise ConfigError("align merge needs peft: pip install peft") from None
     from transformers import AutoTokenizer
 
     target = Path(output).resolve()

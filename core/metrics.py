@@ -81,11 +81,16 @@ def means(totals: Mapping[str, tuple[float, float]]) -> dict[str, float]:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step, main process) and Accelerate trackers."""
+    """``metrics.jsonl`` (one JSON object per logged step, main process) and Accelerate trackers.
+
+    ``last`` keeps the latest training row (``"train"``) and evaluation row (``"eval"``) for the
+    summary a run prints when it ends.
+    """
 
     def __init__(self, path: Any, accelerator: Any) -> None:
         self.accelerator = accelerator
         self._file = None
+        self.last: dict[str, dict[str, Any]] = {}
         if accelerator.is_main_process:
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
@@ -93,8 +98,44 @@ class MetricsLog:
         if self._file is not None:
             self._file.write(json.dumps(values) + "\n")
             self._file.flush()
+        self.last["eval" if "eval_loss" in values else "train"] = values
         self.accelerator.log({k: v for k, v in values.items() if k != "step"}, step=values["step"])
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+# Printed after the eval loss, in this order, when an objective logs them: DPO's reward accuracy
+# and margin (KTO's margin), SFT's token accuracy, MinorSFT's and IFT's NLL, and the deviation
+# from the reference (MinorSFT, --eval-deviation). An objective that logs none of these has its
+# first few metrics printed instead.
+HEADLINE_METRICS = (
+    "rewards/accuracies",
+    "rewards/margins",
+    "mean_token_accuracy",
+    "nll",
+    "deviation",
+)
+OTHER_METRICS_SHOWN = 3
+
+
+def format_value(value: float) -> str:
+    """Four significant digits: ``0.6931``, ``1.234e-06`` (a DPO loss near 0 is not ``0.0000``)."""
+    return f"{value:.4g}"
+
+
+def headline(values: Mapping[str, Any], prefix: str = "") -> str:
+    """``loss 0.6421, rewards/accuracies 0.75``: a row's loss and headline metrics.
+
+    ``prefix`` is the row's metric prefix (``eval_``), left out of the names printed.
+    """
+    found = {
+        name[len(prefix) :]: value
+        for name, value in values.items()
+        if name.startswith(prefix) and isinstance(value, int | float)
+    }
+    names = [name for name in HEADLINE_METRICS if name in found]
+    if not names:
+        names = sorted(found.keys() - {"loss"})[:OTHER_METRICS_SHOWN]
+    return ", ".join(f"{n} {format_value(found[n])}" for n in ["loss", *names] if n in found)

@@ -47,6 +47,10 @@ class Objective:
     (per-sequence ``sums`` and ``num_tokens``; per-token values with their ``targets``) and the
     reference, so the core may hand it padding-free batches (``align.packing``) when the run
     has ``padding_free`` on; the conformance suite checks that the loss is unchanged by it.
+    ``disable_dropout`` is the default of the run option of that name: set every dropout
+    probability of the policy to 0 before training. Declare it for an objective that compares
+    the policy with a reference or runs a second pass over the same inputs (as TRL does for
+    DPO, KTO and ORPO); users may still override it.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Objective:
     needs_reference: bool = False
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     packable: bool = False
+    disable_dropout: bool = False
 
     def __post_init__(self) -> None:
         if self.data_format not in DATA_FORMATS:

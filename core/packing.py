@@ -13,7 +13,9 @@ widest group, so a row never costs more attention than a padded row would; no to
 across groups. Every log-prob equals the one the sequence gets on its own, in its own row.
 
 The batch (keys optionally prefixed) holds ``input_ids``, ``position_ids``, a boolean 4-D
-``attention_mask`` ``[rows, 1, T, T]``, and per position the token it predicts (``targets``),
+``attention_mask`` ``[rows, 1, T, T]`` (True: attends; ``align.forward_logps`` hands it to the
+model as an additive float mask, 0 or the dtype's minimum, which ``eager`` attention needs and
+``sdpa`` takes), and per position the token it predicts (``targets``),
 whether that prediction is trained (``target_mask``) and the sequence it belongs to
 (``target_sequence``); ``token_mask`` marks the real (non-padding)
 tokens; ``sequence_digests`` identifies every sequence (for the precomputed reference) in the
@@ -174,13 +176,29 @@ def pack_in_order(
     }
 
 
-def why_not_packable(model: Any, probe: bool = True) -> str | None:
-    """None when ``model`` gives packed batches the log-probs it gives padded ones; else why not.
+def why_not_packable(model: Any, role: str = "model", accelerator: Any = None) -> str | None:
+    """None when ``model`` gives packed batches the log-probs it gives padded ones; else why not,
+    naming the model by its ``role`` ("the reference model has …").
 
     Packing needs attention that takes a custom 4-D mask (``sdpa``, ``eager``), positions from
-    ``position_ids``, and no sliding-window layers (a custom mask replaces their window). With
-    ``probe``, a no-grad forward of three short sequences, packed and padded, checks the rest.
+    ``position_ids``, and no sliding-window layers (a custom mask replaces their window). A
+    no-grad forward of three short sequences, packed and padded, checks the rest; it needs the
+    weights, so call it before FSDP shards the model. Weights on the meta device cannot be
+    probed, and are a reason. With ``accelerator``, the main process probes and every process
+    takes its answer, so all pack or all pad: they hold the same model, and the main process
+    holds its weights even where FSDP's ``cpu_ram_efficient_loading`` leaves the others' on the
+    meta device.
     """
+    if accelerator is None or accelerator.num_processes == 1:
+        return _why_not_packable(model, role)
+    from accelerate.utils import broadcast_object_list
+
+    answer = [_why_not_packable(model, role) if accelerator.is_main_process else None]
+    broadcast_object_list(answer)
+    return answer[0]
+
+
+def _why_not_packable(model: Any, role: str) -> str | None:
     import torch
 
     from .batching import sequence_batch
@@ -191,14 +209,14 @@ def why_not_packable(model: Any, probe: bool = True) -> str | None:
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
         if any(kind != "full_attention" for kind in layer_types):
-            return "the model has sliding-window attention layers"
+            return f"the {role} has sliding-window attention layers"
     elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return "the model has sliding-window attention"
+        return f"the {role} has sliding-window attention"
     implementation = getattr(config, "_attn_implementation", None)
     if implementation not in ("sdpa", "eager"):
-        return f"the {implementation} attention implementation takes no custom 4-D mask"
-    if not probe:
-        return None
+        return f"the {role}'s {implementation} attention implementation takes no custom 4-D mask"
+    if any(p.is_meta for p in model.parameters()):
+        return f"the {role}'s weights are on the meta device, so no probe forward can check it"
     vocab = model.get_input_embeddings().num_embeddings
     prompt = [(3 + 5 * i) % vocab for i in range(6)]
     groups = [
@@ -215,10 +233,10 @@ def why_not_packable(model: Any, probe: bool = True) -> str | None:
                 for b in batches
             )
     except Exception as exc:  # a model whose forward rejects the packed layout
-        return f"the model rejects a packed batch ({type(exc).__name__}: {exc})"
+        return f"the {role} rejects a packed batch ({type(exc).__name__}: {exc})"
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not torch.allclose(packed, padded, rtol=0, atol=tolerance):
-        return "the model's log-probs of a packed batch differ from a padded one's"
+        return f"the {role}'s log-probs of a packed batch differ from a padded one's"
     return None
 
 

@@ -26,7 +26,7 @@ ENTRY_POINT_GROUP = "align"
 PLUGINS_ENV = "ALIGN_PLUGINS"
 CORE_DISTRIBUTION = "align-core"
 
-# Where a first-party objective comes from, for the "pip install …" hint.
+# Where a first-party objective comes from, for the install hint.
 FIRST_PARTY_OBJECTIVES = {
     "sft": "align-plugin-sft",
     "lora-sft": "align-plugin-lora",
@@ -43,6 +43,23 @@ FIRST_PARTY_FLAGS = {
     "--adapter": "align-plugin-lora",
     "--load-in-4bit": "align-plugin-lora",
 }
+# First-party distributions a first-party plugin depends on (its pyproject's dependencies).
+FIRST_PARTY_REQUIRES = {"align-plugin-lora": ["align-plugin-sft"]}
+
+
+def install_hint(distribution: str) -> str:
+    """How to install a first-party distribution (``align-plugin-<folder>``).
+
+    None is on the package index until the first release is published (a version tag runs
+    ``.github/workflows/release.yml``), so the hint also gives the command that works from a
+    source checkout of align, with the first-party plugins it depends on.
+    """
+    needed = [*FIRST_PARTY_REQUIRES.get(distribution, []), distribution]
+    editable = " ".join(f"-e plugins/{d.removeprefix('align-plugin-')}" for d in needed)
+    return (
+        f"pip install {distribution} once it is released (it is not on PyPI yet); "
+        f"from a source checkout of align: pip install {editable}"
+    )
 
 
 @dataclass
@@ -235,7 +252,7 @@ class PluginRegistry:
         if dist and any(p.distribution == dist for p in broken):
             message += f" {dist} is installed but failed to load; run `align plugins`."
         elif dist:
-            message += f" It is provided by {dist}: pip install {dist}"
+            message += f" It is provided by {dist}: {install_hint(dist)}"
         elif broken:
             message += " Some plugins failed to load; run `align plugins`."
         if os.environ.get(PLUGINS_ENV) is not None:

@@ -32,7 +32,7 @@ from .logprobs import forward_logps
 from .packing import pack
 from .reference import Reference, eval_mode
 
-FORMAT_VERSION = 1  # bump when the way log-probs are computed changes
+FORMAT_VERSION = 2  # bump when the way log-probs are computed changes (2: every scorer probed)
 
 
 def sequence_digest(input_ids: Any, completion_mask: Any) -> bytes:
@@ -194,6 +194,7 @@ class PrecomputeReport:
     cache: str
     cache_hit: bool
     seconds: float
+    packed: bool | None = None  # the layout it scored in; None: nothing scored (a cache hit)
 
     def summary(self) -> str:
         how = "loaded from cache" if self.cache_hit else f"scored in {self.seconds:.1f}s"
@@ -285,12 +286,12 @@ def precompute_split(
     batch_size: int,
     pad_token_id: int,
     accelerator: Any,
-    packed: bool = True,
 ) -> tuple[dict[bytes, float], PrecomputeReport]:
     """Load the split's table from the cache, or score it and write the cache (main process).
 
-    ``scorer()`` gives the reference model; it is called only on a cache miss. The main process
-    decides hit or miss for every process, so they all take the same path.
+    ``scorer()`` gives the reference model and whether it scores packed batches; it is called
+    only on a cache miss. The main process decides hit or miss for every process, so they all
+    take the same path.
     """
     from accelerate.utils import broadcast_object_list
 
@@ -301,12 +302,14 @@ def precompute_split(
     shared: list[Any] = [load_table(path) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared)
-    table, hit = shared[0], shared[0] is not None
+    table, hit, packed = shared[0], shared[0] is not None, None
     if table is None:
+        model, packed = scorer()
         table = score_sequences(
-            scorer(), groups, batch_size, pad_token_id, accelerator, f"reference ({split})", packed
+            model, groups, batch_size, pad_token_id, accelerator, f"reference ({split})", packed
         )
         if accelerator.is_main_process:
             save_table(path, table)
-    report = PrecomputeReport(split, len(sequences), str(path), hit, time.time() - started)
+    seconds = time.time() - started
+    report = PrecomputeReport(split, len(sequences), str(path), hit, seconds, packed)
     return table, report

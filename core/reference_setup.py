@@ -13,6 +13,7 @@ import torch
 
 from .config import RunSpec
 from .errors import ConfigError
+from .packing import why_not_packable
 from .precompute import PrecomputedReference, model_identity, precompute_split
 from .reference import (
     AdapterReference,
@@ -55,7 +56,10 @@ def make_reference(
     afterwards, or else with the prepared policy itself in eval mode: before the first update it
     computes the starting model's function (as long as the preparing plugins leave that
     unchanged, as LoRA's zero-initialised adapter does), so no second model is loaded.
-    ``packed``: the pass scores padding-free batches (``align.packing``), prompts shared.
+    ``packed``: the policy takes padding-free batches (``align.packing``), so the pass scores
+    them too, prompts shared, unless its ``--ref-model`` cannot (probed once loaded: then the
+    pass pads, which changes no value it looks up). Whether the run's batches suit a reference
+    that scores them is :func:`why_reference_cannot_pack`'s question.
     """
     cfg = spec.config
     started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
@@ -72,12 +76,23 @@ def make_reference(
     else:
         loaded: list[Any] = []
 
-        def scorer() -> Any:  # the reference model, loaded on the first cache miss only
+        def scorer() -> tuple[Any, bool]:  # loaded on the first cache miss only
             if not loaded:
-                model = policy
+                model, packs = policy, packed
                 if cfg.ref_model:
                     model = load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
-                loaded.append(model.to(accelerator.device))
+                model.to(accelerator.device)
+                if cfg.ref_model and packed:  # the policy was probed by the caller
+                    reason = why_not_packable(model, "reference model", accelerator)
+                    packs = reason is None
+                    if reason and accelerator.is_main_process:
+                        print(
+                            f"padding_free: off for the reference pass, {reason}; "
+                            "it scores padded batches.",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                loaded.append((model, packs))
             return loaded[0]
 
         identity = _scorer_identity(spec, policy)
@@ -92,7 +107,6 @@ def make_reference(
                 2 * cfg.batch_size,
                 tokenizer.pad_token_id,
                 accelerator,
-                packed,
             )
             table.update(part)
             info["splits"][split] = {
@@ -101,6 +115,8 @@ def make_reference(
                 "cache_hit": report.cache_hit,
                 "seconds": round(report.seconds, 2),
             }
+            if not report.cache_hit:
+                info["splits"][split]["packed"] = report.packed
             if accelerator.is_main_process:
                 print(f"reference {report.summary()}", file=sys.stderr, flush=True)
         if cfg.ref_model and loaded:
@@ -112,6 +128,18 @@ def make_reference(
     reference.autocast = accelerator.autocast  # the policy's mixed precision
     info["setup_seconds"] = round(time.time() - started, 2)
     return reference, info
+
+
+def why_reference_cannot_pack(reference: Reference, accelerator: Any) -> str | None:
+    """Why the run's batches must be padded for its reference, or None.
+
+    A separate model (``--reference model``: ``--ref-model`` or the starting model's copy)
+    scores every batch, so it is probed like the policy. ``adapter`` mode runs the policy itself,
+    already probed, and a precomputed reference looks its values up whatever the layout.
+    """
+    if isinstance(reference, ModelReference):
+        return why_not_packable(reference.model, "reference model", accelerator)
+    return None
 
 
 def _scorer_identity(spec: RunSpec, policy: Any) -> dict[str, Any]:

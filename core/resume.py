@@ -159,6 +159,7 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
         out = Path(output_dir)
         if not (out / "run.json").is_file():
             raise ConfigError(f"--resume: {out} holds no run (no run.json)")
+        _refuse_completed(out)  # first: it may have finished without a checkpoint
         remove_partial_checkpoints(out)
         found = complete_checkpoints(out)
         if not found:
@@ -187,7 +188,13 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
         raise ConfigError(
             f"--resume {checkpoint} belongs to the run in {out}, not --output-dir {output_dir}"
         )
+    _refuse_completed(out)
     return checkpoint, out
+
+
+def _refuse_completed(out: Path) -> None:
+    if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "completed":
+        raise ConfigError(f"--resume: the run in {out} already completed; nothing to resume")
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -52,6 +52,7 @@ def align_register_objectives(register):
             data_format="prompt_completion",  # or "preference" / "feedback"
             options=Options,
             needs_reference=False,  # True: the loss hook receives `reference`
+            packable=True,  # the loss reads batches only through forward_logps: pack them
         )
     )
 

@@ -7,10 +7,12 @@ record of the data.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -79,6 +81,10 @@ class OutputDir:
 
 
 RUN_FILES = ("run.json", "metrics.jsonl", "final", "checkpoints", "logs")
+RUNS = Path("runs")  # where runs go without --output-dir
+
+# The directories this run created, in order, while ``removed_if_unstarted`` is active.
+_created_dirs: ContextVar[list[Path] | None] = ContextVar("created_dirs", default=None)
 
 
 def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
@@ -88,14 +94,13 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
         if cfg.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces it: pick one")
         checkpoint, out = resume.find_checkpoint(cfg.resume, cfg.output_dir)
-        if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "completed":
-            raise ConfigError(f"--resume: the run in {out} already completed; nothing to resume")
         _check_writable(out)
         return OutputDir(out, checkpoint)
-    if cfg.output_dir:
-        out = Path(cfg.output_dir)
-    else:
-        out = Path("runs") / f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.output_dir:
+        out = _claim_run_dir(objective)
+        _check_writable(out)
+        return OutputDir(out)
+    out = Path(cfg.output_dir)
     replaces_run = (out / "run.json").exists()
     if replaces_run and not cfg.overwrite:
         hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""
@@ -105,6 +110,65 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
         )
     _check_writable(out)
     return OutputDir(out, replaces_run=replaces_run)
+
+
+def _claim_run_dir(objective: str) -> Path:
+    """``runs/<objective>-<time>``, created here and so this run's alone: runs started in the
+    same second (a sweep started with ``&``, a job array) take ``-2``, ``-3``, …"""
+    name = f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    out, number = RUNS / name, 1
+    try:
+        _make_dirs(RUNS)
+        while True:
+            try:
+                out.mkdir()  # exclusive: fails if another run holds the name
+                break
+            except FileExistsError:
+                number += 1
+                out = RUNS / f"{name}-{number}"
+    except OSError as exc:
+        raise ConfigError(f"cannot create a run directory in {RUNS}: {exc.strerror}") from None
+    _record_created(out)
+    return out
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p``, recording each directory created here (not one another process made)."""
+    missing = []
+    for directory in [path, *path.parents]:
+        if directory.is_dir():
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            continue
+        _record_created(directory)
+
+
+def _record_created(directory: Path) -> None:
+    created = _created_dirs.get()
+    if created is not None:
+        created.append(directory)
+
+
+@contextlib.contextmanager
+def removed_if_unstarted() -> Iterator[None]:
+    """On a failure before the run starts (bad data, a model that does not load, Ctrl-C while
+    loading), remove the output directories the run created. Only empty ones go: a run that
+    started holds run.json, and nothing anyone else wrote is deleted."""
+    created: list[Path] = []
+    token = _created_dirs.set(created)
+    try:
+        yield
+    except BaseException:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+    finally:
+        _created_dirs.reset(token)
 
 
 def clear_run(out: Path) -> None:
@@ -120,7 +184,7 @@ def clear_run(out: Path) -> None:
 
 def _check_writable(out: Path) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_dirs(out)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
@@ -150,6 +214,9 @@ def load_tokenizer(cfg: Any) -> Any:
     """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
     from transformers import AutoTokenizer
 
+    from .loading import check_model_source
+
+    check_model_source(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             cfg.model, trust_remote_code=cfg.trust_remote_code

@@ -3,6 +3,7 @@ loss or gradient (name the step and its examples; or skip the step and count it)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -28,7 +29,8 @@ class StopSignals:
 
     A repeated signal changes nothing (``torchrun`` forwards the terminal's Ctrl-C, so a
     worker may get it twice); SIGKILL is the way to stop at once, and checkpoints survive it.
-    A signal the process was started ignoring (``nohup``) stays ignored.
+    A signal the process was started ignoring (``nohup``) stays ignored. Nothing on the way
+    to the checkpoint may fail for want of a console: see :mod:`align.console`.
     """
 
     SIGNALS = tuple(
@@ -58,11 +60,14 @@ class StopSignals:
         self.received = signum
         if self.announce:  # os.write: print() may be inside a write to stderr already
             name = signal.Signals(signum).name
-            os.write(
-                2,
+            notice = (
                 f"\n{name}: stopping after this step and saving a checkpoint (SIGKILL stops at "
-                "once; the last checkpoint stays usable)\n".encode(),
+                "once; the last checkpoint stays usable)\n"
             )
+            # Raised here, an error would stop the run wherever it is, unsaved: the same
+            # Ctrl-C may have stopped the pipe's reader (`| tee`), or there is no stderr.
+            with contextlib.suppress(OSError):
+                os.write(2, notice.encode())
 
     def requested(self, accelerator: Any) -> int:
         """The signal any process received (0 if none); every process must call this."""

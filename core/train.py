@@ -20,20 +20,20 @@ from typing import Any
 
 import torch
 
-from . import resume
+from . import dropout, resume
 from .checkpoint import save_model_dir, write_json
 from .config import RunSpec
 from .deviation import deviation_sums
 from .errors import ConfigError, PluginError
 from .formats import DataReport
 from .launch import check_world_size, cpu_processes_join
-from .metrics import MetricsLog, MetricSums, means
+from .metrics import MetricsLog, MetricSums, format_value, headline, means
 from .objective import LossOutput
 from .objective_hooks import ObjectiveHooks
 from .packing import count_tokens, why_not_packable
 from .plugins import PluginRegistry
 from .records import fingerprint
-from .reference_setup import copy_starting_model, make_reference
+from .reference_setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from .run import Run
 from .setup import (
     apply_demo_defaults,
@@ -146,6 +146,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     # Checks that need no model: options, processes, output directory, data.
     used_demo = apply_demo_defaults(spec)
     precision_from_launcher(spec)
+    dropout.resolve(spec)
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
@@ -194,15 +195,18 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         config=cfg,
         sections=spec.sections,
     )
+    if cfg.disable_dropout:  # after the plugins: LoRA's dropout too
+        zeroed = dropout.disable_dropout(model)
+        if zeroed:
+            log(accelerator, f"disable_dropout: {zeroed} dropout probabilities set to 0")
     reference, reference_info = None, None
     uses_reference = objective.needs_reference or cfg.eval_deviation
     packed = cfg.padding_free and (objective.packable or uses_reference)
-    if packed:  # a probe forward where the model is now (FSDP: not before it is sharded)
-        reason = why_not_packable(model, probe=accelerator.distributed_type != DistributedType.FSDP)
+    if packed:  # a probe forward on every model that scores packed batches, before sharding
+        reason = why_not_packable(model, accelerator=accelerator)
         if reason:
             log(accelerator, f"padding_free: off, {reason}; batches are padded.")
             packed = False
-    hooks.packed = hooks.packed and packed
     if uses_reference:
         scored = examples if objective.needs_reference else {"eval": examples["eval"]}
         reference, reference_info = make_reference(
@@ -215,6 +219,11 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             f"{_adapter_note(reference_info)}; "
             f"set up in {reference_info['setup_seconds']}s",
         )
+        reason = why_reference_cannot_pack(reference, accelerator) if packed else None
+        if reason:
+            log(accelerator, f"padding_free: off, {reason}; batches are padded.")
+            packed = False
+    hooks.packed = hooks.packed and packed
     trainer_state: dict[str, Any] = {}
     if checkpoint is not None:  # after the reference, which the starting weights give
         trainer_state = resume.read_trainer_state(checkpoint)
@@ -381,17 +390,20 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     )
     from tqdm.auto import tqdm
 
+    from .console import tolerant
+
     progress = tqdm(
         total=total_steps,
         initial=start,
         desc=objective.name,
         disable=not accelerator.is_main_process,
+        file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
     )
     model.train()
     groups = micro_batch_groups(loader, cfg.grad_accum, start)
     with StopSignals(announce=accelerator.is_main_process) as signals:
         if trainer_state.get("eval_pending") and eval_loader is not None:  # owed by a stop
-            metrics_log.write({"step": start, **evaluate()})
+            record_evaluation(metrics_log, progress, start, evaluate())
         for step in range(start + 1, total_steps + 1):
             group = next(groups)
             run.step = step - 1
@@ -431,7 +443,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             scheduler.step()
             run.step = step  # updates taken, as evaluation and checkpoints after this one see it
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}")
+            progress.set_postfix(loss=format_value(loss))
 
             if step % cfg.log_every == 0 or step == total_steps:
                 totals = sums.totals(accelerator)
@@ -454,7 +466,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
                 last or bool(cfg.eval_every) and step % cfg.eval_every == 0
             )
             if eval_due and not stop:  # when stopping, the resumed run evaluates first
-                metrics_log.write({"step": step, **evaluate()})
+                record_evaluation(metrics_log, progress, step, evaluate())
             if stop or not last and cfg.save_every and step % cfg.save_every == 0:
                 last_checkpoint = save_checkpoint(step, eval_pending=eval_due and bool(stop))
             if stop:
@@ -473,11 +485,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     if signals.received:
         name = signal.Signals(signals.received).name
         log(accelerator, f"{name} came during the last step or the final save; the run completed.")
-    log(
-        accelerator,
-        f"Done in {time.time() - started:.1f}s. Model: {out / 'final'}; "
-        f"metrics: {out / 'metrics.jsonl'}",
-    )
+    log(accelerator, run_summary(time.time() - started, total_steps, out, metrics_log.last))
     return out
 
 
@@ -535,3 +543,26 @@ def _library_versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
+
+
+def record_evaluation(
+    metrics_log: MetricsLog, progress: Any, step: int, values: dict[str, float]
+) -> None:
+    """Write an evaluation's row and print its line above the progress bar, through the bar's
+    stream (as TRL prints its eval dicts): ``eval step 50: loss 0.6421, rewards/accuracies 1``.
+    The bar is enabled on the main process only, and so is the line."""
+    metrics_log.write({"step": step, **values})
+    if not progress.disable:
+        progress.write(f"eval step {step}: {headline(values, 'eval_')}", file=progress.fp)
+
+
+def run_summary(seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]]) -> str:
+    """The line a run ends with: time and steps, the last logged training loss, the final
+    evaluation, and where the model and metrics are."""
+    text = f"Done in {seconds:.1f}s, {steps} steps."
+    train_row, eval_row = last.get("train", {}), last.get("eval")
+    if "loss" in train_row:
+        text += f" Train loss {format_value(train_row['loss'])} (step {train_row['step']})."
+    if eval_row is not None:
+        text += f" Eval (step {eval_row['step']}): {headline(eval_row, 'eval_')}."
+    return f"{text} Model: {out / 'final'}; metrics: {out / 'metrics.jsonl'}"

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from align import demo, plugins
 from align.testing import reset_accelerate
+
+# One thread per test process unless OMP_NUM_THREADS says otherwise: `pytest -n 2` runs two
+# workers, and PyTorch's default of a thread per core in each oversubscribes the cores (on a
+# loaded 2-core machine the suite took 44 minutes instead of about 4). Processes the tests
+# start inherit the variable.
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,11 @@ class LoraLike:
 
     @align.hookimpl
     def align_register_sections(self, register):
-        register(align.Section(name="lora", description="test section", options=self.Opts))
+        register(
+            align.Section(
+                name="lora", description="test section", options=self.Opts, flags={"rank": "r"}
+            )
+        )
 
 
 @pytest.fixture(autouse=True)
@@ -152,12 +156,59 @@ def test_yaml_no_means_full_precision(registry, tmp_path):
     assert resolve(registry, _yaml(tmp_path, "precision: no\n")).config.precision == "no"
 
 
-def test_errors_name_where_the_value_came_from(registry, tmp_path):
-    path = _yaml(tmp_path, "batch_size: 4\n")
-    with pytest.raises(ConfigError, match="^command line: option 'batch_size'"):
-        resolve(registry, path, {"batch_size": 0})
-    with pytest.raises(ConfigError, match="'lr' is a core option; use --lr"):
-        resolve(registry, path, {}, ["lr=1e-4"])
+@pytest.mark.parametrize(
+    "file_text, flags, sets, section_flags, expected",
+    [
+        ("batch_size: 4\n", {"batch_size": 0}, [], {}, "--batch-size: option 'batch_size'"),
+        ("lora:\n  r: 4\n", {}, ["lora.r=abc"], {}, "--set lora.r=abc: section 'lora': option"),
+        ("lora:\n  r: 4\n", {}, [], {"lora": {"r": "abc"}}, "--rank: section 'lora': option"),
+        (
+            "sft:\n  normalization: token\n",
+            {},
+            ["normalisation=token"],
+            {},
+            "--set normalisation=token: options of objective 'sft': unknown option",
+        ),
+        (
+            "sft:\n  normalization: token\n",
+            {},
+            ["normalization=tokens"],
+            {},
+            "--set normalization=tokens: options of objective 'sft': option 'normalization'",
+        ),
+        ("lr: 0.1\n", {}, ["lroa.r=3"], {}, "--set lroa.r=3: unknown section 'lroa'"),
+        ("lr: 0.1\n", {}, ["lr=1e-4"], {}, "--set lr=1e-4: 'lr' is a core option; use --lr"),
+        ("lr: 0.1\n", {"objective": "sfr"}, [], {}, "--objective: unknown objective 'sfr'"),
+        ("ref_model: ./r\n", {}, [], {}, "ref_model (FILE): objective 'sft' uses no reference"),
+        ("lora:\n  r: many\n", {}, ["lora.target_modules=[q]"], {}, "FILE: section 'lora'"),
+    ],
+    ids=[
+        "flag",
+        "set-section",
+        "section-flag",
+        "set-unknown",
+        "set-objective",
+        "set-unknown-section",
+        "set-core",
+        "objective-flag",
+        "file-reference",
+        "file-value",
+    ],
+)
+def test_errors_name_where_the_value_came_from(
+    registry, tmp_path, file_text, flags, sets, section_flags, expected
+):
+    """A value from --set, a flag or a section's flag is never blamed on the config file."""
+    path = _yaml(tmp_path, file_text)
+    with pytest.raises((ConfigError, PluginError)) as err:
+        resolve(registry, path, flags, sets, section_flags)
+    assert str(err.value).startswith(expected.replace("FILE", path))
+
+
+def test_paths_expand_the_home_directory(registry):
+    config = resolve(registry, None, {"model": "~/m", "data": "~/d.jsonl"}).config
+    assert not config.model.startswith("~") and config.model.endswith("/m")
+    assert config.data.endswith("/d.jsonl") and not config.data.startswith("~")
 
 
 def test_missing_config_file(registry, tmp_path):

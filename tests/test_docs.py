@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from align import hookspecs
 from align.cli import RUN_FLAGS, cli
 from align.config import TrainConfig
+from align.plugins import install_hint
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -43,3 +44,13 @@ def test_every_hook_has_a_test():
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert f"```bash\n{ci}\n```" in README
+
+
+def test_plugin_readmes_install_from_a_checkout_until_a_release():
+    """No align-plugin-… is on PyPI yet: each README gives the command the CLI's hint gives."""
+    for readme in ROOT.glob("plugins/*/README.md"):
+        text = readme.read_text()
+        dist = f"align-plugin-{readme.parent.name}"
+        command = install_hint(dist).rsplit(": ", 1)[1]  # pip install … -e plugins/NAME
+        assert f"\n{command} " in text, readme
+        assert f"pip install {dist}\n" not in text, readme

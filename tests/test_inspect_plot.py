@@ -5,6 +5,7 @@ import json
 from click.testing import CliRunner
 
 from align.cli import cli
+from align.plot import make_figure, run_title, spans_decades
 
 
 def test_inspect_shows_tokens_masks_special_tokens_and_truncation(
@@ -40,3 +41,26 @@ def test_plot_writes_a_png_of_the_curves(tmp_path, model_dir, write_jsonl, sft_r
     assert result.exit_code == 1 and "metrics.jsonl, line 2: invalid JSON" in result.output
     empty = CliRunner().invoke(cli, ["plot", str(tmp_path)])
     assert empty.exit_code == 1 and "no metrics.jsonl" in empty.output
+
+
+def test_plot_names_the_run_and_puts_a_loss_spanning_decades_on_a_log_scale(tmp_path):
+    assert spans_decades([0.69, 0.1, 2e-6]) and spans_decades([100.0, 1.0])
+    assert not spans_decades([6.1, 0.4]) and not spans_decades([99.0, 1.0])
+    assert not spans_decades([1.0, 1e-6, -0.5]) and not spans_decades([])  # not all positive
+    run = tmp_path / "dpo-run"
+    run.mkdir()
+    assert run_title(run) == "dpo-run"  # no run.json
+    (run / "run.json").write_text(json.dumps({"objective": "dpo", "preset": None}))
+    rows = [{"step": 1, "loss": 0.6931, "rewards/margins": 0.0}, {"step": 2, "loss": 1.5e-6}]
+    rows.append({"step": 2, "eval_loss": 3e-6, "eval_rewards/margins": 9.1})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figure = make_figure(run)
+    loss, margins = (axis for axis in figure.axes if axis.get_visible())
+    assert [text.get_text() for text in figure.texts] == ["dpo-run (dpo)"]  # the suptitle
+    assert (loss.get_title(), loss.get_yscale()) == ("loss", "log")
+    assert (margins.get_title(), margins.get_yscale()) == ("rewards/margins", "linear")
+    (run / "run.json").write_text(json.dumps({"objective": "sft", "preset": "lora-sft"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 6.1}) + "\n")
+    figure = make_figure(run)
+    assert [text.get_text() for text in figure.texts] == ["dpo-run (lora-sft)"]
+    assert figure.axes[0].get_yscale() == "linear"

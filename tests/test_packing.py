@@ -171,3 +171,35 @@ def test_the_probe_catches_a_model_that_ignores_positions(model, monkeypatch):
 
     monkeypatch.setattr(type(model), "forward", without_positions)
     assert "differ" in why_not_packable(model)
+
+
+def _loaded(path, attention, precision):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attention).eval()
+    return model.to(torch.bfloat16) if precision == "bf16 weights" else model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16 weights", "bf16 autocast"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_every_admitted_attention_gives_the_padded_log_probs(model_dir, attention, precision):
+    """``eager`` adds a 4-D mask to its scores: a boolean one masked nothing (0.51 off in fp32)."""
+    from align.packing import why_not_packable
+
+    model = _loaded(model_dir, attention, precision)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16 autocast")
+    with torch.no_grad(), autocast:
+        padded, packed = _logps_both_ways(model, GROUPS, SLOTS)
+    tolerance = 1e-5 if precision == "fp32" else 1e-2
+    assert torch.allclose(packed.sums.float(), padded.sums.float(), atol=tolerance, rtol=0)
+    assert why_not_packable(model) is None
+
+
+def test_weights_on_the_meta_device_are_a_reason_to_pad(model):
+    """No probe can run on them (FSDP's cpu_ram_efficient_loading leaves them there on all but
+    one process a machine): that pads the run, and says why, rather than pass it unprobed."""
+    from align.packing import why_not_packable
+
+    with torch.device("meta"):
+        unloaded = type(model)(model.config)
+    assert "meta device" in why_not_packable(unloaded, "reference model")

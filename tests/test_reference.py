@@ -177,6 +177,24 @@ def test_step_one_with_the_policy_as_reference(
 
 
 @pytest.mark.parametrize("mode", ["precomputed", "model"])
+def test_the_kahneman_tversky_utility_moves_the_weights_from_step_one(
+    tmp_path, model_dir, feedback, mode
+):
+    """Policy = reference at step 1: every gain is exactly 0, and the utility's slope there
+    must still train (with |g| the loss and gradient were 0 at every step in model mode)."""
+    out = tmp_path / "out"
+    flags = f"--max-steps 3 --batch-size 4 --lr 1e-3 --reference {mode}"
+    _train(out, "kto", model_dir, feedback, flags, "--set", "utility=kahneman-tversky")
+    rows, _ = _rows(out)
+    assert rows[0]["loss"] == pytest.approx(0.0, abs=1e-5) and rows[0]["grad_norm"] > 1e-3
+    assert rows[-1]["loss"] != 0.0
+    start = load_file(str(model_dir / "model.safetensors"))
+    final = load_file(str(out / "final" / "model.safetensors"))
+    moved = max((final[name] - start[name]).abs().max().item() for name in start)
+    assert moved > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["precomputed", "model"])
 @pytest.mark.parametrize("objective", ["dpo", "kto"])
 def test_the_reference_is_the_ref_model_after_three_updates(
     tmp_path, model_dir, other_model_dir, pairs, feedback, mode, objective

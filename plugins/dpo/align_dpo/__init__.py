@@ -50,6 +50,7 @@ def align_register_objectives(register):
             options=DPOOptions,
             needs_reference=True,
             packable=True,
+            disable_dropout=True,
         )
     )
 

@@ -65,6 +65,7 @@ def align_register_objectives(register):
             "predictions, with relation-propagation token weights.",
             data_format="prompt_completion",
             options=IFTOptions,
+            disable_dropout=True,
         )
     )
 

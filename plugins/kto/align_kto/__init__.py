@@ -47,6 +47,7 @@ def align_register_objectives(register):
             needs_reference=True,
             derived_metrics=derived_metrics,
             packable=True,
+            disable_dropout=True,
         )
     )
 

@@ -7,8 +7,12 @@ example and ``g = β(z0 − r)`` for an undesirable one, and
 
 - ``utility=logistic`` (the paper's): ``loss = w·(1 − σ(g))``;
 - ``utility=kahneman-tversky``: ``loss = −w·v(g)`` with the canonical value function made
-  slope-bounded, ``v(g) = (|g|+ε)^α − ε^α`` for g ≥ 0 and ``−λ_KT·((|g|+ε)^α − ε^α)`` for
-  g < 0 (α=0.88, λ_KT=2.25, ε=1e-3),
+  slope-bounded, ``v(g) = (max(g,0)+ε)^α − ε^α`` for g ≥ 0 and
+  ``−λ_KT·((max(−g,0)+ε)^α − ε^α)`` for g < 0 (α=0.88, λ_KT=2.25, ε=1e-3). Each branch sees
+  a clamped one-sided input, never ``|g|``: the gradient of ``|g|`` at exactly 0 is 0, and at
+  step 1 every gain is exactly 0 (policy = reference, z0 = 0), so the run would never move.
+  At g = 0 the slope is the gain side's, ``dv/dg(0) = α·ε^(α−1) ≈ 2.016``; the step-1 loss is
+  0 (not 0.5·w as for ``logistic``),
 
 where ``w`` is ``desirable_weight`` (λ_D) or ``undesirable_weight`` (λ_U); the loss is the mean
 over examples. Metrics: ``kl`` (z0), ``rewards/chosen`` and ``rewards/rejected`` (βr means over
@@ -28,9 +32,15 @@ KT_ALPHA, KT_LAMBDA, KT_EPSILON = 0.88, 2.25, 1e-3
 
 
 def kahneman_tversky_value(gain: torch.Tensor) -> torch.Tensor:
-    """The slope-bounded power value function: concave for gains, steeper for losses."""
-    magnitude = (gain.abs() + KT_EPSILON) ** KT_ALPHA - KT_EPSILON**KT_ALPHA
-    return torch.where(gain >= 0, magnitude, -KT_LAMBDA * magnitude)
+    """The slope-bounded power value function: concave for gains, steeper for losses.
+
+    ``clamp`` passes the gradient at its bound (``max(g,0)`` has slope 1 at g = 0), so at
+    g = 0 the gain branch's slope α·ε^(α−1) applies; ``where`` zeroes the other branch's.
+    """
+    floor = KT_EPSILON**KT_ALPHA
+    gains = (gain.clamp(min=0) + KT_EPSILON) ** KT_ALPHA - floor
+    losses = (torch.neg(gain).clamp(min=0) + KT_EPSILON) ** KT_ALPHA - floor
+    return torch.where(gain >= 0, gains, -KT_LAMBDA * losses)
 
 
 def kto_example_losses(

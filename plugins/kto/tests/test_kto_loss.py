@@ -71,6 +71,37 @@ def test_k2_kahneman_tversky_utility():
     assert losses.tolist() == pytest.approx(independent, abs=1e-9)
 
 
+def test_kahneman_tversky_slope_at_exactly_zero_is_the_gain_sides():
+    """At step 1 every gain is exactly 0: the slope there must be α·ε^(α−1) ≈ 2.016, not the
+    0 that |g| gives (a run that could never leave its starting weights)."""
+    slope = 0.88 * 1e-3 ** (0.88 - 1)
+    assert slope == pytest.approx(2.016, abs=1e-3)
+    rewards = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    weights = {True: 1.5, False: 2.0}
+    losses = kto_example_losses(
+        rewards, 0.0, LABELS, BETA, weights[True], weights[False], "kahneman-tversky"
+    )
+    assert losses.tolist() == [0.0] * 4  # the step-1 loss is 0, not 0.5·w
+    losses.sum().backward()
+    # g = β(r − z0) for a desirable example, β(z0 − r) for an undesirable one: dL/dg = −w·2.016
+    expected = [-BETA * weights[True] * slope] * 2 + [BETA * weights[False] * slope] * 2
+    assert rewards.grad.tolist() == pytest.approx(expected, rel=1e-12)
+    gain = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # dL/dg itself
+    kto_example_losses(
+        gain / BETA, 0.0, LABELS[:1], BETA, 1.0, 1.0, "kahneman-tversky"
+    ).sum().backward()
+    assert gain.grad.item() == pytest.approx(-2.016, abs=1e-3)
+
+
+def test_kahneman_tversky_slopes_either_side_of_zero():
+    gains = torch.tensor([1e-9, -1e-9], dtype=torch.float64, requires_grad=True)
+    kto_example_losses(
+        gains / BETA, 0.0, LABELS[:2], BETA, 1.0, 1.0, "kahneman-tversky"
+    ).sum().backward()
+    slope = 0.88 * 1e-3 ** (0.88 - 1)
+    assert gains.grad.tolist() == pytest.approx([-slope, -2.25 * slope], rel=1e-5)
+
+
 @pytest.mark.parametrize("weight", [1.0, 2.0])
 def test_at_initialisation_every_loss_is_half_the_weight(weight):
     zeros = torch.zeros(4)

@@ -31,6 +31,7 @@ def align_register_objectives(register):
             options=MinorSFTOptions,
             needs_reference=True,
             packable=True,
+            disable_dropout=True,
         )
     )
 
