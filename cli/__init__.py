@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import typing
 from typing import Any
@@ -205,17 +206,16 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     except AlignError as exc:
         _exit_with(exc)
     except KeyboardInterrupt:
-        echo(
-            "Interrupted outside the training steps (before the first or after the final "
-            "save); nothing more to save."
-        )
+        if os.environ.get("RANK", "0") == "0":  # torchrun's workers: one line, not one each
+            echo(
+                "Interrupted outside the training steps (before the first or after the final "
+                "save); nothing more to save."
+            )
         sys.exit(130)
 
 
 def _exit_with(exc: AlignError) -> None:
     """Print the error (from the first process only, when there are several) and exit."""
-    import os
-
     if os.environ.get("RANK", "0") == "0":
         stopped_by_signal = getattr(exc, "exit_code", 1) > 128
         echo(str(exc) if stopped_by_signal else f"Error: {exc}")  # even into a closed pipe

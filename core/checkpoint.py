@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .dropout import configs_as_given
 from .reference import REFERENCE_ADAPTER
 
 
@@ -40,9 +41,10 @@ def write_model(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -
         if hasattr(unwrapped, "peft_config"):  # adapter-only, without the frozen reference one
             names = [n for n in unwrapped.peft_config if n != REFERENCE_ADAPTER]
             adapters = {"selected_adapters": names}
-        unwrapped.save_pretrained(
-            directory, state_dict=state_dict, safe_serialization=True, **adapters
-        )
+        with configs_as_given(unwrapped):  # the user's dropout values, not the run's zeros
+            unwrapped.save_pretrained(
+                directory, state_dict=state_dict, safe_serialization=True, **adapters
+            )
         tokenizer.save_pretrained(directory)
 
 

@@ -23,8 +23,10 @@ def check_model_source(name: str, role: str = "model", given_by: str | None = No
     exist, or a hub id that is not cached while the hub is offline or unreachable (the hub
     client would otherwise spend minutes retrying). Imports neither torch nor transformers.
 
-    A value is a path when it starts with ``./``, ``../``, ``/`` or ``~``, is not a valid hub
-    id, or has a first folder that exists here (``models/llama`` next to ``models/``).
+    A value is a path when it starts with ``./``, ``../``, ``/`` or ``~``, or is not a valid
+    hub id. A model in the hub cache while the hub is unreachable switches the process to
+    offline mode (``HF_HUB_OFFLINE=1``, which processes it starts inherit): it loads from the
+    cache at once instead of after minutes of retries.
     """
     by = f" (given by {given_by})" if given_by else ""
     if name and Path(name).expanduser().exists():
@@ -34,25 +36,40 @@ def check_model_source(name: str, role: str = "model", given_by: str | None = No
 
     try:
         validate_repo_id(name)
-        is_hub_id = not name.startswith(_PATH_PREFIXES) and not (
-            "/" in name and Path(name.split("/", 1)[0]).is_dir()
-        )
+        is_hub_id = not name.startswith(_PATH_PREFIXES)
     except HFValidationError:
         is_hub_id = False
     if not is_hub_id:
         raise ConfigError(f"{role} path {name} does not exist{by}")
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return  # in the hub cache: loads offline
+    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
     if _offline():
-        why = "HF_HUB_OFFLINE is set and the model is not in the hub cache"
+        if cached:
+            return
+        why = "offline mode is on (HF_HUB_OFFLINE) and the model is not in the hub cache"
     else:
         why = _unreachable(constants.ENDPOINT)
         if why is None:
             return
+        if cached:
+            _go_offline(f"the model hub is unreachable ({why}): {role} {name} loads from the cache")
+            return
+        why = f"the model hub is unreachable ({why})"
+    first, _, rest = name.partition("/")
+    local = f" ({first}/ here has no {rest})" if rest and Path(first).is_dir() else ""
     raise ConfigError(
-        f"{role} {name!r}{by} is not a local directory and the model hub is unreachable "
-        f"({why}); check the path or hub id, or download the model where the hub can be reached"
+        f"{role} {name!r}{by} is not a local directory{local} and {why}; check the path or "
+        "hub id, or download the model where the hub can be reached"
     )
+
+
+def _go_offline(notice: str) -> None:
+    from huggingface_hub import constants
+
+    from .console import echo
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    echo(f"{notice} (HF_HUB_OFFLINE=1).")
 
 
 def _offline() -> bool:
@@ -65,7 +82,9 @@ def _unreachable(endpoint: str) -> str | None:
     """Why a TCP connection to ``endpoint`` (or the HTTPS proxy) failed, or None when it worked.
 
     Name resolution has no timeout of its own, so the attempt runs in a thread."""
-    target = urllib.parse.urlsplit(urllib.request.getproxies().get("https") or endpoint)
+    host = urllib.parse.urlsplit(endpoint).hostname or ""
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get("https")
+    target = urllib.parse.urlsplit(proxy or endpoint)
     address = (target.hostname or "", target.port or (443 if target.scheme == "https" else 80))
     outcome: list[str | None] = []
 

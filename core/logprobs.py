@@ -3,8 +3,8 @@
 In a padded batch, logits at positions ``0..L-2`` predict the tokens at ``1..L-1``; positions
 outside the completion mask contribute 0. A packed batch (``align.packing``) names each
 position's target token and the sequence it belongs to instead, since its rows hold several
-sequences and shared prompts; its boolean 4-D mask reaches the model as an additive float mask
-(:func:`attention_bias`), the form every attention implementation takes.
+sequences and shared prompts; its boolean 4-D mask reaches ``sdpa`` attention as it is and
+``eager`` attention as an additive float mask (:func:`attention_bias`).
 
 ``log p(target) = logit[target] − logsumexp(logits)`` is computed in float32 in chunks of
 positions, and only at positions whose target is trained: no full-vocabulary float32
@@ -122,14 +122,24 @@ def token_logps(
     return logps, shifted[:, :-1].float()
 
 
-def attention_bias(mask: torch.Tensor, model: Any) -> torch.Tensor:
-    """A boolean 4-D attention mask (True: attends) as the additive mask transformers itself
-    hands its attention functions: 0 where a position attends, the dtype's minimum elsewhere.
+def _attention_implementation(model: Any) -> str | None:
+    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP and the like
+        model = model.module
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
-    ``eager`` attention adds a 4-D mask to its scores as it is, so a boolean one would add 0 or
-    1 and mask nothing; ``sdpa`` takes either form. The dtype is the one attention computes in:
-    the autocast dtype under autocast, else the model's.
+
+def attention_bias(mask: torch.Tensor, model: Any) -> torch.Tensor:
+    """A boolean 4-D attention mask (True: attends) in the form ``model``'s attention takes it.
+
+    ``sdpa`` takes the boolean mask itself (a quarter of a float32 mask's memory). ``eager``
+    attention adds a 4-D mask to its scores as it is, so a boolean one would add 0 or 1 and
+    mask nothing: it gets the additive mask transformers itself builds, 0 where a position
+    attends and the dtype's minimum elsewhere, in the autocast dtype under autocast, else the
+    model's (Accelerate's autocast wraps the model's forward, so that is float32 there, which
+    eager's score addition promotes to).
     """
+    if _attention_implementation(model) == "sdpa":
+        return mask
     device = mask.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
@@ -144,7 +154,7 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") 
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
     the packed one (``align.packing``: ``position_ids``, a boolean 4-D ``attention_mask``
-    handed to the model as :func:`attention_bias`, ``targets``, ``target_mask``,
+    handed to the model as :func:`attention_bias` gives it, ``targets``, ``target_mask``,
     ``target_sequence``).
     """
     input_ids = batch[f"{prefix}input_ids"]

@@ -13,9 +13,10 @@ widest group, so a row never costs more attention than a padded row would; no to
 across groups. Every log-prob equals the one the sequence gets on its own, in its own row.
 
 The batch (keys optionally prefixed) holds ``input_ids``, ``position_ids``, a boolean 4-D
-``attention_mask`` ``[rows, 1, T, T]`` (True: attends; ``align.forward_logps`` hands it to the
-model as an additive float mask, 0 or the dtype's minimum, which ``eager`` attention needs and
-``sdpa`` takes), and per position the token it predicts (``targets``),
+``attention_mask`` ``[rows, 1, T, T]`` (True: attends; ``align.forward_logps`` hands it to
+``sdpa`` as it is and to ``eager`` attention as an additive float mask, 0 or the dtype's
+minimum, since eager adds a 4-D mask to its scores), and per position the token it predicts
+(``targets``),
 whether that prediction is trained (``target_mask``) and the sequence it belongs to
 (``target_sequence``); ``token_mask`` marks the real (non-padding)
 tokens; ``sequence_digests`` identifies every sequence (for the precomputed reference) in the
@@ -193,7 +194,12 @@ def why_not_packable(model: Any, role: str = "model", accelerator: Any = None) -
         return _why_not_packable(model, role)
     from accelerate.utils import broadcast_object_list
 
-    answer = [_why_not_packable(model, role) if accelerator.is_main_process else None]
+    answer: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = _why_not_packable(model, role)
+        except Exception as exc:  # raised here alone, it would leave the others waiting
+            answer[0] = f"the {role} could not be probed ({type(exc).__name__}: {exc})"
     broadcast_object_list(answer)
     return answer[0]
 

@@ -256,7 +256,8 @@ def check_reference(saved: dict[str, Any] | None, current: dict[str, Any] | None
         raise ConfigError(
             "--resume: the precomputed reference log-probs of the training data differ from "
             f"the interrupted run's (cache key {key} → {now}): the reference model's files, "
-            "the precision or the torch/transformers versions changed"
+            "the precision, the torch/transformers versions or align's precomputed-reference "
+            "format changed (a run started with an older align must start again)"
         )
 
 

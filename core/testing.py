@@ -31,7 +31,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from . import plugins
+from . import dropout, plugins
 from .batching import sequence_prefixes
 from .plugins import PLUGINS_ENV
 
@@ -172,6 +172,9 @@ class ObjectiveConformance:
             config=spec.config,
             sections=spec.sections,
         ).train()
+        dropout.resolve(spec)  # as align run does: the objective's default
+        if spec.config.disable_dropout:
+            dropout.disable_dropout(model)
         reference = (
             ModelReference.frozen_copy(model) if spec.objective.item.needs_reference else None
         )

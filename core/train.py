@@ -146,7 +146,6 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     # Checks that need no model: options, processes, output directory, data.
     used_demo = apply_demo_defaults(spec)
     precision_from_launcher(spec)
-    dropout.resolve(spec)
     cfg, objective = spec.config, spec.objective.item
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
@@ -162,6 +161,9 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     previous, changed = None, {}
     if checkpoint is not None:
         previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    dropout.resolve(spec, previous.setdefault("config", {}) if previous is not None else None)
+    cfg = spec.config
+    if previous is not None:
         changed = resume.check_same_run(
             previous, spec.as_dict(), digests["train"], state.num_processes
         )

@@ -50,7 +50,7 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, write_jsonl, sf
     cases = [
         (["--model", str(model), "--data", "missing.jsonl"], "Error: missing.jsonl: no such file"),
         (["--model", "./no-such-model", "--data", str(data)], "model path ./no-such-model does"),
-        (["--model", "does-not/exist", "--data", str(data)], "the model hub is unreachable"),
+        (["--model", "does-not/exist", "--data", str(data)], "offline mode is on (HF_HUB_OFFLINE)"),
         (
             ["--objective", "dpo", "--model", str(model), "--data", str(data)]
             + ["--ref-model", "../no-such-ref"],
@@ -83,13 +83,26 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, write_jsonl, sf
 
 
 @pytest.mark.parametrize(
-    "name", ["./missing", "../missing", "/no/such/model", "~/no-such-model-14", "a/b/c", "models/x"]
+    "name", ["./missing", "../missing", "/no/such/model", "~/no-such-model-14", "a/b/c"]
 )
 def test_a_missing_model_path_is_named(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "models").mkdir()  # models/x: a path, since models/ is a folder here
     with pytest.raises(ConfigError, match=r"^reference model path \S+ does not exist$"):
         check_model_source(name, "reference model")
+
+
+def test_a_hub_id_whose_organisation_is_a_folder_here_is_still_a_hub_id(tmp_path, monkeypatch):
+    """`Qwen/Qwen2.5-0.5B` downloaded to ./Qwen/ does not make `Qwen/Qwen2.5-1.5B` a path:
+    transformers would fetch it. If the hub cannot be reached, both readings are named."""
+    _hub_cache(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Qwen" / "Qwen2.5-0.5B").mkdir(parents=True)
+    monkeypatch.setattr(loading, "_unreachable", lambda url: None)
+    check_model_source("Qwen/Qwen2.5-1.5B")
+    monkeypatch.setattr(loading, "_unreachable", lambda url: "refused")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ConfigError, match=r"not a local directory \(Qwen/ here has no Qwen2.5"):
+        check_model_source("Qwen/Qwen2.5-1.5B")
 
 
 @pytest.mark.parametrize("loader", ["tokenizer", "model"])
@@ -138,11 +151,30 @@ def test_offline_needs_no_probe_and_accepts_a_cached_model(tmp_path, monkeypatch
         raise AssertionError("probed the hub while offline")
 
     monkeypatch.setattr(loading, "_unreachable", no_probe)
-    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set and the model is not in the"):
+    with pytest.raises(ConfigError, match=r"offline mode is on \(HF_HUB_OFFLINE\) and the model"):
         check_model_source("org/name")
-    repo = cache / "models--org--name"
+    _cache_model(cache, "org/name")
+    check_model_source("org/name")
+
+
+def _cache_model(cache, repo_id):
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
-    check_model_source("org/name")
+
+
+def test_a_cached_model_with_the_hub_unreachable_loads_offline(tmp_path, monkeypatch, capsys):
+    """The usual cluster node: the model downloaded beforehand, no internet. Without offline
+    mode the hub client spends minutes retrying before it reads the cache."""
+    from huggingface_hub import constants
+
+    _cache_model(_hub_cache(tmp_path, monkeypatch), "org/cached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(loading, "_unreachable", lambda url: "refused")
+    check_model_source("org/cached")
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and constants.HF_HUB_OFFLINE is True
+    assert "loads from the cache (HF_HUB_OFFLINE=1)" in capsys.readouterr().err

@@ -7,10 +7,17 @@ import math
 import pytest
 import torch
 from click.testing import CliRunner
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    FalconConfig,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+)
 
 from align.cli import cli
-from align.dropout import disable_dropout
+from align.dropout import configs_as_given, disable_dropout
 
 LN2 = math.log(2)
 
@@ -96,8 +103,9 @@ def test_every_kind_of_dropout_is_switched_off():
     gpt2 = AutoModelForCausalLM.from_config(
         GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     )
-    llama = AutoModelForCausalLM.from_config(
-        LlamaConfig(
+
+    def llama_config():
+        return LlamaConfig(
             vocab_size=64,
             hidden_size=32,
             intermediate_size=64,
@@ -106,19 +114,86 @@ def test_every_kind_of_dropout_is_switched_off():
             attention_dropout=0.3,
             attn_implementation="eager",
         )
-    )
+
+    llama = AutoModelForCausalLM.from_config(llama_config())
     lora = get_peft_model(
-        AutoModelForCausalLM.from_config(llama.config),
+        AutoModelForCausalLM.from_config(llama_config()),
         LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]),
     )
     for module in lora.modules():  # LoRA's B starts at 0: make the adapter contribute
         if hasattr(module, "lora_B"):
             for linear in module.lora_B.values():
                 torch.nn.init.normal_(linear.weight)
-    for model, expected in ((gpt2, 2 * 3 + 1), (llama, 2), (lora, 2 * 2 + 2)):
+    # modules, plus the config's keys above 0: GPT-2's resid/embd/attn_pdrop and
+    # summary_first_dropout, Llama's attention_dropout
+    for model, expected in ((gpt2, 2 * 3 + 1 + 4), (llama, 2 + 1), (lora, 2 * 2 + 2 + 1)):
         first, second = _two_train_forwards(model, ids)
         assert not torch.equal(first, second)  # dropout is on in train mode
         assert disable_dropout(model) == expected
         first, second = _two_train_forwards(model, ids)
         assert torch.equal(first, second)
         assert disable_dropout(model) == 0  # nothing left above 0
+
+
+def test_dropout_read_from_the_config_or_as_layerdrop_is_switched_off_and_saved_as_given(
+    tmp_path,
+):
+    """Falcon reads ``config.hidden_dropout`` and ``config.attention_dropout`` at forward time;
+    OPT skips whole layers with ``layerdrop``. The saved config keeps the user's values."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 12))
+    falcon = AutoModelForCausalLM.from_config(
+        FalconConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            hidden_dropout=0.3,
+            attention_dropout=0.3,
+        )
+    )
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(
+            vocab_size=64,
+            hidden_size=32,
+            word_embed_proj_dim=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            ffn_dim=64,
+            dropout=0.0,
+            layerdrop=0.5,
+        )
+    )
+    for model in (falcon, opt):
+        first, second = _two_train_forwards(model, ids)
+        assert not torch.equal(first, second)
+        assert disable_dropout(model) > 0
+        first, second = _two_train_forwards(model, ids)
+        assert torch.equal(first, second)
+    with configs_as_given(falcon):
+        falcon.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["hidden_dropout"] == 0.3 and saved["attention_dropout"] == 0.3
+    assert falcon.config.hidden_dropout == 0.0  # and training goes on without it
+    assert opt.config.layerdrop == 0.0
+
+
+def test_a_run_started_before_the_option_resumes_as_it_trained(tmp_path, model_dir, pairs):
+    """A run.json without ``disable_dropout`` (written before the option existed) resumes,
+    with dropout as that run had it (on), whatever the objective's default."""
+    out = tmp_path / "run"
+    args = ["run", "--objective", "dpo", "--model", model_dir, "--data", pairs]
+    args += ["--output-dir", out, "--max-steps", "3", "--save-every", "1", "--batch-size", "4"]
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    run = json.loads((out / "run.json").read_text())
+    del run["config"]["disable_dropout"]
+    run["status"] = "interrupted"
+    (out / "run.json").write_text(json.dumps(run))
+    import shutil
+
+    shutil.rmtree(out / "final")
+    resumed = CliRunner().invoke(cli, [*map(str, args), "--resume"])
+    assert resumed.exit_code == 0, resumed.output + repr(resumed.exception)
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["config"]["disable_dropout"] is False

@@ -26,7 +26,7 @@ from align.plugins import (
 ROOT = Path(__file__).parent.parent
 RELEASE_WORKFLOW = ROOT / ".github" / "workflows" / "release.yml"
 PROJECTS = [ROOT, *sorted(p.parent for p in ROOT.glob("plugins/*/pyproject.toml"))]
-# Derived and local files, which no build reads, are left out of the copy that is built.
+# Outside a git checkout, the derived and local files left out of the copy that is built.
 NOT_SOURCE = (".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".*_cache")
 BUILD_SDIST = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
 # Run in the new environment: where align and each module an `align` entry point names come
@@ -58,11 +58,28 @@ def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+def _copy_source(target: Path) -> None:
+    """The files a release is built from: tracked and not-ignored ones in a git checkout (no
+    model folder or run someone keeps in the tree), else the tree less ``NOT_SOURCE``."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    if listed.returncode != 0:
+        shutil.copytree(ROOT, target, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+        return
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+
+
 def test_every_distribution_builds_installs_and_provides_its_objectives(tmp_path):
     """As the release workflow (`python -m build`): an sdist of every project, a wheel built
     from each unpacked sdist, so a file missing from an sdist fails here, not on release."""
     source = tmp_path / "source"  # a copy: nothing stale from the tree, and no build/ left in it
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    _copy_source(source)
     env = {**os.environ, "PYTHONNOUSERSITE": "1", "ALIGN_CACHE": str(tmp_path / "cache")}
     for name in ("ALIGN_PLUGINS", "PYTHONPATH"):  # as a user runs it: every plugin loads
         env.pop(name, None)
@@ -75,7 +92,8 @@ def test_every_distribution_builds_installs_and_provides_its_objectives(tmp_path
         )
     for sdist in sdists.glob("*.tar.gz"):
         with tarfile.open(sdist) as archive:
-            archive.extractall(unpacked, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+
+            archive.extractall(unpacked, **safe)
     pip = [sys.executable, "-m", "pip"]
     build = [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels)]
     _run([*build, *map(str, sorted(unpacked.iterdir()))], env, tmp_path)
@@ -85,17 +103,17 @@ def test_every_distribution_builds_installs_and_provides_its_objectives(tmp_path
     assert sorted(s.name.split("-")[0] for s in sdists.glob("*.tar.gz")) == expected
     assert sorted(w.name.split("-")[0] for w in wheel_files) == expected
 
-    # A fresh venv without pip (this environment's pip installs into it) that sees this
-    # environment's site-packages after its own, as plain paths: the wheels' packages come
-    # first, and this environment's .pth files (its editable installs of align) never run.
+    # A fresh venv (with the pip that ships with Python, offline) that sees this environment's
+    # site-packages after its own, as plain paths: the wheels' packages come first, and this
+    # environment's .pth files (its editable installs of align) never run.
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], env, tmp_path)
+    _run([sys.executable, "-m", "venv", str(venv)], env, tmp_path)
     scripts = venv / ("Scripts" if os.name == "nt" else "bin")
     python, align = str(scripts / "python"), str(scripts / "align")
     show_purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     purelib = Path(_run([python, "-c", show_purelib], env, tmp_path).stdout.strip())
     (purelib / "zz-parent.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    install = [*pip, "--python", python, "install", "-q", "--no-deps", "--no-index"]
+    install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index"]
     _run([*install, *map(str, wheel_files)], env, tmp_path)
 
     found = json.loads(_run([python, "-c", WHERE_FROM], env, tmp_path).stdout)
