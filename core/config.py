@@ -421,10 +421,8 @@ def resolve(
     )
 
 
-def check_inputs(spec: RunSpec) -> None:
-    """Refuse a run whose inputs are missing, in seconds and before torch is imported: data
-    without a model (or the reverse), a data file or model path that does not exist, a hub id
-    the hub cannot serve. Each error names the flag or file that gave the value."""
+def check_model_and_data(spec: RunSpec) -> None:
+    """A model needs data and data a model; neither is the embedded demo."""
     cfg = spec.config
     for given, missing in (("model", "data"), ("data", "model")):
         if getattr(cfg, given) is not None and getattr(cfg, missing) is None:
@@ -432,6 +430,14 @@ def check_inputs(spec: RunSpec) -> None:
                 f"{_flag(missing)} is required when {spec.named(given)} is given (run without "
                 "both to train the embedded demo)"
             )
+
+
+def check_inputs(spec: RunSpec) -> None:
+    """Refuse a run whose inputs are missing, in seconds and before torch is imported: data
+    without a model (or the reverse), a data file or model path that does not exist, a hub id
+    the hub cannot serve. Each error names the flag or file that gave the value."""
+    cfg = spec.config
+    check_model_and_data(spec)
     for key in ("data", "eval_data"):
         path = getattr(cfg, key)
         if path and not Path(path).exists():

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import demo, resume
-from .config import RunSpec
+from .config import RunSpec, check_model_and_data
 from .errors import ConfigError
 from .formats import DataReport, tokenize_records
 from .loading import load_causal_lm
@@ -41,14 +41,7 @@ def apply_demo_defaults(spec: RunSpec) -> bool:
             updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
         spec.config = cfg.model_copy(update=updates)
         return True
-    if cfg.data is None:
-        raise ConfigError(
-            "--data is required when --model is given (run without both to train the embedded demo)"
-        )
-    if cfg.model is None:
-        raise ConfigError(
-            "--model is required when --data is given (run without both to train the embedded demo)"
-        )
+    check_model_and_data(spec)
     return False
 
 
