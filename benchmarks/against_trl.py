@@ -124,9 +124,9 @@ def tokens_per_example(model: str, data: str, objective: str, max_length: int) -
     tokenises it."""
     from transformers import AutoTokenizer
 
-    from align.formats import tokenize_records
-    from align.records import read_records
-    from align.sharding import example_length
+    from align.data.formats import tokenize_records
+    from align.data.records import read_records
+    from align.data.sharding import example_length
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples, _ = tokenize_records(
@@ -219,7 +219,7 @@ def logprob_child(method: str, dtype: str) -> None:
     RSS with the logits (and their random targets and mask) allocated."""
     import torch
 
-    from align.logprobs import token_logps
+    from align.model.logprobs import token_logps
 
     torch.manual_seed(0)
     rows, length, vocab = LOGPROB_SHAPE

@@ -13,8 +13,8 @@ import click
 from align.config import TrainConfig, check_inputs, resolve
 from align.console import echo, tolerant_console
 from align.errors import AlignError
-from align.objective import DATA_FORMATS, Preset, option_keys
 from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry, install_hint
+from align.plugins.api import DATA_FORMATS, Preset, option_keys
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
 RUN_FLAGS = [
@@ -187,7 +187,7 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     it had not stopped; --num-processes N trains data-parallel on N processes. Flags that
     plugins add (such as --lora) set options of their sections.
     """
-    from align.launch import launch, needs_launch
+    from align.loop.launch import launch, needs_launch
 
     try:
         registry = get_registry()
@@ -198,8 +198,8 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
             args = click.get_current_context().meta["align.args"]
             with tolerant_console():
                 sys.exit(launch(spec.config.num_processes, args))
-        from align.setup import removed_if_unstarted
-        from align.train import train
+        from align.loop.setup import removed_if_unstarted
+        from align.loop.train import train
 
         with tolerant_console(), removed_if_unstarted():
             train(spec, registry)
@@ -351,7 +351,7 @@ def merge(
     AutoModelForCausalLM.from_pretrained.
     """
     try:
-        from align.merge import merge_adapter
+        from align.tools.merge import merge_adapter
 
         merge_adapter(adapter, output, base, overwrite, trust_remote_code)
     except AlignError as exc:
@@ -375,7 +375,7 @@ def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags:
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
         check_inputs(spec)
-        from align.inspect_data import inspect_examples
+        from align.tools.inspect_data import inspect_examples
 
         inspect_examples(spec, registry, count, click.echo)
     except AlignError as exc:
@@ -387,7 +387,7 @@ def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="PNG (default: in RUN_DIR).")
 def plot(run_dir: str, output: str | None) -> None:
     """Plot a run's loss and metric curves from metrics.jsonl to a PNG (needs matplotlib)."""
-    from align.plot import plot_run
+    from align.tools.plot import plot_run
 
     try:
         target = plot_run(run_dir, output)
@@ -405,7 +405,7 @@ def new_plugin(name: str, directory: str) -> None:
     It holds a pyproject with the entry point and the core version bound, a module with the
     objective and a starting loss, a README and a test that runs the align.testing suite.
     """
-    from align.scaffold import new_plugin as scaffold
+    from align.plugins.scaffold import new_plugin as scaffold
 
     try:
         root = scaffold(name, directory)

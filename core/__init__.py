@@ -11,27 +11,27 @@ from typing import Any
 
 import pluggy
 
-from .batching import default_batch, pad, paired_batch, sequence_batch
-from .errors import AlignError, ConfigError, DataError, PluginError
-from .objective import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Preset, Section
-from .run import Run
-from .tokenize import (
+from .data.batching import default_batch, pad, paired_batch, sequence_batch
+from .data.tokenize import (
     Tokenized,
     TokenizeError,
     tokenize_conversation,
     tokenize_prompt_completion,
     tokenize_text,
 )
+from .errors import AlignError, ConfigError, DataError, PluginError
+from .plugins.api import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Preset, Section
+from .run import Run
 
 hookimpl = pluggy.HookimplMarker("align")
 
 _LAZY = {
-    "forward_logps": "logprobs",
-    "token_logps": "logprobs",
-    "TokenLogps": "logprobs",
-    "pack": "packing",
+    "forward_logps": "model.logprobs",
+    "token_logps": "model.logprobs",
+    "TokenLogps": "model.logprobs",
+    "pack": "data.packing",
     "Reference": "reference",
-    "MetricSums": "metrics",
+    "MetricSums": "loop.metrics",
 }
 
 

@@ -9,132 +9,21 @@ the source of the value it refuses: the file, the flag (``--lr``) or the ``--set
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from .errors import ConfigError, DataError, PluginError
-from .loading import check_model_source
-from .objective import Options, Preset, option_keys
-from .plugins import FIRST_PARTY_SECTIONS, PluginRegistry, Registered, install_hint
+from .model.loading import check_model_source
+from .options import CORE_KEYS, TrainConfig
+from .plugins.api import Options, Preset, option_keys
+from .plugins.registry import FIRST_PARTY_SECTIONS, PluginRegistry, Registered, install_hint
 from .suggest import did_you_mean
 
 Sources = dict[str, str]  # option key → where its value came from: run.yaml, --lr, --set k=v
 
-
-class TrainConfig(Options):
-    """The core's options, shared by every objective."""
-
-    objective: str = Field("sft", description="Objective to train with (align objectives).")
-    model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
-    data: str | None = Field(
-        None, description="Training data file; none: the objective's demo data."
-    )
-    eval_data: str | None = Field(
-        None, description="Held-out data evaluated every eval_every steps."
-    )
-    output_dir: str | None = Field(
-        None, description="Run directory; default runs/<objective>-<time>."
-    )
-    overwrite: bool = Field(False, description="Allow an output directory that holds another run.")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; wins over epochs.")
-    epochs: int = Field(1, ge=1, description="Passes over the training data.")
-    batch_size: int = Field(8, ge=1, description="Examples per micro-batch, per process.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
-        "linear", description="Decay after warm-up."
-    )
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up as a share of all steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not on biases/norms).")
-    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
-    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW beta2.")
-    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Clip the gradient norm; 0 disables.")
-    seed: int = Field(42, description="Seed for model init, shuffling and dropout.")
-    max_length: int = Field(1024, ge=2, description="Longest sequence in tokens.")
-    truncation: Literal["keep_start", "keep_end", "skip", "error"] = Field(
-        "keep_start", description="What to do with longer sequences (every case is counted)."
-    )
-    precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision.")
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
-    disable_dropout: bool | None = Field(
-        None,
-        description="Set every dropout probability of the policy to 0 (LoRA's too) before "
-        "training; default: the objective's (on for dpo, kto, minorsft, ift; off for sft).",
-    )
-    group_by_length: bool = Field(
-        False,
-        description="Batch training examples of similar length together (within runs of 50 "
-        "batches of the shuffled order): less padding, the same examples per epoch.",
-    )
-    padding_free: bool = Field(
-        True,
-        description="Pack each micro-batch's sequences into rows without padding, a preference "
-        "pair's prompt computed once (objectives that support it: sft, minorsft, dpo, kto).",
-    )
-    save_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data)."
-    )
-    keep_last: int | None = Field(
-        None, ge=1, description="Keep only the newest K checkpoints (default: all)."
-    )
-    resume: str | None = Field(
-        None,
-        description="Continue an interrupted run from the newest complete checkpoint in "
-        "output_dir (--resume alone; `latest` or `true` in YAML) or from a checkpoint directory.",
-    )
-    on_nonfinite: Literal["error", "skip"] = Field(
-        "error",
-        description="A NaN or infinite loss or gradient: stop the run naming the step and its "
-        "examples (error), or leave the weights unchanged for that step and count it (skip).",
-    )
-    num_processes: int | None = Field(
-        None,
-        ge=1,
-        description="Data-parallel processes: align starts them (torchrun) unless a launcher "
-        "did; a launcher's other number is refused.",
-    )
-    eval_every: int | None = Field(
-        None, ge=1, description="Evaluate every N steps (and at the end)."
-    )
-    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
-    trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
-    reference: Literal["precomputed", "model", "adapter"] = Field(
-        "precomputed",
-        description="Reference log-probs for DPO/KTO: precomputed once and cached, a frozen "
-        "model, or the policy with its adapter disabled.",
-    )
-    ref_model: str | None = Field(
-        None, description="Reference model (hub id or directory); default: the starting model."
-    )
-    eval_deviation: bool = Field(
-        False,
-        description="Log eval_deviation, the mean per-token log-ratio to the reference (the "
-        "starting model for objectives without one) on the eval split.",
-    )
-
-    @field_validator("resume", mode="before")
-    @classmethod
-    def _yaml_true(cls, value: Any) -> Any:
-        return {True: "latest", False: None}.get(value, value) if isinstance(value, bool) else value
-
-    @field_validator("model", "ref_model", "data", "eval_data", "output_dir")
-    @classmethod
-    def _expand_home(cls, value: str | None) -> str | None:
-        return os.path.expanduser(value) if value else value  # `~` the shell did not expand
-
-    @field_validator("precision", mode="before")
-    @classmethod
-    def _yaml_no(cls, value: Any) -> Any:
-        return "no" if value is False else value  # YAML reads a bare `no` as false
-
-
-CORE_KEYS = set(TrainConfig.model_fields)
 
 # transformers/TRL TrainingArguments names users bring along, and the core option for each.
 TRAINING_ARGUMENT_NAMES = {

@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align import default_batch
-from align.formats import tokenize_records
-from align.metrics import MetricSums
-from align.records import read_records
-from align.train import accumulate_gradients
+from align.data.formats import tokenize_records
+from align.data.records import read_records
+from align.loop.metrics import MetricSums
+from align.loop.train import accumulate_gradients
 from align_sft.loss import sft_loss
 
 

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from align import loading
 from align.errors import ConfigError
-from align.loading import check_model_source
+from align.model import loading
+from align.model.loading import check_model_source
 
 # Runs each command line in one process and reports its exit code and stderr, then whether
 # torch or transformers were imported.
@@ -108,7 +108,7 @@ def test_a_hub_id_whose_organisation_is_a_folder_here_is_still_a_hub_id(tmp_path
 @pytest.mark.parametrize("loader", ["tokenizer", "model"])
 def test_loaders_name_a_missing_path(loader, tmp_path, monkeypatch):
     """Callers that skip the command line's checks (train(), merge) get the same message."""
-    from align.setup import load_tokenizer
+    from align.loop.setup import load_tokenizer
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="^model path ./gone does not exist"):

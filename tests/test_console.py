@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from align.cli import cli
-from align.metrics import format_value, headline
+from align.loop.metrics import format_value, headline
 
 
 def test_values_keep_four_significant_digits():

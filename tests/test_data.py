@@ -5,9 +5,9 @@ import json
 
 import pytest
 
+from align.data.formats import tokenize_records
+from align.data.records import read_records
 from align.errors import DataError
-from align.formats import tokenize_records
-from align.records import read_records
 
 
 def _tokenize(tokenizer, path, fmt="prompt_completion", max_length=64, truncation="keep_start"):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from align.cli import cli
-from align.metrics import MetricSums
+from align.loop.metrics import MetricSums
 
 # torchrun picks free ports for its rendezvous; two launches at once on the xdist workers can
 # race for one, so every test here runs on the same worker (pytest's --dist loadgroup).
@@ -83,9 +83,9 @@ def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align import default_batch
-    from align.formats import tokenize_records
-    from align.records import read_records
-    from align.train import accumulate_gradients
+    from align.data.formats import tokenize_records
+    from align.data.records import read_records
+    from align.loop.train import accumulate_gradients
     from align_sft.loss import sft_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -250,7 +250,7 @@ def test_sigterm_stops_every_process_at_one_checkpoint(tmp_path, model_dir, writ
     import signal
     import time
 
-    from align.resume import complete_checkpoints
+    from align.loop.resume import complete_checkpoints
 
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
     out = tmp_path / "out"

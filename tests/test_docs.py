@@ -4,10 +4,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from align import hookspecs
 from align.cli import RUN_FLAGS, cli
 from align.config import TrainConfig
-from align.plugins import install_hint
+from align.plugins import hookspecs, install_hint
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from align.cli import cli
-from align.dropout import configs_as_given, disable_dropout
+from align.model.dropout import configs_as_given, disable_dropout
 
 LN2 = math.log(2)
 

@@ -7,11 +7,11 @@ from transformers import AutoModelForCausalLM
 
 from align import default_batch
 from align.config import resolve
-from align.formats import tokenize_records
-from align.metrics import MetricSums
+from align.data.formats import tokenize_records
+from align.data.records import Record
+from align.loop.metrics import MetricSums
+from align.loop.train import accumulate_gradients
 from align.plugins import load_plugins
-from align.records import Record
-from align.train import accumulate_gradients
 
 
 def _examples(tokenizer, sft_rows):

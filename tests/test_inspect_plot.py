@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from align.cli import cli
-from align.plot import make_figure, run_title, spans_decades
+from align.tools.plot import make_figure, run_title, spans_decades
 
 
 def test_inspect_shows_tokens_masks_special_tokens_and_truncation(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.logprobs import token_logps
+from align.model.logprobs import token_logps
 
 LOGITS = torch.tensor([[[0.0, 1, 0], [2, 0, -1], [0.5, 0.5, 0.5], [3, -3, 0]]])
 IDS = torch.tensor([[1, 2, 0, 2]])
@@ -36,7 +36,7 @@ def test_float32_for_half_logits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_log_probs_and_gradients_equal_a_full_log_softmax(monkeypatch, dtype):
     """Chunks of 3 positions: the same values and gradients as the naive full log-softmax."""
-    from align import logprobs
+    from align.model import logprobs
 
     monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 3 * 50)
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from align.metrics import MetricSums
+from align.loop.metrics import MetricSums
 
 
 def test_uneven_counts_are_weighted_by_count():

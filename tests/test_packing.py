@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from align import demo
-from align.batching import default_batch, paired_batch, sequence_batch
-from align.logprobs import forward_logps
-from align.packing import count_tokens, pack, pack_in_order, shared_prefix
+from align.data.batching import count_tokens, default_batch, paired_batch, sequence_batch
+from align.data.packing import pack, pack_in_order, shared_prefix
+from align.model.logprobs import forward_logps
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_default_batch_batches_every_sequence_prefix():
 
 
 def test_packing_is_refused_where_a_custom_mask_would_change_the_model(model):
-    from align.packing import why_not_packable
+    from align.model.probe import why_not_packable
 
     assert why_not_packable(model) is None
     config = model.config
@@ -162,7 +162,7 @@ def test_packing_is_refused_where_a_custom_mask_would_change_the_model(model):
 
 
 def test_the_probe_catches_a_model_that_ignores_positions(model, monkeypatch):
-    from align.packing import why_not_packable
+    from align.model.probe import why_not_packable
 
     forward = type(model).forward
 
@@ -184,7 +184,7 @@ def _loaded(path, attention, precision):
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_every_admitted_attention_gives_the_padded_log_probs(model_dir, attention, precision):
     """``eager`` adds a 4-D mask to its scores: a boolean one masked nothing (0.51 off in fp32)."""
-    from align.packing import why_not_packable
+    from align.model.probe import why_not_packable
 
     model = _loaded(model_dir, attention, precision)
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16 autocast")
@@ -198,7 +198,7 @@ def test_every_admitted_attention_gives_the_padded_log_probs(model_dir, attentio
 def test_weights_on_the_meta_device_are_a_reason_to_pad(model):
     """No probe can run on them (FSDP's cpu_ram_efficient_loading leaves them there on all but
     one process a machine): that pads the run, and says why, rather than pass it unprobed."""
-    from align.packing import why_not_packable
+    from align.model.probe import why_not_packable
 
     with torch.device("meta"):
         unloaded = type(model)(model.config)

@@ -10,9 +10,9 @@ import pytest
 from conftest import pip_install_into, pip_wheel_into
 
 import align
-from align import plugins as plugins_module
 from align.errors import PluginError
 from align.plugins import PLUGINS_ENV, load_plugins
+from align.plugins import registry as plugins_module
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).parent.parent
@@ -381,7 +381,7 @@ class Reverser:
 
 def test_data_hooks_reach_only_the_selected_objectives_plugin(tokenizer):
     from align.config import resolve
-    from align.objective_hooks import ObjectiveHooks
+    from align.plugins.hooks import ObjectiveHooks
 
     registry = load_plugins(extra=[Reverser()])
     examples = [{"input_ids": [1, i, 2], "completion_mask": [0, 1, 1]} for i in (5, 6, 7)]

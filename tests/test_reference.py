@@ -17,11 +17,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import align
-from align import plugins, precompute
+from align import plugins
 from align.cli import cli
-from align.formats import tokenize_records
-from align.precompute import PrecomputedReference, sequence_digest
-from align.records import read_records
+from align.data.formats import tokenize_records
+from align.data.packing import sequence_digest
+from align.data.records import read_records
+from align.reference import precompute
+from align.reference.precompute import PrecomputedReference
 
 BETA = 0.1
 
@@ -379,7 +381,7 @@ def test_the_embedded_demo_runs(tmp_path, objective):
 
 def test_a_kto_micro_batch_of_one_class_gives_no_nan(model_dir, tokenizer, feedback):
     from align import default_batch
-    from align.metrics import MetricSums
+    from align.loop.metrics import MetricSums
     from align.reference import ModelReference
     from align_kto import KTOOptions
     from align_kto.loss import kto_loss
@@ -414,7 +416,8 @@ class RefModelWatch:
 def test_precomputed_loads_the_ref_model_only_on_a_miss_and_frees_it(
     tmp_path, model_dir, other_model_dir, pairs, monkeypatch
 ):
-    from align import reference_setup
+
+    from align.reference import setup as reference_setup
 
     watch = RefModelWatch()
     load = reference_setup.load_reference_model
@@ -437,7 +440,7 @@ def test_precomputed_loads_the_ref_model_only_on_a_miss_and_frees_it(
 def test_the_prepared_model_fingerprint_sees_changes_to_what_scores(model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from align.reference_setup import prepared_model_fingerprint
+    from align.reference.setup import prepared_model_fingerprint
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     plain = prepared_model_fingerprint(model)

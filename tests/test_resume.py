@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import align
 from align import plugins
 from align.cli import cli
-from align.resume import complete_checkpoints
+from align.loop.resume import complete_checkpoints
 
 
 def _run(*args, expect=0):
@@ -267,7 +267,7 @@ def test_a_signal_saves_a_checkpoint_and_exits(sig, tmp_path, model_dir, write_j
 
 
 def test_an_ignored_signal_stays_ignored():
-    from align.stopping import StopSignals
+    from align.loop.stopping import StopSignals
 
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -284,7 +284,7 @@ def test_restoring_a_model_saved_in_another_layout(tmp_path):
     memory; restoring a checkpoint of one goes through from_pretrained's conversion."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from align.resume import restore_weights
+    from align.loop.resume import restore_weights
 
     config = MixtralConfig(
         vocab_size=64,
@@ -397,7 +397,7 @@ def test_a_kill_between_the_two_renames_of_a_replacement_is_finished(tmp_path):
     """replace_dir renames the old directory aside, then the new one into place; a kill in
     between leaves neither in place. The clean-up finishes the replacement; a checkpoint
     that was only half written is deleted."""
-    from align.resume import remove_partial_checkpoints
+    from align.loop.resume import remove_partial_checkpoints
 
     root = tmp_path / "checkpoints"
     for name, step in ((".step-4.old", 3), (".step-4.tmp", 4), (".step-6.tmp", 6)):
@@ -411,7 +411,7 @@ def test_a_kill_between_the_two_renames_of_a_replacement_is_finished(tmp_path):
 
 def test_a_changed_reference_is_refused():
     from align.errors import ConfigError
-    from align.resume import check_reference
+    from align.loop.resume import check_reference
 
     saved = {"mode": "precomputed", "cache_keys": {"train": "abc", "eval": "def"}}
     check_reference(saved, {"mode": "precomputed", "cache_keys": {"train": "abc"}})  # eval may go

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
-from align import setup
 from align.cli import cli
 from align.errors import ConfigError
-from align.resume import complete_checkpoints, find_checkpoint
-from align.stopping import StopSignals
+from align.loop import setup
+from align.loop.resume import complete_checkpoints, find_checkpoint
+from align.loop.stopping import StopSignals
 
 
 def _run(*args, expect=0):

@@ -4,7 +4,7 @@ import random
 import statistics
 from types import SimpleNamespace
 
-from align.sharding import ShardedBatches, example_length
+from align.data.sharding import ShardedBatches, example_length
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, process_index=0, device="cpu")
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from align.tokenize import (
+from align.data.tokenize import (
     TokenizeError,
     tokenize_conversation,
     tokenize_prompt_completion,

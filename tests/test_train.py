@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 import align
 from align import plugins
 from align.cli import cli
-from align.formats import tokenize_records
-from align.records import read_records
+from align.data.formats import tokenize_records
+from align.data.records import read_records
 
 
 def _run(*args, expect=0):

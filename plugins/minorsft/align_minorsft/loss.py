@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import align
-from align.deviation import deviation_terms
+from align.reference.deviation import deviation_terms
 
 
 def minorsft_example_losses(

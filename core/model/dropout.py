@@ -109,3 +109,14 @@ def configs_as_given(model: Any) -> Iterator[None]:
         for config, given in zeroed:
             for name in given:
                 setattr(config, name, 0.0)
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any):
+    """Dropout off for the duration, then the model's previous mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
-from . import demo, resume
-from .config import RunSpec, check_model_and_data
-from .errors import ConfigError
-from .formats import DataReport, tokenize_records
-from .loading import load_causal_lm
-from .objective_hooks import ObjectiveHooks
-from .records import read_records
+from .. import demo
+from ..config import RunSpec, check_model_and_data
+from ..data.formats import DataReport, tokenize_records
+from ..data.records import read_records
+from ..errors import ConfigError
+from ..model.loading import load_causal_lm
+from ..plugins.hooks import ObjectiveHooks
+from . import resume
 
 
 def apply_demo_defaults(spec: RunSpec) -> bool:
@@ -207,7 +208,7 @@ def load_tokenizer(cfg: Any) -> Any:
     """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
     from transformers import AutoTokenizer
 
-    from .loading import check_model_source
+    from ..model.loading import check_model_source
 
     check_model_source(cfg.model)
     try:

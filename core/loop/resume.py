@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .checkpoint import replace_dir, temporary_sibling, write_json, write_model
-from .errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
@@ -275,7 +275,7 @@ def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = Fals
     model, or for a PEFT model its trained adapter. Every key must match."""
     from safetensors.torch import load_file
 
-    from .loading import load_causal_lm
+    from ..model.loading import load_causal_lm
 
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict

@@ -22,25 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from .batching import sequence_batch, sequence_prefixes
-from .cache import cache_dir
-from .errors import PluginError
-from .logprobs import forward_logps
-from .packing import pack
-from .reference import Reference, eval_mode
+from ..cache import cache_dir
+from ..data.batching import sequence_batch, sequence_prefixes
+from ..data.packing import pack, sequence_digest
+from ..errors import PluginError
+from ..model.dropout import eval_mode
+from ..model.logprobs import forward_logps
+from .models import Reference
 
 FORMAT_VERSION = 2  # bump when the way log-probs are computed changes (2: every scorer probed)
-
-
-def sequence_digest(input_ids: Any, completion_mask: Any) -> bytes:
-    """16 bytes that identify one sequence: its token ids and which of them are scored."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(np.asarray(input_ids, dtype=np.int64).tobytes())
-    digest.update(np.asarray(completion_mask, dtype=np.int8).tobytes())
-    return digest.digest()
 
 
 def example_groups(examples: Iterable[dict[str, Any]]) -> list[dict[bytes, tuple[list, list]]]:

@@ -13,8 +13,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .dropout import configs_as_given
-from .reference import REFERENCE_ADAPTER
+from ..model.dropout import configs_as_given
+from ..reference.models import REFERENCE_ADAPTER
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

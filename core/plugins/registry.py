@@ -17,10 +17,11 @@ from typing import Any
 
 import pluggy
 
+from ..errors import PluginError
+from ..options import CORE_KEYS
+from ..suggest import did_you_mean
 from . import hookspecs
-from .errors import PluginError
-from .objective import Objective, Preset, Section
-from .suggest import did_you_mean
+from .api import Objective, Preset, Section
 
 ENTRY_POINT_GROUP = "align"
 PLUGINS_ENV = "ALIGN_PLUGINS"
@@ -179,8 +180,6 @@ class PluginRegistry:
                 for item in items:
                     getattr(info, f"{kind}s").append(item.name)
                     found[kind].setdefault(item.name, []).append(Registered(item, info))
-        from .config import CORE_KEYS  # config imports this module
-
         # A section with a problem unloads its plugin: its model-preparation hooks would run
         # in every run without their options.
         unloaded = set()

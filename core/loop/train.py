@@ -20,21 +20,24 @@ from typing import Any
 
 import torch
 
-from . import dropout, resume
+from ..config import RunSpec
+from ..data.batching import count_tokens
+from ..data.formats import DataReport
+from ..data.records import fingerprint
+from ..data.sharding import ShardedBatches
+from ..errors import ConfigError, PluginError
+from ..model import dropout
+from ..model.probe import why_not_packable
+from ..plugins.api import LossOutput
+from ..plugins.hooks import ObjectiveHooks
+from ..plugins.registry import PluginRegistry
+from ..reference.deviation import deviation_sums
+from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
+from ..run import Run
+from . import resume
 from .checkpoint import save_model_dir, write_json
-from .config import RunSpec
-from .deviation import deviation_sums
-from .errors import ConfigError, PluginError
-from .formats import DataReport
 from .launch import check_world_size, cpu_processes_join
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
-from .objective import LossOutput
-from .objective_hooks import ObjectiveHooks
-from .packing import count_tokens, why_not_packable
-from .plugins import PluginRegistry
-from .records import fingerprint
-from .reference_setup import copy_starting_model, make_reference, why_reference_cannot_pack
-from .run import Run
 from .setup import (
     apply_demo_defaults,
     build_examples,
@@ -46,7 +49,6 @@ from .setup import (
     precision_from_launcher,
     shared_output_dir,
 )
-from .sharding import ShardedBatches
 from .stopping import (
     RunStopped,
     StopSignals,
@@ -392,7 +394,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     )
     from tqdm.auto import tqdm
 
-    from .console import tolerant
+    from ..console import tolerant
 
     progress = tqdm(
         total=total_steps,

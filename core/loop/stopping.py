@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .errors import AlignError
+from ..errors import AlignError
 
 
 class RunStopped(AlignError):

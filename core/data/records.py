@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 
 SUPPORTED = ".jsonl, .json, .parquet, .csv, or a directory saved by datasets"
 

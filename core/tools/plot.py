@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 SKIP = {"step", "epoch", "num_tokens"}
 LOG_SCALE_SPAN = 100  # the loss axis is logarithmic when its positive values span 2 decades

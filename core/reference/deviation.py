@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .logprobs import forward_logps
+from ..model.logprobs import forward_logps
 
 
 def deviation_terms(policy_logps: torch.Tensor, reference_logps: torch.Tensor, tokens: Any) -> Any:

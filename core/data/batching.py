@@ -95,3 +95,14 @@ def default_batch(
     if data_format == "feedback":
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
     return batch
+
+
+def count_tokens(batch: dict[str, Any]) -> Any:
+    """The real (non-padding) input tokens of a padded or packed batch, all sequences."""
+    from .packing import is_packed
+
+    total = 0
+    for prefix in sequence_prefixes(batch):
+        key = "token_mask" if is_packed(batch, prefix) else "attention_mask"
+        total = total + batch[f"{prefix}{key}"].sum()
+    return total

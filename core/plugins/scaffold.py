@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import ConfigError
-from .plugins import core_version
+from ..errors import ConfigError
+from .registry import core_version
 
 PYPROJECT = """\
 [build-system]
@@ -59,7 +59,7 @@ def align_register_objectives(register):
 
 @align.hookimpl
 def align_compute_loss(model, batch, options):
-    from .loss import loss
+    from ..loss import loss
 
     return loss(model, batch, options.temperature)
 '''

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .batching import sequence_prefixes
-from .config import RunSpec
-from .formats import tokenize_records
-from .objective_hooks import ObjectiveHooks
-from .plugins import PluginRegistry
-from .records import read_records
+from ..config import RunSpec
+from ..data.batching import sequence_prefixes
+from ..data.formats import tokenize_records
+from ..data.records import read_records
+from ..plugins.hooks import ObjectiveHooks
+from ..plugins.registry import PluginRegistry
 
 
 def inspect_examples(
     spec: RunSpec, registry: PluginRegistry, count: int, echo: Callable[[str], None]
 ) -> None:
-    from .setup import apply_demo_defaults, load_tokenizer
+    from ..loop.setup import apply_demo_defaults, load_tokenizer
 
     apply_demo_defaults(spec)
     cfg = spec.config

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import DataError
+from ..errors import DataError
 from .records import Record
 from .tokenize import (
     Tokenized,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 
 def shard_batches(

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
-from .loading import load_causal_lm
-from .logprobs import forward_logps
+from ..errors import ConfigError
+from ..model.dropout import eval_mode
+from ..model.loading import load_causal_lm
+from ..model.logprobs import forward_logps
 
 REFERENCE_MODES = ("precomputed", "model", "adapter")
 REFERENCE_ADAPTER = "reference"  # a frozen starting adapter, used in place of no adapter
@@ -108,17 +109,6 @@ class AdapterReference(Reference):
 def has_adapter(model: Any) -> bool:
     """Whether a model-preparation plugin gave the policy a PEFT adapter."""
     return callable(getattr(model, "disable_adapter", None))
-
-
-@contextlib.contextmanager
-def eval_mode(model: Any):
-    """Dropout off for the duration, then the model's previous mode back."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def load_reference_model(path: str, tokenizer: Any, trust_remote_code: bool) -> Any:

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 HUB_TIMEOUT = 3.0  # seconds to wait for a connection to the hub before calling it unreachable
 _PATH_PREFIXES = ("./", "../", "/", "~")
@@ -65,7 +65,7 @@ def check_model_source(name: str, role: str = "model", given_by: str | None = No
 def _go_offline(notice: str) -> None:
     from huggingface_hub import constants
 
-    from .console import echo
+    from ..console import echo
 
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True

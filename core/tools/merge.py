@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import replace_dir
-from .errors import ConfigError
-from .loading import load_causal_lm
+from ..errors import ConfigError
+from ..loop.checkpoint import replace_dir
+from ..model.loading import load_causal_lm
 
 
 def _stored_dtype(base: str, trust_remote_code: bool) -> torch.dtype | None:

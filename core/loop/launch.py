@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 # Seconds torchrun gives workers to save a checkpoint after SIGINT/SIGTERM before SIGKILL.
 SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"

@@ -11,17 +11,17 @@ from typing import Any
 
 import torch
 
-from .config import RunSpec
-from .errors import ConfigError
-from .packing import why_not_packable
-from .precompute import PrecomputedReference, model_identity, precompute_split
-from .reference import (
+from ..config import RunSpec
+from ..errors import ConfigError
+from ..model.probe import why_not_packable
+from .models import (
     AdapterReference,
     ModelReference,
     Reference,
     has_adapter,
     load_reference_model,
 )
+from .precompute import PrecomputedReference, model_identity, precompute_split
 
 
 def reference_mode(cfg: Any, policy: Any) -> str:

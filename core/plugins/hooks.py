@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from .batching import default_batch
-from .config import RunSpec
-from .errors import PluginError
-from .objective import LossOutput
-from .plugins import PluginRegistry
+from ..config import RunSpec
+from ..data.batching import default_batch
+from ..errors import PluginError
+from .api import LossOutput
+from .registry import PluginRegistry
 
 
 class ObjectiveHooks:

@@ -1,0 +1,369 @@
+"""A conformance suite for objective plugins, and helpers for testing plugins in-process.
+
+A plugin's whole test file can be::
+
+    from align.testing import ObjectiveConformance
+
+    class TestMyLoss(ObjectiveConformance):
+        objective = "myloss"
+
+The suite builds a tiny Llama and tokenizer offline, tokenises a few records of the objective's
+data format, and checks: batch keys, shapes and loss masks; a finite loss whose gradient reaches
+the trainable parameters; that extra padding leaves the loss unchanged; that metrics are scalar
+``(sum, count)`` pairs; that a ``packable`` objective's loss, metrics and gradients are the same
+on padding-free batches; that importing the plugin module does not import torch; a two-step
+``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
+continued with ``--resume`` equals one that was not stopped. Set ``plugin`` to a module (or
+object with hookimpls) to test it without installing it, and ``options`` to test other settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any, ClassVar
+
+import pytest
+
+from ..data.batching import sequence_prefixes
+from ..model import dropout
+from . import registry as plugin_registry
+from .registry import PLUGINS_ENV
+
+SAMPLE_RECORDS = {
+    "prompt_completion": [
+        {"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
+    ],
+    "preference": [
+        {
+            "prompt": f"What is {a} + {b}? ",
+            "chosen": f"{a + b}." + " ok" * (a % 3),
+            "rejected": "No.",
+        }
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
+    ],
+    "feedback": [
+        {
+            "prompt": f"What is {a} + {b}? ",
+            "completion": f"{a + b}." if a % 2 else "No.",
+            "label": a % 2 == 1,
+        }
+        for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
+    ],
+}
+
+
+@contextlib.contextmanager
+def registered(*extra: Any, only: bool = False) -> Iterator[plugin_registry.PluginRegistry]:
+    """Make the CLI and ``get_registry()`` see in-process plugins for the duration; with
+    ``only=True`` no installed plugin loads besides them."""
+    saved = plugin_registry._registry
+    with pytest.MonkeyPatch.context() as patch:
+        if only:
+            patch.setenv(PLUGINS_ENV, "")
+        registry = plugin_registry.load_plugins(extra=extra)
+        plugin_registry.reset_registry(registry)
+        try:
+            yield registry
+        finally:
+            plugin_registry.reset_registry(saved)
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide state; give the next in-process run a clean one."""
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+
+class _OneProcess:
+    """The slice of ``accelerate.Accelerator`` a loss hook may use, for one CPU process."""
+
+    num_processes, process_index, is_main_process = 1, 0, True
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+
+    def unwrap_model(self, model: Any) -> Any:
+        return model
+
+    def reduce(self, tensor: Any, reduction: str = "sum") -> Any:
+        return tensor
+
+    def gather(self, tensor: Any) -> Any:
+        return tensor
+
+    gather_for_metrics = gather
+
+    def pad_across_processes(self, tensor: Any, dim: int = 0, pad_index: int = 0) -> Any:
+        return tensor
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class ObjectiveConformance:
+    """Subclass as ``TestSomething`` and set ``objective`` (and maybe ``plugin``, ``options``)."""
+
+    objective: ClassVar[str] = ""
+    plugin: ClassVar[Any] = None
+    options: ClassVar[dict[str, Any]] = {}
+    records: ClassVar[list[dict[str, Any]] | None] = None
+
+    # -- fixtures --------------------------------------------------------------------------------
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_dir(cls, tmp_path_factory: Any) -> Path:
+        from .. import demo
+
+        path = tmp_path_factory.mktemp("conformance-model")
+        demo.build_demo_model(path)
+        return path
+
+    @pytest.fixture
+    def registry(self) -> Iterator[plugin_registry.PluginRegistry]:
+        extra = [self.plugin] if self.plugin is not None else []
+        with registered(*extra) as registry:
+            yield registry
+
+    @pytest.fixture
+    def setup(self, registry: Any, model_dir: Path, tmp_path: Path) -> SimpleNamespace:
+        """Spec, tokenizer, model, reference, run and tokenised examples for the objective."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..config import resolve
+        from ..data.formats import tokenize_records
+        from ..data.records import read_records
+        from ..reference.models import ModelReference
+        from ..run import Run
+        from .hooks import ObjectiveHooks
+
+        sets = [f"{key}={json.dumps(value)}" for key, value in self.options.items()]
+        spec = resolve(registry, None, {"objective": self.objective, "max_steps": 2}, sets)
+        data_format = spec.objective.item.data_format
+        path = tmp_path / "data.jsonl"
+        rows = self.records or SAMPLE_RECORDS[data_format]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hooks = ObjectiveHooks(registry, spec, tokenizer)
+        examples, _ = tokenize_records(
+            read_records(path), data_format, tokenizer, 64, "keep_start", "train"
+        )
+        examples = hooks.prepare_dataset(examples, "train", spec.config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = registry.chain_hook(
+            "align_prepare_model",
+            "model",
+            model,
+            tokenizer=tokenizer,
+            config=spec.config,
+            sections=spec.sections,
+        ).train()
+        dropout.resolve(spec)  # as align run does: the objective's default
+        if spec.config.disable_dropout:
+            dropout.disable_dropout(model)
+        reference = (
+            ModelReference.frozen_copy(model) if spec.objective.item.needs_reference else None
+        )
+        run = Run(spec.config, _OneProcess(), tokenizer, tmp_path, max_steps=2)
+        return SimpleNamespace(
+            spec=spec, hooks=hooks, tokenizer=tokenizer, examples=examples, model=model,
+            reference=reference, run=run, data=path, model_dir=model_dir,
+        )  # fmt: skip
+
+    # -- the checks ------------------------------------------------------------------------------
+    def test_batch_keys_shapes_and_loss_masks(self, setup: SimpleNamespace) -> None:
+        import torch
+
+        batch = setup.hooks.build_batch(setup.examples, packed=False)
+        prefixes = sequence_prefixes(batch)
+        assert prefixes, "a batch needs at least one <prefix>input_ids tensor"
+        rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes}
+        for prefix in prefixes:
+            ids = batch[f"{prefix}input_ids"]
+            for name in ("attention_mask", "completion_mask"):
+                key = f"{prefix}{name}"
+                assert key in batch, f"{prefix}input_ids needs {key}"
+                assert batch[key].shape == ids.shape, f"{key} is not shaped like its input_ids"
+            trained = batch[f"{prefix}completion_mask"].bool()
+            assert not (trained & ~batch[f"{prefix}attention_mask"].bool()).any(), (
+                f"{prefix}completion_mask trains padding"
+            )
+            assert trained[:, 1:].any(-1).all(), f"a {prefix}input_ids row has nothing to train"
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and not key.endswith(("input_ids", "mask")):
+                assert value.shape[0] in rows, f"{key}: first dimension is not the batch's"
+
+    def _loss(self, setup: SimpleNamespace, batch: dict[str, Any]) -> Any:
+        from .api import LossOutput
+
+        output, extra = setup.hooks.compute(setup.model, batch, setup.reference, setup.run)
+        assert isinstance(output, LossOutput)
+        return output, extra
+
+    def test_loss_is_finite_and_reaches_the_parameters(self, setup: SimpleNamespace) -> None:
+        import torch
+
+        output, _ = self._loss(setup, setup.hooks.build_batch(setup.examples))
+        loss, count = torch.as_tensor(output.loss), torch.as_tensor(output.count)
+        assert loss.ndim == 0 and torch.isfinite(loss), f"loss {loss} is not a finite scalar"
+        assert count.sum() > 0, "count must be the number of loss units, above 0"
+        loss.backward()
+        grads = [p.grad for p in setup.model.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the model"
+
+    def test_extra_padding_leaves_the_loss_unchanged(self, setup: SimpleNamespace) -> None:
+        import torch
+
+        batch = setup.hooks.build_batch(setup.examples, packed=False)
+        padded = dict(batch)
+        for prefix in sequence_prefixes(batch):
+            for name, fill in (
+                ("input_ids", setup.tokenizer.pad_token_id),
+                ("attention_mask", 0),
+                ("completion_mask", 0),
+            ):
+                key = f"{prefix}{name}"
+                extra = torch.full((batch[key].shape[0], 5), fill, dtype=batch[key].dtype)
+                padded[key] = torch.cat([batch[key], extra], dim=1)
+        with torch.no_grad():
+            plain, _ = self._loss(setup, batch)
+            more, _ = self._loss(setup, padded)
+        assert float(more.loss) == pytest.approx(float(plain.loss), rel=1e-4, abs=1e-5)
+
+    def test_packed_batches_give_the_padded_loss(self, setup: SimpleNamespace) -> None:
+        """A ``packable`` objective: the same loss, metrics and gradients from the core's
+        padding-free batches as from padded ones."""
+        import torch
+
+        if not setup.spec.objective.item.packable:
+            pytest.skip("the objective is not packable")
+        results = []
+        for packed in (False, True):
+            setup.model.zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples, packed))
+            output.loss.backward()
+            grads = {
+                n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
+            }
+            metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
+            results.append(
+                (
+                    float(output.loss.detach()),
+                    float(torch.as_tensor(output.count).sum()),
+                    metrics,
+                    grads,
+                )
+            )
+        (loss, count, metrics, grads), (p_loss, p_count, p_metrics, p_grads) = results
+        assert p_loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
+        assert p_count == count
+        assert p_metrics.keys() == metrics.keys()
+        for name, (total, n) in metrics.items():
+            assert p_metrics[name] == pytest.approx((total, n), rel=1e-5, abs=1e-5), name
+        assert p_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(p_grads[name], grad, rtol=1e-4, atol=1e-5), name
+
+    def test_metrics_are_scalar_sum_count_pairs(self, setup: SimpleNamespace) -> None:
+        import torch
+
+        output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples))
+        for name, pair in {**output.metrics, **extra}.items():
+            assert isinstance(pair, tuple | list) and len(pair) == 2, f"{name}: not (sum, count)"
+            for part in pair:
+                assert torch.as_tensor(part).numel() == 1, f"{name}: not a scalar"
+
+    def test_importing_the_plugin_does_not_import_torch(self, registry: Any) -> None:
+        info = registry.objective(self.objective).plugin
+        obj = info.obj
+        module = obj.__name__ if isinstance(obj, ModuleType) else type(obj).__module__
+        code = f"import sys\nimport {module}\nsys.exit(3 if 'torch' in sys.modules else 0)"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env
+        )
+        assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
+        assert result.returncode == 0, f"importing {module} imports torch; import it in hooks"
+
+    def _align_run(self, setup: SimpleNamespace, out: Path, *extra: str) -> str:
+        """``align run`` of this objective on the sample data, in-process; its output."""
+        from click.testing import CliRunner
+
+        from ..cli import cli
+
+        args = ["run", "--objective", self.objective, "--model", str(setup.model_dir)]
+        args += ["--data", str(setup.data), "--batch-size", "2"]
+        args += ["--output-dir", str(out), "--max-length", "64", *extra]
+        for key, value in self.options.items():
+            args += ["--set", f"{key}={json.dumps(value)}"]
+        reset_accelerate()
+        try:
+            result = CliRunner().invoke(cli, args)
+        finally:
+            reset_accelerate()
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return result.output
+
+    def test_a_two_step_run_saves_a_model_that_loads(
+        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))  # not the user's cache
+        out = tmp_path / "run"
+        self._align_run(setup, out, "--max-steps", "2")
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+        AutoModelForCausalLM.from_pretrained(out / "final")
+
+    def test_a_resumed_run_equals_an_uninterrupted_one(
+        self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
+    ) -> None:
+        """Stopped after step 2 of 5 (2 steps an epoch), ``--resume`` continues it to the same
+        losses and weights: the loss keeps no state of its own across steps."""
+        import shutil
+
+        import torch
+        from safetensors.torch import load_file
+
+        monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # GPU kernels need not be deterministic
+        steps = ["--max-steps", "5", "--save-every", "2", "--lr", "1e-2"]
+        whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+        self._align_run(setup, whole, *steps)
+        shutil.copytree(whole, stopped)  # what a run killed during step 3 leaves
+        shutil.rmtree(stopped / "final")
+        shutil.rmtree(stopped / "checkpoints" / "step-4")
+        rows = (stopped / "metrics.jsonl").read_text().splitlines()
+        kept = [r for r in rows if json.loads(r)["step"] <= 2]
+        (stopped / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+        info = json.loads((stopped / "run.json").read_text())
+        (stopped / "run.json").write_text(json.dumps({**info, "status": "running"}))
+        output = self._align_run(setup, stopped, *steps, "--resume")
+        assert "Resuming at step 2 of 5" in output
+        expected = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+        got = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+        assert [r.keys() for r in got] == [r.keys() for r in expected]
+        for row, want in zip(got, expected, strict=True):
+            assert row == pytest.approx(want, abs=1e-6, rel=0), want["step"]
+        name = next(p.name for p in (whole / "final").glob("*.safetensors"))
+        a, b = load_file(str(whole / "final" / name)), load_file(str(stopped / "final" / name))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
