@@ -14,7 +14,7 @@ from align.config import TrainConfig, check_inputs, resolve
 from align.console import echo, tolerant_console
 from align.errors import AlignError
 from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry, install_hint
-from align.plugins.api import DATA_FORMATS, Preset, option_keys
+from align.plugins.api import Preset, option_keys
 
 # Core options that get a flag of their own; every other core option is set in the YAML file.
 RUN_FLAGS = [
@@ -314,7 +314,8 @@ def objectives(as_json: bool) -> None:
     for item in data:
         click.echo(f"{item['name']}  ({item['distribution']})")
         click.echo(f"  {item['description']}")
-        click.echo(f"  data: {item['data_format']} — {DATA_FORMATS[item['data_format']]}")
+        fmt = registry.formats.get(item["data_format"])
+        click.echo(f"  data: {item['data_format']} — {fmt.item.description if fmt else '?'}")
         if item["needs_reference"]:
             click.echo("  uses reference log-probs")
         for opt in item["options"]:

@@ -11,7 +11,9 @@ from typing import Any
 
 import pluggy
 
-from .data.batching import default_batch, pad, paired_batch, sequence_batch
+from .data.batching import pad, paired_batch, sequence_batch, sequence_token_counts
+from .data.formats import default_batch
+from .data.records import Record
 from .data.tokenize import (
     Tokenized,
     TokenizeError,
@@ -20,7 +22,17 @@ from .data.tokenize import (
     tokenize_text,
 )
 from .errors import AlignError, ConfigError, DataError, PluginError
-from .plugins.api import DATA_FORMATS, LossOutput, NoOptions, Objective, Options, Preset, Section
+from .plugins.api import (
+    DataFormat,
+    Fields,
+    Group,
+    LossOutput,
+    NoOptions,
+    Objective,
+    Options,
+    Preset,
+    Section,
+)
 from .run import Run
 
 hookimpl = pluggy.HookimplMarker("align")
@@ -42,7 +54,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DATA_FORMATS",
+    "DataFormat",
+    "Fields",
+    "Group",
+    "Record",
     "AlignError",
     "ConfigError",
     "DataError",
@@ -61,6 +76,7 @@ __all__ = [
     "pad",
     "paired_batch",
     "sequence_batch",
+    "sequence_token_counts",
     "tokenize_conversation",
     "tokenize_prompt_completion",
     "tokenize_text",

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align import default_batch
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.records import read_records
 from align.loop.metrics import MetricSums
-from align.loop.train import accumulate_gradients
-from align_sft.loss import sft_loss
+from align.loop.step import accumulate_gradients
+from align_sft.loss import sft_counts, sft_loss
 
 
 def main(model_dir: str, out: str, data: str) -> None:
@@ -36,7 +36,11 @@ def main(model_dir: str, out: str, data: str) -> None:
     sums = MetricSums()
     batch = default_batch("prompt_completion", mine, tokenizer.pad_token_id)
     loss = accumulate_gradients(
-        model, [batch], lambda b: (sft_loss(model, b, "token"), {}), accelerator, sums
+        model,
+        [(batch, sft_counts(batch, "token"))],
+        lambda b: (sft_loss(model, b, "token"), {}),
+        accelerator,
+        sums,
     )
     # Uneven counts per process; a metric only rank 1 reports.
     uneven = MetricSums()

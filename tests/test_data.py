@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.records import read_records
 from align.errors import DataError
 

@@ -83,10 +83,10 @@ def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align import default_batch
-    from align.data.formats import tokenize_records
+    from align.data.examples import tokenize_records
     from align.data.records import read_records
-    from align.loop.train import accumulate_gradients
-    from align_sft.loss import sft_loss
+    from align.loop.step import accumulate_gradients
+    from align_sft.loss import sft_counts, sft_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, _ = tokenize_records(
@@ -96,7 +96,7 @@ def test_two_processes_equal_one_large_batch(tmp_path, model_dir, write_jsonl, s
     batch = default_batch("prompt_completion", examples, tokenizer.pad_token_id)
     loss = accumulate_gradients(
         model,
-        [batch],
+        [(batch, sft_counts(batch, "token"))],
         lambda b: (sft_loss(model, b, "token"), {}),
         Accelerator(cpu=True),
         MetricSums(),

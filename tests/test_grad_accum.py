@@ -7,10 +7,10 @@ from transformers import AutoModelForCausalLM
 
 from align import default_batch
 from align.config import resolve
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.records import Record
 from align.loop.metrics import MetricSums
-from align.loop.train import accumulate_gradients
+from align.loop.step import accumulate_gradients
 from align.plugins import load_plugins
 
 
@@ -39,9 +39,12 @@ def _grads(model_dir, tokenizer, micro, normalization):
         )
         return out, {}
 
+    from align_sft.loss import sft_counts
+
     batches = [default_batch("prompt_completion", m, tokenizer.pad_token_id) for m in micro]
+    counted = [(b, sft_counts(b, normalization)) for b in batches]
     sums = MetricSums()
-    loss = accumulate_gradients(model, batches, compute, accelerator, sums)
+    loss = accumulate_gradients(model, counted, compute, accelerator, sums)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return loss, grads, sums.reduce()
 

@@ -178,7 +178,7 @@ def test_gradient_checkpointing_trains_every_lora_matrix(
     model_dir, tokenizer, objective, data, reentrant
 ):
     from align import default_batch
-    from align.data.formats import tokenize_records
+    from align.data.examples import tokenize_records
     from align.data.records import read_records
     from align_ift.loss import ift_loss
     from align_lora import LoraOptions

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from align import default_batch
 from align.cli import cli
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.records import read_records
 from align.reference import ModelReference
 from align_ift.loss import ift_loss, mixed_embeddings

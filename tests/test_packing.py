@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from align import demo
-from align.data.batching import count_tokens, default_batch, paired_batch, sequence_batch
+from align.data.batching import count_tokens, paired_batch, sequence_batch
+from align.data.formats import default_batch
 from align.data.packing import pack, pack_in_order, shared_prefix
 from align.model.logprobs import forward_logps
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import align
 from align import plugins
 from align.cli import cli
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.packing import sequence_digest
 from align.data.records import read_records
 from align.reference import precompute

@@ -29,7 +29,7 @@ def test_a_new_plugin_installs_and_passes_the_suite(tmp_path):
         timeout=600,
     )
     assert suite.returncode == 0, suite.stdout[-3000:]
-    assert "8 passed" in suite.stdout  # the packed-batch check runs too: packable=True
+    assert "10 passed, 1 skipped" in suite.stdout  # packable=True: the packed check runs; no fields
     again = CliRunner().invoke(cli, ["new-plugin", "my-loss", "--dir", str(tmp_path)])
     assert again.exit_code == 1 and "already exists" in again.output
     bad = CliRunner().invoke(cli, ["new-plugin", "My Loss", "--dir", str(tmp_path)])

@@ -16,8 +16,8 @@ def align_register_objectives(register):
 def align_compute_loss(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return align.LossOutput(
-        loss=logits.mean(),  # every position, padding included
-        count=1,
+        loss=logits.mean(),  # every position, padding included; a mean, not a sum
+        count=batch["input_ids"].shape[0],
         metrics={"vector": (logits.mean(-1).sum(-1).detach(), 1)},  # not a scalar
     )
 """
@@ -37,14 +37,51 @@ def test_the_suite_fails_a_broken_plugin(pytester, monkeypatch):
     pytester.makepyfile(broken_plugin=BROKEN_PLUGIN, test_broken=SUITE)
     monkeypatch.setenv("ALIGN_PLUGINS", "")
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
-    result.assert_outcomes(passed=4, failed=3, skipped=1)  # skipped: not packable
+    result.assert_outcomes(passed=5, failed=4, skipped=2)  # skipped: no fields, not packable
     output = result.stdout.str()
     for check in (
         "test_extra_padding_leaves_the_loss_unchanged",
         "test_metrics_are_scalar_sum_count_pairs",
         "test_importing_the_plugin_does_not_import_torch",
+        "test_micro_batches_equal_one_batch",
     ):
         assert f"FAILED test_broken.py::TestBroken::{check}" in output
+
+
+MEAN_PLUGIN = """
+import align
+
+
+@align.hookimpl
+def align_register_objectives(register):
+    register(align.Objective(name="mean", description="a token mean where a sum is due"))
+
+
+@align.hookimpl
+def align_loss_counts(batch):
+    return {"loss": align.sequence_token_counts(batch).sum()}
+
+
+@align.hookimpl
+def align_compute_loss(model, batch):
+    out = align.forward_logps(model, batch)
+    return align.LossOutput(loss=-out.sums.sum() / out.num_tokens.sum(), count=out.num_tokens.sum())
+"""
+
+
+def test_the_suite_fails_a_loss_that_returns_a_mean(pytester, monkeypatch):
+    """Right in one batch, so every single-batch check passes; split into micro-batches, the
+    core divides the mean again and the step's loss and gradient change."""
+    suite = SUITE.replace("broken", "mean").replace("TestBroken", "TestMean")
+    pytester.makepyfile(mean_plugin=MEAN_PLUGIN, test_mean=suite)
+    monkeypatch.setenv("ALIGN_PLUGINS", "")
+    result = pytester.runpytest_subprocess(
+        "-q", "-p", "no:cacheprovider", "-k", "not resumed and not two_step and not importing"
+    )
+    result.assert_outcomes(passed=5, failed=1, skipped=2)
+    output = result.stdout.str()
+    assert "FAILED test_mean.py::TestMean::test_micro_batches_equal_one_batch" in output
+    assert "return a mean" in output
 
 
 STATEFUL_PLUGIN = """
@@ -56,6 +93,11 @@ CALLS = [0]  # a counter kept between calls: a resumed run starts it again at 0
 @align.hookimpl
 def align_register_objectives(register):
     register(align.Objective(name="stateful", description="a loss with its own step counter"))
+
+
+@align.hookimpl
+def align_loss_counts(batch):
+    return {"loss": align.sequence_token_counts(batch).sum()}
 
 
 @align.hookimpl

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import align
 from align import plugins
 from align.cli import cli
-from align.data.formats import tokenize_records
+from align.data.examples import tokenize_records
 from align.data.records import read_records
 
 

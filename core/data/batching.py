@@ -51,19 +51,6 @@ def paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[
     return sequence_batch(rows, pad_token_id)
 
 
-def packed_paired_batch(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
-    """:func:`paired_batch`'s sequences, in its order, packed with each pair's prompt shared
-    (``align.packing``)."""
-    from .packing import pack_in_order
-
-    n = len(examples)
-    groups = [
-        [(e[f"{side}_input_ids"], e[f"{side}_completion_mask"]) for side in ("chosen", "rejected")]
-        for e in examples
-    ]
-    return pack_in_order(groups, [[i, n + i] for i in range(n)], pad_token_id)
-
-
 def packed_sequence_batch(
     examples: Sequence[dict[str, Any]], pad_token_id: int, prefix: str = ""
 ) -> dict[str, Any]:
@@ -74,27 +61,34 @@ def packed_sequence_batch(
     return pack(groups, pad_token_id)
 
 
-def default_batch(
-    data_format: str, examples: Sequence[dict[str, Any]], pad_token_id: int, packed: bool = False
+def every_sequence_batch(
+    examples: Sequence[dict[str, Any]], pad_token_id: int, packed: bool = False
 ) -> dict[str, Any]:
-    """The core's batch for a data format, used when the objective's plugin builds none.
-
-    Preference data gives ``[chosen; rejected]`` rows. Otherwise every sequence of the examples
-    is batched under its own prefix (``input_ids``, and e.g. ``mismatched_input_ids`` that a
-    plugin's ``align_prepare_dataset`` added), and feedback data adds ``labels``. ``packed``:
-    padding-free batches (``align.packing``) with the same sequences in the same order.
-    """
-    import torch
-
-    if data_format == "preference":
-        return (packed_paired_batch if packed else paired_batch)(examples, pad_token_id)
+    """Every sequence of the examples batched under its own prefix (``input_ids``, and e.g.
+    ``mismatched_input_ids`` that a plugin's ``align_prepare_dataset`` added): the batch of a
+    data format that builds none of its own. ``packed``: padding-free (``align.packing``)."""
     batch: dict[str, Any] = {}
     for prefix in sequence_prefixes(examples[0]):
         build = packed_sequence_batch if packed else sequence_batch
         batch.update({f"{prefix}{k}": v for k, v in build(examples, pad_token_id, prefix).items()})
-    if data_format == "feedback":
-        batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
     return batch
+
+
+def sequence_token_counts(batch: dict[str, Any], prefix: str = "") -> Any:
+    """The trained (completion) target tokens of each sequence of a padded or packed batch,
+    in the order the batch lists its sequences (``align.forward_logps``'s ``num_tokens``,
+    known before the forward): what ``align_loss_counts`` reads for a token mean."""
+    import torch
+
+    from .packing import is_packed
+
+    if not is_packed(batch, prefix):
+        return batch[f"{prefix}completion_mask"][:, 1:].sum(-1)
+    mask = batch[f"{prefix}target_mask"]
+    sequences = batch[f"{prefix}target_sequence"][mask]
+    total = batch[f"{prefix}sequence_digests"].shape[0]
+    counts = torch.zeros(total, dtype=torch.long, device=mask.device)
+    return counts.index_add(0, sequences, torch.ones_like(sequences))
 
 
 def count_tokens(batch: dict[str, Any]) -> Any:

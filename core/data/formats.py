@@ -1,75 +1,25 @@
-"""The data formats objectives declare, turned into tokenised examples with a report.
+"""The first-party data formats, registered through the same ``align_register_formats`` hook a
+plugin's format uses.
 
 Column names follow TRL: ``prompt``/``completion``, ``messages`` or ``text``
 (``prompt_completion``); ``prompt``/``chosen``/``rejected`` (``preference``);
 ``prompt``/``completion``/``label`` (``feedback``; prompt/chosen/rejected records are split into
-a desirable and an undesirable example). Over-long sequences follow the truncation
-policy, and every truncated or skipped example is counted in the report.
+a desirable and an undesirable example, as TRL's ``unpair_preference_dataset`` does); and
+``prompt``/``completions``/``scores`` or ``ranks`` (``ranked``: a prompt with N ≥ 2 answers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
-from ..errors import DataError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..plugins.api import DataFormat, Group
+from .batching import every_sequence_batch, paired_batch, sequence_batch
 from .records import Record
-from .tokenize import (
-    Tokenized,
-    TokenizeError,
-    check_messages,
-    tokenize_conversation,
-    tokenize_prompt_completion,
-    tokenize_text,
-)
-
-TRUNCATION_POLICIES = ("keep_start", "keep_end", "skip", "error")
-
-
-@dataclass
-class DataReport:
-    """What happened to every record of one split."""
-
-    split: str
-    records: int = 0
-    examples: int = 0
-    truncated: int = 0
-    skipped: Counter = field(default_factory=Counter)
-
-    def summary(self) -> str:
-        text = f"{self.split}: {self.records} records → {self.examples} examples"
-        if self.truncated:
-            text += f"; {self.truncated} truncated"
-        for reason, count in sorted(self.skipped.items()):
-            text += f"; {count} skipped ({reason})"
-        return text
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "records": self.records,
-            "examples": self.examples,
-            "truncated": self.truncated,
-            "skipped": dict(self.skipped),
-        }
-
-
-class _Skip(Exception):
-    """An example dropped by the truncation policy (counted, never silent)."""
-
-
-def _string(record: Record, name: str, allow_empty: bool = True) -> str:
-    if name not in record.data or record.data[name] is None:
-        raise record.error("missing field", name)
-    value = record.data[name]
-    if not isinstance(value, str):
-        raise record.error(f"expected a string, got {type(value).__name__}", name)
-    if not allow_empty and not value.strip():
-        raise record.error("is empty", name)
-    return value
 
 
 def _require(record: Record, *names: str) -> None:
@@ -79,56 +29,62 @@ def _require(record: Record, *names: str) -> None:
             raise record.error(f"missing field (fields present: {present})", name)
 
 
-def _prompt_and_answer(tokenizer: Any, record: Record, answer: str) -> Tokenized:
-    """A prompt with one answer, both strings or both message lists."""
-    prompt, value = record.data["prompt"], record.data[answer]
-    if isinstance(prompt, list) or isinstance(value, list):
-        for name, val in (("prompt", prompt), (answer, value)):
-            if not isinstance(val, list):
-                raise record.error("expected a list of messages, like the other field", name)
-            check_messages(val, name)  # so a bad message is named within its own field
-        return tokenize_conversation(
-            tokenizer, prompt + value, trained_from=len(prompt), field=answer
-        )
-    _string(record, "prompt")
-    return tokenize_prompt_completion(tokenizer, prompt, _string(record, answer, False))
+def prompt_id(prompt: Any) -> str:
+    """Tells examples of one prompt from others whatever truncation does to their tokens."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _prompt_completion(tokenizer: Any, record: Record) -> dict[str, Any]:
+# -- prompt_completion -------------------------------------------------------------------------
+def _prompt_completion(record: Record) -> Group:
     data = record.data
     if "messages" in data:
-        tok = tokenize_conversation(tokenizer, data["messages"])
-    elif "prompt" in data or "completion" in data:
+        return Group(None, {"": data["messages"]}, fields={"": "messages"})
+    if "prompt" in data or "completion" in data:
         _require(record, "prompt", "completion")
-        tok = _prompt_and_answer(tokenizer, record, "completion")
-    elif "text" in data:
-        tok = tokenize_text(tokenizer, _string(record, "text", allow_empty=False))
-    else:
-        present = ", ".join(sorted(data)) or "none"
-        raise record.error(
-            f"expected fields prompt and completion, messages, or text; fields present: {present}"
-        )
-    return {"input_ids": tok.input_ids, "completion_mask": tok.completion_mask}
+        return Group(data["prompt"], {"": data["completion"]})
+    if "text" in data:
+        return Group(None, {"": data["text"]}, fields={"": "text"})
+    present = ", ".join(sorted(data)) or "none"
+    raise record.error(
+        f"expected fields prompt and completion, messages, or text; fields present: {present}"
+    )
 
 
-def _preference(tokenizer: Any, record: Record) -> dict[str, Any]:
+# -- preference ----------------------------------------------------------------------------------
+def _preference(record: Record) -> Group:
     _require(record, "prompt", "chosen", "rejected")
-    example = {}
-    for side in ("chosen", "rejected"):
-        tok = _prompt_and_answer(tokenizer, record, side)
-        example[f"{side}_input_ids"] = tok.input_ids
-        example[f"{side}_completion_mask"] = tok.completion_mask
-    return example
+    data = record.data
+    return Group(data["prompt"], {"chosen_": data["chosen"], "rejected_": data["rejected"]})
 
 
-def _feedback(tokenizer: Any, record: Record) -> list[dict[str, Any]]:
-    """An unpaired example; or, from a prompt/chosen/rejected record, a desirable (chosen) and an
-    undesirable (rejected) example, as TRL's ``unpair_preference_dataset`` does."""
+def _preference_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
+    """``[chosen; rejected]`` rows: ``0..n-1`` chosen, ``n..2n-1`` rejected."""
+    if not packed:
+        return paired_batch(examples, pad_token_id)
+    from .packing import pack_in_order
+
+    n = len(examples)
+    groups = [
+        [(e[f"{side}_input_ids"], e[f"{side}_completion_mask"]) for side in ("chosen", "rejected")]
+        for e in examples
+    ]
+    return pack_in_order(groups, [[i, n + i] for i in range(n)], pad_token_id)
+
+
+# -- feedback ------------------------------------------------------------------------------------
+def _feedback(record: Record) -> Group | list[Group]:
     data = record.data
     if "completion" not in data and "label" not in data and "chosen" in data:
         _require(record, "prompt", "chosen", "rejected")
         return [
-            _labelled(tokenizer, record, side, side == "chosen") for side in ("chosen", "rejected")
+            Group(
+                data["prompt"],
+                {"": data[side]},
+                values={"label": side == "chosen", "prompt_id": prompt_id(data["prompt"])},
+                fields={"": side},
+            )
+            for side in ("chosen", "rejected")
         ]
     _require(record, "prompt", "completion", "label")
     label = data["label"]
@@ -136,81 +92,181 @@ def _feedback(tokenizer: Any, record: Record) -> list[dict[str, Any]]:
         label = label.lower() == "true"
     if not isinstance(label, bool):
         raise record.error(f"expected a boolean (true = desirable), got {label!r}", "label")
-    return [_labelled(tokenizer, record, "completion", label)]
+    values = {"label": label, "prompt_id": prompt_id(data["prompt"])}
+    return Group(data["prompt"], {"": data["completion"]}, values=values)
 
 
-def _labelled(tokenizer: Any, record: Record, answer: str, label: bool) -> dict[str, Any]:
-    """A feedback example; ``prompt_id`` tells examples of one prompt from others whatever
-    truncation did to their tokens (KTO pairs each example with another prompt's answer)."""
-    tok = _prompt_and_answer(tokenizer, record, answer)
-    prompt = json.dumps(record.data["prompt"], sort_keys=True, ensure_ascii=False)
-    return {
-        "input_ids": tok.input_ids,
-        "completion_mask": tok.completion_mask,
-        "label": label,
-        "prompt_id": hashlib.blake2b(prompt.encode(), digest_size=8).hexdigest(),
-    }
+def _feedback_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
+    import torch
+
+    batch = every_sequence_batch(examples, pad_token_id, packed)
+    batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
+    return batch
 
 
-FORMATS: dict[str, Callable[[Any, Record], dict[str, Any] | list[dict[str, Any]]]] = {
-    "prompt_completion": _prompt_completion,
-    "preference": _preference,
-    "feedback": _feedback,
-}
+# -- ranked --------------------------------------------------------------------------------------
+class RankedRecord(BaseModel):
+    """A prompt with N ≥ 2 answers, each with a score (higher is better) or a rank (1 is best)."""
 
+    model_config = ConfigDict(extra="ignore")
 
-def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Record) -> bool:
-    """Apply the policy to every sequence of the example in place; True if anything was cut.
+    prompt: str | list[dict[str, Any]]
+    completions: list[str | list[dict[str, Any]]] = Field(min_length=2)
+    scores: list[float] | None = None
+    ranks: list[int] | None = None
 
-    ``keep_end`` removes the same number of leading tokens from every sequence of the example,
-    so chosen and rejected keep one and the same (shortened) prompt.
-    """
-    keys = [k for k in example if k.endswith("input_ids")]
-    longest = max(len(example[k]) for k in keys)
-    if longest > max_length:
-        if policy == "error":
-            raise record.error(
-                f"is {longest} tokens long, over max_length {max_length} (truncation=error)"
+    @model_validator(mode="after")
+    def _scored(self) -> RankedRecord:
+        given = [name for name in ("scores", "ranks") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError("give either scores (higher is better) or ranks (1 is best)")
+        values = getattr(self, given[0])
+        if len(values) != len(self.completions):
+            raise ValueError(
+                f"{given[0]} has {len(values)} values for {len(self.completions)} completions"
             )
-        if policy == "skip":
-            raise _Skip(f"longer than max_length {max_length}")
-        drop = longest - max_length
-        for key in keys:
-            mask_key = key.replace("input_ids", "completion_mask")
-            keep = slice(None, max_length) if policy == "keep_start" else slice(drop, None)
-            example[key], example[mask_key] = example[key][keep], example[mask_key][keep]
-    for key in keys:
-        if not any(example[key.replace("input_ids", "completion_mask")][1:]):  # 0 is no target
-            raise _Skip("no completion tokens within max_length")
-    return longest > max_length
+        return self
 
 
-def tokenize_records(
-    records: list[Record],
-    data_format: str,
-    tokenizer: Any,
-    max_length: int,
-    truncation: str,
-    split: str,
-) -> tuple[list[dict[str, Any]], DataReport]:
-    """Tokenise every record; errors name file, record and field; drops are counted."""
-    build = FORMATS[data_format]
-    report = DataReport(split=split, records=len(records))
-    examples = []
-    for record in records:
-        try:
-            built = build(tokenizer, record)
-        except TokenizeError as exc:
-            raise record.error(str(exc), exc.field) from None
-        for example in built if isinstance(built, list) else [built]:
-            example["record"] = record.location  # named when the example's loss is not finite
-            try:
-                report.truncated += _truncate(example, max_length, truncation, record)
-            except _Skip as skip:
-                report.skipped[str(skip)] += 1
-                continue
-            examples.append(example)
-    report.examples = len(examples)
-    if not examples:
-        raise DataError(f"no usable examples ({report.summary()})", source=records[0].source)
-    return examples, report
+def _ranked(record: Record) -> Group:
+    data = record.data
+    completions = data["completions"]
+    ranks = data.get("ranks")
+    scores = data["scores"] if ranks is None else [-float(r) for r in ranks]
+    return Group(
+        data["prompt"],
+        {f"completion{i}_": answer for i, answer in enumerate(completions)},
+        values={"scores": [float(s) for s in scores]},
+        fields={f"completion{i}_": f"completions[{i}]" for i in range(len(completions))},
+    )
+
+
+def ranked_prefixes(example: dict[str, Any]) -> list[str]:
+    """An example's answers in order: ``completion0_``, ``completion1_``, …"""
+    count = sum(1 for key in example if key.startswith("completion") and key.endswith("input_ids"))
+    return [f"completion{i}_" for i in range(count)]
+
+
+def _ranked_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
+    """Every answer a row (sequence), example by example: example 0's answers in record order,
+    then example 1's, …; ``scores`` (float) and ``group`` (the example of each sequence, 0..n-1)
+    per sequence. Packed: each example's answers share its prompt."""
+    import torch
+
+    sequences, scores, group = [], [], []
+    for index, example in enumerate(examples):
+        prefixes = ranked_prefixes(example)
+        sequences.append(
+            [(example[f"{p}input_ids"], example[f"{p}completion_mask"]) for p in prefixes]
+        )
+        scores += example["scores"]
+        group += [index] * len(prefixes)
+    if packed:
+        from .packing import pack
+
+        batch = pack(sequences, pad_token_id)
+    else:
+        rows = [
+            {"input_ids": ids, "completion_mask": mask} for seqs in sequences for ids, mask in seqs
+        ]
+        batch = sequence_batch(rows, pad_token_id)
+    batch["scores"] = torch.tensor(scores, dtype=torch.float32)
+    batch["group"] = torch.tensor(group, dtype=torch.long)
+    return batch
+
+
+def _samples(kind: str) -> tuple[dict[str, Any], ...]:
+    sums = [(1, 2), (10, 20), (3, 4), (7, 30)]
+    if kind == "prompt_completion":
+        return tuple(
+            {
+                "prompt": f"What is {a} + {b}? ",
+                "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3),
+            }
+            for a, b in sums
+        )
+    if kind == "preference":
+        return tuple(
+            {
+                "prompt": f"What is {a} + {b}? ",
+                "chosen": f"{a + b}." + " ok" * (a % 3),
+                "rejected": "No.",
+            }
+            for a, b in sums
+        )
+    if kind == "feedback":
+        return tuple(
+            {
+                "prompt": f"What is {a} + {b}? ",
+                "completion": f"{a + b}." if a % 2 else "No.",
+                "label": a % 2 == 1,
+            }
+            for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
+        )
+    return tuple(
+        {
+            "prompt": f"What is {a} + {b}? ",
+            "completions": [f"{a + b}." + " ok" * (a % 3), "No.", f"{a + b + 1}?"][: 2 + a % 2],
+            "scores": [2.0, 0.0, 1.0][: 2 + a % 2],
+        }
+        for a, b in sums
+    )
+
+
+FORMATS: Sequence[DataFormat] = (
+    DataFormat(
+        "prompt_completion",
+        "prompt/completion, messages (chat), or text records",
+        _prompt_completion,
+        columns=("prompt", "completion", "messages", "text"),
+        samples=_samples("prompt_completion"),
+    ),
+    DataFormat(
+        "preference",
+        "prompt/chosen/rejected records (strings or message lists)",
+        _preference,
+        columns=("prompt", "chosen", "rejected"),
+        batch=_preference_batch,
+        samples=_samples("preference"),
+    ),
+    DataFormat(
+        "feedback",
+        "prompt/completion/label records (label a JSON boolean, true = desirable); "
+        "prompt/chosen/rejected records are split into a desirable and an undesirable example",
+        _feedback,
+        columns=("prompt", "completion", "label", "chosen", "rejected"),
+        batch=_feedback_batch,
+        samples=_samples("feedback"),
+    ),
+    DataFormat(
+        "ranked",
+        "prompt/completions/scores records: N ≥ 2 answers to one prompt, each scored (higher "
+        "is better) or ranked (ranks, 1 is best)",
+        _ranked,
+        schema=RankedRecord,
+        batch=_ranked_batch,
+        samples=_samples("ranked"),
+    ),
+)
+BUILTIN = {fmt.name: fmt for fmt in FORMATS}
+
+
+def default_batch(
+    data_format: str | DataFormat,
+    examples: Sequence[dict[str, Any]],
+    pad_token_id: int,
+    packed: bool = False,
+) -> dict[str, Any]:
+    """The core's batch for a data format (a first-party one's name, or a ``DataFormat``), as
+    the loss gets it when the objective's plugin builds none; ``packed``: padding-free, the same
+    sequences in the same order."""
+    fmt = BUILTIN[data_format] if isinstance(data_format, str) else data_format
+    if fmt.batch is None:
+        return every_sequence_batch(list(examples), pad_token_id, packed)
+    return fmt.batch(list(examples), pad_token_id, packed)
+
+
+def align_register_formats(register: Any) -> None:
+    """The core's own registration (the registry calls it as it calls a plugin's hook)."""
+    for fmt in FORMATS:
+        register(fmt)

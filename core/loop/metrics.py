@@ -33,8 +33,15 @@ class MetricSums:
             self._totals[name] = [value, count]
 
     def add_output(self, output: Any, extra: Mapping[str, tuple[Any, Any]]) -> None:
-        """A loss hook's loss and metrics, and the metrics other plugins added for its batch."""
-        self.add("loss", output.loss, output.count)
+        """A loss hook's loss and metrics, and the metrics other plugins added for its batch.
+
+        A loss of several terms is kept as ``loss/<term>``; :func:`with_total_loss` adds their
+        means up to ``loss`` once they are reduced."""
+        if output.terms:
+            for name, (value, count) in output.terms.items():
+                self.add(f"{TERM_PREFIX}{name}", value, count)
+        else:
+            self.add("loss", output.loss, output.count)
         self.add_all(output.metrics)
         self.add_all(extra)
 
@@ -73,6 +80,17 @@ class MetricSums:
 
     def clear(self) -> None:
         self._totals.clear()
+
+
+TERM_PREFIX = "loss/"  # a multi-term loss's terms, as metrics
+
+
+def with_total_loss(values: dict[str, float]) -> dict[str, float]:
+    """``loss`` of a multi-term loss: the sum of its terms' means (each ``Σsum / Σcount``)."""
+    terms = [v for k, v in values.items() if k.startswith(TERM_PREFIX)]
+    if "loss" in values or not terms:
+        return values
+    return {"loss": sum(terms), **values}
 
 
 def means(totals: Mapping[str, tuple[float, float]]) -> dict[str, float]:

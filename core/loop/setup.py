@@ -22,7 +22,7 @@ import torch
 
 from .. import demo
 from ..config import RunSpec, check_model_and_data
-from ..data.formats import DataReport, tokenize_records
+from ..data.examples import DataReport, tokenize_records
 from ..data.records import read_records
 from ..errors import ConfigError
 from ..model.loading import load_causal_lm
@@ -35,6 +35,11 @@ def apply_demo_defaults(spec: RunSpec) -> bool:
     cfg = spec.config
     if cfg.model is None and cfg.data is None:
         fmt = spec.objective.item.data_format
+        if not demo.demo_data(fmt, "train").exists():
+            raise ConfigError(
+                f"objective {spec.objective.item.name!r} reads the {fmt!r} data format, which has "
+                "no demo data: give --model and --data"
+            )
         updates = {k: v for k, v in demo.DEMO_SETTINGS.items() if k not in cfg.model_fields_set}
         updates["model"] = str(demo.demo_model_path())
         updates["data"] = str(demo.demo_data(fmt, "train"))
@@ -233,11 +238,12 @@ def build_examples(
     """Read and tokenise one split, then let the objective's plugin prepare it."""
     examples, report = tokenize_records(
         read_records(path),
-        hooks.objective.data_format,
+        hooks.data_format,
         hooks.tokenizer,
         cfg.max_length,
         cfg.truncation,
         split,
+        fields=hooks.objective.fields,
     )
     examples = hooks.prepare_dataset(examples, split, cfg)
     report.examples = len(examples)

@@ -6,14 +6,12 @@ computes the loss through hooks, and any plugin may add metrics or prepare the m
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,10 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
-from ..data.batching import count_tokens
-from ..data.formats import DataReport
+from ..data.examples import DataReport
 from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
-from ..errors import ConfigError, PluginError
+from ..errors import ConfigError
 from ..model import dropout
 from ..model.probe import why_not_packable
 from ..plugins.api import LossOutput
@@ -49,6 +46,7 @@ from .setup import (
     precision_from_launcher,
     shared_output_dir,
 )
+from .step import accumulate_gradients, micro_batch_groups
 from .stopping import (
     RunStopped,
     StopSignals,
@@ -58,80 +56,15 @@ from .stopping import (
 )
 
 DEEPSPEED_REFUSED = (
-    "DeepSpeed is not supported: align makes the accumulated gradient that of one large batch "
-    "by scaling gradients after backward, and DeepSpeed's engine takes the optimizer step inside "
-    "backward. Use FSDP for sharded training (examples/accelerate/fsdp.yaml)."
+    "DeepSpeed is not supported yet: align scales each micro-batch's loss before its backward, "
+    "as DeepSpeed's engine needs, but runs under DeepSpeed are not tested. Use FSDP for sharded "
+    "training (examples/accelerate/fsdp.yaml)."
 )
 
 
 def log(accelerator: Any, message: str) -> None:
     if accelerator.is_main_process:
         print(message, file=sys.stderr, flush=True)
-
-
-# -- one step -------------------------------------------------------------------------------------
-LossFn = Callable[[dict[str, Any]], tuple[LossOutput, dict[str, tuple[Any, Any]]]]
-
-
-def accumulate_gradients(
-    model: Any,
-    micro_batches: list[dict[str, Any]],
-    compute: LossFn,
-    accelerator: Any,
-    sums: MetricSums,
-    losses: list[torch.Tensor] | None = None,
-) -> float:
-    """Backward every micro-batch, then make the gradient that of one large batch.
-
-    Each loss hook returns a *sum* over its units and their count. The summed gradients are
-    scaled by ``world_size / Σcount`` (Σ over micro-batches and processes; DDP averages over
-    processes), which equals the gradient of ``Σloss / Σcount`` over the accumulated batch.
-    Returns that loss; ``losses``, when given, receives each micro-batch's loss sum. Nothing
-    is copied off the device before the last backward.
-    """
-    loss_sum: Any = 0.0
-    count: Any = 0.0
-    for i, batch in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            output, extra = compute(batch)
-            accelerator.backward(output.loss)
-        if losses is not None:
-            losses.append(output.loss.detach())
-        loss = output.loss.detach().double()
-        loss_sum = loss_sum + loss
-        count = count + torch.as_tensor(output.count, dtype=torch.float64, device=loss.device).sum()
-        sums.add_output(output, extra)
-        sums.add("num_tokens", count_tokens(batch), 1)
-    totals = torch.stack([torch.as_tensor(loss_sum), torch.as_tensor(count)])
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum")
-    totals = totals.cpu()
-    if totals[1] <= 0:
-        raise PluginError("the loss hook reported a count of 0 loss units for a whole step")
-    scale = accelerator.num_processes / totals[1].item()
-    for param in model.parameters():
-        if param.grad is not None:
-            param.grad.mul_(scale)
-    return (totals[0] / totals[1]).item()
-
-
-def micro_batch_groups(loader: Any, grad_accum: int, start: int = 0) -> Iterator[list]:
-    """Endless groups of ``grad_accum`` ``(indices, micro-batch)`` pairs, one per optimizer
-    step, from step ``start`` on; an epoch's last group may be shorter."""
-    steps_per_epoch = math.ceil(len(loader) / grad_accum)
-    epoch, skip = divmod(start, steps_per_epoch)
-    while True:
-        loader.set_epoch(epoch)
-        group: list = []
-        for item in loader.batches(skip * grad_accum):
-            group.append(item)
-            if len(group) == grad_accum:
-                yield group
-                group = []
-        if group:
-            yield group
-        epoch, skip = epoch + 1, 0
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -413,8 +346,12 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             run.step = step - 1
             learning_rate = scheduler.get_last_lr()[0]
             step_sums, micro_losses = MetricSums(), []
+            counted = [
+                (batch, hooks.counts(batch, [examples["train"][i] for i in indices]))
+                for indices, batch in group
+            ]
             loss = accumulate_gradients(
-                model, [batch for _, batch in group], compute, accelerator, step_sums, micro_losses
+                model, counted, compute, accelerator, step_sums, micro_losses
             )
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)

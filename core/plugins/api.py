@@ -1,4 +1,5 @@
-"""What a plugin registers, and what its loss returns."""
+"""What a plugin registers (objectives, data formats, sections, presets), the schemas it
+declares (options, extra record fields) and what its loss returns."""
 
 from __future__ import annotations
 
@@ -7,13 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
-
-DATA_FORMATS = {
-    "prompt_completion": "prompt/completion, messages (chat), or text records",
-    "preference": "prompt/chosen/rejected records (strings or message lists)",
-    "feedback": "prompt/completion/label records (label a JSON boolean, true = desirable); "
-    "prompt/chosen/rejected records are split into a desirable and an undesirable example",
-}
 
 
 class Options(BaseModel):
@@ -35,12 +29,86 @@ class NoOptions(Options):
     """An objective or section without options."""
 
 
+class Fields(BaseModel):
+    """Base class for the extra record fields an objective reads (``Objective(fields=…)``).
+
+    Each field is a column of the data file: ``weight: float = 1.0`` reads ``"weight": 0.3``
+    from every record, validated as options are (a bad value is an error that names the file,
+    the line and the field), and hands it to the loss as ``batch["weight"]``, one value per
+    example. A field without a default is required. JSON ``null``, and an empty CSV cell, count
+    as missing.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+@dataclass
+class Group:
+    """A record as the core tokenises it: one prompt and the answers that follow it.
+
+    ``prompt``: a string, a list of chat messages, or None (then each answer is a whole
+    text, trained throughout, or a whole conversation, trained on its assistant turns).
+    ``answers``: sequence prefix → answer (a string, or messages when the prompt is messages);
+    the core tokenises ``prompt + answer`` into ``<prefix>input_ids`` and
+    ``<prefix>completion_mask`` (1 on the answer's tokens), truncates, packs the answers with
+    the prompt shared, and scores them with the reference. Use ``""`` for a single sequence,
+    ``"chosen_"``/``"rejected_"`` for a pair, ``"completion0_"``… for a list.
+    ``values``: per-example values the format's batch hands the loss (a label, scores).
+    ``fields``: prefix → the record field each answer came from, named in errors
+    (default: the prefix without its ``_``, or ``completion`` for ``""``).
+    """
+
+    prompt: str | list[dict[str, Any]] | None
+    answers: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def field_of(self, prefix: str) -> str:
+        return self.fields.get(prefix) or prefix.rstrip("_") or "completion"
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A data format, registered through ``align_register_formats``: the record columns it
+    reads and how a record becomes one or more :class:`Group`.
+
+    ``groups(record)`` gets an ``align.Record`` (``record.data``: the row; ``record.error(message,
+    field)``: a DataError naming file, line and field) and returns a Group, or a list of them
+    (one example each). ``schema`` (a pydantic model, like :class:`Fields`) validates the
+    columns before ``groups`` sees them, and ``record.data`` then holds the validated values;
+    without it, list the columns in ``columns`` and check them in ``groups``. Columns that
+    neither the format nor the objective's fields read are reported (``ignored columns``).
+    ``batch(examples, pad_token_id, packed)`` builds the core's batch for the format (None:
+    every sequence under its own prefix, ``align.default_batch``); ``packed`` asks for the
+    padding-free layout (``align.packing``). ``samples``: a few records, which the conformance
+    suite and ``align new-plugin`` use.
+    """
+
+    name: str
+    description: str
+    groups: Callable[[Any], Group | list[Group]]
+    columns: tuple[str, ...] = ()
+    schema: type[BaseModel] | None = None
+    batch: Callable[[list[dict[str, Any]], int, bool], dict[str, Any]] | None = None
+    samples: tuple[dict[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.schema is not None:
+            if not (isinstance(self.schema, type) and issubclass(self.schema, BaseModel)):
+                raise TypeError(f"data format {self.name!r}: schema must be a pydantic model class")
+            names = tuple(f.alias or n for n, f in self.schema.model_fields.items())
+            object.__setattr__(self, "columns", tuple(dict.fromkeys((*self.columns, *names))))
+
+
 @dataclass(frozen=True)
 class Objective:
     """A training objective, registered by a plugin through ``align_register_objectives``.
 
-    ``data_format`` is one of ``DATA_FORMATS``: the core reads and tokenises records of that
-    format. ``needs_reference`` asks the core for reference log-probs in the loss hook.
+    ``data_format`` names a registered data format (``align formats`` lists them): the core
+    reads and tokenises records of that format. ``fields`` (an :class:`Fields` schema) declares
+    the extra record columns the loss reads; the core validates them and adds them to every
+    batch, one value per example. ``needs_reference`` asks the core for reference log-probs in
+    the loss hook.
     ``derived_metrics`` maps the reduced metric means to further metrics that are not a single
     ``Σsum/Σcount`` (a difference of two class means, say); it is called at every log and eval.
     ``packable`` says the loss reads the core's batches only through ``align.forward_logps``
@@ -61,13 +129,13 @@ class Objective:
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     packable: bool = False
     disable_dropout: bool = False
+    fields: type[Fields] | None = None
 
     def __post_init__(self) -> None:
-        if self.data_format not in DATA_FORMATS:
-            raise ValueError(
-                f"objective {self.name!r}: unknown data_format {self.data_format!r}; "
-                f"expected one of {sorted(DATA_FORMATS)}"
-            )
+        if self.fields is not None and not (
+            isinstance(self.fields, type) and issubclass(self.fields, BaseModel)
+        ):
+            raise TypeError(f"objective {self.name!r}: fields must be an align.Fields class")
         if not (isinstance(self.options, type) and issubclass(self.options, BaseModel)):
             raise TypeError(f"objective {self.name!r}: options must be a pydantic model class")
 
@@ -115,10 +183,30 @@ class Preset:
 class LossOutput:
     """What ``align_compute_loss`` returns for one micro-batch.
 
-    ``loss``: the differentiable *sum* of per-unit losses. ``count``: the number of units
-    (completion tokens for a token mean, sequences, pairs). ``metrics``: ``name -> (sum, count)``.
+    One term: ``loss``, the differentiable *sum* of per-unit losses, and ``count``, the number
+    of units (completion tokens for a token mean, sequences, pairs). Several terms, each
+    normalised by its own unit: ``terms={"nll": (sum, tokens), "odds_ratio": (sum, pairs)}``;
+    the run's loss is ``Σ_terms Σsum / Σcount``, each term totalled over the accumulated batch
+    and all processes. The counts must equal those ``align_loss_counts`` gave for the batch
+    (the core scales the loss by them before the backward). ``metrics``: ``name -> (sum,
+    count)``.
     """
 
-    loss: Any
-    count: Any
+    loss: Any = None
+    count: Any = None
     metrics: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    terms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.terms:
+            if self.loss is not None or self.count is not None:
+                raise TypeError("LossOutput takes loss and count, or terms, not both")
+            for name, pair in self.terms.items():
+                if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                    raise TypeError(f"LossOutput term {name!r} must be a (sum, count) pair")
+        elif self.loss is None or self.count is None:
+            raise TypeError("LossOutput needs loss and count (or terms={name: (sum, count)})")
+
+    def all_terms(self) -> dict[str, tuple[Any, Any]]:
+        """Every term as ``name -> (sum, count)``; a single-term loss is ``{"loss": …}``."""
+        return dict(self.terms) if self.terms else {"loss": (self.loss, self.count)}

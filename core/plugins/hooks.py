@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import RunSpec
-from ..data.batching import default_batch
+from ..data.fields import collate, column_names
+from ..data.formats import default_batch
 from ..errors import PluginError
 from .api import LossOutput
 from .registry import PluginRegistry
 
 
 class ObjectiveHooks:
-    """Calls ``align_prepare_dataset``, ``align_build_batch`` and ``align_compute_loss`` on the
-    registering plugin only, and ``align_metrics`` on every plugin."""
+    """Calls ``align_prepare_dataset``, ``align_build_batch``, ``align_loss_counts`` and
+    ``align_compute_loss`` on the registering plugin only, and ``align_metrics`` on every
+    plugin."""
 
-    def __init__(self, registry: PluginRegistry, spec: RunSpec, tokenizer: Any) -> None:
+    def __init__(self, registry: PluginRegistry, spec: Any, tokenizer: Any) -> None:
         self.registry, self.registered = registry, spec.objective
         self.objective, self.options, self.tokenizer = spec.objective.item, spec.options, tokenizer
+        self.config = spec.config
+        self.data_format = registry.data_format(self.objective)
+        fields = self.objective.fields
+        self.field_names = column_names(fields) if fields is not None else []
         self.packed = self.objective.packable and spec.config.padding_free
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
@@ -36,18 +41,43 @@ class ObjectiveHooks:
     def build_batch(
         self, examples: list[dict[str, Any]], packed: bool | None = None
     ) -> dict[str, Any]:
-        """The plugin's batch, else the core's: packed when the objective is ``packable`` and
-        the run has ``padding_free`` on (``packed`` overrides that)."""
-        batch = self._call("align_build_batch", examples=examples, tokenizer=self.tokenizer)
+        """The plugin's batch, else the data format's: packed when the objective is
+        ``packable`` and the run has ``padding_free`` on (``packed`` overrides that). The
+        objective's extra fields are added, one value per example, unless the plugin's batch
+        already holds them."""
+        packed = self.packed if packed is None else packed
+        batch = self._call(
+            "align_build_batch",
+            examples=examples,
+            tokenizer=self.tokenizer,
+            config=self.config,
+            packed=packed,
+        )
         if batch is None:
-            packed = self.packed if packed is None else packed
-            batch = default_batch(
-                self.objective.data_format, examples, self.tokenizer.pad_token_id, packed
-            )
+            batch = default_batch(self.data_format, examples, self.tokenizer.pad_token_id, packed)
+        missing = [name for name in self.field_names if name not in batch]
+        batch.update(collate(examples, missing))
         return batch
 
+    def counts(self, batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Each loss term's units in ``batch``, before its forward (``align_loss_counts``);
+        by default one term, ``loss``, counting the examples."""
+        counts = self._call("align_loss_counts", batch=batch, examples=examples, config=self.config)
+        if counts is None:
+            return {"loss": len(examples)}
+        if not isinstance(counts, dict) or not counts:
+            raise PluginError(
+                f"{self.registered.plugin.label}: align_loss_counts returned {counts!r}, "
+                "expected a dict term -> count"
+            )
+        return counts
+
     def derive(self, values: dict[str, float]) -> dict[str, float]:
-        """Reduced metric means plus the objective's derived metrics (differences of means)."""
+        """Reduced metric means, a multi-term loss's total, and the objective's derived metrics
+        (differences of means)."""
+        from ..loop.metrics import with_total_loss
+
+        values = with_total_loss(values)
         if self.objective.derived_metrics is None:
             return values
         return {**values, **self.objective.derived_metrics(values)}

@@ -6,13 +6,16 @@ arguments, so the core can add arguments without breaking plugins.
 
 Calling order:
 
-1. ``align_register_objectives`` and ``align_register_sections`` once, when plugins load.
+1. ``align_register_formats``, ``align_register_objectives`` and ``align_register_sections``
+   once, when plugins load.
 2. ``align_prepare_model`` once per run, after the model is loaded (every plugin may take part).
 3. ``align_prepare_dataset`` once per data split, after the core has tokenised the records
    (only the plugin that registered the selected objective is asked).
 4. ``align_build_batch`` for every micro-batch (only the registering plugin).
-5. ``align_compute_loss`` for every micro-batch (only the registering plugin).
-6. ``align_metrics`` for every micro-batch (every plugin may contribute).
+5. ``align_loss_counts`` for every micro-batch of an optimizer step, before any forward
+   (only the registering plugin).
+6. ``align_compute_loss`` for every micro-batch (only the registering plugin).
+7. ``align_metrics`` for every micro-batch (every plugin may contribute).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ hookspec = pluggy.HookspecMarker("align")
 @hookspec
 def align_register_objectives(register):
     """Register objectives: call ``register(align.Objective(...))`` once for each."""
+
+
+@hookspec
+def align_register_formats(register):
+    """Register data formats: call ``register(align.DataFormat(...))`` once for each. An
+    objective of any plugin may then name the format as its ``data_format``."""
 
 
 @hookspec
@@ -51,8 +60,26 @@ def align_prepare_dataset(objective, examples, options, split, config):
 
 
 @hookspec(firstresult=True)
-def align_build_batch(objective, examples, tokenizer, options):
-    """Turn a list of tokenised examples into a dict of tensors, or None for the core's default."""
+def align_build_batch(objective, examples, tokenizer, options, config, packed):
+    """Turn a list of tokenised examples into a dict of tensors, or None for the core's default.
+
+    ``packed`` is True when the run hands the loss padding-free batches (the objective is
+    ``packable`` and ``padding_free`` is on): build them with ``align.packing.pack`` (or
+    ``pack_in_order``), or return a padded batch, which ``align.forward_logps`` reads as well.
+    The core adds the objective's extra fields (``Objective(fields=…)``) to the batch after.
+    """
+
+
+@hookspec(firstresult=True)
+def align_loss_counts(objective, batch, examples, options, config):
+    """The number of loss units of each term in ``batch``, before its forward: a dict
+    ``term -> count`` (ints or tensors), the counts ``align_compute_loss`` will return for it.
+
+    Not implemented: one term, ``loss``, counting the batch's examples (pairs of a preference
+    batch). The core totals each term over the step's micro-batches and all processes once, and
+    scales each micro-batch's loss by those totals before its backward, so gradient accumulation
+    and N processes equal one large batch with any engine that owns the backward.
+    """
 
 
 @hookspec(firstresult=True)
@@ -60,8 +87,9 @@ def align_compute_loss(objective, model, batch, options, reference, run):
     """Compute the loss of one micro-batch and return an ``align.LossOutput``.
 
     ``loss`` is the *sum* of the objective's loss units (tokens, sequences, pairs) and ``count``
-    their number; the core divides by the total count over all micro-batches of the optimizer
-    step and all processes, so gradient accumulation equals one large batch. ``reference`` gives
+    their number, or ``terms`` holds several such ``(sum, count)`` pairs; the core divides each
+    by its total count over all micro-batches of the optimizer step and all processes
+    (``align_loss_counts``), so gradient accumulation equals one large batch. ``reference`` gives
     reference log-probs when the objective declared ``needs_reference``, else it is None.
     """
 

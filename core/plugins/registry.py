@@ -7,6 +7,7 @@ registrations and objective-name clashes are recorded on the plugin and shown by
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as metadata
 import os
 import re
@@ -21,7 +22,7 @@ from ..errors import PluginError
 from ..options import CORE_KEYS
 from ..suggest import did_you_mean
 from . import hookspecs
-from .api import Objective, Preset, Section
+from .api import DataFormat, Objective, Preset, Section
 
 ENTRY_POINT_GROUP = "align"
 PLUGINS_ENV = "ALIGN_PLUGINS"
@@ -74,6 +75,7 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     objectives: list[str] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     obj: Any = field(default=None, repr=False)
 
@@ -94,6 +96,7 @@ class PluginInfo:
             "hooks": self.hooks,
             "objectives": self.objectives,
             "sections": self.sections,
+            "formats": self.formats,
             "status": self.status,
             "errors": self.errors,
         }
@@ -103,7 +106,7 @@ class PluginInfo:
 class Registered:
     """An objective or section together with the plugin that registered it."""
 
-    item: Objective | Section
+    item: Objective | Section | DataFormat
     plugin: PluginInfo
 
 
@@ -123,6 +126,7 @@ class PluginRegistry:
         self.plugins: dict[str, PluginInfo] = {}
         self.objectives: dict[str, Registered] = {}
         self.sections: dict[str, Registered] = {}
+        self.formats: dict[str, Registered] = {}
         self.clashes: dict[str, dict[str, list[Registered]]] = {"objective": {}}
 
     # -- loading -----------------------------------------------------------------------------
@@ -164,22 +168,37 @@ class PluginRegistry:
         )
 
     def collect_registrations(self) -> None:
-        """Ask each healthy plugin for its objectives and sections, then find clashes."""
+        """Ask each healthy plugin for its formats, objectives and sections, then find clashes
+        and objectives whose data format or extra fields cannot be used."""
+        from ..data import formats as core_formats
+
+        core = PluginInfo(name=CORE_DISTRIBUTION, distribution=None, version=None, module="align")
+        for fmt in _collect_from(core_formats.align_register_formats, DataFormat, "formats"):
+            self.formats[fmt.name] = Registered(fmt, core)
         found: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
         for info in self.plugins.values():
             if info.errors:
                 continue
             try:
+                formats = self._collect(info, "align_register_formats", DataFormat)
                 objectives = self._collect(info, "align_register_objectives", (Objective, Preset))
                 sections = self._collect(info, "align_register_sections", Section)
             except Exception as exc:
                 info.errors.append(f"registration failed: {_describe(exc)}")
                 self.pm.unregister(info.obj)  # none of its hooks may run
                 continue
+            for fmt in formats:
+                info.formats.append(fmt.name)
+                if fmt.name in self.formats:
+                    owner = self.formats[fmt.name].plugin.label
+                    info.errors.append(f"data format {fmt.name!r} is already registered by {owner}")
+                else:
+                    self.formats[fmt.name] = Registered(fmt, info)
             for kind, items in (("objective", objectives), ("section", sections)):
                 for item in items:
                     getattr(info, f"{kind}s").append(item.name)
                     found[kind].setdefault(item.name, []).append(Registered(item, info))
+
         # A section with a problem unloads its plugin: its model-preparation hooks would run
         # in every run without their options.
         unloaded = set()
@@ -206,6 +225,8 @@ class PluginRegistry:
             if not registrations:  # its only plugin was unloaded
                 continue
             problem = _name_problem("objective", name, registrations, CORE_KEYS, {})
+            if problem is None and isinstance(registrations[0].item, Objective):
+                problem = self._data_problem(registrations[0].item)
             if problem is None:
                 self.objectives[name] = registrations[0]
                 continue
@@ -216,18 +237,32 @@ class PluginRegistry:
 
     def _collect(self, info: PluginInfo, hook_name: str, kind: type | tuple[type, ...]) -> list:
         items: list = []
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-
-        def register(item: Any) -> None:
-            if not isinstance(item, kinds):
-                expected = " or ".join(f"align.{k.__name__}" for k in kinds)
-                raise TypeError(f"{hook_name} registered {item!r}, expected {expected}")
-            items.append(item)
-
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin is info.obj:
-                call_impl(impl, register=register)
+                hook = functools.partial(_call_register, impl)
+                items += _collect_from(hook, kind, hook_name)
         return items
+
+    def _data_problem(self, objective: Objective) -> str | None:
+        """Why an objective's data format or extra fields cannot be used, or None."""
+        from ..data.fields import column_names, reserved_problem
+
+        registered = self.formats.get(objective.data_format)
+        if registered is None:
+            return (
+                f"objective {objective.name!r}: unknown data_format {objective.data_format!r}."
+                f"{did_you_mean(objective.data_format, self.formats)} Registered formats: "
+                f"{', '.join(sorted(self.formats))}"
+            )
+        for name in column_names(objective.fields) if objective.fields is not None else ():
+            problem = reserved_problem(name, registered.item.columns)
+            if problem:
+                return f"objective {objective.name!r}: {problem}"
+        return None
+
+    def data_format(self, objective: Objective) -> DataFormat:
+        """The registered data format an objective reads."""
+        return self.formats[objective.data_format].item
 
     # -- queries -----------------------------------------------------------------------------
     def objective(self, name: str) -> Registered:
@@ -296,6 +331,25 @@ def _name_problem(
     if name in objectives:
         return f"{kind} {name!r} has the name of an objective"
     return None
+
+
+def _collect_from(hook: Any, kind: type | tuple[type, ...], hook_name: str) -> list:
+    """What one registration hook registers, each item checked to be of ``kind``."""
+    items: list = []
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+
+    def register(item: Any) -> None:
+        if not isinstance(item, kinds):
+            expected = " or ".join(f"align.{k.__name__}" for k in kinds)
+            raise TypeError(f"{hook_name} registered {item!r}, expected {expected}")
+        items.append(item)
+
+    hook(register)
+    return items
+
+
+def _call_register(impl: pluggy.HookImpl, register: Any) -> Any:
+    return call_impl(impl, register=register)
 
 
 def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:

@@ -59,7 +59,7 @@ def align_register_objectives(register):
 
 @align.hookimpl
 def align_compute_loss(model, batch, options):
-    from ..loss import loss
+    from .loss import loss
 
     return loss(model, batch, options.temperature)
 '''

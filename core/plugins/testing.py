@@ -7,14 +7,27 @@ A plugin's whole test file can be::
     class TestMyLoss(ObjectiveConformance):
         objective = "myloss"
 
-The suite builds a tiny Llama and tokenizer offline, tokenises a few records of the objective's
-data format, and checks: batch keys, shapes and loss masks; a finite loss whose gradient reaches
-the trainable parameters; that extra padding leaves the loss unchanged; that metrics are scalar
+The suite builds a tiny Llama and tokenizer offline, writes a few records of the objective's
+data format to a file, tokenises them as ``align run`` does, and checks: batch keys, shapes and
+loss masks; the objective's extra fields reach the batch with the values in the file; a finite
+loss whose gradient reaches the trainable parameters; that the counts the loss returns are those
+``align_loss_counts`` gives before the forward; that splitting the batch into micro-batches of
+uneven size leaves the step's loss and gradient unchanged (a loss that returns a mean where a
+sum is due fails here); that extra padding leaves the loss unchanged; that metrics are scalar
 ``(sum, count)`` pairs; that a ``packable`` objective's loss, metrics and gradients are the same
 on padding-free batches; that importing the plugin module does not import torch; a two-step
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
-continued with ``--resume`` equals one that was not stopped. Set ``plugin`` to a module (or
-object with hookimpls) to test it without installing it, and ``options`` to test other settings.
+continued with ``--resume`` equals one that was not stopped.
+
+Class attributes a test may set:
+
+- ``objective`` (required): the objective's name.
+- ``plugin``: a module (or object with hookimpls) to test without installing it.
+- ``options``: the objective's options, as ``--set`` would give them (``{"beta": 0.5}``).
+- ``records``: the records written to the data file (a list of dicts, as in a JSON Lines
+  file); default: the data format's ``samples``. Give them when the objective reads extra
+  fields that have no default, or needs data the samples lack. Four or more, with at least two
+  different prompts.
 """
 
 from __future__ import annotations
@@ -36,28 +49,10 @@ from ..model import dropout
 from . import registry as plugin_registry
 from .registry import PLUGINS_ENV
 
-SAMPLE_RECORDS = {
-    "prompt_completion": [
-        {"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
-        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
-    ],
-    "preference": [
-        {
-            "prompt": f"What is {a} + {b}? ",
-            "chosen": f"{a + b}." + " ok" * (a % 3),
-            "rejected": "No.",
-        }
-        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
-    ],
-    "feedback": [
-        {
-            "prompt": f"What is {a} + {b}? ",
-            "completion": f"{a + b}." if a % 2 else "No.",
-            "label": a % 2 == 1,
-        }
-        for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
-    ],
-}
+from ..data.formats import BUILTIN
+
+# The first-party formats' sample records (a registered format's are its ``samples``).
+SAMPLE_RECORDS = {name: list(fmt.samples) for name, fmt in BUILTIN.items()}
 
 
 @contextlib.contextmanager
@@ -113,6 +108,12 @@ class _OneProcess:
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def no_sync(self, model: Any) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Any) -> None:
+        loss.backward()
+
 
 class ObjectiveConformance:
     """Subclass as ``TestSomething`` and set ``objective`` (and maybe ``plugin``, ``options``)."""
@@ -145,22 +146,38 @@ class ObjectiveConformance:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..config import resolve
-        from ..data.formats import tokenize_records
+        from ..data.examples import tokenize_records
         from ..data.records import read_records
-        from ..reference.models import ModelReference
+        from ..reference import ModelReference
         from ..run import Run
         from .hooks import ObjectiveHooks
 
-        sets = [f"{key}={json.dumps(value)}" for key, value in self.options.items()]
-        spec = resolve(registry, None, {"objective": self.objective, "max_steps": 2}, sets)
-        data_format = spec.objective.item.data_format
+        data_format = registry.data_format(registry.objective(self.objective).item)
+        rows = self.records if self.records is not None else list(data_format.samples)
+        assert rows, f"data format {data_format.name!r} has no samples: set records"
         path = tmp_path / "data.jsonl"
-        rows = self.records or SAMPLE_RECORDS[data_format]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        sets = [f"{key}={json.dumps(value)}" for key, value in self.options.items()]
+        given = {
+            "objective": self.objective,
+            "max_steps": 2,
+            "model": str(model_dir),
+            "data": str(path),
+            "max_length": 64,
+            "batch_size": 2,
+            "output_dir": str(tmp_path / "run"),
+        }
+        spec = resolve(registry, None, given, sets)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hooks = ObjectiveHooks(registry, spec, tokenizer)
         examples, _ = tokenize_records(
-            read_records(path), data_format, tokenizer, 64, "keep_start", "train"
+            read_records(path),
+            hooks.data_format,
+            tokenizer,
+            spec.config.max_length,
+            "keep_start",
+            "train",
+            fields=spec.objective.item.fields,
         )
         examples = hooks.prepare_dataset(examples, "train", spec.config)
         torch.manual_seed(0)
@@ -182,7 +199,7 @@ class ObjectiveConformance:
         run = Run(spec.config, _OneProcess(), tokenizer, tmp_path, max_steps=2)
         return SimpleNamespace(
             spec=spec, hooks=hooks, tokenizer=tokenizer, examples=examples, model=model,
-            reference=reference, run=run, data=path, model_dir=model_dir,
+            reference=reference, run=run, data=path, model_dir=model_dir, records=rows,
         )  # fmt: skip
 
     # -- the checks ------------------------------------------------------------------------------
@@ -192,7 +209,7 @@ class ObjectiveConformance:
         batch = setup.hooks.build_batch(setup.examples, packed=False)
         prefixes = sequence_prefixes(batch)
         assert prefixes, "a batch needs at least one <prefix>input_ids tensor"
-        rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes}
+        rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes} | {len(setup.examples)}
         for prefix in prefixes:
             ids = batch[f"{prefix}input_ids"]
             for name in ("attention_mask", "completion_mask"):
@@ -208,6 +225,38 @@ class ObjectiveConformance:
             if isinstance(value, torch.Tensor) and not key.endswith(("input_ids", "mask")):
                 assert value.shape[0] in rows, f"{key}: first dimension is not the batch's"
 
+    def test_extra_fields_reach_the_batch_from_the_data_file(self, setup: SimpleNamespace) -> None:
+        """Every field the objective declares is in the batch, one value per example, equal to
+        the file's value (or the field's default), in both layouts."""
+        import torch
+
+        from ..data.fields import column_names
+
+        schema = setup.spec.objective.item.fields
+        if schema is None:
+            pytest.skip("the objective declares no extra fields")
+        by_location = {e["record"]: e for e in setup.examples}
+        for packed in self._layouts(setup):
+            batch = setup.hooks.build_batch(setup.examples, packed=packed)
+            for name in column_names(schema):
+                assert name in batch, f"field {name!r} is not in the batch"
+                values = batch[name]
+                values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+                assert len(values) == len(setup.examples), f"{name}: not one value per example"
+                for example, value in zip(setup.examples, values, strict=True):
+                    line = int(example["record"].split()[-1])
+                    row = setup.records[line - 1]
+                    want = row.get(name)
+                    if want is None:
+                        want = schema.model_validate({}).model_dump(by_alias=True)[name]
+                    assert value == pytest.approx(want), f"{name} of {example['record']}"
+                    assert by_location[example["record"]][name] == pytest.approx(want)
+
+    @staticmethod
+    def _layouts(setup: SimpleNamespace) -> tuple[bool, ...]:
+        """Padded, and packed too for a ``packable`` objective."""
+        return (False, True) if setup.spec.objective.item.packable else (False,)
+
     def _loss(self, setup: SimpleNamespace, batch: dict[str, Any]) -> Any:
         from .api import LossOutput
 
@@ -215,16 +264,86 @@ class ObjectiveConformance:
         assert isinstance(output, LossOutput)
         return output, extra
 
+    @staticmethod
+    def _total(output: Any) -> Any:
+        """A micro-batch's loss as one large batch of it would have it: Σ_terms sum / count."""
+        import torch
+
+        return sum(
+            torch.as_tensor(s) / torch.as_tensor(c).sum().clamp(min=1)
+            for s, c in output.all_terms().values()
+        )
+
     def test_loss_is_finite_and_reaches_the_parameters(self, setup: SimpleNamespace) -> None:
         import torch
 
         output, _ = self._loss(setup, setup.hooks.build_batch(setup.examples))
-        loss, count = torch.as_tensor(output.loss), torch.as_tensor(output.count)
-        assert loss.ndim == 0 and torch.isfinite(loss), f"loss {loss} is not a finite scalar"
-        assert count.sum() > 0, "count must be the number of loss units, above 0"
-        loss.backward()
+        for name, (loss, count) in output.all_terms().items():
+            loss, count = torch.as_tensor(loss), torch.as_tensor(count)
+            assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: {loss} is not a finite scalar"
+            assert count.sum() >= 0, f"{name}: count must be a number of loss units"
+        self._total(output).backward()
         grads = [p.grad for p in setup.model.parameters() if p.grad is not None]
         assert grads and any(g.abs().sum() > 0 for g in grads), "no gradient reached the model"
+
+    def test_counts_before_the_forward_match_the_loss(self, setup: SimpleNamespace) -> None:
+        """``align_loss_counts`` (or the default, one ``loss`` term counting examples) gives,
+        from the batch alone, the counts the loss then returns, in both layouts."""
+        import torch
+
+        for packed in self._layouts(setup):
+            batch = setup.hooks.build_batch(setup.examples, packed=packed)
+            counts = setup.hooks.counts(batch, setup.examples)
+            with torch.no_grad():
+                output, _ = self._loss(setup, batch)
+            terms = output.all_terms()
+            assert sorted(counts) == sorted(terms), (
+                f"align_loss_counts gives the terms {sorted(counts)}, the loss {sorted(terms)}"
+            )
+            for name, (_, count) in terms.items():
+                given = float(torch.as_tensor(counts[name]).sum())
+                assert float(torch.as_tensor(count).sum()) == given, (
+                    f"term {name!r}: the loss counts {float(torch.as_tensor(count).sum())}, "
+                    f"align_loss_counts {given}"
+                )
+
+    def test_micro_batches_equal_one_batch(self, setup: SimpleNamespace) -> None:
+        """A step over uneven micro-batches (1 example, then the rest) has the loss and the
+        gradient of the step over one batch of all the examples: the loss hook returns sums
+        and the core divides. A loss that returns a mean fails here."""
+        import torch
+
+        from ..loop.metrics import MetricSums
+        from ..loop.step import accumulate_gradients
+
+        assert len(setup.examples) >= 3, "the suite needs at least 3 examples: set records"
+        results = []
+        for split in ([setup.examples], [setup.examples[:1], setup.examples[1:]]):
+            setup.model.zero_grad(set_to_none=True)
+            micro = []
+            for part in split:
+                batch = setup.hooks.build_batch(part)
+                micro.append((batch, setup.hooks.counts(batch, part)))
+            torch.manual_seed(0)
+            loss = accumulate_gradients(
+                setup.model,
+                micro,
+                lambda batch: self._loss(setup, batch),
+                setup.run.accelerator,
+                MetricSums(),
+            )
+            grads = {
+                n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
+            }
+            results.append((loss, grads))
+        (loss, grads), (split_loss, split_grads) = results
+        assert split_loss == pytest.approx(loss, rel=1e-5, abs=1e-6), (
+            "micro-batches give another loss than one batch: does the loss hook return a mean "
+            "where the sum of its units is due, or a count that is not the number of units?"
+        )
+        assert split_grads.keys() == grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
     def test_extra_padding_leaves_the_loss_unchanged(self, setup: SimpleNamespace) -> None:
         import torch
@@ -243,10 +362,12 @@ class ObjectiveConformance:
         with torch.no_grad():
             plain, _ = self._loss(setup, batch)
             more, _ = self._loss(setup, padded)
-        assert float(more.loss) == pytest.approx(float(plain.loss), rel=1e-4, abs=1e-5)
+        assert float(self._total(more)) == pytest.approx(
+            float(self._total(plain)), rel=1e-4, abs=1e-5
+        )
 
     def test_packed_batches_give_the_padded_loss(self, setup: SimpleNamespace) -> None:
-        """A ``packable`` objective: the same loss, metrics and gradients from the core's
+        """A ``packable`` objective: the same loss, counts, metrics and gradients from the core's
         padding-free batches as from padded ones."""
         import torch
 
@@ -257,22 +378,21 @@ class ObjectiveConformance:
             setup.model.zero_grad(set_to_none=True)
             torch.manual_seed(0)
             output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples, packed))
-            output.loss.backward()
+            self._total(output).backward()
             grads = {
                 n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
             }
             metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
-            results.append(
-                (
-                    float(output.loss.detach()),
-                    float(torch.as_tensor(output.count).sum()),
-                    metrics,
-                    grads,
-                )
-            )
-        (loss, count, metrics, grads), (p_loss, p_count, p_metrics, p_grads) = results
-        assert p_loss == pytest.approx(loss, rel=1e-5, abs=1e-5)
-        assert p_count == count
+            terms = {
+                k: (float(torch.as_tensor(s).detach()), float(torch.as_tensor(c).sum()))
+                for k, (s, c) in output.all_terms().items()
+            }
+            results.append((terms, metrics, grads))
+        (terms, metrics, grads), (p_terms, p_metrics, p_grads) = results
+        assert p_terms.keys() == terms.keys()
+        for name, (total, n) in terms.items():
+            assert p_terms[name][0] == pytest.approx(total, rel=1e-5, abs=1e-5), name
+            assert p_terms[name][1] == n, name
         assert p_metrics.keys() == metrics.keys()
         for name, (total, n) in metrics.items():
             assert p_metrics[name] == pytest.approx((total, n), rel=1e-5, abs=1e-5), name

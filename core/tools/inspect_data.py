@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..config import RunSpec
 from ..data.batching import sequence_prefixes
-from ..data.formats import tokenize_records
+from ..data.examples import tokenize_records
 from ..data.records import read_records
 from ..plugins.hooks import ObjectiveHooks
 from ..plugins.registry import PluginRegistry
@@ -29,7 +29,13 @@ def inspect_examples(
     records = read_records(cfg.data)
     fmt = spec.objective.item.data_format
     examples, report = tokenize_records(
-        records, fmt, tokenizer, cfg.max_length, cfg.truncation, "train"
+        records,
+        hooks.data_format,
+        tokenizer,
+        cfg.max_length,
+        cfg.truncation,
+        "train",
+        fields=spec.objective.item.fields,
     )
     examples = hooks.prepare_dataset(examples, "train", cfg)
     echo(f"{cfg.data}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")

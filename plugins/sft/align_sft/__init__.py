@@ -35,6 +35,13 @@ def align_register_objectives(register):
 
 
 @align.hookimpl
+def align_loss_counts(batch, options):
+    from .loss import sft_counts
+
+    return sft_counts(batch, options.normalization)
+
+
+@align.hookimpl
 def align_compute_loss(model, batch, options):
     from .loss import sft_loss
 

@@ -14,6 +14,12 @@ from typing import Any
 import align
 
 
+def sft_counts(batch: dict[str, Any], normalization: str) -> dict[str, Any]:
+    """The loss units of a batch, known before its forward: completion tokens, or sequences."""
+    tokens = align.sequence_token_counts(batch)
+    return {"loss": tokens.sum() if normalization == "token" else (tokens > 0).sum()}
+
+
 def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.LossOutput:
     out = align.forward_logps(model, batch)
     nll = -out.sums

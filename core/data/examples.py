@@ -1,0 +1,190 @@
+"""Records to tokenised examples through a data format, with a report of what happened.
+
+A format turns each record into groups (a prompt and its answers); each group is tokenised
+into one example: ``<prefix>input_ids`` and ``<prefix>completion_mask`` per answer, the group's
+values, the objective's extra fields and ``record`` (where it came from). Over-long sequences
+follow the truncation policy, and every truncated or skipped example is counted in the report,
+as are the columns nothing reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..errors import DataError
+from ..plugins.api import DataFormat, Group
+from .fields import column_names, validate_columns
+from .formats import BUILTIN
+from .records import Record
+from .tokenize import (
+    Tokenized,
+    TokenizeError,
+    check_messages,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+    tokenize_text,
+)
+
+TRUNCATION_POLICIES = ("keep_start", "keep_end", "skip", "error")
+
+
+@dataclass
+class DataReport:
+    """What happened to every record of one split."""
+
+    split: str
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    ignored_columns: Counter = field(default_factory=Counter)  # column → records that had it
+
+    def summary(self) -> str:
+        text = f"{self.split}: {self.records} records → {self.examples} examples"
+        if self.truncated:
+            text += f"; {self.truncated} truncated"
+        for reason, count in sorted(self.skipped.items()):
+            text += f"; {count} skipped ({reason})"
+        if self.ignored_columns:
+            text += f"; ignored columns: {', '.join(sorted(self.ignored_columns))}"
+        return text
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "examples": self.examples,
+            "truncated": self.truncated,
+            "skipped": dict(self.skipped),
+            "ignored_columns": dict(sorted(self.ignored_columns.items())),
+        }
+
+
+class _Skip(Exception):
+    """An example dropped by the truncation policy (counted, never silent)."""
+
+
+def _string(record: Record, value: Any, name: str, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", name)
+    if not allow_empty and not value.strip():
+        raise record.error("is empty", name)
+    return value
+
+
+def tokenize_answer(
+    tokenizer: Any, record: Record, prompt: Any, answer: Any, name: str
+) -> Tokenized:
+    """One answer after its prompt (both strings, or both message lists); without a prompt, a
+    whole text (every token trained) or a whole conversation (assistant turns trained)."""
+    if prompt is None:
+        if isinstance(answer, list):
+            return tokenize_conversation(tokenizer, answer, field=name)
+        return tokenize_text(tokenizer, _string(record, answer, name, allow_empty=False))
+    if isinstance(prompt, list) or isinstance(answer, list):
+        for label, value in (("prompt", prompt), (name, answer)):
+            if not isinstance(value, list):
+                raise record.error("expected a list of messages, like the other field", label)
+            check_messages(value, label)  # so a bad message is named within its own field
+        return tokenize_conversation(
+            tokenizer, prompt + answer, trained_from=len(prompt), field=name
+        )
+    _string(record, prompt, "prompt")
+    completion = _string(record, answer, name, allow_empty=False)
+    return tokenize_prompt_completion(tokenizer, prompt, completion)
+
+
+def tokenize_group(tokenizer: Any, record: Record, group: Group) -> dict[str, Any]:
+    """A group's example: every answer's ``<prefix>input_ids`` and ``<prefix>completion_mask``,
+    then the group's values."""
+    if not group.answers:
+        raise record.error("the data format gave a group with no answers")
+    example: dict[str, Any] = {}
+    for prefix, answer in group.answers.items():
+        name = group.field_of(prefix)
+        try:
+            tok = tokenize_answer(tokenizer, record, group.prompt, answer, name)
+        except TokenizeError as exc:
+            raise record.error(str(exc), exc.field) from None
+        example[f"{prefix}input_ids"] = tok.input_ids
+        example[f"{prefix}completion_mask"] = tok.completion_mask
+    example.update(group.values)
+    return example
+
+
+def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Record) -> bool:
+    """Apply the policy to every sequence of the example in place; True if anything was cut.
+
+    ``keep_end`` removes the same number of leading tokens from every sequence of the example,
+    so the answers to one prompt keep one and the same (shortened) prompt.
+    """
+    keys = [k for k in example if k.endswith("input_ids")]
+    longest = max(len(example[k]) for k in keys)
+    if longest > max_length:
+        if policy == "error":
+            raise record.error(
+                f"is {longest} tokens long, over max_length {max_length} (truncation=error)"
+            )
+        if policy == "skip":
+            raise _Skip(f"longer than max_length {max_length}")
+        drop = longest - max_length
+        for key in keys:
+            mask_key = key.replace("input_ids", "completion_mask")
+            keep = slice(None, max_length) if policy == "keep_start" else slice(drop, None)
+            example[key], example[mask_key] = example[key][keep], example[mask_key][keep]
+    for key in keys:
+        if not any(example[key.replace("input_ids", "completion_mask")][1:]):  # 0 is no target
+            raise _Skip("no completion tokens within max_length")
+    return longest > max_length
+
+
+def tokenize_records(
+    records: list[Record],
+    data_format: str | DataFormat,
+    tokenizer: Any,
+    max_length: int,
+    truncation: str,
+    split: str,
+    fields: type[BaseModel] | None = None,
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Tokenise every record; errors name file, record and field; drops are counted.
+
+    ``data_format``: a registered ``DataFormat`` (or a first-party format's name). ``fields``:
+    the objective's extra fields, validated and stored in every example of the record.
+    """
+    fmt = BUILTIN[data_format] if isinstance(data_format, str) else data_format
+    claimed = {*fmt.columns, *(column_names(fields) if fields is not None else ())}
+    report = DataReport(split=split, records=len(records))
+    examples = []
+    for record in records:
+        report.ignored_columns.update(c for c in record.data if c not in claimed)
+        extra = validate_columns(record, fields) if fields is not None else {}
+        if fmt.schema is not None:
+            validated = validate_columns(record, fmt.schema)
+            record = dataclasses.replace(record, data={**record.data, **validated})
+        built = fmt.groups(record)
+        for group in built if isinstance(built, list) else [built]:
+            if not isinstance(group, Group):
+                raise DataError(
+                    f"data format {fmt.name!r} returned {type(group).__name__}, expected "
+                    "align.Group",
+                    source=record.source,
+                    location=record.location,
+                )
+            example = tokenize_group(tokenizer, record, group)
+            example.update(extra)
+            example["record"] = record.location  # named when the example's loss is not finite
+            try:
+                report.truncated += _truncate(example, max_length, truncation, record)
+            except _Skip as skip:
+                report.skipped[str(skip)] += 1
+                continue
+            examples.append(example)
+    report.examples = len(examples)
+    if not examples:
+        raise DataError(f"no usable examples ({report.summary()})", source=records[0].source)
+    return examples, report

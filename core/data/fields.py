@@ -1,0 +1,110 @@
+"""Record columns checked against a pydantic schema (a format's, or an objective's extra
+fields), with errors that name the file, the line and the field; and extra fields collated into
+batches, one value per example."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .records import Record
+
+# What a pydantic error type expects, in the words of the core's other data errors.
+_EXPECTED = {
+    "float": "a number",
+    "int": "an integer",
+    "bool": "a boolean",
+    "string": "a string",
+    "list": "a list",
+    "dict": "an object",
+    "model": "an object",
+}
+
+# Keys the core's examples and batches use: an objective's extra field may not take them.
+RESERVED = {"record", "index", "prompt_id", "label", "labels", "sequence_example"}
+RESERVED_SUFFIXES = (
+    "input_ids",
+    "_mask",
+    "position_ids",
+    "targets",
+    "target_sequence",
+    "sequence_digests",
+)
+
+
+def column_names(schema: type[BaseModel]) -> list[str]:
+    """The columns a schema reads: each field's alias, if it has one, else its name."""
+    return [f.alias or name for name, f in schema.model_fields.items()]
+
+
+def reserved_problem(name: str, format_columns: Sequence[str]) -> str | None:
+    """Why an extra field cannot be called ``name``, or None."""
+    if name in format_columns:
+        return f"field {name!r} is a column of the objective's data format"
+    if name in RESERVED or name.endswith(RESERVED_SUFFIXES):
+        return f"field {name!r} is a name the core's batches use"
+    return None
+
+
+def validate_columns(record: Record, schema: type[BaseModel]) -> dict[str, Any]:
+    """The schema's columns of ``record``, validated: ``name -> value`` (defaults filled in).
+
+    Missing means absent, JSON null, or (CSV) an empty cell. A bad value raises DataError
+    ``train.jsonl, line 7, field 'weight': expected a number, got str 'heavy'``.
+    """
+    given = {}
+    for column in column_names(schema):
+        value = record.data.get(column)
+        if value is None or (record.from_text and value == ""):
+            continue
+        given[column] = value
+    try:
+        validated = schema.model_validate(given)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        raise record.error(_message(error), _field(error["loc"])) from None
+    return validated.model_dump(by_alias=True)
+
+
+def _field(loc: Sequence[Any]) -> str | None:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or None
+
+
+def _message(error: dict[str, Any]) -> str:
+    kind: str = error["type"]
+    if kind == "missing":
+        return "missing field"
+    value = error.get("input")
+    for prefix, expected in _EXPECTED.items():
+        if kind.startswith(prefix) and (kind.endswith(("_type", "_parsing")) or kind == prefix):
+            return f"expected {expected}, got {type(value).__name__} {_short(value)}"
+    return f"{error['msg']} (got {type(value).__name__} {_short(value)})"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def collate(examples: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Each field as one value per example: a tensor when every value is a number or a
+    boolean (bool, int64 or float32), else a list."""
+    import torch
+
+    out: dict[str, Any] = {}
+    for name in names:
+        values = [example[name] for example in examples]
+        if all(isinstance(v, bool) for v in values):
+            out[name] = torch.tensor(values, dtype=torch.bool)
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            out[name] = torch.tensor(values, dtype=torch.long)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[name] = torch.tensor(values, dtype=torch.float32)
+        else:
+            out[name] = values
+    return out
