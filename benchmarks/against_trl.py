@@ -124,7 +124,7 @@ def tokens_per_example(model: str, data: str, objective: str, max_length: int) -
     tokenises it."""
     from transformers import AutoTokenizer
 
-    from align.data.formats import tokenize_records
+    from align.data.examples import tokenize_records
     from align.data.records import read_records
     from align.data.sharding import example_length
 

@@ -27,7 +27,7 @@ def held_out_nll(model_dir: Path, eval_path: Path, max_length: int) -> float:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align import default_batch, forward_logps
-    from align.data.formats import tokenize_records
+    from align.data.examples import tokenize_records
     from align.data.records import read_records
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

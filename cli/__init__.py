@@ -301,6 +301,7 @@ def objectives(as_json: bool) -> None:
                 "name": name,
                 "description": obj.description,
                 "data_format": obj.data_format,
+                "fields": _describe_options(obj.fields) if obj.fields is not None else [],
                 "needs_reference": obj.needs_reference,
                 "distribution": reg.plugin.label,
                 "options": _describe_options(obj.options),
@@ -316,6 +317,8 @@ def objectives(as_json: bool) -> None:
         click.echo(f"  {item['description']}")
         fmt = registry.formats.get(item["data_format"])
         click.echo(f"  data: {item['data_format']} — {fmt.item.description if fmt else '?'}")
+        if item["fields"]:
+            click.echo(f"  record fields: {', '.join(f['name'] for f in item['fields'])}")
         if item["needs_reference"]:
             click.echo("  uses reference log-probs")
         for opt in item["options"]:
@@ -335,6 +338,36 @@ def objectives(as_json: bool) -> None:
             if opt["name"] in flags:
                 line += f" Flag: --{flags[opt['name']]}."
             click.echo(line)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def formats(as_json: bool) -> None:
+    """List the registered data formats: the columns each reads, and who provides it."""
+    registry = get_registry()
+    data = [
+        {
+            "name": name,
+            "description": reg.item.description,
+            "columns": list(reg.item.columns),
+            "provided_by": reg.plugin.label,
+            "objectives": sorted(
+                o
+                for o, r in registry.objectives.items()
+                if getattr(r.item, "data_format", None) == name
+            ),
+        }
+        for name, reg in sorted(registry.formats.items())
+    ]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for item in data:
+        click.echo(f"{item['name']}  ({item['provided_by']})")
+        click.echo(f"  {item['description']}")
+        click.echo(f"  columns: {', '.join(item['columns'])}")
+        if item["objectives"]:
+            click.echo(f"  objectives: {', '.join(item['objectives'])}")
 
 
 @cli.command()

@@ -303,3 +303,41 @@ def test_accelerate_config_examples(tmp_path, model_dir, write_jsonl, sft_rows):
     result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in result.stderr
+
+
+def _orpo_rows(count=16):
+    """Pairs whose chosen answers differ in length, so the NLL's token counts differ between
+    micro-batches and processes while the odds-ratio term counts pairs: two denominators."""
+    return [
+        {
+            "prompt": f"What is {a} + {a % 7}? ",
+            "chosen": f"{a} + {a % 7} = {a + a % 7}." + " Sure." * (a % 4),
+            "rejected": f"It is {a + a % 7 + 1}.",
+        }
+        for a in range(count)
+    ]
+
+
+def test_orpo_on_two_processes_equals_one_large_batch(tmp_path, model_dir, write_jsonl):
+    """ORPO's two terms (an NLL over chosen tokens, an odds-ratio term over pairs) are each
+    normalised over every process: batch 8 on two processes equals batch 16 on one."""
+    data = write_jsonl(tmp_path / "d.jsonl", _orpo_rows())
+    common = ["run", "--objective", "orpo", "--model", model_dir, "--data", data]
+    common += ["--max-steps", "2", "--lr", "1e-2"]
+    _torchrun("-m", "align.cli", *common, "--batch-size", "8", "--output-dir", tmp_path / "two")
+    result = CliRunner().invoke(
+        cli, [*map(str, common), "--batch-size", "16", "--output-dir", str(tmp_path / "one")]
+    )
+    assert result.exit_code == 0, result.output
+    one, two = (
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    )
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"learning_rate", "step", "epoch", "num_tokens", "grad_norm"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert {"loss/nll", "loss/odds_ratio", "nll_loss"} <= one[0].keys()
+    _assert_same_final_weights(tmp_path)

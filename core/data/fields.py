@@ -4,6 +4,7 @@ batches, one value per example."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -63,27 +64,42 @@ def validate_columns(record: Record, schema: type[BaseModel]) -> dict[str, Any]:
     try:
         validated = schema.model_validate(given)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        raise record.error(_message(error), _field(error["loc"])) from None
+        errors = exc.errors(include_url=False)
+        where = _field(errors[0]["loc"])
+        # A union (``str | list``) reports one error per member: say what each would take.
+        same = [e for e in errors if _field(e["loc"]) == where]
+        raise record.error(_message(same), where) from None
     return validated.model_dump(by_alias=True)
+
+
+# Parts of an error's location that name a member of a union, not a field.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|function-.*)$")
 
 
 def _field(loc: Sequence[Any]) -> str | None:
     text = ""
     for part in loc:
+        if isinstance(part, str) and _UNION_MEMBER.match(part):
+            continue
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text or None
 
 
-def _message(error: dict[str, Any]) -> str:
-    kind: str = error["type"]
-    if kind == "missing":
+def _message(errors: list[dict[str, Any]]) -> str:
+    if any(e["type"] == "missing" for e in errors):
         return "missing field"
-    value = error.get("input")
-    for prefix, expected in _EXPECTED.items():
-        if kind.startswith(prefix) and (kind.endswith(("_type", "_parsing")) or kind == prefix):
-            return f"expected {expected}, got {type(value).__name__} {_short(value)}"
-    return f"{error['msg']} (got {type(value).__name__} {_short(value)})"
+    value = errors[0].get("input")
+    got = f"got {type(value).__name__} {_short(value)}"
+    expected = []
+    for error in errors:
+        kind: str = error["type"]
+        for prefix, words in _EXPECTED.items():
+            is_type = kind.endswith(("_type", "_parsing")) or kind == prefix
+            if kind.startswith(prefix) and is_type and words not in expected:
+                expected.append(words)
+    if len(expected) == len(errors):
+        return f"expected {' or '.join(expected)}, {got}"
+    return f"{errors[0]['msg']} ({got})"
 
 
 def _short(value: Any) -> str:

@@ -34,6 +34,7 @@ FIRST_PARTY_OBJECTIVES = {
     "lora-sft": "align-plugin-lora",
     "dpo": "align-plugin-dpo",
     "kto": "align-plugin-kto",
+    "orpo": "align-plugin-orpo",
     "minorsft": "align-plugin-minorsft",
     "ift": "align-plugin-ift",
 }

@@ -45,11 +45,10 @@ from typing import Any, ClassVar
 import pytest
 
 from ..data.batching import sequence_prefixes
+from ..data.formats import BUILTIN
 from ..model import dropout
 from . import registry as plugin_registry
 from .registry import PLUGINS_ENV
-
-from ..data.formats import BUILTIN
 
 # The first-party formats' sample records (a registered format's are its ``samples``).
 SAMPLE_RECORDS = {name: list(fmt.samples) for name, fmt in BUILTIN.items()}

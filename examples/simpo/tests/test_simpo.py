@@ -1,9 +1,9 @@
 import math
 
 import torch
-from align_simpo.loss import simpo_loss
 
 from align.testing import ObjectiveConformance
+from align_simpo.loss import simpo_loss
 
 
 class TestSimPO(ObjectiveConformance):
