@@ -50,7 +50,7 @@ class TrainConfig(Options):
     disable_dropout: bool | None = Field(
         None,
         description="Set every dropout probability of the policy to 0 (LoRA's too) before "
-        "training; default: the objective's (on for dpo, kto, minorsft, ift; off for sft).",
+        "training; default: the objective's (on for dpo, kto, orpo, minorsft, ift; off for sft).",
     )
     group_by_length: bool = Field(
         False,
@@ -60,7 +60,7 @@ class TrainConfig(Options):
     padding_free: bool = Field(
         True,
         description="Pack each micro-batch's sequences into rows without padding, a preference "
-        "pair's prompt computed once (objectives that support it: sft, minorsft, dpo, kto).",
+        "pair's prompt computed once (objectives that support it: sft, minorsft, dpo, kto, orpo).",
     )
     save_every: int | None = Field(
         None, ge=1, description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data)."

@@ -288,3 +288,72 @@ def test_the_ranked_format(tmp_path, write_jsonl, tokenizer):
         write_jsonl(path, [bad])
         with pytest.raises(align.DataError, match=message.replace("[", r"\[")):
             tokenize_records(read_records(path), "ranked", tokenizer, 64, "error", "t")
+
+
+class SelfPacking:
+    """A plugin that builds its own batches, packed with align.packing when the run packs."""
+
+    seen: list = []
+
+    @align.hookimpl
+    def align_register_objectives(self, register):
+        register(align.Objective(name="self-packing", description="x", packable=True))
+
+    @align.hookimpl
+    def align_build_batch(self, examples, tokenizer, config, packed):
+        from align.packing import pack
+
+        self.seen.append((packed, config.max_length))
+        if packed:
+            groups = [[(e["input_ids"], e["completion_mask"])] for e in examples]
+            return pack(groups, tokenizer.pad_token_id)
+        return align.sequence_batch(examples, tokenizer.pad_token_id)
+
+    @align.hookimpl
+    def align_compute_loss(self, model, batch):
+        out = align.forward_logps(model, batch)
+        return align.LossOutput(loss=-(out.sums / out.num_tokens).sum(), count=len(out.sums))
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_a_plugin_batch_is_told_whether_the_run_packs(
+    tmp_path, write_jsonl, sft_rows, model_dir, padding_free
+):
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    out = tmp_path / "run"
+    args = ["run", "--objective", "self-packing", "--model", str(model_dir), "--data", str(data)]
+    args += ["--max-steps", "1", "--max-length", "48", "--output-dir", str(out)]
+    args += [] if padding_free else ["--no-padding-free"]
+    SelfPacking.seen = []
+    with registered(SelfPacking(), only=True):
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert SelfPacking.seen and set(SelfPacking.seen) == {(padding_free, 48)}
+    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    SelfPacking.loss[padding_free] = loss
+    if len(SelfPacking.loss) == 2:
+        assert SelfPacking.loss[True] == pytest.approx(SelfPacking.loss[False], abs=1e-5)
+
+
+SelfPacking.loss = {}
+
+
+def test_reference_cache_keys_depend_on_tokens_not_on_fields(tmp_path, write_jsonl, tokenizer):
+    """A reference log-prob depends on the tokens scored alone: changing an example's weight
+    keeps the precomputed cache's key, changing its tokens does not."""
+    from align.reference.precompute import cache_key, example_groups
+
+    def key(rows):
+        path = write_jsonl(tmp_path / "k.jsonl", rows)
+        examples, _ = tokenize_records(
+            read_records(path), "prompt_completion", tokenizer, 64, "error", "t", WeightFields
+        )
+        digests = {d for group in example_groups(examples) for d in group}
+        return cache_key({"model": "m"}, digests)
+
+    rows = _rows()
+    base = key(rows)
+    rows[0]["weight"] = 7.0
+    assert key(rows) == base
+    rows[0]["completion"] = "something else."
+    assert key(rows) != base

@@ -49,7 +49,7 @@ def align_register_objectives(register):
         align.Objective(
             name="{name}",
             description="One line for `align objectives`.",
-            data_format="prompt_completion",  # or "preference" / "feedback"
+            data_format="prompt_completion",  # or "preference", "feedback", "ranked"
             options=Options,
             needs_reference=False,  # True: the loss hook receives `reference`
             packable=True,  # the loss reads batches only through forward_logps: pack them
@@ -65,7 +65,11 @@ def align_compute_loss(model, batch, options):
 '''
 
 LOSS = '''\
-"""The loss: return the SUM over loss units and their COUNT; the core divides."""
+"""The loss: return the SUM over loss units and their COUNT; the core divides.
+
+Here a unit is an example, the core's default. For another unit (completion tokens, say),
+implement ``align_loss_counts`` to give the count from the batch before the forward.
+"""
 
 import align
 
