@@ -1,7 +1,11 @@
-"""The training loop: set up, build data, step, log, evaluate, checkpoint, resume.
+"""The training loop, a recipe that reads top to bottom: set up, resume, then for every step
+train, log, evaluate and checkpoint; finish.
 
-Nothing here is specific to an objective: the selected objective's plugin builds batches and
-computes the loss through hooks, and any plugin may add metrics or prepare the model.
+:func:`train` is the whole run. :class:`Training` holds its state, one method per phase; the
+set-up's pieces (options and output directory, data, model, reference, optimizer, the run's
+record) are methods too, called in order by ``__init__``. Nothing here is specific to an
+objective: the selected objective's plugin builds batches and computes the loss through hooks,
+and any plugin may add metrics or prepare the model.
 """
 
 from __future__ import annotations
@@ -71,363 +75,464 @@ def log(accelerator: Any, message: str) -> None:
 def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     """Run training for a resolved spec (or continue it, ``--resume``); return the output
     directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
-    import transformers
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
-
-    transformers.utils.logging.disable_progress_bar()
-    started = time.time()
-
-    # Checks that need no model: options, processes, output directory, data.
-    used_demo = apply_demo_defaults(spec)
-    precision_from_launcher(spec)
-    cfg, objective = spec.config, spec.objective.item
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
-    if cfg.eval_deviation and not cfg.eval_data:
-        raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
-    cpu_processes_join()
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
-    check_world_size(cfg.num_processes, state)
-    output = shared_output_dir(cfg, cfg.objective, state)
-    out, checkpoint = output.path, output.checkpoint
-    splits = {"train": cfg.data, "eval": cfg.eval_data}
-    digests = {split: fingerprint(path) for split, path in splits.items() if path}
-    previous, changed = None, {}
-    if checkpoint is not None:
-        previous = json.loads((out / "run.json").read_text(encoding="utf-8"))
-    dropout.resolve(spec, previous.setdefault("config", {}) if previous is not None else None)
-    cfg = spec.config
-    if previous is not None:
-        changed = resume.check_same_run(
-            previous, spec.as_dict(), digests["train"], state.num_processes
-        )
-    tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
-    accelerator = Accelerator(mixed_precision=cfg.precision, log_with=tracker, project_dir=out)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError(DEEPSPEED_REFUSED)
-    set_seed(cfg.seed)
-    if used_demo:
-        log(accelerator, f"No --model and --data: training the embedded demo ({cfg.model}).")
-    tokenizer = load_tokenizer(cfg)
-    hooks = ObjectiveHooks(registry, spec, tokenizer)
-    examples, reports = {}, {}
-    for split, path in splits.items():
-        if path:
-            examples[split], reports[split] = build_examples(hooks, cfg, path, split)
-            log(accelerator, f"data {reports[split].summary()}")
-
-    # The model, the model-preparation plugins and the reference.
-    load_kwargs: dict[str, Any] = {}
-    for name, registered in registry.sections.items():
-        if registered.item.load_kwargs is not None:
-            load_kwargs.update(registered.item.load_kwargs(spec.sections[name], accelerator.device))
-    model = load_model(cfg, **load_kwargs)
-    starting_copy = copy_starting_model(spec, model)
-    model = registry.chain_hook(
-        "align_prepare_model",
-        "model",
-        model,
-        tokenizer=tokenizer,
-        config=cfg,
-        sections=spec.sections,
-    )
-    if cfg.disable_dropout:  # after the plugins: LoRA's dropout too
-        zeroed = dropout.disable_dropout(model)
-        if zeroed:
-            log(accelerator, f"disable_dropout: {zeroed} dropout probabilities set to 0")
-    reference, reference_info = None, None
-    uses_reference = objective.needs_reference or cfg.eval_deviation
-    packed = cfg.padding_free and (objective.packable or uses_reference)
-    if packed:  # a probe forward on every model that scores packed batches, before sharding
-        reason = why_not_packable(model, accelerator=accelerator)
-        if reason:
-            log(accelerator, f"padding_free: off, {reason}; batches are padded.")
-            packed = False
-    if uses_reference:
-        scored = examples if objective.needs_reference else {"eval": examples["eval"]}
-        reference, reference_info = make_reference(
-            spec, model, tokenizer, scored, accelerator, starting_copy, packed
-        )
-        del starting_copy
+    run = Training(spec, registry)  # set-up: everything that can be refused, then the model
+    run.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
+    with StopSignals(announce=run.accelerator.is_main_process) as signals:
+        if run.trainer_state.get("eval_pending") and run.eval_loader is not None:
+            run.evaluate(run.first_step - 1)  # owed by a run stopped before evaluating
+        for step in range(run.first_step, run.total_steps + 1):
+            run.train_step(step)
+            if step % run.cfg.log_every == 0 or step == run.total_steps:
+                run.log_metrics(step)
+            last = step == run.total_steps
+            stop = 0 if last else signals.requested(run.accelerator)  # the last step: final/
+            eval_due = run.evaluation_due(step)
+            if eval_due and not stop:  # when stopping, the resumed run evaluates first
+                run.evaluate(step)
+            if stop or run.checkpoint_due(step):
+                run.save_checkpoint(step, eval_pending=eval_due and bool(stop))
+            if stop:
+                run.stop(step, stop)
+        run.save_final()  # a signal from here on lets the final model be written first
+    if signals.received:
+        name = signal.Signals(signals.received).name
         log(
-            accelerator,
-            f"reference: {reference_info['mode']} mode, {reference_info['ref_model']}"
-            f"{_adapter_note(reference_info)}; "
-            f"set up in {reference_info['setup_seconds']}s",
+            run.accelerator,
+            f"{name} came during the last step or the final save; the run completed.",
         )
-        reason = why_reference_cannot_pack(reference, accelerator) if packed else None
-        if reason:
-            log(accelerator, f"padding_free: off, {reason}; batches are padded.")
-            packed = False
-    hooks.packed = hooks.packed and packed
-    trainer_state: dict[str, Any] = {}
-    if checkpoint is not None:  # after the reference, which the starting weights give
-        trainer_state = resume.read_trainer_state(checkpoint)
-        resume.check_reference(
-            trainer_state.get("reference"), resume.reference_state(reference_info)
-        )
-        resume.restore_weights(model, checkpoint, cfg.trust_remote_code)
+    log(run.accelerator, run.summary())
+    return run.out
 
-    # Batches, optimizer and schedule.
-    loaders = {
-        split: ShardedBatches(
-            split_examples,
-            cfg.batch_size,
-            hooks.build_batch,
-            accelerator,
-            shuffle=split == "train",
-            seed=cfg.seed,
-            split=split,
-            group_by_length=cfg.group_by_length,
-        )
-        for split, split_examples in examples.items()
-    }
-    loader, eval_loader = loaders["train"], loaders.get("eval")
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer = make_optimizer(
-        model, cfg, fused=accelerator.distributed_type != DistributedType.FSDP
-    )
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    resume.attach(accelerator)
-    start = trainer_state.get("step", 0)
-    if checkpoint is not None:
-        resume.restore_training_state(accelerator, scheduler, checkpoint)
-    run = Run(
-        config=cfg,
-        accelerator=accelerator,
-        tokenizer=tokenizer,
-        output_dir=out,
-        max_steps=total_steps,
-        step=start,
-    )
 
-    # run.json and metrics.jsonl: new, or the interrupted run's, continued.
-    if previous is not None:
-        run_info = previous
-        for key in ("stopped_at_step", "failed_at_step", "failure"):
-            run_info.pop(key, None)
-        run_info.setdefault("resumed", []).append(
-            {
-                "from_step": start,
-                "checkpoint": str(checkpoint),
-                "at": datetime.now().isoformat(),
-                "changed": changed,
-            }
-        )
-        run_info.update(
-            status="running", config=spec.as_dict(), data=data_info(splits, digests, reports)
-        )
-        started -= previous.get("seconds", 0.0)  # run.json's seconds: every session's
-    else:
-        run_info = describe_run(spec, registry, splits, digests, reports, accelerator, total_steps)
-        run_info["packed_batches"] = hooks.packed
-        if reference_info is not None:
-            run_info["reference"] = reference_info
-    if accelerator.is_main_process:
-        if output.replaces_run:  # --overwrite: only now that the new run is set up
-            clear_run(out)
-        if checkpoint is not None:
-            abandoned = resume.set_aside_later_checkpoints(out, start)  # first: a kill in
-            dropped = resume.truncate_metrics(out / "metrics.jsonl", start)  # between loses none
-            log(
-                accelerator,
-                f"Resuming at step {start} of {total_steps} from {checkpoint}"
-                + (f"; dropped {dropped} metrics rows logged after it" if dropped else "")
-                + (
-                    f"; later checkpoints set aside: {', '.join(p.name for p in abandoned)}"
-                    if abandoned
-                    else ""
-                ),
+class Training:
+    """One run's state, and its phases as methods, in the order :func:`train` calls them."""
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def __init__(self, spec: RunSpec, registry: PluginRegistry) -> None:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        self.started = time.time()
+        self.spec, self.registry = spec, registry
+        self._check_options_and_output()
+        self._read_data()
+        self._load_model()
+        self._set_up_reference()
+        self._read_checkpoint()
+        self._set_up_batches_and_optimizer()
+
+    def _check_options_and_output(self) -> None:
+        """Checks that need no model: options, processes, the output directory, and for
+        ``--resume`` that the run is the one it continues."""
+        from accelerate import Accelerator, PartialState
+        from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
+
+        spec = self.spec
+        self.used_demo = apply_demo_defaults(spec)
+        precision_from_launcher(spec)
+        cfg = spec.config
+        if cfg.precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+        if cfg.eval_deviation and not cfg.eval_data:
+            raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
+        cpu_processes_join()
+        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator
+        check_world_size(cfg.num_processes, state)
+        self.output = shared_output_dir(cfg, cfg.objective, state)
+        self.out, self.checkpoint = self.output.path, self.output.checkpoint
+        self.splits = {"train": cfg.data, "eval": cfg.eval_data}
+        self.digests = {split: fingerprint(path) for split, path in self.splits.items() if path}
+        self.previous, self.changed = None, {}
+        if self.checkpoint is not None:
+            self.previous = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
+        old_config = self.previous.setdefault("config", {}) if self.previous is not None else None
+        dropout.resolve(spec, old_config)
+        self.cfg = spec.config
+        if self.previous is not None:
+            self.changed = resume.check_same_run(
+                self.previous, spec.as_dict(), self.digests["train"], state.num_processes
             )
-        write_json(out / "run.json", run_info)
-    if tracker:
-        accelerator.init_trackers(
-            "logs",
-            config={
-                k: v for k, v in cfg.model_dump().items() if isinstance(v, int | float | str | bool)
-            },
+        self.tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+        self.accelerator = Accelerator(
+            mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
         )
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(DEEPSPEED_REFUSED)
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        set_seed(self.cfg.seed)
 
-    loss_reference = reference if objective.needs_reference else None
+    def _read_data(self) -> None:
+        """The tokenizer, then every split's examples (every record checked) and reports."""
+        if self.used_demo:
+            self._log(f"No --model and --data: training the embedded demo ({self.cfg.model}).")
+        self.tokenizer = load_tokenizer(self.cfg)
+        self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
+        self.examples: dict[str, list[dict[str, Any]]] = {}
+        self.reports: dict[str, DataReport] = {}
+        for split, path in self.splits.items():
+            if path:
+                self.examples[split], self.reports[split] = build_examples(
+                    self.hooks, self.cfg, path, split
+                )
+                self._log(f"data {self.reports[split].summary()}")
 
-    def compute(batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
-        return hooks.compute(model, batch, loss_reference, run)
+    def _load_model(self) -> None:
+        """The policy, through the model-preparation plugins, its dropout switched off when
+        asked (after the plugins: LoRA's dropout too)."""
+        spec, cfg = self.spec, self.cfg
+        load_kwargs: dict[str, Any] = {}
+        for name, registered in self.registry.sections.items():
+            if registered.item.load_kwargs is not None:
+                device = self.accelerator.device
+                load_kwargs.update(registered.item.load_kwargs(spec.sections[name], device))
+        model = load_model(cfg, **load_kwargs)
+        self.starting_copy = copy_starting_model(spec, model)
+        self.model = self.registry.chain_hook(
+            "align_prepare_model",
+            "model",
+            model,
+            tokenizer=self.tokenizer,
+            config=cfg,
+            sections=spec.sections,
+        )
+        if cfg.disable_dropout:
+            zeroed = dropout.disable_dropout(self.model)
+            if zeroed:
+                self._log(f"disable_dropout: {zeroed} dropout probabilities set to 0")
 
-    def evaluate() -> dict[str, float]:
+    def _set_up_reference(self) -> None:
+        """The reference (when the objective or --eval-deviation needs one), and whether
+        batches are packed: every model that scores them is probed first, before sharding."""
+        objective, cfg = self.spec.objective.item, self.cfg
+        self.reference, self.reference_info = None, None
+        uses_reference = objective.needs_reference or cfg.eval_deviation
+        packed = cfg.padding_free and (objective.packable or uses_reference)
+        if packed:
+            reason = why_not_packable(self.model, accelerator=self.accelerator)
+            if reason:
+                self._log(f"padding_free: off, {reason}; batches are padded.")
+                packed = False
+        if uses_reference:
+            scored = self.examples if objective.needs_reference else {"eval": self.examples["eval"]}
+            self.reference, self.reference_info = make_reference(
+                self.spec,
+                self.model,
+                self.tokenizer,
+                scored,
+                self.accelerator,
+                self.starting_copy,
+                packed,
+            )
+            info = self.reference_info
+            self._log(
+                f"reference: {info['mode']} mode, {info['ref_model']}{_adapter_note(info)}; "
+                f"set up in {info['setup_seconds']}s"
+            )
+            reason = why_reference_cannot_pack(self.reference, self.accelerator) if packed else None
+            if reason:
+                self._log(f"padding_free: off, {reason}; batches are padded.")
+                packed = False
+        del self.starting_copy
+        self.hooks.packed = self.hooks.packed and packed
+        self.loss_reference = self.reference if objective.needs_reference else None
+
+    def _read_checkpoint(self) -> None:
+        """``--resume``: the checkpoint's state and weights (after the reference, which the
+        starting weights give)."""
+        self.trainer_state: dict[str, Any] = {}
+        if self.checkpoint is not None:
+            self.trainer_state = resume.read_trainer_state(self.checkpoint)
+            resume.check_reference(
+                self.trainer_state.get("reference"), resume.reference_state(self.reference_info)
+            )
+            resume.restore_weights(self.model, self.checkpoint, self.cfg.trust_remote_code)
+
+    def _set_up_batches_and_optimizer(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        loaders = {
+            split: ShardedBatches(
+                split_examples,
+                cfg.batch_size,
+                self.hooks.build_batch,
+                accelerator,
+                shuffle=split == "train",
+                seed=cfg.seed,
+                split=split,
+                group_by_length=cfg.group_by_length,
+            )
+            for split, split_examples in self.examples.items()
+        }
+        self.loader, self.eval_loader = loaders["train"], loaders.get("eval")
+        self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        optimizer = make_optimizer(self.model, cfg, fused=not self.fsdp)
+        self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
+        resume.attach(accelerator)
+        self.first_step = self.trainer_state.get("step", 0) + 1
+        if self.checkpoint is not None:
+            resume.restore_training_state(accelerator, self.scheduler, self.checkpoint)
+        self.run = Run(
+            config=cfg,
+            accelerator=accelerator,
+            tokenizer=self.tokenizer,
+            output_dir=self.out,
+            max_steps=self.total_steps,
+            step=self.first_step - 1,
+        )
+        self.sums = MetricSums()
+        self.num_tokens = float(self.trainer_state.get("num_tokens", 0.0))
+        self.skipped_steps = int(self.trainer_state.get("skipped_steps", 0))
+        if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
+            self.sums.add_totals(self.trainer_state.get("pending_metrics", {}))
+        self.last_checkpoint = self.checkpoint
+
+    # -- start: the run's record -----------------------------------------------------------------
+    def start(self) -> None:
+        """Write run.json (new, or the interrupted run's continued), set later checkpoints and
+        metrics rows aside on a resume, open the logs, and start the progress bar."""
+        accelerator, out, start = self.accelerator, self.out, self.first_step - 1
+        if self.previous is not None:
+            self.run_info = self.previous
+            for key in ("stopped_at_step", "failed_at_step", "failure"):
+                self.run_info.pop(key, None)
+            self.run_info.setdefault("resumed", []).append(
+                {
+                    "from_step": start,
+                    "checkpoint": str(self.checkpoint),
+                    "at": datetime.now().isoformat(),
+                    "changed": self.changed,
+                }
+            )
+            self.run_info.update(
+                status="running",
+                config=self.spec.as_dict(),
+                data=data_info(self.splits, self.digests, self.reports),
+            )
+            self.started -= self.previous.get("seconds", 0.0)  # run.json's: every session's
+        else:
+            self.run_info = describe_run(
+                self.spec,
+                self.registry,
+                self.splits,
+                self.digests,
+                self.reports,
+                accelerator,
+                self.total_steps,
+            )
+            self.run_info["packed_batches"] = self.hooks.packed
+            if self.reference_info is not None:
+                self.run_info["reference"] = self.reference_info
+        if accelerator.is_main_process:
+            if self.output.replaces_run:  # --overwrite: only now that the new run is set up
+                clear_run(out)
+            if self.checkpoint is not None:
+                abandoned = resume.set_aside_later_checkpoints(out, start)  # first: a kill in
+                dropped = resume.truncate_metrics(out / "metrics.jsonl", start)  # between: none
+                self._log(
+                    f"Resuming at step {start} of {self.total_steps} from {self.checkpoint}"
+                    + (f"; dropped {dropped} metrics rows logged after it" if dropped else "")
+                    + (
+                        f"; later checkpoints set aside: {', '.join(p.name for p in abandoned)}"
+                        if abandoned
+                        else ""
+                    )
+                )
+            write_json(out / "run.json", self.run_info)
+        if self.tracker:
+            config = self.cfg.model_dump().items()
+            accelerator.init_trackers(
+                "logs", config={k: v for k, v in config if isinstance(v, int | float | str | bool)}
+            )
+        self.metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
+        objective = self.spec.objective
+        self._log(
+            f"Training {objective.item.name} ({objective.plugin.label}) for "
+            f"{self.total_steps} steps on {accelerator.num_processes} process(es); output: {out}"
+        )
+        from tqdm.auto import tqdm
+
+        from ..console import tolerant
+
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc=objective.item.name,
+            disable=not accelerator.is_main_process,
+            file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
+        )
+        self.model.train()
+        self.groups = micro_batch_groups(self.loader, self.cfg.grad_accum, start)
+
+    # -- one step --------------------------------------------------------------------------------
+    def compute(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
+        return self.hooks.compute(self.model, batch, self.loss_reference, self.run)
+
+    def train_step(self, step: int) -> None:
+        """One optimizer step: each micro-batch's counts, then its loss and backward, clipping,
+        the update (or, for a non-finite loss or gradient, an error or a skipped step)."""
+        accelerator, cfg = self.accelerator, self.cfg
+        group = next(self.groups)
+        self.run.step = step - 1
+        self.learning_rate = self.scheduler.get_last_lr()[0]
+        step_sums, micro_losses = MetricSums(), []
+        counted = [
+            (batch, self.hooks.counts(batch, [self.examples["train"][i] for i in indices]))
+            for indices, batch in group
+        ]
+        loss = accumulate_gradients(
+            self.model, counted, self.compute, accelerator, step_sums, micro_losses
+        )
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        bad = nonfinite(loss, grad_norm, scaler_handles_gradients=accelerator.scaler is not None)
+        if bad:
+            value = loss if bad == "loss" else float(grad_norm)
+            examples = self.examples["train"]
+            where = offending_examples(group, micro_losses, bad, examples, accelerator)
+            if cfg.on_nonfinite == "error":
+                self.progress.close()
+                self.finish("failed", failed_at_step=step, failure=f"non-finite {bad}")
+                raise RunStopped(
+                    nonfinite_message(step, bad, value, where, cfg.data, self.last_checkpoint)
+                )
+            self.skipped_steps += 1
+            if accelerator.scaler is not None:  # clipping unscaled: the scaler must move on
+                accelerator.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._log(
+                f"step {step}: the {bad} is {value}; step skipped ({self.skipped_steps} so far). "
+                f"Examples: {cfg.data}: {', '.join(where[:20])}"
+            )
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sums.add_totals(step_sums.totals())
+            self.sums.add("grad_norm", grad_norm, 1)
+        self.scheduler.step()
+        self.run.step = step  # updates taken, as evaluation and checkpoints after this one see
+        self.progress.update(1)
+        self.progress.set_postfix(loss=format_value(loss))
+
+    # -- log, evaluate, checkpoint ---------------------------------------------------------------
+    def log_metrics(self, step: int) -> None:
+        """The metrics since the last log, reduced over processes: one metrics.jsonl row."""
+        totals = self.sums.totals(self.accelerator)
+        self.sums.clear()
+        self.num_tokens += totals.pop("num_tokens", (0.0, 0.0))[0]
+        row = {
+            "step": step,
+            "epoch": round(step / self.steps_per_epoch, 4),
+            "learning_rate": self.learning_rate,
+            **self.hooks.derive(means(totals)),
+            "num_tokens": int(self.num_tokens),
+        }
+        if self.skipped_steps:
+            row["skipped_steps"] = self.skipped_steps
+        self.metrics_log.write(row)
+
+    def evaluation_due(self, step: int) -> bool:
+        every = self.cfg.eval_every
+        due = step == self.total_steps or bool(every) and step % every == 0
+        return self.eval_loader is not None and due
+
+    def evaluate(self, step: int) -> None:
+        """The eval split's loss and metrics (and drift, with --eval-deviation), in eval mode
+        without gradients: a metrics.jsonl row and a line above the progress bar (as TRL
+        prints its eval dicts: ``eval step 50: loss 0.6421, rewards/accuracies 1``)."""
+        model, cfg = self.model, self.cfg
         model.eval()
-        run.training = False
+        self.run.training = False
         sums = MetricSums()
         with torch.no_grad():
-            for batch in eval_loader:
-                output, extra = compute(batch)
+            for batch in self.eval_loader:
+                output, extra = self.compute(batch)
                 sums.add_output(output, extra)
                 if cfg.eval_deviation and "deviation" not in output.metrics:
-                    sums.add("deviation", *deviation_sums(model, batch, reference))
+                    sums.add("deviation", *deviation_sums(model, batch, self.reference))
         model.train()
-        run.training = True
-        return {f"eval_{k}": v for k, v in hooks.derive(sums.reduce(accelerator)).items()}
+        self.run.training = True
+        reduced = self.hooks.derive(sums.reduce(self.accelerator))
+        values = {f"eval_{k}": v for k, v in reduced.items()}
+        self.metrics_log.write({"step": step, **values})
+        if not self.progress.disable:  # enabled on the main process only
+            line = f"eval step {step}: {headline(values, 'eval_')}"
+            self.progress.write(line, file=self.progress.fp)
 
-    sums = MetricSums()
-    num_tokens = float(trainer_state.get("num_tokens", 0.0))
-    skipped_steps = int(trainer_state.get("skipped_steps", 0))
-    if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
-        sums.add_totals(trainer_state.get("pending_metrics", {}))
-    last_checkpoint = checkpoint
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.cfg.save_every
+        return step != self.total_steps and bool(every) and step % every == 0
 
-    def save_checkpoint(step: int, eval_pending: bool) -> Path:
-        target = resume.checkpoint_dir(out, step)
+    def save_checkpoint(self, step: int, eval_pending: bool) -> None:
+        """Weights, optimizer, schedule, RNG and this run's counters, written atomically."""
+        accelerator = self.accelerator
+        target = resume.checkpoint_dir(self.out, step)
         if accelerator.is_main_process:
             target.parent.mkdir(exist_ok=True)
         resume.save_checkpoint(
             accelerator,
-            model,
-            tokenizer,
-            scheduler,
+            self.model,
+            self.tokenizer,
+            self.scheduler,
             target,
             {
                 "step": step,
-                "epoch": round(step / steps_per_epoch, 4),
+                "epoch": round(step / self.steps_per_epoch, 4),
                 "data_position": {
-                    "epoch": step // steps_per_epoch,
-                    "micro_batch": step % steps_per_epoch * cfg.grad_accum,
+                    "epoch": step // self.steps_per_epoch,
+                    "micro_batch": step % self.steps_per_epoch * self.cfg.grad_accum,
                 },
-                "pending_metrics": sums.totals(accelerator),
-                "num_tokens": num_tokens,
-                "skipped_steps": skipped_steps,
+                "pending_metrics": self.sums.totals(accelerator),
+                "num_tokens": self.num_tokens,
+                "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes,
-                "reference": resume.reference_state(reference_info),
+                "reference": resume.reference_state(self.reference_info),
                 "eval_pending": eval_pending,
             },
         )
         if accelerator.is_main_process:
-            resume.remove_old_checkpoints(out, cfg.keep_last, target)
-        return target
+            resume.remove_old_checkpoints(self.out, self.cfg.keep_last, target)
+        self.last_checkpoint = target
 
-    def finish(status: str, **details: Any) -> None:
-        metrics_log.close()
+    # -- the end ---------------------------------------------------------------------------------
+    def stop(self, step: int, signum: int) -> None:
+        """A signal came: the checkpoint is written; record the stop and raise RunStopped."""
+        self.progress.close()
+        self.finish("interrupted", stopped_at_step=step)
+        raise RunStopped(
+            f"{signal.Signals(signum).name}: stopped after step {step} of {self.total_steps}; "
+            f"checkpoint {self.last_checkpoint}. Resume with the same command and --resume "
+            f"(--output-dir {self.out}).",
+            exit_code=128 + signum,
+        )
+
+    def save_final(self) -> None:
+        self.progress.close()
+        final = {"step": self.total_steps}
+        save_model_dir(self.accelerator, self.model, self.tokenizer, self.out / "final", final)
+        self.finish("completed")
+
+    def finish(self, status: str, **details: Any) -> None:
+        """Close the logs and process group; run.json gets the status and the time taken."""
+        self.metrics_log.close()
+        accelerator = self.accelerator
         accelerator.end_training()
         if accelerator.num_processes > 1:  # a process group left up can abort the exit (gloo)
             accelerator.state.destroy_process_group()
         if accelerator.is_main_process:
-            run_info.update(status=status, seconds=round(time.time() - started, 1), **details)
-            if skipped_steps:
-                run_info["skipped_steps"] = skipped_steps
-            write_json(out / "run.json", run_info)
+            seconds = round(time.time() - self.started, 1)
+            self.run_info.update(status=status, seconds=seconds, **details)
+            if self.skipped_steps:
+                self.run_info["skipped_steps"] = self.skipped_steps
+            write_json(self.out / "run.json", self.run_info)
 
-    # The loop: step, log, evaluate, checkpoint; stop on a signal or a non-finite value.
-    log(
-        accelerator,
-        f"Training {objective.name} ({spec.objective.plugin.label}) for "
-        f"{total_steps} steps on {accelerator.num_processes} process(es); "
-        f"output: {out}",
-    )
-    from tqdm.auto import tqdm
+    def summary(self) -> str:
+        return run_summary(
+            time.time() - self.started, self.total_steps, self.out, self.metrics_log.last
+        )
 
-    from ..console import tolerant
-
-    progress = tqdm(
-        total=total_steps,
-        initial=start,
-        desc=objective.name,
-        disable=not accelerator.is_main_process,
-        file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
-    )
-    model.train()
-    groups = micro_batch_groups(loader, cfg.grad_accum, start)
-    with StopSignals(announce=accelerator.is_main_process) as signals:
-        if trainer_state.get("eval_pending") and eval_loader is not None:  # owed by a stop
-            record_evaluation(metrics_log, progress, start, evaluate())
-        for step in range(start + 1, total_steps + 1):
-            group = next(groups)
-            run.step = step - 1
-            learning_rate = scheduler.get_last_lr()[0]
-            step_sums, micro_losses = MetricSums(), []
-            counted = [
-                (batch, hooks.counts(batch, [examples["train"][i] for i in indices]))
-                for indices, batch in group
-            ]
-            loss = accumulate_gradients(
-                model, counted, compute, accelerator, step_sums, micro_losses
-            )
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            bad = nonfinite(
-                loss, grad_norm, scaler_handles_gradients=accelerator.scaler is not None
-            )
-            if bad:
-                value = loss if bad == "loss" else float(grad_norm)
-                where = offending_examples(group, micro_losses, bad, examples["train"], accelerator)
-                if cfg.on_nonfinite == "error":
-                    progress.close()
-                    finish("failed", failed_at_step=step, failure=f"non-finite {bad}")
-                    raise RunStopped(
-                        nonfinite_message(step, bad, value, where, cfg.data, last_checkpoint)
-                    )
-                skipped_steps += 1
-                if accelerator.scaler is not None:  # clipping unscaled: the scaler must move on
-                    accelerator.scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                log(
-                    accelerator,
-                    f"step {step}: the {bad} is {value}; step skipped ({skipped_steps} so far). "
-                    f"Examples: {cfg.data}: {', '.join(where[:20])}",
-                )
-            else:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                sums.add_totals(step_sums.totals())
-                sums.add("grad_norm", grad_norm, 1)
-            scheduler.step()
-            run.step = step  # updates taken, as evaluation and checkpoints after this one see it
-            progress.update(1)
-            progress.set_postfix(loss=format_value(loss))
-
-            if step % cfg.log_every == 0 or step == total_steps:
-                totals = sums.totals(accelerator)
-                sums.clear()
-                num_tokens += totals.pop("num_tokens", (0.0, 0.0))[0]
-                values = hooks.derive(means(totals))
-                row = {
-                    "step": step,
-                    "epoch": round(step / steps_per_epoch, 4),
-                    "learning_rate": learning_rate,
-                    **values,
-                    "num_tokens": int(num_tokens),
-                }
-                if skipped_steps:
-                    row["skipped_steps"] = skipped_steps
-                metrics_log.write(row)
-            last = step == total_steps
-            stop = 0 if last else signals.requested(accelerator)  # the last step: save final/
-            eval_due = eval_loader is not None and (
-                last or bool(cfg.eval_every) and step % cfg.eval_every == 0
-            )
-            if eval_due and not stop:  # when stopping, the resumed run evaluates first
-                record_evaluation(metrics_log, progress, step, evaluate())
-            if stop or not last and cfg.save_every and step % cfg.save_every == 0:
-                last_checkpoint = save_checkpoint(step, eval_pending=eval_due and bool(stop))
-            if stop:
-                progress.close()
-                finish("interrupted", stopped_at_step=step)
-                name = signal.Signals(stop).name
-                raise RunStopped(
-                    f"{name}: stopped after step {step} of {total_steps}; checkpoint "
-                    f"{last_checkpoint}. Resume with the same command and --resume "
-                    f"(--output-dir {out}).",
-                    exit_code=128 + stop,
-                )
-        progress.close()  # a signal from here on lets the final model be written first
-        save_model_dir(accelerator, model, tokenizer, out / "final", {"step": total_steps})
-        finish("completed")
-    if signals.received:
-        name = signal.Signals(signals.received).name
-        log(accelerator, f"{name} came during the last step or the final save; the run completed.")
-    log(accelerator, run_summary(time.time() - started, total_steps, out, metrics_log.last))
-    return out
+    def _log(self, message: str) -> None:
+        log(self.accelerator, message)
 
 
 def _adapter_note(info: dict[str, Any]) -> str:
@@ -484,17 +589,6 @@ def _library_versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "accelerate": accelerate.__version__,
     }
-
-
-def record_evaluation(
-    metrics_log: MetricsLog, progress: Any, step: int, values: dict[str, float]
-) -> None:
-    """Write an evaluation's row and print its line above the progress bar, through the bar's
-    stream (as TRL prints its eval dicts): ``eval step 50: loss 0.6421, rewards/accuracies 1``.
-    The bar is enabled on the main process only, and so is the line."""
-    metrics_log.write({"step": step, **values})
-    if not progress.disable:
-        progress.write(f"eval step {step}: {headline(values, 'eval_')}", file=progress.fp)
 
 
 def run_summary(seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]]) -> str:
