@@ -147,13 +147,14 @@ def cli() -> None:
 
     \b
     align run                          train SFT on the embedded demo (under a minute on CPU)
-    align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto
+    align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto, orpo
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align inspect --objective dpo      the first examples, token by token, with loss masks
     align plot RUN_DIR                 loss and metric curves of a run as a PNG
     align new-plugin NAME              start an objective plugin project
     align objectives                   objectives installed, with their options
+    align formats                      data formats registered, with their columns
     align plugins                      plugins installed, their versions, hooks and errors
     """
 

@@ -91,8 +91,8 @@ class TrainConfig(Options):
     trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
     reference: Literal["precomputed", "model", "adapter"] = Field(
         "precomputed",
-        description="Reference log-probs for DPO/KTO: precomputed once and cached, a frozen "
-        "model, or the policy with its adapter disabled.",
+        description="Reference log-probs, for objectives that use them (dpo, kto, minorsft): "
+        "precomputed once and cached, a frozen model, or the policy with its adapter disabled.",
     )
     ref_model: str | None = Field(
         None, description="Reference model (hub id or directory); default: the starting model."

@@ -236,29 +236,42 @@ class Refused:
     @align.hookimpl
     def align_register_formats(self, register):
         register(align.DataFormat("preference", "a second preference", lambda r: None))
+        register(align.DataFormat("shared", "one of two", lambda r: None))
 
     @align.hookimpl
     def align_register_objectives(self, register):
         register(align.Objective(name="typo", description="x", data_format="prefrence"))
-        register(
-            align.Objective(
-                name="clash", description="x", data_format="preference", fields=ChosenField
-            )
-        )
+        register(align.Objective(name="mine", description="x", data_format="preference"))
+        register(align.Objective(name="reads-shared", description="x", data_format="shared"))
+        register(align.Objective(name="clash", description="x", fields=PromptField))
 
 
-class ChosenField(align.Fields):
-    chosen: str = ""
+class AlsoShared:
+    @align.hookimpl
+    def align_register_formats(self, register):
+        register(align.DataFormat("shared", "the other", lambda r: None))
+
+
+class PromptField(align.Fields):
+    prompt: str = ""
 
 
 def test_unknown_formats_clashes_and_reserved_fields_are_plugin_errors():
-    registry = load_plugins(extra=[Refused()])
+    """A format name taken twice is nobody's: an objective naming it could read either. The
+    core's formats stay, and so do the core's objectives that read them."""
+    registry = load_plugins(extra=[Refused(), AlsoShared()])
     info = next(p for p in registry.plugins.values() if "typo" in p.objectives)
     text = " ".join(info.errors)
-    assert "data format 'preference' is already registered by align-core" in text
+    assert "data format 'preference' is registered more than once: align-core, Refused" in text
     assert "unknown data_format 'prefrence'. Did you mean 'preference'?" in text
-    assert "field 'chosen' is a column of the objective's data format" in text
-    assert "typo" not in registry.objectives and "clash" not in registry.objectives
+    assert "objective 'mine': its plugin registers data format 'preference' again" in text
+    assert "data format 'shared' is registered more than once: Refused, AlsoShared" in text
+    assert "objective 'reads-shared': data format 'shared' is registered more than once" in text
+    assert "field 'prompt' is a column of the objective's data format" in text
+    assert not {"typo", "mine", "reads-shared", "clash"} & set(registry.objectives)
+    assert "shared" not in registry.formats
+    assert registry.formats["preference"].plugin.label == "align-core"
+    assert "dpo" in registry.objectives
 
 
 def test_the_ranked_format(tmp_path, write_jsonl, tokenizer):

@@ -177,6 +177,7 @@ class PluginRegistry:
         for fmt in _collect_from(core_formats.align_register_formats, DataFormat, "formats"):
             self.formats[fmt.name] = Registered(fmt, core)
         found: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
+        found_formats: dict[str, list[Registered]] = {}
         for info in self.plugins.values():
             if info.errors:
                 continue
@@ -190,15 +191,31 @@ class PluginRegistry:
                 continue
             for fmt in formats:
                 info.formats.append(fmt.name)
-                if fmt.name in self.formats:
-                    owner = self.formats[fmt.name].plugin.label
-                    info.errors.append(f"data format {fmt.name!r} is already registered by {owner}")
-                else:
-                    self.formats[fmt.name] = Registered(fmt, info)
+                found_formats.setdefault(fmt.name, []).append(Registered(fmt, info))
             for kind, items in (("objective", objectives), ("section", sections)):
                 for item in items:
                     getattr(info, f"{kind}s").append(item.name)
                     found[kind].setdefault(item.name, []).append(Registered(item, info))
+
+        # A format name registered twice (or a core format's name) is nobody's: an objective
+        # that names it could read either, so such objectives are refused (_data_problem).
+        # A core format's name taken again refuses only the other plugin's objectives of it.
+        self.format_clashes: dict[str, list[str]] = {}
+        clashed: set[tuple[int, str]] = set()  # (plugin, format) of a core name taken again
+        for name, registrations in found_formats.items():
+            owners = [r.plugin.label for r in registrations]
+            if name in self.formats:
+                owners.insert(0, self.formats[name].plugin.label)
+                clashed |= {(id(r.plugin), name) for r in registrations}
+            elif len(owners) == 1:
+                self.formats[name] = registrations[0]
+                continue
+            else:
+                self.format_clashes[name] = owners
+            for r in registrations:
+                r.plugin.errors.append(
+                    f"data format {name!r} is registered more than once: {', '.join(owners)}"
+                )
 
         # A section with a problem unloads its plugin: its model-preparation hooks would run
         # in every run without their options.
@@ -227,7 +244,14 @@ class PluginRegistry:
                 continue
             problem = _name_problem("objective", name, registrations, CORE_KEYS, {})
             if problem is None and isinstance(registrations[0].item, Objective):
-                problem = self._data_problem(registrations[0].item)
+                objective = registrations[0].item
+                if (id(registrations[0].plugin), objective.data_format) in clashed:
+                    problem = (
+                        f"objective {objective.name!r}: its plugin registers data format "
+                        f"{objective.data_format!r} again, which the core provides"
+                    )
+                else:
+                    problem = self._data_problem(objective)
             if problem is None:
                 self.objectives[name] = registrations[0]
                 continue
@@ -248,6 +272,12 @@ class PluginRegistry:
         """Why an objective's data format or extra fields cannot be used, or None."""
         from ..data.fields import column_names, reserved_problem
 
+        owners = self.format_clashes.get(objective.data_format)
+        if owners is not None:
+            return (
+                f"objective {objective.name!r}: data format {objective.data_format!r} is "
+                f"registered more than once ({', '.join(owners)}); uninstall one of them"
+            )
         registered = self.formats.get(objective.data_format)
         if registered is None:
             return (

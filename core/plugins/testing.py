@@ -24,6 +24,8 @@ Class attributes a test may set:
 - ``objective`` (required): the objective's name.
 - ``plugin``: a module (or object with hookimpls) to test without installing it.
 - ``options``: the objective's options, as ``--set`` would give them (``{"beta": 0.5}``).
+- ``max_length``: the runs' ``--max-length`` (default 64, the demo model's); raise it for a
+  format whose prompts are long.
 - ``records``: the records written to the data file (a list of dicts, as in a JSON Lines
   file); default: the data format's ``samples``. Give them when the objective reads extra
   fields that have no default, or needs data the samples lack. Four or more, with at least two
@@ -121,6 +123,7 @@ class ObjectiveConformance:
     plugin: ClassVar[Any] = None
     options: ClassVar[dict[str, Any]] = {}
     records: ClassVar[list[dict[str, Any]] | None] = None
+    max_length: ClassVar[int] = 64
 
     # -- fixtures --------------------------------------------------------------------------------
     @pytest.fixture(scope="class")
@@ -162,7 +165,7 @@ class ObjectiveConformance:
             "max_steps": 2,
             "model": str(model_dir),
             "data": str(path),
-            "max_length": 64,
+            "max_length": self.max_length,
             "batch_size": 2,
             "output_dir": str(tmp_path / "run"),
         }
@@ -428,7 +431,7 @@ class ObjectiveConformance:
 
         args = ["run", "--objective", self.objective, "--model", str(setup.model_dir)]
         args += ["--data", str(setup.data), "--batch-size", "2"]
-        args += ["--output-dir", str(out), "--max-length", "64", *extra]
+        args += ["--output-dir", str(out), "--max-length", str(self.max_length), *extra]
         for key, value in self.options.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         reset_accelerate()
