@@ -370,3 +370,56 @@ def test_reference_cache_keys_depend_on_tokens_not_on_fields(tmp_path, write_jso
     assert key(rows) == base
     rows[0]["completion"] = "something else."
     assert key(rows) != base
+
+
+class GroupField(align.Fields):
+    group: int = 0
+
+
+class ValueField(align.Fields):
+    extra: float = 0.0
+
+
+def test_a_field_cannot_shadow_what_the_format_gives():
+    """A field named like a key of the format's batches is refused at registration; one named
+    like a value a plugin format gives its examples is a data error, never silently replaced."""
+
+    class Shadowing:
+        @align.hookimpl
+        def align_register_formats(self, register):
+            register(
+                align.DataFormat(
+                    "valued",
+                    "x",
+                    lambda r: align.Group(r.data["p"], {"": r.data["a"]}, values={"extra": 1.0}),
+                    columns=("p", "a"),
+                )
+            )
+
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register(
+                align.Objective(name="g", description="x", data_format="ranked", fields=GroupField)
+            )
+            register(
+                align.Objective(name="v", description="x", data_format="valued", fields=ValueField)
+            )
+
+    registry = load_plugins(extra=[Shadowing()])
+    assert "g" not in registry.objectives and "v" in registry.objectives
+    info = next(p for p in registry.plugins.values() if "g" in p.objectives)
+    assert "field 'group' is a name the core's batches use" in " ".join(info.errors)
+    record = align.Record({"p": "1 + 1? ", "a": "2.", "extra": 3.0}, "d.jsonl", "line 1")
+    with pytest.raises(align.DataError, match="value named 'extra'"):
+        tokenize_records(
+            [record], registry.formats["valued"].item, _Tok(), 64, "error", "t", ValueField
+        )
+
+
+class _Tok:
+    """Just enough tokenizer for one prompt/completion record."""
+
+    eos_token_id, bos_token_id, is_fast = 0, None, False
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        return {"input_ids": [ord(c) % 50 + 1 for c in text]}

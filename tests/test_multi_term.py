@@ -111,3 +111,36 @@ def test_each_term_is_scaled_by_its_own_total_before_backward():
     # a: Σ w·x / 4 = w·10/4; b: Σ w²·Σx / 2 = w²·10/2
     assert loss == pytest.approx(2.0 * 10 / 4 + 4.0 * 10 / 2)
     assert float(w.grad) == pytest.approx(10 / 4 + 2 * 2.0 * 10 / 2)
+
+
+def test_a_term_without_units_must_add_nothing():
+    class OneProcess:
+        num_processes, device = 1, torch.device("cpu")
+
+        def no_sync(self, model):
+            import contextlib
+
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+    w = torch.nn.Parameter(torch.tensor(2.0))
+
+    def compute(batch):
+        return align.LossOutput(terms={"a": (w * 3, 1), "b": (w * 1, 0)}), {}
+
+    with pytest.raises(align.PluginError, match="term 'b' has a loss of 2 but a count of 0"):
+        accumulate_gradients(w, [({}, {"a": 1, "b": 0})], compute, OneProcess(), MetricSums())
+
+
+def test_orpo_with_the_prompt_in_the_nll_is_recorded_as_padded(tmp_path, model_dir, write_jsonl):
+    """nll_on_prompt builds padded batches whatever the run asks: run.json and the log say so."""
+    data = write_jsonl(tmp_path / "d.jsonl", _orpo_rows(4))
+    out = tmp_path / "run"
+    args = ["run", "--objective", "orpo", "--model", str(model_dir), "--data", str(data)]
+    args += ["--max-steps", "1", "--set", "nll_on_prompt=true", "--output-dir", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "padding_free: off, the objective's align_build_batch gives padded" in result.output
+    assert json.loads((out / "run.json").read_text())["packed_batches"] is False

@@ -100,3 +100,10 @@ def count_tokens(batch: dict[str, Any]) -> Any:
         key = "token_mask" if is_packed(batch, prefix) else "attention_mask"
         total = total + batch[f"{prefix}{key}"].sum()
     return total
+
+
+def is_packed_batch(batch: dict[str, Any]) -> bool:
+    """Whether any sequence of a batch is in the padding-free layout."""
+    from .packing import is_packed
+
+    return any(is_packed(batch, prefix) for prefix in sequence_prefixes(batch))

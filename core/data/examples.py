@@ -176,6 +176,14 @@ def tokenize_records(
                     location=record.location,
                 )
             example = tokenize_group(tokenizer, record, group)
+            taken = sorted(extra.keys() & example.keys())
+            if taken:
+                raise DataError(
+                    f"data format {fmt.name!r} gives the example a value named {taken[0]!r}, "
+                    "which is also one of the objective's fields: rename the field",
+                    source=record.source,
+                    location=record.location,
+                )
             example.update(extra)
             example["record"] = record.location  # named when the example's loss is not finite
             try:

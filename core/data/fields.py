@@ -24,7 +24,7 @@ _EXPECTED = {
 }
 
 # Keys the core's examples and batches use: an objective's extra field may not take them.
-RESERVED = {"record", "index", "prompt_id", "label", "labels", "sequence_example"}
+RESERVED = {"record", "index", "prompt_id", "label", "labels", "scores", "group"}
 RESERVED_SUFFIXES = (
     "input_ids",
     "_mask",

@@ -66,7 +66,7 @@ def accumulate_gradients(
     scaled loss. Nothing is copied off the device between the first and the last backward."""
     names, totals = step_totals(micro_batches, accelerator)
     scale = {
-        n: accelerator.num_processes / max(t, 1.0)
+        n: accelerator.num_processes / t if t else 0.0  # a term no micro-batch has: nothing
         for n, t in zip(names, totals.tolist(), strict=True)
     }
     term_sums: Any = 0.0
@@ -100,7 +100,15 @@ def accumulate_gradients(
         after = accelerator.reduce(after.to(accelerator.device), reduction="sum")
     after = after.cpu()
     term_totals, returned_totals = after[: len(names)], after[len(names) :]
-    for name, declared, got in zip(names, totals.tolist(), returned_totals.tolist(), strict=True):
+    checks = zip(
+        names, totals.tolist(), returned_totals.tolist(), term_totals.tolist(), strict=True
+    )
+    for name, declared, got, total in checks:
+        if not declared and total:
+            raise PluginError(
+                f"term {name!r} has a loss of {total:g} but a count of 0 units in this step: "
+                "a term with no units must add nothing to the loss"
+            )
         if not math.isclose(declared, got, rel_tol=1e-6, abs_tol=1e-6):
             raise PluginError(
                 f"term {name!r}: align_compute_loss counted {got:g} units in this step, but "
@@ -108,7 +116,8 @@ def accumulate_gradients(
                 "the latter. Make the two agree (align_loss_counts not implemented: the count is "
                 "the number of examples)"
             )
-    return sum(s / max(t, 1.0) for s, t in zip(term_totals.tolist(), totals.tolist(), strict=True))
+    pairs = zip(term_totals.tolist(), totals.tolist(), strict=True)
+    return sum(s / t for s, t in pairs if t)
 
 
 def micro_batch_groups(loader: Any, grad_accum: int, start: int = 0) -> Iterator[list]:

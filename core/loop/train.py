@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
+from ..data.batching import is_packed_batch
 from ..data.examples import DataReport
 from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
@@ -234,6 +235,11 @@ class Training:
                 packed = False
         del self.starting_copy
         self.hooks.packed = self.hooks.packed and packed
+        if self.hooks.packed and not is_packed_batch(
+            self.hooks.build_batch(self.examples["train"][:1])
+        ):
+            self._log("padding_free: off, the objective's align_build_batch gives padded batches.")
+            self.hooks.packed = False
         self.loss_reference = self.reference if objective.needs_reference else None
 
     def _read_checkpoint(self) -> None:

@@ -50,9 +50,11 @@ class Group:
     text, trained throughout, or a whole conversation, trained on its assistant turns).
     ``answers``: sequence prefix → answer (a string, or messages when the prompt is messages);
     the core tokenises ``prompt + answer`` into ``<prefix>input_ids`` and
-    ``<prefix>completion_mask`` (1 on the answer's tokens), truncates, packs the answers with
-    the prompt shared, and scores them with the reference. Use ``""`` for a single sequence,
-    ``"chosen_"``/``"rejected_"`` for a pair, ``"completion0_"``… for a list.
+    ``<prefix>completion_mask`` (1 on the answer's tokens), truncates all of a group's answers
+    alike, and scores them with the reference (the precomputed pass computes their shared prompt
+    once). A format's ``batch`` may pack them the same way (``preference`` and ``ranked`` do:
+    ``align.packing.pack``); the default batch packs each prefix on its own. Use ``""`` for a
+    single sequence, ``"chosen_"``/``"rejected_"`` for a pair, ``"completion0_"``… for a list.
     ``values``: per-example values the format's batch hands the loss (a label, scores).
     ``fields``: prefix → the record field each answer came from, named in errors
     (default: the prefix without its ``_``, or ``completion`` for ``""``).

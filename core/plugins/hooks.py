@@ -55,6 +55,12 @@ class ObjectiveHooks:
         )
         if batch is None:
             batch = default_batch(self.data_format, examples, self.tokenizer.pad_token_id, packed)
+            taken = [name for name in self.field_names if name in batch]
+            if taken:
+                raise PluginError(
+                    f"objective {self.objective.name!r}: field {taken[0]!r} is a key of the "
+                    f"{self.data_format.name!r} format's batches; rename the field"
+                )
         missing = [name for name in self.field_names if name not in batch]
         batch.update(collate(examples, missing))
         return batch

@@ -238,6 +238,7 @@ class PluginRegistry:
                 if self.pm.is_registered(r.plugin.obj):
                     self.pm.unregister(r.plugin.obj)
                 unloaded.add(id(r.plugin))
+        self.formats = {n: r for n, r in self.formats.items() if id(r.plugin) not in unloaded}
         for name, registrations in found["objective"].items():
             registrations = [r for r in registrations if id(r.plugin) not in unloaded]
             if not registrations:  # its only plugin was unloaded

@@ -58,6 +58,11 @@ def align_register_objectives(register):
 
 
 @align.hookimpl
+def align_loss_counts(batch):  # before the forward: one loss unit per sequence, as loss.py counts
+    return {{"loss": len(align.sequence_token_counts(batch))}}
+
+
+@align.hookimpl
 def align_compute_loss(model, batch, options):
     from .loss import loss
 
@@ -67,8 +72,8 @@ def align_compute_loss(model, batch, options):
 LOSS = '''\
 """The loss: return the SUM over loss units and their COUNT; the core divides.
 
-Here a unit is an example, the core's default. For another unit (completion tokens, say),
-implement ``align_loss_counts`` to give the count from the batch before the forward.
+Here a unit is a sequence (``align_loss_counts`` in __init__.py gives their number before the
+forward); for completion tokens, count ``align.sequence_token_counts(batch).sum()`` there.
 """
 
 import align
