@@ -226,7 +226,7 @@ def _exit_with(exc: AlignError) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins: distribution, version, objectives, hooks and status.
+    """List installed plugins: distribution, version, objectives, data formats, hooks, status.
 
     Exits with status 1 when any plugin has an error.
     """
@@ -243,6 +243,8 @@ def plugins(as_json: bool) -> None:
             click.echo(f"  objectives: {', '.join(info.objectives)}")
         if info.sections:
             click.echo(f"  sections: {', '.join(info.sections)}")
+        if info.formats:
+            click.echo(f"  data formats: {', '.join(info.formats)}")
         if info.hooks:
             click.echo(f"  hooks: {', '.join(info.hooks)}")
         for error in info.errors:
