@@ -279,7 +279,7 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
 def test_listing_commands_do_not_import_torch(tmp_path):
     code = (
         "import sys\nfrom click.testing import CliRunner\nfrom align.cli import cli\n"
-        "for args in (['--help'], ['plugins'], ['objectives'], ['run', '--help']):\n"
+        "for args in (['--help'], ['plugins'], ['objectives'], ['formats'], ['run', '--help']):\n"
         "    assert CliRunner().invoke(cli, args).exit_code == 0, args\n"
         "print('torch' in sys.modules)\n"
     )
