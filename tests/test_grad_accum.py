@@ -12,6 +12,8 @@ from align.data.records import Record
 from align.loop.metrics import MetricSums
 from align.loop.step import accumulate_gradients
 from align.plugins import load_plugins
+from align.plugins.hooks import ObjectiveHooks
+from align.reference import ModelReference
 
 
 def _examples(tokenizer, sft_rows):
@@ -75,3 +77,50 @@ def test_naive_mean_of_micro_means_would_differ(model_dir, tokenizer, sft_rows):
     loss_a, _, _ = _grads(model_dir, tokenizer, [examples[:4]], "token")
     loss_b, _, _ = _grads(model_dir, tokenizer, [examples[4:]], "token")
     assert abs((loss_a + loss_b) / 2 - loss_one) > 1e-4
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_scaling_before_backward_gives_the_old_gradient(model_dir, tokenizer, sft_rows, objective):
+    """The step scales each micro-batch's loss by its term's total before the backward; the loop
+    used to backward the sums and scale the summed gradients by 1/Σcount afterwards. The two
+    give the same loss and gradients, to 1e-6."""
+    registry = load_plugins()
+    spec = resolve(registry, None, {"objective": objective}, [])
+    hooks = ObjectiveHooks(registry, spec, tokenizer)
+    rows = (
+        sft_rows
+        if objective == "sft"
+        else [
+            {"prompt": r["prompt"], "chosen": r["completion"], "rejected": "No."} for r in sft_rows
+        ]
+    )
+    records = [Record(r, "mem", f"record {i}") for i, r in enumerate(rows)]
+    examples, _ = tokenize_records(records, hooks.data_format, tokenizer, 64, "error", "train")
+    micro = [examples[:3], examples[3:]]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reference = ModelReference.frozen_copy(model) if objective == "dpo" else None
+
+    def compute(batch):
+        return hooks.compute(model, batch, reference, None)
+
+    batches = [hooks.build_batch(m) for m in micro]
+    loss = accumulate_gradients(
+        model,
+        [(b, hooks.counts(b, m)) for b, m in zip(batches, micro, strict=True)],
+        compute,
+        Accelerator(cpu=True),
+        MetricSums(),
+    )
+    new = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    total_loss, total_count = 0.0, 0.0
+    for batch in batches:  # the old way
+        output, _ = compute(batch)
+        output.loss.backward()
+        total_loss += float(output.loss)
+        total_count += float(torch.as_tensor(output.count).sum())
+    assert loss == pytest.approx(total_loss / total_count, abs=1e-6)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            old = param.grad / total_count
+            assert torch.allclose(new[name], old, atol=1e-6, rtol=1e-5), name
