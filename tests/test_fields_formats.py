@@ -328,27 +328,24 @@ class SelfPacking:
         return align.LossOutput(loss=-(out.sums / out.num_tokens).sum(), count=len(out.sums))
 
 
-@pytest.mark.parametrize("padding_free", [True, False])
-def test_a_plugin_batch_is_told_whether_the_run_packs(
-    tmp_path, write_jsonl, sft_rows, model_dir, padding_free
-):
+def test_a_plugin_batch_is_told_whether_the_run_packs(tmp_path, write_jsonl, sft_rows, model_dir):
+    """The hook hears the run's layout, and its packed batches give the padded loss."""
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
-    out = tmp_path / "run"
-    args = ["run", "--objective", "self-packing", "--model", str(model_dir), "--data", str(data)]
-    args += ["--max-steps", "1", "--max-length", "48", "--output-dir", str(out)]
-    args += [] if padding_free else ["--no-padding-free"]
-    SelfPacking.seen = []
-    with registered(SelfPacking(), only=True):
-        result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    assert SelfPacking.seen and set(SelfPacking.seen) == {(padding_free, 48)}
-    loss = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
-    SelfPacking.loss[padding_free] = loss
-    if len(SelfPacking.loss) == 2:
-        assert SelfPacking.loss[True] == pytest.approx(SelfPacking.loss[False], abs=1e-5)
-
-
-SelfPacking.loss = {}
+    losses = {}
+    for padding_free in (True, False):
+        out = tmp_path / f"run-{padding_free}"
+        args = ["run", "--objective", "self-packing", "--model", str(model_dir)]
+        args += ["--data", str(data), "--max-steps", "1", "--max-length", "48"]
+        args += ["--output-dir", str(out)] + ([] if padding_free else ["--no-padding-free"])
+        SelfPacking.seen = []
+        with registered(SelfPacking(), only=True):
+            result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert SelfPacking.seen and set(SelfPacking.seen) == {(padding_free, 48)}
+        losses[padding_free] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])[
+            "loss"
+        ]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
 
 
 def test_reference_cache_keys_depend_on_tokens_not_on_fields(tmp_path, write_jsonl, tokenizer):

@@ -14,6 +14,7 @@ import align
 from align.cli import cli
 from align.loop.metrics import MetricSums
 from align.loop.step import accumulate_gradients
+from align.plugins.testing import _OneProcess
 from align.testing import registered
 
 
@@ -85,17 +86,6 @@ def test_each_term_is_scaled_by_its_own_total_before_backward():
     """Two terms with different units over two micro-batches: the accumulated gradient is that
     of Σ_t Σsum_t / Σcount_t, computed here independently."""
 
-    class OneProcess:
-        num_processes, device = 1, torch.device("cpu")
-
-        def no_sync(self, model):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def backward(self, loss):
-            loss.backward()
-
     w = torch.nn.Parameter(torch.tensor(2.0))
     data = [
         ({"x": torch.tensor([1.0, 2.0, 3.0])}, {"a": 3, "b": 1}),
@@ -107,31 +97,20 @@ def test_each_term_is_scaled_by_its_own_total_before_backward():
         terms = {"a": ((w * x).sum(), len(x)), "b": ((w * w * x.sum()), 1)}
         return align.LossOutput(terms=terms), {}
 
-    loss = accumulate_gradients(w, data, compute, OneProcess(), MetricSums())
+    loss = accumulate_gradients(w, data, compute, _OneProcess(), MetricSums())
     # a: Σ w·x / 4 = w·10/4; b: Σ w²·Σx / 2 = w²·10/2
     assert loss == pytest.approx(2.0 * 10 / 4 + 4.0 * 10 / 2)
     assert float(w.grad) == pytest.approx(10 / 4 + 2 * 2.0 * 10 / 2)
 
 
 def test_a_term_without_units_must_add_nothing():
-    class OneProcess:
-        num_processes, device = 1, torch.device("cpu")
-
-        def no_sync(self, model):
-            import contextlib
-
-            return contextlib.nullcontext()
-
-        def backward(self, loss):
-            loss.backward()
-
     w = torch.nn.Parameter(torch.tensor(2.0))
 
     def compute(batch):
         return align.LossOutput(terms={"a": (w * 3, 1), "b": (w * 1, 0)}), {}
 
     with pytest.raises(align.PluginError, match="term 'b' has a loss of 2 but a count of 0"):
-        accumulate_gradients(w, [({}, {"a": 1, "b": 0})], compute, OneProcess(), MetricSums())
+        accumulate_gradients(w, [({}, {"a": 1, "b": 0})], compute, _OneProcess(), MetricSums())
 
 
 def test_orpo_with_the_prompt_in_the_nll_is_recorded_as_padded(tmp_path, model_dir, write_jsonl):

@@ -174,7 +174,9 @@ class PluginRegistry:
         from ..data import formats as core_formats
 
         core = PluginInfo(name=CORE_DISTRIBUTION, distribution=None, version=None, module="align")
-        for fmt in _collect_from(core_formats.align_register_formats, DataFormat, "formats"):
+        for fmt in _collect_from(
+            core_formats.align_register_formats, DataFormat, "align_register_formats"
+        ):
             self.formats[fmt.name] = Registered(fmt, core)
         found: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
         found_formats: dict[str, list[Registered]] = {}
@@ -265,7 +267,7 @@ class PluginRegistry:
         items: list = []
         for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             if impl.plugin is info.obj:
-                hook = functools.partial(_call_register, impl)
+                hook = functools.partial(call_impl, impl)
                 items += _collect_from(hook, kind, hook_name)
         return items
 
@@ -376,12 +378,8 @@ def _collect_from(hook: Any, kind: type | tuple[type, ...], hook_name: str) -> l
             raise TypeError(f"{hook_name} registered {item!r}, expected {expected}")
         items.append(item)
 
-    hook(register)
+    hook(register=register)
     return items
-
-
-def _call_register(impl: pluggy.HookImpl, register: Any) -> Any:
-    return call_impl(impl, register=register)
 
 
 def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
