@@ -50,6 +50,15 @@ RUN_FLAGS = [
     "reference",
     "ref_model",
     "eval_deviation",
+    "eval_on_start",
+    "rewards",
+    "generator",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
     "overwrite",
     "on_nonfinite",
     "num_processes",
@@ -64,6 +73,15 @@ def _option_for(name: str) -> Any:
     base = args[0] if args and typing.get_origin(annotation) is not typing.Literal else annotation
     default = f" [default: {field.default}]" if field.default is not None else ""
     help_text = (field.description or "") + default
+    if name == "rewards":  # --reward NAME[=WEIGHT], repeatable
+        return click.option(
+            "--reward",
+            name,
+            multiple=True,
+            metavar="NAME[=WEIGHT]",
+            callback=lambda _ctx, _param, value: list(value) or None,
+            help=field.description,
+        )
     if name == "resume":  # --resume alone means the latest checkpoint
         return click.option(
             flag,
@@ -148,6 +166,7 @@ def cli() -> None:
     \b
     align run                          train SFT on the embedded demo (under a minute on CPU)
     align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto, orpo
+    align run --objective grpo         GRPO on the demo's sums, rewarded by --reward addition
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align inspect --objective dpo      the first examples, token by token, with loss masks
@@ -155,6 +174,7 @@ def cli() -> None:
     align new-plugin NAME              start an objective plugin project
     align objectives                   objectives installed, with their options
     align formats                      data formats registered, with their columns
+    align rewards                      reward functions (--reward) and generators
     align plugins                      plugins installed, their versions, hooks and errors
     """
 
@@ -245,6 +265,10 @@ def plugins(as_json: bool) -> None:
             click.echo(f"  sections: {', '.join(info.sections)}")
         if info.formats:
             click.echo(f"  data formats: {', '.join(info.formats)}")
+        if info.rewards:
+            click.echo(f"  rewards: {', '.join(info.rewards)}")
+        if info.generators:
+            click.echo(f"  generators: {', '.join(info.generators)}")
         if info.hooks:
             click.echo(f"  hooks: {', '.join(info.hooks)}")
         for error in info.errors:
@@ -305,7 +329,10 @@ def objectives(as_json: bool) -> None:
                 "description": obj.description,
                 "data_format": obj.data_format,
                 "fields": _describe_options(obj.fields) if obj.fields is not None else [],
-                "needs_reference": obj.needs_reference,
+                "needs_reference": (
+                    "depends on options" if callable(obj.needs_reference) else obj.needs_reference
+                ),
+                "on_policy": obj.on_policy,
                 "distribution": reg.plugin.label,
                 "options": _describe_options(obj.options),
             }
@@ -322,8 +349,12 @@ def objectives(as_json: bool) -> None:
         click.echo(f"  data: {item['data_format']} — {fmt.item.description if fmt else '?'}")
         if item["fields"]:
             click.echo(f"  record fields: {', '.join(f['name'] for f in item['fields'])}")
-        if item["needs_reference"]:
+        if item["needs_reference"] is True:
             click.echo("  uses reference log-probs")
+        elif item["needs_reference"]:
+            click.echo("  uses reference log-probs with some options")
+        if item["on_policy"]:
+            click.echo("  on-policy: samples completions and learns from --reward functions")
         for opt in item["options"]:
             click.echo(_option_line(opt["name"], opt))
     for item in presets:
@@ -371,6 +402,40 @@ def formats(as_json: bool) -> None:
         click.echo(f"  columns: {', '.join(item['columns'])}")
         if item["objectives"]:
             click.echo(f"  objectives: {', '.join(item['objectives'])}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def rewards(as_json: bool) -> None:
+    """List reward functions (for --reward) and generation backends (for --generator)."""
+    registry = get_registry()
+    data = [
+        {
+            "name": name,
+            "description": reg.item.description,
+            "provided_by": reg.plugin.label,
+            "fields": _describe_options(reg.item.fields) if reg.item.fields is not None else [],
+            "options": _describe_options(reg.item.options),
+        }
+        for name, reg in sorted(registry.rewards.items())
+    ]
+    generators = [
+        {"name": name, "description": reg.item.description, "provided_by": reg.plugin.label}
+        for name, reg in sorted(registry.generators.items())
+    ]
+    if as_json:
+        click.echo(json.dumps({"rewards": data, "generators": generators}, indent=2))
+        return
+    for item in data:
+        click.echo(f"{item['name']}  ({item['provided_by']})")
+        click.echo(f"  {item['description']}")
+        if item["fields"]:
+            click.echo(f"  record fields: {', '.join(f['name'] for f in item['fields'])}")
+        for opt in item["options"]:
+            click.echo(_option_line(f"reward.{item['name']}.{opt['name']}", opt))
+    click.echo("generators (--generator):")
+    for item in generators:
+        click.echo(f"  {item['name']}  ({item['provided_by']}): {item['description']}")
 
 
 @cli.command()

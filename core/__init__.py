@@ -25,12 +25,16 @@ from .errors import AlignError, ConfigError, DataError, PluginError
 from .plugins.api import (
     DataFormat,
     Fields,
+    GenerationRequest,
+    Generator,
     Group,
     LossOutput,
     NoOptions,
     Objective,
     Options,
     Preset,
+    Reward,
+    Sampling,
     Section,
 )
 from .run import Run
@@ -56,6 +60,8 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "DataFormat",
     "Fields",
+    "GenerationRequest",
+    "Generator",
     "Group",
     "Record",
     "AlignError",
@@ -67,7 +73,9 @@ __all__ = [
     "Options",
     "PluginError",
     "Preset",
+    "Reward",
     "Run",
+    "Sampling",
     "Section",
     "Tokenized",
     "TokenizeError",

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .errors import ConfigError, DataError, PluginError
 from .model.loading import check_model_source
-from .options import CORE_KEYS, TrainConfig
+from .options import CORE_KEYS, SAMPLING_KEYS, TrainConfig
 from .plugins.api import Options, Preset, option_keys
 from .plugins.registry import FIRST_PARTY_SECTIONS, PluginRegistry, Registered, install_hint
 from .suggest import did_you_mean
@@ -62,6 +62,7 @@ class RunSpec:
         sections: dict[str, Options],
         preset: str | None = None,
         sources: Sources | None = None,
+        rewards: list[Any] | None = None,
     ) -> None:
         self.config, self.objective, self.options, self.sections = (
             config,
@@ -71,6 +72,7 @@ class RunSpec:
         )
         self.preset = preset
         self.sources = sources or {}  # core option → the file or flag that set it
+        self.rewards = rewards or []  # on-policy objectives: align.rollout.rewards.ChosenReward
 
     def named(self, key: str) -> str:
         """A core option as a message names it: ``--data``, or ``data (run.yaml)``."""
@@ -81,6 +83,11 @@ class RunSpec:
         out[self.objective.item.name] = self.options.model_dump(by_alias=True)
         for name, section in self.sections.items():
             out[name] = section.model_dump(by_alias=True)
+        if self.rewards:
+            out["reward"] = {
+                c.name: {"weight": c.weight, **c.options.model_dump(by_alias=True)}
+                for c in self.rewards
+            }
         return out
 
 
@@ -166,13 +173,21 @@ def _named(key: str, sources: Sources) -> str:
     return source if source.startswith("--") else f"{key} ({source})"
 
 
-def _check_reference(config: TrainConfig, objective: Any, sources: Sources) -> None:
-    uses_reference = objective.needs_reference or config.eval_deviation
+def _check_reference(
+    config: TrainConfig, objective: Any, options: Any, sources: Sources
+) -> None:
+    uses_reference = objective.uses_reference(options) or config.eval_deviation
     chosen = [_named(key, sources) for key in ("reference", "ref_model") if key in sources]
     if chosen and not uses_reference:
         raise ConfigError(
             f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model "
-            "(unless --eval-deviation measures the drift from one)"
+            "with these options (unless --eval-deviation measures the drift from one)"
+        )
+    if objective.on_policy and config.reference == "precomputed" and "reference" in sources:
+        raise ConfigError(
+            f"{_named('reference', sources)} precomputed: objective {objective.name!r} samples "
+            "new completions every step, which no pass before training can score; use "
+            "--reference model or adapter"
         )
     if config.ref_model and config.reference == "adapter":
         raise ConfigError(
@@ -238,7 +253,6 @@ def resolve(
         registered = registry.objective(preset.objective)
         if isinstance(registered.item, Preset):
             raise ConfigError(f"preset {preset.name!r} names another preset, {preset.objective!r}")
-    _check_reference(config, registered.item, core_sources)
     objective_name = registered.item.name
     if preset is not None and preset.name in file_values:
         raise ConfigError(
@@ -250,7 +264,7 @@ def resolve(
             raise ConfigError(f"preset {preset.name!r} sets section {name!r}, which no plugin has")
     sections = {name: r.item for name, r in registry.sections.items()}
     set_values = _parse_set_items(sets or [])
-    allowed = CORE_KEYS | set(registry.objectives) | set(sections)
+    allowed = CORE_KEYS | set(registry.objectives) | set(sections) | {REWARD_SECTION}
     for key in file_values:
         if key not in allowed:
             raise ConfigError(
@@ -267,6 +281,8 @@ def resolve(
                 "top-level key in the config file"
             )
     for section, (_, section_sources) in set_values.items():
+        if section and section.startswith(f"{REWARD_SECTION}."):
+            continue  # a reward's options: checked with the rewards
         if section not in (None, objective_name, *sections):
             choices = [objective_name, *sections]
             dist = FIRST_PARTY_SECTIONS.get(section)
@@ -300,6 +316,11 @@ def resolve(
             (flag_values, {k: flag_names.get(k, f"--{name}") for k in flag_values}),
         )
         section_options[name] = _validate(section.options, values, sources, f"section {name!r}: ")
+    _check_reference(config, registered.item, options, core_sources)
+    _check_sampling(config, registered.item, core_sources)
+    rewards = _resolve_rewards(
+        registry, config, registered.item, file_values, set_values, where_file, core_sources
+    )
     return RunSpec(
         config,
         registered,
@@ -307,7 +328,99 @@ def resolve(
         section_options,
         preset.name if preset else None,
         core_sources,
+        rewards,
     )
+
+
+REWARD_SECTION = "reward"  # --set reward.NAME.KEY=VALUE; in YAML, reward: {NAME: {KEY: VALUE}}
+
+
+def _check_sampling(config: TrainConfig, objective: Any, sources: Sources) -> None:
+    """Sampling options belong to on-policy objectives; the generator must be registered."""
+    if objective.on_policy:
+        return
+    given = [_named(key, sources) for key in SAMPLING_KEYS if key in sources]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)}: objective {objective.name!r} learns from fixed data and samples "
+            "no completions; these options are for on-policy objectives (grpo, online-dpo)"
+        )
+
+
+def _resolve_rewards(
+    registry: PluginRegistry,
+    config: TrainConfig,
+    objective: Any,
+    file_values: dict[str, Any],
+    set_values: dict[str | None, tuple[dict[str, Any], Sources]],
+    where_file: str,
+    sources: Sources,
+) -> list[Any]:
+    """The rewards a run chose (``--reward NAME[=WEIGHT]``), each with its validated options
+    (``--set reward.NAME.KEY=VALUE``, or ``reward: {NAME: {KEY: VALUE}}`` in the file)."""
+    from .rollout.rewards import ChosenReward
+
+    file_options = file_values.get(REWARD_SECTION) or {}
+    if not isinstance(file_options, dict):
+        raise ConfigError(f"{where_file}: {REWARD_SECTION!r} must be a mapping NAME: {{options}}")
+    given_sets = {
+        section[len(REWARD_SECTION) + 1 :]: values
+        for section, values in set_values.items()
+        if section and section.startswith(f"{REWARD_SECTION}.")
+    }
+    if not objective.on_policy:
+        stray = [f"--set {REWARD_SECTION}.{n}…" for n in given_sets]
+        stray += [f"{REWARD_SECTION} ({where_file})"] if file_options else []
+        if stray:
+            raise ConfigError(
+                f"{', '.join(stray)}: objective {objective.name!r} samples no completions and "
+                "reads no rewards"
+            )
+        return []
+    source = _named("rewards", sources) if "rewards" in sources else "rewards"
+    if generator := config.generator:
+        if generator not in registry.generators:
+            raise ConfigError(
+                f"{_named('generator', sources)}: unknown generator {generator!r}."
+                f"{did_you_mean(generator, registry.generators)} Registered: "
+                f"{', '.join(sorted(registry.generators))}"
+            )
+    chosen: list[Any] = []
+    for item in config.rewards:
+        name, sep, weight_text = item.partition("=")
+        name = name.strip()
+        weight = 1.0
+        if sep:
+            try:
+                weight = float(weight_text)
+            except ValueError:
+                raise ConfigError(
+                    f"{source}: {item!r}: the weight after '=' must be a number"
+                ) from None
+        if name not in registry.rewards:
+            raise ConfigError(
+                f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "
+                f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards)."
+                f"{_broken_hint(registry)}"
+            )
+        if any(c.name == name for c in chosen):
+            raise ConfigError(f"{source}: reward {name!r} is given twice")
+        registered = registry.rewards[name]
+        values, value_sources = _merged(
+            (_file_section(file_options, name, where_file), where_file),
+            given_sets.get(name, ({}, {})),
+        )
+        options = _validate(
+            registered.item.options, values, value_sources, f"options of reward {name!r}: "
+        )
+        chosen.append(ChosenReward(registered.item, weight, options, registered.plugin.label))
+    unused = [n for n in {*given_sets, *file_options} if n not in {c.name for c in chosen}]
+    if unused:
+        raise ConfigError(
+            f"options for reward {unused[0]!r}, which the run does not use: add --reward "
+            f"{unused[0]}"
+        )
+    return chosen
 
 
 def check_model_and_data(spec: RunSpec) -> None:
@@ -329,7 +442,7 @@ def check_inputs(spec: RunSpec) -> None:
     check_model_and_data(spec)
     for key in ("data", "eval_data"):
         path = getattr(cfg, key)
-        if path and not Path(path).exists():
+        if path and path != "demo" and not Path(path).exists():  # demo: the bundled data
             raise DataError(f"no such file or directory (given by {spec.named(key)})", source=path)
     for key, role in (("model", "model"), ("ref_model", "reference model")):
         if getattr(cfg, key):

@@ -16,10 +16,12 @@ class TrainConfig(Options):
     objective: str = Field("sft", description="Objective to train with (align objectives).")
     model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
     data: str | None = Field(
-        None, description="Training data file; none: the objective's demo data."
+        None,
+        description="Training data file; none (with no --model) or `demo`: the objective's "
+        "demo data.",
     )
     eval_data: str | None = Field(
-        None, description="Held-out data evaluated every eval_every steps."
+        None, description="Held-out data evaluated every eval_every steps (`demo`: the demo's)."
     )
     output_dir: str | None = Field(
         None, description="Run directory; default runs/<objective>-<time>."
@@ -97,11 +99,48 @@ class TrainConfig(Options):
     ref_model: str | None = Field(
         None, description="Reference model (hub id or directory); default: the starting model."
     )
+    eval_on_start: bool = Field(
+        False, description="Evaluate before the first step too (step 0), as TRL's eval_on_start."
+    )
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="On-policy objectives (grpo, online-dpo): reward functions, NAME or "
+        "NAME=WEIGHT (weight 1 by default), summed with their weights (align rewards lists "
+        "them). Repeatable flag --reward; in YAML a list or a mapping NAME: WEIGHT.",
+    )
+    generator: str = Field(
+        "transformers",
+        description="On-policy objectives: the generation backend (align plugins lists them).",
+    )
+    max_completion_length: int = Field(
+        512, ge=1, description="On-policy objectives: the longest sampled completion in tokens."
+    )
+    temperature: float = Field(
+        1.0, ge=0, description="On-policy objectives: sampling temperature (0: greedy)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1, description="On-policy objectives: nucleus sampling.")
+    top_k: int = Field(0, ge=0, description="On-policy objectives: top-k sampling (0: off).")
+    min_p: float | None = Field(
+        None, ge=0, le=1, description="On-policy objectives: min-p sampling (none: off)."
+    )
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="On-policy objectives: repetition penalty (1: none)."
+    )
     eval_deviation: bool = Field(
         False,
         description="Log eval_deviation, the mean per-token log-ratio to the reference (the "
         "starting model for objectives without one) on the eval split.",
     )
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _rewards(cls, value: Any) -> Any:
+        """``--reward a --reward b=0.5`` (a tuple), a YAML list, or a YAML mapping."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, dict):
+            return [name if w is None else f"{name}={w}" for name, w in value.items()]
+        return list(value) if isinstance(value, tuple) else value
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -120,3 +159,15 @@ class TrainConfig(Options):
 
 
 CORE_KEYS = set(TrainConfig.model_fields)
+
+# Options that only an on-policy objective reads: given for another, they are an error.
+SAMPLING_KEYS = (
+    "rewards",
+    "generator",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)

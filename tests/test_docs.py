@@ -25,7 +25,7 @@ def test_readme_documents_every_core_option_and_flag():
 
 def test_every_hook_is_documented():
     hooks = [name for name in dir(hookspecs) if name.startswith("align_")]
-    assert len(hooks) == 9
+    assert len(hooks) == 12
     for name in hooks:
         assert getattr(hookspecs, name).__doc__, name
         assert f"`{name}`" in CONTRIBUTING, name

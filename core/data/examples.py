@@ -26,6 +26,7 @@ from .tokenize import (
     TokenizeError,
     check_messages,
     tokenize_conversation,
+    tokenize_prompt,
     tokenize_prompt_completion,
     tokenize_text,
 )
@@ -102,7 +103,13 @@ def tokenize_group(tokenizer: Any, record: Record, group: Group) -> dict[str, An
     """A group's example: every answer's ``<prefix>input_ids`` and ``<prefix>completion_mask``,
     then the group's values."""
     if not group.answers:
-        raise record.error("the data format gave a group with no answers")
+        if group.prompt is None:
+            raise record.error("the data format gave a group with neither prompt nor answers")
+        try:
+            ids = tokenize_prompt(tokenizer, group.prompt)
+        except TokenizeError as exc:
+            raise record.error(str(exc), exc.field) from None
+        return {"prompt_input_ids": ids, **group.values}
     example: dict[str, Any] = {}
     for prefix, answer in group.answers.items():
         name = group.field_of(prefix)
@@ -122,6 +129,8 @@ def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Rec
     ``keep_end`` removes the same number of leading tokens from every sequence of the example,
     so the answers to one prompt keep one and the same (shortened) prompt.
     """
+    if "prompt_input_ids" in example:  # a prompt to sample from: its end leads to the answer
+        return _truncate_prompt(example, max_length, policy, record)
     keys = [k for k in example if k.endswith("input_ids")]
     longest = max(len(example[k]) for k in keys)
     if longest > max_length:
@@ -140,6 +149,22 @@ def _truncate(example: dict[str, Any], max_length: int, policy: str, record: Rec
         if not any(example[key.replace("input_ids", "completion_mask")][1:]):  # 0 is no target
             raise _Skip("no completion tokens within max_length")
     return longest > max_length
+
+
+def _truncate_prompt(example: dict[str, Any], max_length: int, policy: str, record: Record) -> bool:
+    """A prompt longer than ``max_length`` (the prompt's limit in on-policy runs, as TRL's
+    ``max_prompt_length``): the policy applies, ``keep_start`` too (it cuts the prompt's end)."""
+    ids = example["prompt_input_ids"]
+    if len(ids) <= max_length:
+        return False
+    if policy == "error":
+        raise record.error(
+            f"the prompt is {len(ids)} tokens long, over max_length {max_length} (truncation=error)"
+        )
+    if policy == "skip":
+        raise _Skip(f"prompt longer than max_length {max_length}")
+    example["prompt_input_ids"] = ids[:max_length] if policy == "keep_start" else ids[-max_length:]
+    return True
 
 
 def tokenize_records(

@@ -25,6 +25,8 @@ _EXPECTED = {
 
 # Keys the core's examples and batches use: an objective's extra field may not take them.
 RESERVED = {"record", "index", "prompt_id", "label", "labels", "scores", "group"}
+# and those of on-policy rollout batches (align.Sampling)
+RESERVED |= {"prompt", "prompts", "completions", "rewards", "truncated", "completion_lengths"}
 RESERVED_SUFFIXES = (
     "input_ids",
     "_mask",
@@ -105,6 +107,28 @@ def _message(errors: list[dict[str, Any]]) -> str:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def merged_fields(schemas: Sequence[type[BaseModel] | None]) -> type[BaseModel] | None:
+    """One schema of every field the objective and the run's rewards read; a field two of
+    them declare with different types is an error."""
+    from pydantic import create_model
+
+    from ..errors import ConfigError
+
+    present = [s for s in schemas if s is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    definitions: dict[str, Any] = {}
+    for schema in present:
+        for name, info in schema.model_fields.items():
+            if name in definitions and definitions[name][0] != info.annotation:
+                raise ConfigError(
+                    f"record field {name!r} is declared as {definitions[name][0]} and as "
+                    f"{info.annotation} by the objective and the rewards: they must agree"
+                )
+            definitions[name] = (info.annotation, info)
+    return create_model("RunFields", __base__=present[0].__base__, **definitions)
 
 
 def collate(examples: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:

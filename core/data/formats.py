@@ -5,7 +5,9 @@ Column names follow TRL: ``prompt``/``completion``, ``messages`` or ``text``
 (``prompt_completion``); ``prompt``/``chosen``/``rejected`` (``preference``);
 ``prompt``/``completion``/``label`` (``feedback``; prompt/chosen/rejected records are split into
 a desirable and an undesirable example, as TRL's ``unpair_preference_dataset`` does); and
-``prompt``/``completions``/``scores`` or ``ranks`` (``ranked``: a prompt with N ≥ 2 answers).
+``prompt``/``completions``/``scores`` or ``ranks`` (``ranked``: a prompt with N ≥ 2 answers);
+``prompt`` alone (``prompt_only``: what an on-policy objective samples completions for, as
+TRL's prompt-only datasets).
 """
 
 from __future__ import annotations
@@ -175,6 +177,12 @@ def _ranked_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict
     return batch
 
 
+# -- prompt_only ---------------------------------------------------------------------------------
+def _prompt_only(record: Record) -> Group:
+    _require(record, "prompt")
+    return Group(record.data["prompt"], {}, values={"prompt": record.data["prompt"]})
+
+
 def _samples(kind: str) -> tuple[dict[str, Any], ...]:
     sums = [(1, 2), (10, 20), (3, 4), (7, 30)]
     if kind == "prompt_completion":
@@ -202,6 +210,11 @@ def _samples(kind: str) -> tuple[dict[str, Any], ...]:
                 "label": a % 2 == 1,
             }
             for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
+        )
+    if kind == "prompt_only":
+        return tuple(
+            {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
+            for a, b in sums
         )
     return tuple(
         {
@@ -246,6 +259,14 @@ FORMATS: Sequence[DataFormat] = (
         schema=RankedRecord,
         batch=_ranked_batch,
         samples=_samples("ranked"),
+    ),
+    DataFormat(
+        "prompt_only",
+        "prompt records (a string or a list of chat messages) for on-policy objectives, which "
+        "sample the completions; other columns are the rewards' fields (answer, say)",
+        _prompt_only,
+        columns=("prompt",),
+        samples=_samples("prompt_only"),
     ),
 )
 BUILTIN = {fmt.name: fmt for fmt in FORMATS}

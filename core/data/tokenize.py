@@ -43,6 +43,30 @@ def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> 
     return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
 
 
+def tokenize_prompt(tokenizer: Any, prompt: Any, field: str = "prompt") -> list[int]:
+    """A prompt to generate from: a string as the tokenizer encodes it (BOS, no EOS), or chat
+    messages rendered with the chat template and its generation prompt (``<|assistant|>``)."""
+    if isinstance(prompt, list):
+        check_messages(prompt, field)
+        if not getattr(tokenizer, "chat_template", None):
+            raise TokenizeError(
+                "conversational prompts need a tokenizer with a chat template; this one has none",
+                field,
+            )
+        text = _render(tokenizer, prompt, True, field)
+        ids, _ = _encode(tokenizer, text, add_special_tokens=False, need_offsets=False)
+    elif isinstance(prompt, str) and prompt.strip():
+        ids, _ = _encode(tokenizer, prompt, add_special_tokens=True, need_offsets=False)
+    else:
+        kind = "an empty string" if isinstance(prompt, str) else type(prompt).__name__
+        raise TokenizeError(f"expected a string or a list of messages, got {kind}", field)
+    if ids[-1:] == [tokenizer.eos_token_id]:  # a tokenizer that appends EOS to every text
+        ids = ids[:-1]
+    if not ids:
+        raise TokenizeError("the prompt has no tokens", field)
+    return ids
+
+
 def tokenize_text(tokenizer: Any, text: str) -> Tokenized:
     """Plain language modelling: every token is trained, EOS appended."""
     ids, _ = _encode(tokenizer, text, add_special_tokens=True, need_offsets=False)

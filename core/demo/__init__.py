@@ -28,6 +28,19 @@ DEMO_SETTINGS = {
     "max_length": 64,
 }
 
+# On-policy objectives (grpo, online-dpo) on the demo, over DEMO_SETTINGS: rollouts are short
+# sums, and a policy update from its own samples wants a far smaller step than SFT's.
+ON_POLICY_DEMO_SETTINGS = {
+    "lr": 1e-5,
+    "batch_size": 8,
+    "epochs": 1,
+    "max_steps": 60,
+    "warmup_steps": 0,
+    "lr_scheduler": "constant",
+    "eval_every": 20,
+    "max_completion_length": 16,
+}
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
     "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -66,7 +79,7 @@ def _corpus() -> list[str]:
     # The files the tokenizer has always been trained on: demo data added later (ranked) uses
     # the same words, and leaving it out keeps the demo tokenizer, and so the model, unchanged.
     for path in sorted(DEMO_DIR.glob("*.jsonl")):
-        if path.name.startswith("ranked_"):
+        if path.name.startswith(("ranked_", "prompt_only_")):
             continue
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)

@@ -6,7 +6,8 @@ the eval split is held out. Rejected/undesirable answers skip the working and ar
 data alternates desirable and undesirable examples, so the classes are balanced. Ranked data
 gives each question three answers in shuffled order, scored 2 (right, with the working), 1 (off
 by 1) and 0 (off by 5 to 9), drawn from a generator of its own so the other files stay as they
-were.
+were. Prompt-only data (on-policy objectives: GRPO, online DPO) holds the question and its
+``answer``, which the ``addition`` reward reads.
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ def main() -> None:
     splits = {"train": pairs[:2000], "eval": pairs[2000:2200]}
     ranked_rng = random.Random(4321)
     for split, chosen in splits.items():
-        rows = {"prompt_completion": [], "preference": [], "feedback": [], "ranked": []}
+        rows = {
+            "prompt_completion": [],
+            "preference": [],
+            "feedback": [],
+            "ranked": [],
+            "prompt_only": [],
+        }
         for a, b in chosen:
             wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
             wrong = wrong if wrong >= 0 else a + b + 1
@@ -69,6 +76,7 @@ def main() -> None:
                 }
             )
             rows["ranked"].append(_ranked(ranked_rng, a, b))
+            rows["prompt_only"].append({"prompt": _question(a, b), "answer": a + b})
         for fmt, records in rows.items():
             with open(DEMO_DIR / f"{fmt}_{split}.jsonl", "w", encoding="utf-8") as handle:
                 for record in records:

@@ -35,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER = "scheduler.pt"
+ROLLOUTS = "rollouts"  # on-policy: a round being reused, one file per process
 FORMAT = 1
 # Options that may change when a run is resumed: they do not change what is trained.
 MAY_CHANGE_ON_RESUME = {
@@ -130,8 +131,10 @@ def save_checkpoint(
     scheduler: Any,
     target: Path,
     trainer_state: dict[str, Any],
+    rollouts: Any = None,
 ) -> None:
-    """Write a checkpoint atomically. Every process calls it."""
+    """Write a checkpoint atomically. Every process calls it. ``rollouts``: this process's
+    round of on-policy rollouts, when the run stops in the middle of reusing it."""
     tmp = temporary_sibling(target)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,12 +142,23 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     write_model(accelerator, model, tokenizer, tmp)
     accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+    if rollouts is not None:
+        torch.save(rollouts, tmp / STATE_DIR / f"{ROLLOUTS}_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()  # every process's RNG file is in place
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), tmp / STATE_DIR / SCHEDULER)
         write_json(tmp / TRAINER_STATE, {"format": FORMAT, **trainer_state})
         replace_dir(tmp, target)
     accelerator.wait_for_everyone()
+
+
+def read_rollouts(checkpoint: Path, process_index: int) -> Any:
+    """The round of rollouts a checkpoint holds for this process, or None (tensors, lists and
+    strings only: loaded with ``weights_only=True``)."""
+    path = checkpoint / STATE_DIR / f"{ROLLOUTS}_{process_index}.pt"
+    if not path.exists():
+        return None
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 # -- finding and checking ---------------------------------------------------------------------

@@ -30,9 +30,24 @@ from ..plugins.hooks import ObjectiveHooks
 from . import resume
 
 
-def apply_demo_defaults(spec: RunSpec) -> bool:
-    """Fill model, data and demo hyperparameters when neither --model nor --data was given."""
+def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
+    """Fill model, data and demo hyperparameters when neither --model nor --data was given;
+    ``--data demo`` (and ``--eval-data demo``) is the objective's demo data for a model of
+    one's own (the SFT demo's result, say, to train GRPO from). An on-policy objective on the
+    demo data is rewarded by ``addition`` unless ``--reward`` says otherwise."""
     cfg = spec.config
+    fmt = spec.objective.item.data_format
+    named = {}
+    for key, split in (("data", "train"), ("eval_data", "eval")):
+        if getattr(cfg, key) == "demo":
+            named[key] = str(demo.demo_data(fmt, split))
+            if not Path(named[key]).exists():
+                raise ConfigError(
+                    f"{spec.named(key)} demo: the {fmt!r} data format has no demo data"
+                )
+    if named:
+        spec.config = cfg = cfg.model_copy(update=named)
+        _demo_rewards(spec, registry)
     if cfg.model is None and cfg.data is None:
         fmt = spec.objective.item.data_format
         if not demo.demo_data(fmt, "train").exists():
@@ -40,15 +55,29 @@ def apply_demo_defaults(spec: RunSpec) -> bool:
                 f"objective {spec.objective.item.name!r} reads the {fmt!r} data format, which has "
                 "no demo data: give --model and --data"
             )
-        updates = {k: v for k, v in demo.DEMO_SETTINGS.items() if k not in cfg.model_fields_set}
+        settings = {**demo.DEMO_SETTINGS}
+        if spec.objective.item.on_policy:
+            settings.update(demo.ON_POLICY_DEMO_SETTINGS)
+        updates = {k: v for k, v in settings.items() if k not in cfg.model_fields_set}
         updates["model"] = str(demo.demo_model_path())
         updates["data"] = str(demo.demo_data(fmt, "train"))
         if cfg.eval_data is None:
             updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
         spec.config = cfg.model_copy(update=updates)
+        _demo_rewards(spec, registry)
         return True
     check_model_and_data(spec)
     return False
+
+
+def _demo_rewards(spec: RunSpec, registry: Any) -> None:
+    """The demo's sums reward ``addition`` when an on-policy run names no reward."""
+    if spec.objective.item.on_policy and not spec.rewards and registry is not None:
+        from ..rollout.rewards import ChosenReward
+
+        registered = registry.rewards["addition"]
+        reward = registered.item
+        spec.rewards = [ChosenReward(reward, 1.0, reward.options(), registered.plugin.label)]
 
 
 def precision_from_launcher(spec: RunSpec) -> None:
@@ -243,7 +272,7 @@ def build_examples(
         cfg.max_length,
         cfg.truncation,
         split,
-        fields=hooks.objective.fields,
+        fields=hooks.fields,
     )
     examples = hooks.prepare_dataset(examples, split, cfg)
     report.examples = len(examples)

@@ -33,9 +33,11 @@ def _total(value: Any) -> torch.Tensor:
 
 
 def step_totals(
-    micro_batches: Sequence[Counted], accelerator: Any
+    micro_batches: Sequence[Counted], accelerator: Any, allow_empty: bool = False
 ) -> tuple[list[str], torch.Tensor]:
-    """The terms and each one's count over the step's micro-batches and every process."""
+    """The terms and each one's count over the step's micro-batches and every process.
+    ``allow_empty``: a step may have no units at all (an on-policy round whose completions
+    were all masked), and then trains on nothing."""
     names = sorted(micro_batches[0][1])
     for _, counts in micro_batches:
         if sorted(counts) != names:
@@ -48,7 +50,7 @@ def step_totals(
     ).to(torch.float64)
     if accelerator.num_processes > 1:
         local = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
-    if not (local > 0).any():
+    if not allow_empty and not (local > 0).any():
         raise PluginError("the objective's loss counts are 0 for every term of a whole step")
     return names, local
 
@@ -60,11 +62,12 @@ def accumulate_gradients(
     accelerator: Any,
     sums: MetricSums,
     losses: list[torch.Tensor] | None = None,
+    allow_empty: bool = False,
 ) -> float:
     """Backward every micro-batch, its loss scaled so the accumulated gradient is that of one
     large batch, and return that batch's loss. ``losses``, when given, receives each micro-batch's
     scaled loss. Nothing is copied off the device between the first and the last backward."""
-    names, totals = step_totals(micro_batches, accelerator)
+    names, totals = step_totals(micro_batches, accelerator, allow_empty)
     scale = {
         n: accelerator.num_processes / t if t else 0.0  # a term no micro-batch has: nothing
         for n, t in zip(names, totals.tolist(), strict=True)

@@ -35,6 +35,7 @@ from ..plugins.hooks import ObjectiveHooks
 from ..plugins.registry import PluginRegistry
 from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
+from ..rollout.engine import RolloutEngine
 from ..run import Run
 from . import resume
 from .checkpoint import save_model_dir, write_json
@@ -81,6 +82,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     with StopSignals(announce=run.accelerator.is_main_process) as signals:
         if run.trainer_state.get("eval_pending") and run.eval_loader is not None:
             run.evaluate(run.first_step - 1)  # owed by a run stopped before evaluating
+        elif run.cfg.eval_on_start and run.first_step == 1 and run.eval_loader is not None:
+            run.evaluate(0)
         for step in range(run.first_step, run.total_steps + 1):
             run.train_step(step)
             if step % run.cfg.log_every == 0 or step == run.total_steps:
@@ -129,7 +132,7 @@ class Training:
         from accelerate.utils import DistributedType, parse_flag_from_env, set_seed
 
         spec = self.spec
-        self.used_demo = apply_demo_defaults(spec)
+        self.used_demo = apply_demo_defaults(spec, self.registry)
         precision_from_launcher(spec)
         cfg = spec.config
         if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -160,6 +163,19 @@ class Training:
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(DEEPSPEED_REFUSED)
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        objective = spec.objective.item
+        if objective.on_policy and not spec.rewards:
+            names = ", ".join(sorted(self.registry.rewards))
+            raise ConfigError(
+                f"objective {objective.name!r} learns from rewards of its own samples: give "
+                f"--reward NAME[=WEIGHT] (registered: {names}; align rewards describes them)"
+            )
+        if objective.on_policy and self.fsdp:
+            raise ConfigError(
+                f"objective {objective.name!r} samples completions, which align does not do "
+                "under FSDP yet (each process would generate with a shard); use data-parallel "
+                "processes (--num-processes N)"
+            )
         set_seed(self.cfg.seed)
 
     def _read_data(self) -> None:
@@ -206,7 +222,8 @@ class Training:
         batches are packed: every model that scores them is probed first, before sharding."""
         objective, cfg = self.spec.objective.item, self.cfg
         self.reference, self.reference_info = None, None
-        uses_reference = objective.needs_reference or cfg.eval_deviation
+        needs_reference = objective.uses_reference(self.spec.options)
+        uses_reference = needs_reference or cfg.eval_deviation
         packed = cfg.padding_free and (objective.packable or uses_reference)
         if packed:
             reason = why_not_packable(self.model, accelerator=self.accelerator)
@@ -214,7 +231,7 @@ class Training:
                 self._log(f"padding_free: off, {reason}; batches are padded.")
                 packed = False
         if uses_reference:
-            scored = self.examples if objective.needs_reference else {"eval": self.examples["eval"]}
+            scored = self.examples if needs_reference else {"eval": self.examples["eval"]}
             self.reference, self.reference_info = make_reference(
                 self.spec,
                 self.model,
@@ -235,12 +252,17 @@ class Training:
                 packed = False
         del self.starting_copy
         self.hooks.packed = self.hooks.packed and packed
-        if self.hooks.packed and not is_packed_batch(
+        if self.hooks.packed and not objective.on_policy and not is_packed_batch(
             self.hooks.build_batch(self.examples["train"][:1])
         ):
             self._log("padding_free: off, the objective's align_build_batch gives padded batches.")
             self.hooks.packed = False
-        self.loss_reference = self.reference if objective.needs_reference else None
+        self.loss_reference = self.reference if needs_reference else None
+        self.rollouts = None
+        if objective.on_policy:
+            self.rollouts = RolloutEngine(
+                self.spec, self.registry, self.hooks, self.tokenizer, self.model
+            )
 
     def _read_checkpoint(self) -> None:
         """``--resume``: the checkpoint's state and weights (after the reference, which the
@@ -255,11 +277,13 @@ class Training:
 
     def _set_up_batches_and_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
+        # An on-policy objective's micro-batches are prompts, sampled from at each round.
+        build = self.hooks.build_batch if self.rollouts is None else _prompts_only
         loaders = {
             split: ShardedBatches(
                 split_examples,
                 cfg.batch_size,
-                self.hooks.build_batch,
+                build,
                 accelerator,
                 shuffle=split == "train",
                 seed=cfg.seed,
@@ -269,7 +293,8 @@ class Training:
             for split, split_examples in self.examples.items()
         }
         self.loader, self.eval_loader = loaders["train"], loaders.get("eval")
-        self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
+        self.reuse = self.rollouts.sampling.reuse if self.rollouts is not None else 1
+        self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum) * self.reuse
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         optimizer = make_optimizer(self.model, cfg, fused=not self.fsdp)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
@@ -292,6 +317,12 @@ class Training:
         if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
             self.sums.add_totals(self.trainer_state.get("pending_metrics", {}))
         self.last_checkpoint = self.checkpoint
+        self.round: list[tuple[list[int], dict[str, Any]]] | None = None  # on-policy rollouts
+        if self.checkpoint is not None and self.rollouts is not None:
+            from accelerate.utils import send_to_device
+
+            saved = resume.read_rollouts(self.checkpoint, accelerator.process_index)
+            self.round = send_to_device(saved, accelerator.device) if saved else None
 
     # -- start: the run's record -----------------------------------------------------------------
     def start(self) -> None:
@@ -368,7 +399,8 @@ class Training:
             file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
         )
         self.model.train()
-        self.groups = micro_batch_groups(self.loader, self.cfg.grad_accum, start)
+        consumed = math.ceil(start / self.reuse)  # groups of micro-batches taken so far
+        self.groups = micro_batch_groups(self.loader, self.cfg.grad_accum, consumed)
 
     # -- one step --------------------------------------------------------------------------------
     def compute(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
@@ -378,16 +410,27 @@ class Training:
         """One optimizer step: each micro-batch's counts, then its loss and backward, clipping,
         the update (or, for a non-finite loss or gradient, an error or a skipped step)."""
         accelerator, cfg = self.accelerator, self.cfg
-        group = next(self.groups)
         self.run.step = step - 1
         self.learning_rate = self.scheduler.get_last_lr()[0]
         step_sums, micro_losses = MetricSums(), []
+        if self.rollouts is None:
+            group = next(self.groups)
+        else:  # on-policy: a new round of rollouts every `reuse` steps
+            if (step - 1) % self.reuse == 0 or self.round is None:
+                self.round = self._sample_round(next(self.groups), step, step_sums)
+            group = self.round
         counted = [
             (batch, self.hooks.counts(batch, [self.examples["train"][i] for i in indices]))
             for indices, batch in group
         ]
         loss = accumulate_gradients(
-            self.model, counted, self.compute, accelerator, step_sums, micro_losses
+            self.model,
+            counted,
+            self.compute,
+            accelerator,
+            step_sums,
+            micro_losses,
+            allow_empty=self.rollouts is not None,
         )
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
@@ -420,6 +463,24 @@ class Training:
         self.progress.update(1)
         self.progress.set_postfix(loss=format_value(loss))
 
+    def _sample_round(
+        self, group: list[tuple[list[int], Any]], step: int, sums: MetricSums
+    ) -> list[tuple[list[int], dict[str, Any]]]:
+        """Rollouts for the prompts of one group of micro-batches (round ``(step-1)//reuse``)."""
+        examples = self.examples["train"]
+        prompts = [[examples[i] for i in indices] for indices, _ in group]
+        batches = self.rollouts.round(
+            self.model,
+            prompts,
+            (step - 1) // self.reuse,
+            "train",
+            self.accelerator,
+            self.loss_reference,
+            self.run,
+            sums,
+        )
+        return [(indices, batch) for (indices, _), batch in zip(group, batches, strict=True)]
+
     # -- log, evaluate, checkpoint ---------------------------------------------------------------
     def log_metrics(self, step: int) -> None:
         """The metrics since the last log, reduced over processes: one metrics.jsonl row."""
@@ -451,7 +512,19 @@ class Training:
         self.run.training = False
         sums = MetricSums()
         with torch.no_grad():
-            for batch in self.eval_loader:
+            for number, (indices, batch) in enumerate(self.eval_loader.batches()):
+                if self.rollouts is not None:  # sampled afresh, seeded by the batch's number
+                    prompts = [self.examples["eval"][i] for i in indices]
+                    (batch,) = self.rollouts.round(
+                        model,
+                        [prompts],
+                        number,
+                        "eval",
+                        self.accelerator,
+                        self.loss_reference,
+                        self.run,
+                        sums,
+                    )
                 output, extra = self.compute(batch)
                 sums.add_output(output, extra)
                 if cfg.eval_deviation and "deviation" not in output.metrics:
@@ -495,6 +568,7 @@ class Training:
                 "reference": resume.reference_state(self.reference_info),
                 "eval_pending": eval_pending,
             },
+            rollouts=self.round if self.reuse > 1 and step % self.reuse else None,
         )
         if accelerator.is_main_process:
             resume.remove_old_checkpoints(self.out, self.cfg.keep_last, target)
@@ -539,6 +613,11 @@ class Training:
 
     def _log(self, message: str) -> None:
         log(self.accelerator, message)
+
+
+def _prompts_only(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """An on-policy objective's micro-batch before sampling: its prompts' token ids."""
+    return {"prompt_input_ids": [e["prompt_input_ids"] for e in examples]}
 
 
 def _adapter_note(info: dict[str, Any]) -> str:

@@ -43,20 +43,30 @@ class TokenLogps:
     def predicting_logits(self) -> torch.Tensor:
         return self.logits if self.sequence is not None else self.logits[:, :-1]
 
-    def _per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+    def per_sequence(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-position ``values`` (the layout of ``logps``, 0 where untrained) summed per
+        sequence: one value per sequence, in the batch's order."""
         if self.sequence is None:
             return values.sum(-1)
         out = values.new_zeros(self.num_sequences)
         return out.index_add(0, self.sequence.flatten(), values.flatten())
 
+    def per_position(self, values: torch.Tensor) -> torch.Tensor:
+        """One value per sequence spread over the positions of ``logps`` (each position gets
+        its sequence's value; positions that predict no trained token get an arbitrary one, so
+        multiply by ``mask``)."""
+        if self.sequence is None:
+            return values.unsqueeze(-1).expand(self.logps.shape)
+        return values[self.sequence]
+
     @property
     def sums(self) -> torch.Tensor:
         """``logp(y|x)``: the sum over completion tokens, one value per sequence."""
-        return self._per_sequence(self.logps)
+        return self.per_sequence(self.logps)
 
     @property
     def num_tokens(self) -> torch.Tensor:
-        return self._per_sequence(self.mask)
+        return self.per_sequence(self.mask)
 
 
 class _TargetLogProbs(torch.autograd.Function):

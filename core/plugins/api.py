@@ -121,17 +121,34 @@ class Objective:
     probability of the policy to 0 before training. Declare it for an objective that compares
     the policy with a reference or runs a second pass over the same inputs (as TRL does for
     DPO, KTO and ORPO); users may still override it.
+    ``needs_reference`` may also be a function of the options (GRPO's ``beta > 0``).
+    ``sampling`` makes the objective *on-policy*: a function of its options that returns an
+    :class:`Sampling`. Its data format gives prompts (groups without answers, ``prompt_only``);
+    for every prompt of a micro-batch the core samples ``num_generations`` completions from the
+    current policy, scores them with the run's reward functions (``--reward``) and hands the
+    loss a batch of rollouts (see :class:`Sampling` for its keys).
     """
 
     name: str
     description: str
     data_format: str = "prompt_completion"
     options: type[Options] = NoOptions
-    needs_reference: bool = False
+    needs_reference: bool | Callable[[Any], bool] = False
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
     packable: bool = False
     disable_dropout: bool = False
     fields: type[Fields] | None = None
+    sampling: Callable[[Any], Sampling] | None = None
+
+    def uses_reference(self, options: Any) -> bool:
+        """Whether the loss gets reference log-probs with these options."""
+        if callable(self.needs_reference):
+            return bool(self.needs_reference(options))
+        return bool(self.needs_reference)
+
+    @property
+    def on_policy(self) -> bool:
+        return self.sampling is not None
 
     def __post_init__(self) -> None:
         if self.fields is not None and not (
@@ -212,3 +229,105 @@ class LossOutput:
     def all_terms(self) -> dict[str, tuple[Any, Any]]:
         """Every term as ``name -> (sum, count)``; a single-term loss is ``{"loss": …}``."""
         return dict(self.terms) if self.terms else {"loss": (self.loss, self.count)}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """What an on-policy objective (``Objective(sampling=…)``) asks of the core.
+
+    ``num_generations``: completions sampled for each prompt (a group). ``reuse``: optimizer
+    steps trained on one round of rollouts (GRPO's ``num_iterations``, μ): the round is sampled
+    at the first of them, and each epoch counts ``reuse`` steps per micro-batch group.
+
+    A rollout batch (what ``align_prepare_rollouts``, ``align_loss_counts`` and
+    ``align_compute_loss`` get) has one sequence per completion, prompt by prompt (prompt 0's
+    completions, then prompt 1's, …), in the padded layout (``input_ids``, ``attention_mask``,
+    ``completion_mask`` = 1 on the completion's tokens) or the packed one (``align.packing``,
+    each prompt computed once for its group), read through ``align.forward_logps``; and per
+    sequence: ``group`` (long: the prompt's index in the micro-batch), ``rewards`` (float: the
+    weighted sum of the reward functions), ``rewards/<name>`` (float: each function's value),
+    ``truncated`` (bool: no EOS within ``max_completion_length``) and ``completion_lengths``
+    (long). ``completions`` and ``prompts`` hold the decoded text (or messages) per sequence,
+    and the objective's extra fields are one value per prompt.
+    """
+
+    num_generations: int
+    reuse: int = 1
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.num_generations, int) and self.num_generations >= 1):
+            raise ValueError(f"num_generations must be a positive integer, got {self.num_generations!r}")
+        if not (isinstance(self.reuse, int) and self.reuse >= 1):
+            raise ValueError(f"reuse must be a positive integer, got {self.reuse!r}")
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward function, registered through ``align_register_rewards`` and chosen with
+    ``--reward NAME[=WEIGHT]`` (repeatable; the rewards' weighted sum is each completion's
+    reward).
+
+    ``function`` is called once per micro-batch of rollouts with keyword arguments, those it
+    accepts (all of them if it takes ``**kwargs``): ``completions`` (the decoded completions,
+    a string each, or ``[{"role": "assistant", "content": …}]`` for chat prompts),
+    ``prompts`` (each completion's prompt, as the record gave it), ``completion_ids`` (token
+    ids), ``options`` (the reward's validated options), and the record fields the reward
+    declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
+    completion. It returns one float per completion; ``None`` for every completion it cannot
+    score is not allowed: an exception or a non-finite value stops the run with an error that
+    names the reward and the record. Options are set with ``--set reward.NAME.KEY=VALUE`` or
+    a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config file.
+    """
+
+    name: str
+    description: str
+    function: Callable[..., Any]
+    fields: type[Fields] | None = None
+    options: type[Options] = NoOptions
+
+    def __post_init__(self) -> None:
+        if not callable(self.function):
+            raise TypeError(f"reward {self.name!r}: function must be callable")
+        if self.fields is not None and not (
+            isinstance(self.fields, type) and issubclass(self.fields, BaseModel)
+        ):
+            raise TypeError(f"reward {self.name!r}: fields must be an align.Fields class")
+
+
+@dataclass
+class GenerationRequest:
+    """One round of sampling, as a generation backend gets it.
+
+    ``prompts``: token ids per prompt (unpadded); ``num_generations`` completions per prompt,
+    returned prompt by prompt. ``model``: the policy, unwrapped, in eval mode, without gradients,
+    under the run's autocast. ``seed``: sampling must depend on nothing else (the core seeds
+    torch's generator with it around the call, for backends that use it).
+    """
+
+    model: Any
+    tokenizer: Any
+    prompts: list[list[int]]
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float | None
+    repetition_penalty: float
+    eos_token_ids: list[int]
+    pad_token_id: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Generator:
+    """A generation backend, registered through ``align_register_generators`` and chosen with
+    ``--generator NAME`` (default ``transformers``: ``model.generate``).
+
+    ``generate(request)`` returns ``len(prompts) * num_generations`` completions, each a list
+    of token ids that ends at its first EOS (included) or after ``max_new_tokens`` tokens.
+    """
+
+    name: str
+    description: str
+    generate: Callable[[GenerationRequest], list[list[int]]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..data.fields import collate, column_names
+from ..data.fields import collate, column_names, merged_fields
 from ..data.formats import default_batch
 from ..errors import PluginError
 from .api import LossOutput
@@ -21,7 +21,9 @@ class ObjectiveHooks:
         self.objective, self.options, self.tokenizer = spec.objective.item, spec.options, tokenizer
         self.config = spec.config
         self.data_format = registry.data_format(self.objective)
-        fields = self.objective.fields
+        rewards = getattr(spec, "rewards", [])
+        self.fields = merged_fields([self.objective.fields, *(c.reward.fields for c in rewards)])
+        fields = self.fields
         self.field_names = column_names(fields) if fields is not None else []
         self.packed = self.objective.packable and spec.config.padding_free
 
@@ -64,6 +66,22 @@ class ObjectiveHooks:
         missing = [name for name in self.field_names if name not in batch]
         batch.update(collate(examples, missing))
         return batch
+
+    def prepare_rollouts(
+        self, model: Any, batches: list[dict[str, Any]], reference: Any, run: Any
+    ) -> list[dict[str, Any]]:
+        """A round's rollout batches, as the objective's ``align_prepare_rollouts`` leaves them."""
+        prepared = self._call(
+            "align_prepare_rollouts", model=model, batches=batches, reference=reference, run=run
+        )
+        if prepared is None:
+            return batches
+        if not isinstance(prepared, list) or len(prepared) != len(batches):
+            raise PluginError(
+                f"{self.registered.plugin.label}: align_prepare_rollouts returned "
+                f"{type(prepared).__name__}, expected a list of {len(batches)} batches"
+            )
+        return prepared
 
     def counts(self, batch: dict[str, Any], examples: list[dict[str, Any]]) -> dict[str, Any]:
         """Each loss term's units in ``batch``, before its forward (``align_loss_counts``);

@@ -6,12 +6,15 @@ arguments, so the core can add arguments without breaking plugins.
 
 Calling order:
 
-1. ``align_register_formats``, ``align_register_objectives`` and ``align_register_sections``
-   once, when plugins load.
+1. ``align_register_formats``, ``align_register_objectives``, ``align_register_sections``,
+   ``align_register_rewards`` and ``align_register_generators`` once, when plugins load.
 2. ``align_prepare_model`` once per run, after the model is loaded (every plugin may take part).
 3. ``align_prepare_dataset`` once per data split, after the core has tokenised the records
    (only the plugin that registered the selected objective is asked).
 4. ``align_build_batch`` for every micro-batch (only the registering plugin).
+   For an on-policy objective (``Objective(sampling=…)``) the batch is of prompts: the core
+   samples completions, scores them with the reward functions and builds a rollout batch, and
+   ``align_prepare_rollouts`` gets the step's rollout batches once per round of sampling.
 5. ``align_loss_counts`` for every micro-batch of an optimizer step, before any forward
    (only the registering plugin).
 6. ``align_compute_loss`` for every micro-batch (only the registering plugin).
@@ -42,6 +45,18 @@ def align_register_sections(register):
 
 
 @hookspec
+def align_register_rewards(register):
+    """Register reward functions: ``register(align.Reward(...))`` once for each; ``--reward
+    NAME`` picks them for an on-policy objective."""
+
+
+@hookspec
+def align_register_generators(register):
+    """Register generation backends: ``register(align.Generator(...))``; ``--generator NAME``
+    picks one (default ``transformers``)."""
+
+
+@hookspec
 def align_prepare_model(model, tokenizer, config, sections):
     """Modify or wrap the loaded model before training; return the new model, or None to keep it.
 
@@ -67,6 +82,19 @@ def align_build_batch(objective, examples, tokenizer, options, config, packed):
     ``packable`` and ``padding_free`` is on): build them with ``align.packing.pack`` (or
     ``pack_in_order``), or return a padded batch, which ``align.forward_logps`` reads as well.
     The core adds the objective's extra fields (``Objective(fields=…)``) to the batch after.
+    """
+
+
+@hookspec(firstresult=True)
+def align_prepare_rollouts(objective, model, batches, options, reference, run):
+    """On-policy objectives: every rollout batch of one round of sampling on this process (the
+    step's micro-batches, a list), before any of them is trained on; return the list, changed
+    (GRPO adds its advantages, online DPO orders each pair), or None to keep it.
+
+    ``model`` is the policy as the loss gets it (compute old log-probs with it under
+    ``torch.no_grad()``); ``run.accelerator.gather`` collects a tensor from every process, for
+    statistics over the whole round. A round may be trained on for several optimizer steps
+    (``Sampling.reuse``).
     """
 
 

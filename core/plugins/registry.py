@@ -22,7 +22,7 @@ from ..errors import PluginError
 from ..options import CORE_KEYS
 from ..suggest import did_you_mean
 from . import hookspecs
-from .api import DataFormat, Objective, Preset, Section
+from .api import DataFormat, Generator, Objective, Preset, Reward, Section
 
 ENTRY_POINT_GROUP = "align"
 PLUGINS_ENV = "ALIGN_PLUGINS"
@@ -77,6 +77,8 @@ class PluginInfo:
     objectives: list[str] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
     formats: list[str] = field(default_factory=list)
+    rewards: list[str] = field(default_factory=list)
+    generators: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     obj: Any = field(default=None, repr=False)
 
@@ -98,6 +100,8 @@ class PluginInfo:
             "objectives": self.objectives,
             "sections": self.sections,
             "formats": self.formats,
+            "rewards": self.rewards,
+            "generators": self.generators,
             "status": self.status,
             "errors": self.errors,
         }
@@ -107,7 +111,7 @@ class PluginInfo:
 class Registered:
     """An objective or section together with the plugin that registered it."""
 
-    item: Objective | Section | DataFormat
+    item: Objective | Section | DataFormat | Reward | Generator
     plugin: PluginInfo
 
 
@@ -128,6 +132,8 @@ class PluginRegistry:
         self.objectives: dict[str, Registered] = {}
         self.sections: dict[str, Registered] = {}
         self.formats: dict[str, Registered] = {}
+        self.rewards: dict[str, Registered] = {}
+        self.generators: dict[str, Registered] = {}
         self.clashes: dict[str, dict[str, list[Registered]]] = {"objective": {}}
 
     # -- loading -----------------------------------------------------------------------------
@@ -172,12 +178,23 @@ class PluginRegistry:
         """Ask each healthy plugin for its formats, objectives and sections, then find clashes
         and objectives whose data format or extra fields cannot be used."""
         from ..data import formats as core_formats
+        from ..rollout import generate as core_generators
+        from ..rollout import rewards as core_rewards
 
         core = PluginInfo(name=CORE_DISTRIBUTION, distribution=None, version=None, module="align")
         for fmt in _collect_from(
             core_formats.align_register_formats, DataFormat, "align_register_formats"
         ):
             self.formats[fmt.name] = Registered(fmt, core)
+        for reward in _collect_from(
+            core_rewards.align_register_rewards, Reward, "align_register_rewards"
+        ):
+            self.rewards[reward.name] = Registered(reward, core)
+        for generator in _collect_from(
+            core_generators.align_register_generators, Generator, "align_register_generators"
+        ):
+            self.generators[generator.name] = Registered(generator, core)
+        found_named: dict[str, dict[str, list[Registered]]] = {"reward": {}, "generator": {}}
         found: dict[str, dict[str, list[Registered]]] = {"objective": {}, "section": {}}
         found_formats: dict[str, list[Registered]] = {}
         for info in self.plugins.values():
@@ -187,6 +204,8 @@ class PluginRegistry:
                 formats = self._collect(info, "align_register_formats", DataFormat)
                 objectives = self._collect(info, "align_register_objectives", (Objective, Preset))
                 sections = self._collect(info, "align_register_sections", Section)
+                rewards = self._collect(info, "align_register_rewards", Reward)
+                generators = self._collect(info, "align_register_generators", Generator)
             except Exception as exc:
                 info.errors.append(f"registration failed: {_describe(exc)}")
                 self.pm.unregister(info.obj)  # none of its hooks may run
@@ -198,6 +217,25 @@ class PluginRegistry:
                 for item in items:
                     getattr(info, f"{kind}s").append(item.name)
                     found[kind].setdefault(item.name, []).append(Registered(item, info))
+            for kind, items in (("reward", rewards), ("generator", generators)):
+                for item in items:
+                    getattr(info, f"{kind}s").append(item.name)
+                    found_named[kind].setdefault(item.name, []).append(Registered(item, info))
+
+        # A reward or generator name registered twice is nobody's; the core's stay the core's.
+        for kind, by_name in found_named.items():
+            table = getattr(self, f"{kind}s")
+            for name, registrations in by_name.items():
+                owners = [r.plugin.label for r in registrations]
+                if name in table:
+                    owners.insert(0, table[name].plugin.label)
+                elif len(registrations) == 1:
+                    table[name] = registrations[0]
+                    continue
+                for r in registrations:
+                    r.plugin.errors.append(
+                        f"{kind} {name!r} is registered more than once: {', '.join(owners)}"
+                    )
 
         # A format name registered twice (or a core format's name) is nobody's: an objective
         # that names it could read either, so such objectives are refused (_data_problem).

@@ -196,7 +196,9 @@ class ObjectiveConformance:
         if spec.config.disable_dropout:
             dropout.disable_dropout(model)
         reference = (
-            ModelReference.frozen_copy(model) if spec.objective.item.needs_reference else None
+            ModelReference.frozen_copy(model)
+            if spec.objective.item.uses_reference(spec.options)
+            else None
         )
         run = Run(spec.config, _OneProcess(), tokenizer, tmp_path, max_steps=2)
         return SimpleNamespace(

@@ -45,6 +45,16 @@ class Reference:
         """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32."""
         raise NotImplementedError
 
+    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        """Per-token reference log-probs in the batch's layout, the shape of
+        ``align.forward_logps(model, batch).logps`` (0 where no completion token is predicted):
+        for per-token penalties such as GRPO's KL. The ``model`` and ``adapter`` modes give
+        them; a precomputed reference holds sums only."""
+        raise NotImplementedError(
+            f"the {self.mode or 'precomputed'} reference gives per-sequence sums only; use "
+            "--reference model or adapter"
+        )
+
 
 class ModelReference(Reference):
     """A separate frozen model: the starting model's copy, or ``--ref-model``."""
@@ -65,6 +75,11 @@ class ModelReference(Reference):
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         with self.autocast():
             return forward_logps(self.model, batch, prefix).sums
+
+    @torch.no_grad()
+    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        with self.autocast():
+            return forward_logps(self.model, batch, prefix).logps
 
 
 class AdapterReference(Reference):
@@ -104,6 +119,11 @@ class AdapterReference(Reference):
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         with eval_mode(self.policy), self._reference_weights(), self.autocast():
             return forward_logps(self.policy, batch, prefix).sums
+
+    @torch.no_grad()
+    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+        with eval_mode(self.policy), self._reference_weights(), self.autocast():
+            return forward_logps(self.policy, batch, prefix).logps
 
 
 def has_adapter(model: Any) -> bool:

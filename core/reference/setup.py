@@ -24,18 +24,23 @@ from .models import (
 from .precompute import PrecomputedReference, model_identity, precompute_split
 
 
-def reference_mode(cfg: Any, policy: Any) -> str:
+def reference_mode(cfg: Any, policy: Any, on_policy: bool = False) -> str:
     """``--reference`` as given; by default ``adapter`` for a policy with a PEFT adapter (no
-    second model, no pass), else ``precomputed``."""
-    if "reference" in cfg.model_fields_set or cfg.ref_model:
+    second model, no pass), else ``precomputed``, or ``model`` for an on-policy objective (its
+    completions are new every step: no pass before training can score them)."""
+    if "reference" in cfg.model_fields_set:
         return cfg.reference
-    return "adapter" if has_adapter(policy) else cfg.reference
+    if cfg.ref_model:
+        return "model" if on_policy else cfg.reference
+    if has_adapter(policy):
+        return "adapter"
+    return "model" if on_policy else cfg.reference
 
 
 def copy_starting_model(spec: RunSpec, model: Any) -> ModelReference | None:
     """``--reference model`` without ``--ref-model``: copy the model before any plugin wraps it."""
     cfg = spec.config
-    uses_reference = spec.objective.item.needs_reference or cfg.eval_deviation
+    uses_reference = spec.objective.item.uses_reference(spec.options) or cfg.eval_deviation
     if uses_reference and cfg.reference == "model" and not cfg.ref_model:
         return ModelReference.frozen_copy(model)
     return None
@@ -63,15 +68,20 @@ def make_reference(
     """
     cfg = spec.config
     started = time.time() - (starting_copy.setup_seconds if starting_copy else 0.0)
-    mode = reference_mode(cfg, policy)
+    mode = reference_mode(cfg, policy, spec.objective.item.on_policy)
     info: dict[str, Any] = {"mode": mode, "ref_model": cfg.ref_model or cfg.model}
     if mode == "adapter":
         reference: Reference = AdapterReference(accelerator.unwrap_model(policy))
         info["starting_adapter"] = reference.has_reference_adapter
     elif mode == "model":
-        reference = starting_copy or ModelReference(
-            load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
-        )
+        if starting_copy is not None:
+            reference = starting_copy
+        elif cfg.ref_model:
+            reference = ModelReference(
+                load_reference_model(cfg.ref_model, tokenizer, cfg.trust_remote_code)
+            )
+        else:  # an on-policy objective's default: the prepared policy (no adapter) copied
+            reference = ModelReference.frozen_copy(policy)
         reference.model.to(accelerator.device)
     else:
         loaded: list[Any] = []

@@ -1,0 +1,115 @@
+"""Sampling completions: the first-party ``transformers`` backend (``model.generate``), and a
+round's set-up around any backend (eval mode, no gradients, the run's precision, a seed).
+
+A completion ends at its first EOS (kept, as the model must learn to stop) or after
+``max_completion_length`` tokens; one without EOS is *truncated*. TRL's ``GRPOTrainer`` does the
+same: it left-pads the prompts for ``model.generate`` and masks everything after the first EOS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..model.dropout import eval_mode
+from ..plugins.api import GenerationRequest, Generator
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS and every EOS the model's generation config names (chat models end
+    a turn with one of their own)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for value in extra if isinstance(extra, list | tuple) else [extra]:
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    return ids
+
+
+def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
+    """A sampled continuation up to and including its first EOS (what follows is padding)."""
+    for i, token in enumerate(ids):
+        if token in eos:
+            return ids[: i + 1]
+    return ids
+
+
+def transformers_generate(request: GenerationRequest) -> list[list[int]]:
+    """``model.generate`` on the left-padded prompts, ``num_return_sequences`` per prompt;
+    ``temperature`` 0 decodes greedily."""
+    from transformers import GenerationConfig
+
+    model = request.model
+    device = next(model.parameters()).device
+    width = max(len(p) for p in request.prompts)
+    input_ids = torch.full((len(request.prompts), width), request.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(request.prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    sample = request.temperature > 0
+    settings: dict[str, Any] = {
+        "max_new_tokens": request.max_new_tokens,
+        "do_sample": sample,
+        "num_return_sequences": request.num_generations,
+        "pad_token_id": request.pad_token_id,
+        "eos_token_id": request.eos_token_ids,
+        "repetition_penalty": request.repetition_penalty,
+        "use_cache": True,
+    }
+    if sample:
+        settings.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        if request.min_p is not None:
+            settings["min_p"] = request.min_p
+    else:
+        settings.update(temperature=None, top_p=None, top_k=None)
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=GenerationConfig(**settings),
+    )
+    eos = set(request.eos_token_ids)
+    return [cut_at_eos(row.tolist(), eos) for row in output[:, width:].cpu()]
+
+
+GENERATORS = (
+    Generator(
+        "transformers",
+        "model.generate from transformers, on the training process (CPU or GPU; LoRA too)",
+        transformers_generate,
+    ),
+)
+
+
+def align_register_generators(register: Any) -> None:
+    """The core's own registration (the registry calls it as it calls a plugin's hook)."""
+    for generator in GENERATORS:
+        register(generator)
+
+
+@contextlib.contextmanager
+def sampling_context(model: Any, accelerator: Any, seed: int) -> Iterator[Any]:
+    """The unwrapped policy in eval mode, without gradients, under the run's autocast, with
+    torch's generator seeded by ``seed`` (restored afterwards, so sampling leaves the
+    training RNG as it was)."""
+    unwrapped = accelerator.unwrap_model(model)
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with (
+        torch.random.fork_rng(devices=devices),
+        torch.no_grad(),
+        eval_mode(unwrapped),
+        accelerator.autocast(),
+    ):
+        torch.manual_seed(seed)
+        yield unwrapped
+
+
+def round_seed(seed: int, round_index: int, process_index: int, split: str = "train") -> int:
+    """The seed of one round of sampling: a function of the run's seed, the round and the
+    process only, so a resumed run samples what the uninterrupted one would have."""
+    offset = {"train": 0, "eval": 1}[split]
+    return (seed * 1_000_003 + round_index * 7_919 + process_index * 104_729 + offset) % (2**63)

@@ -1,0 +1,235 @@
+"""Reward functions: the first-party ones (``addition``, ``length``, ``format``), registered
+through the same ``align_register_rewards`` hook as a plugin's, and the run's chosen set, which
+scores a round's completions and says which reward failed on which record.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field
+
+from ..errors import PluginError
+from ..plugins.api import Fields, Options, Reward
+
+# -- first-party rewards -----------------------------------------------------------------------
+
+
+def completion_text(completion: Any) -> str:
+    """A completion's text: the string, or the content of its messages (chat prompts)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(str(message.get("content", "")) for message in completion)
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+class AdditionFields(Fields):
+    answer: float = Field(description="The correct sum.")
+
+
+def addition(completions: Sequence[Any], answer: Sequence[float]) -> list[float]:
+    """1.0 when the completion's last number equals ``answer``, else 0.0 (the demo's task:
+    "What is 7 + 12?" → "7 + 12 = 19.")."""
+    rewards = []
+    for completion, expected in zip(completions, answer, strict=True):
+        numbers = _NUMBER.findall(completion_text(completion))
+        rewards.append(float(bool(numbers) and float(numbers[-1]) == float(expected)))
+    return rewards
+
+
+class LengthOptions(Options):
+    max_length: int | None = Field(
+        None, ge=1, description="L_max in tokens; default: the run's max_completion_length."
+    )
+    cache: int = Field(
+        32, ge=0, description="L_cache: the soft zone before L_max where the penalty grows."
+    )
+
+
+def length(completion_ids: Sequence[Sequence[int]], options: Any, config: Any) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), as TRL's
+    ``get_soft_overlong_punishment``: 0 up to ``L_max − L_cache`` tokens, then falling
+    linearly to −1 at ``L_max``, and −1 beyond."""
+    top = options.max_length or config.max_completion_length
+    start = top - options.cache
+    rewards = []
+    for ids in completion_ids:
+        n = len(ids)
+        if n <= start:
+            rewards.append(0.0)
+        elif n <= top:
+            rewards.append((start - n) / options.cache)
+        else:
+            rewards.append(-1.0)
+    return rewards
+
+
+THINK_ANSWER = r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$"
+
+
+class FormatOptions(Options):
+    pattern: str = Field(
+        THINK_ANSWER,
+        description="Regular expression the whole completion must match (re.DOTALL); "
+        "default: <think>…</think><answer>…</answer>, as Open-R1's format reward.",
+    )
+
+    def model_post_init(self, context: Any) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a regular expression: {exc}") from None
+
+
+def format_reward(completions: Sequence[Any], options: Any) -> list[float]:
+    """1.0 when the completion matches ``pattern`` as a whole, else 0.0."""
+    pattern = re.compile(options.pattern, re.DOTALL)
+    return [float(pattern.fullmatch(completion_text(c)) is not None) for c in completions]
+
+
+REWARDS = (
+    Reward(
+        "addition",
+        "1 when the completion's last number is the record's `answer` (the demo's sums), else 0",
+        addition,
+        fields=AdditionFields,
+    ),
+    Reward(
+        "length",
+        "DAPO's soft overlong punishment: 0, falling to -1 over the last `cache` tokens "
+        "before `max_length`",
+        length,
+        options=LengthOptions,
+    ),
+    Reward(
+        "format",
+        "1 when the whole completion matches the regular expression `pattern`, else 0",
+        format_reward,
+        options=FormatOptions,
+    ),
+)
+
+
+def align_register_rewards(register: Any) -> None:
+    """The core's own registration (the registry calls it as it calls a plugin's hook)."""
+    for reward in REWARDS:
+        register(reward)
+
+
+# -- the run's rewards ---------------------------------------------------------------------------
+
+
+@dataclass
+class ChosenReward:
+    reward: Reward
+    weight: float
+    options: Any
+    label: str  # the plugin that registered it, for errors
+
+    @property
+    def name(self) -> str:
+        return self.reward.name
+
+
+class RewardSet:
+    """The rewards a run chose, with their weights and options."""
+
+    def __init__(self, chosen: list[ChosenReward], config: Any, data: str | None) -> None:
+        self.chosen, self.config, self.data = chosen, config, data
+        self.names = [c.name for c in chosen]
+        self.weights = [c.weight for c in chosen]
+
+    def field_names(self) -> list[str]:
+        from ..data.fields import column_names
+
+        names: list[str] = []
+        for c in self.chosen:
+            for name in column_names(c.reward.fields) if c.reward.fields is not None else ():
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def score(
+        self,
+        prompts: list[Any],
+        completions: list[Any],
+        completion_ids: list[list[int]],
+        fields: dict[str, list[Any]],
+        records: list[str],
+    ) -> list[list[float]]:
+        """One row per reward: its value for every completion. ``records`` names each
+        completion's record, for errors."""
+        values = []
+        for c in self.chosen:
+            arguments = {
+                "prompts": prompts,
+                "completions": completions,
+                "completion_ids": completion_ids,
+                "options": c.options,
+                "config": self.config,
+                **fields,
+            }
+            values.append(self._call(c, arguments, records))
+        return values
+
+    def _call(self, c: ChosenReward, arguments: dict[str, Any], records: list[str]) -> list[float]:
+        function = c.reward.function
+        taken = _accepted(function, arguments)
+        try:
+            result = list(function(**taken))
+        except Exception as exc:
+            where = self._first_failing(c, arguments, records)
+            raise PluginError(
+                f"reward {c.name!r} ({c.label}) raised {type(exc).__name__}: {exc}{where}"
+            ) from exc
+        count = len(records)
+        if len(result) != count:
+            raise PluginError(
+                f"reward {c.name!r} ({c.label}) returned {len(result)} values for {count} "
+                "completions: it must return one float per completion"
+            )
+        out = []
+        for value, record in zip(result, records, strict=True):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise PluginError(
+                    f"reward {c.name!r} ({c.label}) returned {value!r} for a completion of "
+                    f"{self._where(record)}: rewards must be finite numbers"
+                )
+            out.append(number)
+        return out
+
+    def _where(self, record: str) -> str:
+        return f"{self.data}, {record}" if self.data else record
+
+    def _first_failing(
+        self, c: ChosenReward, arguments: dict[str, Any], records: list[str]
+    ) -> str:
+        """Call the reward one completion at a time to name the record it fails on."""
+        per_item = {"prompts", "completions", "completion_ids", *self.field_names()}
+        for i, record in enumerate(records):
+            one = {k: ([v[i]] if k in per_item else v) for k, v in arguments.items()}
+            try:
+                c.reward.function(**_accepted(c.reward.function, one))
+            except Exception:
+                return f" on a completion of {self._where(record)}"
+        return ""
+
+
+def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments ``function`` takes: all of them if it has ``**kwargs``."""
+    parameters = inspect.signature(function).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return arguments
+    names = {p.name for p in parameters}
+    return {k: v for k, v in arguments.items() if k in names}
