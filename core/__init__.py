@@ -37,6 +37,7 @@ from .plugins.api import (
     Sampling,
     Section,
 )
+from .rollout.rewards import completion_text
 from .run import Run
 
 hookimpl = pluggy.HookimplMarker("align")
@@ -79,6 +80,7 @@ __all__ = [
     "Section",
     "Tokenized",
     "TokenizeError",
+    "completion_text",
     "default_batch",
     "hookimpl",
     "pad",

@@ -134,6 +134,8 @@ def _parse_set_items(items: list[str]) -> dict[str | None, tuple[dict[str, Any],
 
 
 def _flag(key: str) -> str:
+    if key == "rewards":  # repeatable: one --reward per function
+        return "--reward"
     return "--" + key.replace("_", "-")
 
 
@@ -173,21 +175,19 @@ def _named(key: str, sources: Sources) -> str:
     return source if source.startswith("--") else f"{key} ({source})"
 
 
-def _check_reference(
-    config: TrainConfig, objective: Any, options: Any, sources: Sources
-) -> None:
+def _check_reference(config: TrainConfig, objective: Any, options: Any, sources: Sources) -> None:
+    if objective.on_policy and config.reference == "precomputed" and "reference" in sources:
+        raise ConfigError(
+            f"{_named('reference', sources)} precomputed: objective {objective.name!r} samples "
+            "new completions every step, which no pass before training can score; use "
+            "--reference model or adapter"
+        )
     uses_reference = objective.uses_reference(options) or config.eval_deviation
     chosen = [_named(key, sources) for key in ("reference", "ref_model") if key in sources]
     if chosen and not uses_reference:
         raise ConfigError(
             f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model "
             "with these options (unless --eval-deviation measures the drift from one)"
-        )
-    if objective.on_policy and config.reference == "precomputed" and "reference" in sources:
-        raise ConfigError(
-            f"{_named('reference', sources)} precomputed: objective {objective.name!r} samples "
-            "new completions every step, which no pass before training can score; use "
-            "--reference model or adapter"
         )
     if config.ref_model and config.reference == "adapter":
         raise ConfigError(
@@ -378,13 +378,13 @@ def _resolve_rewards(
             )
         return []
     source = _named("rewards", sources) if "rewards" in sources else "rewards"
-    if generator := config.generator:
-        if generator not in registry.generators:
-            raise ConfigError(
-                f"{_named('generator', sources)}: unknown generator {generator!r}."
-                f"{did_you_mean(generator, registry.generators)} Registered: "
-                f"{', '.join(sorted(registry.generators))}"
-            )
+    generator = config.generator
+    if generator not in registry.generators:
+        raise ConfigError(
+            f"{_named('generator', sources)}: unknown generator {generator!r}."
+            f"{did_you_mean(generator, registry.generators)} Registered: "
+            f"{', '.join(sorted(registry.generators))}"
+        )
     chosen: list[Any] = []
     for item in config.rewards:
         name, sep, weight_text = item.partition("=")

@@ -252,8 +252,10 @@ class Training:
                 packed = False
         del self.starting_copy
         self.hooks.packed = self.hooks.packed and packed
-        if self.hooks.packed and not objective.on_policy and not is_packed_batch(
-            self.hooks.build_batch(self.examples["train"][:1])
+        if (
+            self.hooks.packed
+            and not objective.on_policy
+            and not is_packed_batch(self.hooks.build_batch(self.examples["train"][:1]))
         ):
             self._log("padding_free: off, the objective's align_build_batch gives padded batches.")
             self.hooks.packed = False

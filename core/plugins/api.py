@@ -256,7 +256,9 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.num_generations, int) and self.num_generations >= 1):
-            raise ValueError(f"num_generations must be a positive integer, got {self.num_generations!r}")
+            raise ValueError(
+                f"num_generations must be a positive integer, got {self.num_generations!r}"
+            )
         if not (isinstance(self.reuse, int) and self.reuse >= 1):
             raise ValueError(f"reuse must be a positive integer, got {self.reuse!r}")
 

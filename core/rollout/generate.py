@@ -12,9 +12,6 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-
-from ..model.dropout import eval_mode
 from ..plugins.api import GenerationRequest, Generator
 
 
@@ -39,23 +36,26 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 
 def transformers_generate(request: GenerationRequest) -> list[list[int]]:
-    """``model.generate`` on the left-padded prompts, ``num_return_sequences`` per prompt;
+    """``model.generate`` on the left-padded prompts, each repeated ``num_generations`` times;
     ``temperature`` 0 decodes greedily."""
+    import torch
     from transformers import GenerationConfig
 
     model = request.model
     device = next(model.parameters()).device
-    width = max(len(p) for p in request.prompts)
-    input_ids = torch.full((len(request.prompts), width), request.pad_token_id, dtype=torch.long)
+    # Each prompt repeated once per generation, as TRL does: greedy decoding takes no
+    # num_return_sequences, and sampling draws the same way either way.
+    prompts = [ids for ids in request.prompts for _ in range(request.num_generations)]
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), request.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(request.prompts):
+    for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     sample = request.temperature > 0
     settings: dict[str, Any] = {
         "max_new_tokens": request.max_new_tokens,
         "do_sample": sample,
-        "num_return_sequences": request.num_generations,
         "pad_token_id": request.pad_token_id,
         "eos_token_id": request.eos_token_ids,
         "repetition_penalty": request.repetition_penalty,
@@ -96,6 +96,10 @@ def sampling_context(model: Any, accelerator: Any, seed: int) -> Iterator[Any]:
     """The unwrapped policy in eval mode, without gradients, under the run's autocast, with
     torch's generator seeded by ``seed`` (restored afterwards, so sampling leaves the
     training RNG as it was)."""
+    import torch
+
+    from ..model.dropout import eval_mode
+
     unwrapped = accelerator.unwrap_model(model)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with (

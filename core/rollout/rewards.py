@@ -212,9 +212,7 @@ class RewardSet:
     def _where(self, record: str) -> str:
         return f"{self.data}, {record}" if self.data else record
 
-    def _first_failing(
-        self, c: ChosenReward, arguments: dict[str, Any], records: list[str]
-    ) -> str:
+    def _first_failing(self, c: ChosenReward, arguments: dict[str, Any], records: list[str]) -> str:
         """Call the reward one completion at a time to name the record it fails on."""
         per_item = {"prompts", "completions", "completion_ids", *self.field_names()}
         for i, record in enumerate(records):
