@@ -10,6 +10,7 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from reinforce_plugin import FixedCompletions, Reinforce
 
 import align
 from align.cli import cli
@@ -21,80 +22,12 @@ from align.loop.resume import complete_checkpoints
 from align.plugins import get_registry
 from align.rollout.generate import cut_at_eos, sampling_context, transformers_generate
 from align.rollout.rewards import REWARDS, ChosenReward, RewardSet, addition, format_reward, length
-from align.testing import registered
+from align.testing import ObjectiveConformance, registered
 
 PROMPTS = [
     {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
     for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]
 ]
-
-
-class Reinforce:
-    """A small on-policy objective: REINFORCE with each group's mean reward as its baseline,
-    per completion token; ``reuse`` rounds over two steps. Its advantages come from
-    ``align_prepare_rollouts``, which sees every micro-batch of the round at once."""
-
-    def __init__(self, generations=3, reuse=1):
-        self.sampling = align.Sampling(generations, reuse)
-        self.rounds: list[int] = []  # micro-batches per round, as the hook saw them
-
-    @align.hookimpl
-    def align_register_objectives(self, register):
-        register(
-            align.Objective(
-                name="reinforce",
-                description="REINFORCE with a group baseline",
-                data_format="prompt_only",
-                sampling=lambda options: self.sampling,
-                packable=True,
-            )
-        )
-
-    @align.hookimpl
-    def align_prepare_rollouts(self, batches):
-        self.rounds.append(len(batches))
-        for batch in batches:
-            rewards, group = batch["rewards"], batch["group"]
-            means = torch.zeros(int(group.max()) + 1).index_add(0, group, rewards)
-            means = means / torch.bincount(group).float()
-            batch["advantages"] = rewards - means[group]
-        return batches
-
-    @align.hookimpl
-    def align_loss_counts(self, batch):
-        return {"loss": align.sequence_token_counts(batch).sum()}
-
-    @align.hookimpl
-    def align_compute_loss(self, model, batch):
-        out = align.forward_logps(model, batch)
-        advantages = out.per_position(batch["advantages"].to(out.logps.dtype))
-        loss = -(advantages * out.logps * out.mask).sum()
-        return align.LossOutput(loss=loss, count=out.mask.sum())
-
-
-class FixedCompletions:
-    """A generation backend whose completions depend on the prompt only (not on the seed, the
-    process or the micro-batch): "<sum> " and EOS for the first, a wrong sum for the second,
-    and a truncated ramble for the third."""
-
-    @align.hookimpl
-    def align_register_generators(self, register):
-        register(align.Generator("fixed", "completions from the prompt alone", self.generate))
-
-    @staticmethod
-    def generate(request):
-        tok, out = request.tokenizer, []
-        for prompt in request.prompts:
-            text = tok.decode(prompt)
-            a, b = [int(x) for x in text.split("What is ")[1].split("?")[0].split(" + ")]
-            for k in range(request.num_generations):
-                if k % 3 == 2:
-                    ids = tok.encode(" and so on" * 20, add_special_tokens=False)
-                    out.append(ids[: request.max_new_tokens])
-                    continue
-                words = f"{a} + {b} = {a + b + k}."
-                out.append(tok.encode(words, add_special_tokens=False) + [tok.eos_token_id])
-        return out
 
 
 @pytest.fixture
@@ -388,3 +321,10 @@ def test_demo_data_and_default_reward(tmp_path, model_dir):
     info = json.loads((tmp_path / "d" / "run.json").read_text())
     assert info["data"]["train"]["path"].endswith("prompt_only_train.jsonl")
     assert "addition" in info["config"]["reward"]
+
+
+class TestReinforceConformance(ObjectiveConformance):
+    """The conformance suite on an on-policy objective: rollout batches in every check."""
+
+    objective = "reinforce"
+    plugin = Reinforce(generations=3)

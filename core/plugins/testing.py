@@ -19,6 +19,12 @@ on padding-free batches; that importing the plugin module does not import torch;
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
 continued with ``--resume`` equals one that was not stopped.
 
+An on-policy objective (``Objective(sampling=…)``) is checked on rollout batches: the suite
+samples completions from the tiny model (each prompt's seeded by the prompt alone, so a prompt
+gets the same completions in any micro-batch or layout), scores them with a reward of its own
+(``conformance``: the share of even token ids in a completion, which differs between
+completions) and lets ``align_prepare_rollouts`` see every micro-batch of the step at once.
+
 Class attributes a test may set:
 
 - ``objective`` (required): the objective's name.
@@ -44,12 +50,14 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any, ClassVar
 
+import pluggy
 import pytest
 
 from ..data.batching import sequence_prefixes
 from ..data.formats import BUILTIN
 from ..model import dropout
 from . import registry as plugin_registry
+from .api import Generator, Reward
 from .registry import PLUGINS_ENV
 
 # The first-party formats' sample records (a registered format's are its ``samples``).
@@ -80,6 +88,43 @@ def reset_accelerate() -> None:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()
+
+
+hookimpl = pluggy.HookimplMarker("align")  # align.hookimpl (align/__init__ imports this module)
+SUITE_REWARD = "conformance"
+SUITE_COMPLETION_LENGTH = 8
+
+
+def _even_share(completion_ids: Any) -> list[float]:
+    """The share of even token ids in each completion: a reward that differs between
+    completions of a tiny random model (which seldom stops early), so advantages are not 0."""
+    return [sum(1 for t in ids if t % 2 == 0) / len(ids) for ids in completion_ids]
+
+
+class _SuiteReward:
+    """The suite's reward, registered beside the plugin under test."""
+
+    @hookimpl
+    def align_register_rewards(self, register: Any) -> None:
+        register(Reward(SUITE_REWARD, "share of even token ids (the conformance suite's)",
+                        _even_share))  # fmt: skip
+
+
+def _generate_per_prompt(request: Any) -> list[list[int]]:
+    """``transformers`` sampling, one prompt at a time, seeded by the prompt's tokens: a
+    prompt's completions do not depend on the micro-batch it is in."""
+    import dataclasses
+    import zlib
+
+    import torch
+
+    from ..rollout.generate import transformers_generate
+
+    out = []
+    for prompt in request.prompts:
+        torch.manual_seed(zlib.crc32(bytes(str(prompt), "utf-8")))
+        out += transformers_generate(dataclasses.replace(request, prompts=[prompt]))
+    return out
 
 
 class _OneProcess:
@@ -138,7 +183,7 @@ class ObjectiveConformance:
     @pytest.fixture
     def registry(self) -> Iterator[plugin_registry.PluginRegistry]:
         extra = [self.plugin] if self.plugin is not None else []
-        with registered(*extra) as registry:
+        with registered(*extra, _SuiteReward()) as registry:
             yield registry
 
     @pytest.fixture
@@ -169,6 +214,9 @@ class ObjectiveConformance:
             "batch_size": 2,
             "output_dir": str(tmp_path / "run"),
         }
+        on_policy = registry.objective(self.objective).item.on_policy
+        if on_policy:
+            given.update(rewards=[SUITE_REWARD], max_completion_length=SUITE_COMPLETION_LENGTH)
         spec = resolve(registry, None, given, sets)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hooks = ObjectiveHooks(registry, spec, tokenizer)
@@ -179,7 +227,7 @@ class ObjectiveConformance:
             spec.config.max_length,
             "keep_start",
             "train",
-            fields=spec.objective.item.fields,
+            fields=hooks.fields,
         )
         examples = hooks.prepare_dataset(examples, "train", spec.config)
         torch.manual_seed(0)
@@ -201,16 +249,50 @@ class ObjectiveConformance:
             else None
         )
         run = Run(spec.config, _OneProcess(), tokenizer, tmp_path, max_steps=2)
+        engine = None
+        if on_policy:
+            from ..rollout.engine import RolloutEngine
+
+            engine = RolloutEngine(spec, registry, hooks, tokenizer, model)
+            engine.generator = plugin_registry.Registered(
+                Generator("conformance", "seeded by the prompt", _generate_per_prompt),
+                registry.rewards[SUITE_REWARD].plugin,
+            )
         return SimpleNamespace(
             spec=spec, hooks=hooks, tokenizer=tokenizer, examples=examples, model=model,
             reference=reference, run=run, data=path, model_dir=model_dir, records=rows,
+            engine=engine,
         )  # fmt: skip
+
+    def _batches(
+        self, setup: SimpleNamespace, parts: list[list[dict[str, Any]]], packed: Any = None
+    ) -> list[dict[str, Any]]:
+        """The batches of the step's micro-batches of examples, as the run builds them: the
+        core's (or the plugin's) batches, or, for an on-policy objective, a round of rollouts
+        that ``align_prepare_rollouts`` saw whole. ``packed``: the layout (default: the
+        run's)."""
+        if setup.engine is None:
+            return [setup.hooks.build_batch(part, packed=packed) for part in parts]
+        from ..loop.metrics import MetricSums
+
+        saved = setup.hooks.packed
+        setup.hooks.packed = saved if packed is None else packed
+        try:
+            return setup.engine.round(
+                setup.model, parts, 0, "train", setup.run.accelerator, setup.reference,
+                setup.run, MetricSums(),
+            )  # fmt: skip
+        finally:
+            setup.hooks.packed = saved
+
+    def _batch(self, setup: SimpleNamespace, examples: Any, packed: Any = None) -> dict[str, Any]:
+        return self._batches(setup, [examples], packed)[0]
 
     # -- the checks ------------------------------------------------------------------------------
     def test_batch_keys_shapes_and_loss_masks(self, setup: SimpleNamespace) -> None:
         import torch
 
-        batch = setup.hooks.build_batch(setup.examples, packed=False)
+        batch = self._batch(setup, setup.examples, packed=False)
         prefixes = sequence_prefixes(batch)
         assert prefixes, "a batch needs at least one <prefix>input_ids tensor"
         rows = {batch[f"{p}input_ids"].shape[0] for p in prefixes} | {len(setup.examples)}
@@ -242,7 +324,7 @@ class ObjectiveConformance:
             pytest.skip("the objective declares no extra fields")
         by_location = {e["record"]: e for e in setup.examples}
         for packed in self._layouts(setup):
-            batch = setup.hooks.build_batch(setup.examples, packed=packed)
+            batch = self._batch(setup, setup.examples, packed=packed)
             for name in column_names(schema):
                 assert name in batch, f"field {name!r} is not in the batch"
                 values = batch[name]
@@ -283,7 +365,7 @@ class ObjectiveConformance:
     def test_loss_is_finite_and_reaches_the_parameters(self, setup: SimpleNamespace) -> None:
         import torch
 
-        output, _ = self._loss(setup, setup.hooks.build_batch(setup.examples))
+        output, _ = self._loss(setup, self._batch(setup, setup.examples))
         for name, (loss, count) in output.all_terms().items():
             loss, count = torch.as_tensor(loss), torch.as_tensor(count)
             assert loss.ndim == 0 and torch.isfinite(loss), f"{name}: {loss} is not a finite scalar"
@@ -298,7 +380,7 @@ class ObjectiveConformance:
         import torch
 
         for packed in self._layouts(setup):
-            batch = setup.hooks.build_batch(setup.examples, packed=packed)
+            batch = self._batch(setup, setup.examples, packed=packed)
             counts = setup.hooks.counts(batch, setup.examples)
             with torch.no_grad():
                 output, _ = self._loss(setup, batch)
@@ -326,10 +408,11 @@ class ObjectiveConformance:
         results = []
         for split in ([setup.examples], [setup.examples[:1], setup.examples[1:]]):
             setup.model.zero_grad(set_to_none=True)
-            micro = []
-            for part in split:
-                batch = setup.hooks.build_batch(part)
-                micro.append((batch, setup.hooks.counts(batch, part)))
+            batches = self._batches(setup, split)
+            micro = [
+                (batch, setup.hooks.counts(batch, part))
+                for batch, part in zip(batches, split, strict=True)
+            ]
             torch.manual_seed(0)
             loss = accumulate_gradients(
                 setup.model,
@@ -354,7 +437,7 @@ class ObjectiveConformance:
     def test_extra_padding_leaves_the_loss_unchanged(self, setup: SimpleNamespace) -> None:
         import torch
 
-        batch = setup.hooks.build_batch(setup.examples, packed=False)
+        batch = self._batch(setup, setup.examples, packed=False)
         padded = dict(batch)
         for prefix in sequence_prefixes(batch):
             for name, fill in (
@@ -383,7 +466,7 @@ class ObjectiveConformance:
         for packed in (False, True):
             setup.model.zero_grad(set_to_none=True)
             torch.manual_seed(0)
-            output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples, packed))
+            output, extra = self._loss(setup, self._batch(setup, setup.examples, packed))
             self._total(output).backward()
             grads = {
                 n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
@@ -409,7 +492,7 @@ class ObjectiveConformance:
     def test_metrics_are_scalar_sum_count_pairs(self, setup: SimpleNamespace) -> None:
         import torch
 
-        output, extra = self._loss(setup, setup.hooks.build_batch(setup.examples))
+        output, extra = self._loss(setup, self._batch(setup, setup.examples))
         for name, pair in {**output.metrics, **extra}.items():
             assert isinstance(pair, tuple | list) and len(pair) == 2, f"{name}: not (sum, count)"
             for part in pair:
@@ -436,6 +519,9 @@ class ObjectiveConformance:
         args = ["run", "--objective", self.objective, "--model", str(setup.model_dir)]
         args += ["--data", str(setup.data), "--batch-size", "2"]
         args += ["--output-dir", str(out), "--max-length", str(self.max_length), *extra]
+        if setup.engine is not None:
+            args += ["--reward", SUITE_REWARD]
+            args += ["--max-completion-length", str(SUITE_COMPLETION_LENGTH)]
         for key, value in self.options.items():
             args += ["--set", f"{key}={json.dumps(value)}"]
         reset_accelerate()
