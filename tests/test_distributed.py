@@ -341,3 +341,48 @@ def test_orpo_on_two_processes_equals_one_large_batch(tmp_path, model_dir, write
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert {"loss/nll", "loss/odds_ratio", "nll_loss"} <= one[0].keys()
     _assert_same_final_weights(tmp_path)
+
+
+def test_an_on_policy_round_on_two_processes_equals_one_process(
+    tmp_path, model_dir, write_jsonl, monkeypatch
+):
+    """Rollouts sampled on each process for its own prompts (a backend whose completions
+    depend on the prompt alone): two processes with 2 prompts each train as one process with
+    all 4; round metrics (reward_std, completion lengths) are over every process's rollouts."""
+    from reinforce_plugin import FixedCompletions, Reinforce
+
+    from align.testing import registered
+
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]
+    ]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    common = ["--objective", "reinforce", "--model", model_dir, "--data", data, "--lr", "1e-2"]
+    common += ["--reward", "addition", "--reward", "length=0.5", "--generator", "fixed"]
+    common += ["--max-completion-length", "8", "--max-steps", "2"]
+    worker = Path(__file__).with_name("on_policy_worker.py")
+    _torchrun(worker, *common, "--batch-size", "2", "--output-dir", tmp_path / "two")
+    with registered(Reinforce(), FixedCompletions(), only=True):
+        args = [
+            "run",
+            *map(str, common),
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(tmp_path / "one"),
+        ]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+
+    def read(name):
+        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one, two = read("one"), read("two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"num_tokens"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
+    assert one[0]["reward_std"] > 0
+    _assert_same_final_weights(tmp_path)
