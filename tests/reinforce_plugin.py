@@ -72,3 +72,19 @@ class FixedCompletions:
                 words = f"{a} + {b} = {a + b + k}."
                 out.append(tok.encode(words, add_special_tokens=False) + [tok.eos_token_id])
         return out
+
+
+class Needle(align.Fields):
+    needle: str
+
+
+class NeedleReward:
+    """A third-party reward in-process: 1 when the completion contains the record's needle."""
+
+    @align.hookimpl
+    def align_register_rewards(self, register):
+        def found(completions, needle):
+            pairs = zip(completions, needle, strict=True)
+            return [float(n in align.completion_text(c)) for c, n in pairs]
+
+        register(align.Reward("needle", "has the needle", found, fields=Needle))

@@ -1,7 +1,8 @@
 """The example plugins of examples/ (weighted_sft: a record field of its own; listwise: the
-core's ranked format; alpaca: a data format of its own) round-trip as wheels: built, installed
-into one fresh virtual environment beside the core, tested there with their own tests (the
-conformance suite included), and trained by `align run`, padded and packed alike."""
+core's ranked format; alpaca: a data format of its own; keyword_reward: a reward function)
+round-trip as wheels: built, installed into one fresh virtual environment beside the core,
+tested there with their own tests (the conformance suite included), and trained by `align run`,
+padded and packed alike (the reward by GRPO, from the environment the tests run in)."""
 
 import json
 import os
@@ -21,6 +22,7 @@ EXAMPLES = {
     "weighted_sft": ("align-plugin-weighted-sft", "weighted-sft"),
     "listwise": ("align-plugin-listwise", "listwise"),
     "alpaca": ("align-plugin-alpaca", "alpaca-sft"),
+    "keyword_reward": ("align-plugin-keyword-reward", None),  # a reward: --reward keyword
 }
 TIMEOUT = 600
 
@@ -46,6 +48,10 @@ DATA = {
         {"instruction": "Name a primary colour.", "output": "Blue."},
         {"instruction": "Add the two numbers.", "input": "10 + 20", "output": "30. ok"},
         {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    ],
+    "keyword": [
+        {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "keyword": str(a + b)}
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
     ],
 }
 
@@ -96,6 +102,12 @@ def venv(tmp_path_factory):
     return python, env, tmp
 
 
+def test_a_reward_plugin_is_at_most_15_lines():
+    package = ROOT / "examples" / "keyword_reward" / "align_keyword_reward"
+    lines = sum(len(p.read_text().splitlines()) for p in package.rglob("*.py"))
+    assert 0 < lines <= 15, lines
+
+
 def test_weighted_sft_is_at_most_30_lines_of_python():
     package = ROOT / "examples" / "weighted_sft" / "align_weighted_sft"
     lines = sum(len(p.read_text().splitlines()) for p in package.rglob("*.py"))
@@ -108,6 +120,7 @@ def test_weighted_sft_is_at_most_30_lines_of_python():
         "weighted_sft/align_weighted_sft/__init__.py",
         "alpaca/align_alpaca/__init__.py",
         "alpaca/align_alpaca/loss.py",
+        "keyword_reward/align_keyword_reward/__init__.py",
     ],
 )
 def test_contributing_shows_the_examples_code_as_it_is(path):
@@ -159,6 +172,13 @@ def started(venv, model_dir):
         ("listwise", False): [*reference, "--no-padding-free"],
         ("alpaca-sft", True): model,
     }
+    keyword = tmp / "keyword.jsonl"
+    keyword.write_text("".join(json.dumps(r) + "\n" for r in DATA["keyword"]), encoding="utf-8")
+    commands["grpo-keyword"] = [python, "-m", "align.cli", "run", "--objective", "grpo", *model]
+    commands["grpo-keyword"] += ["--data", str(keyword), "--reward", "keyword"]
+    commands["grpo-keyword"] += ["--set", "num_generations=2", "--max-completion-length", "6"]
+    commands["grpo-keyword"] += ["--batch-size", "2", "--max-steps", "2"]
+    commands["grpo-keyword"] += ["--output-dir", str(tmp / "grpo-keyword")]
     for (objective, packed), flags in runs.items():
         data = tmp / f"{objective}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in DATA[objective]), encoding="utf-8")
@@ -200,12 +220,19 @@ def _run_of(started, objective: str, packed: bool) -> tuple[dict, dict[int, dict
 
 def test_the_examples_installed_pass_their_tests_and_train(started):
     """One test, so that one worker (of `pytest -n`) builds the environment and runs it all."""
-    processes, _ = started
+    processes, tmp = started
     output = processes["suites"].result()
     assert " passed" in output and "failed" not in output, output[-2000:]
     listing = processes["plugins"].result()
     for dist, _ in EXAMPLES.values():
         assert f"{dist} 0.1.0  [ok]" in listing, listing
+
+    processes["grpo-keyword"].result()  # a third-party reward in a first-party objective
+    rows = (tmp / "grpo-keyword" / "metrics.jsonl").read_text().splitlines()
+    assert all(0 <= json.loads(r)["rewards/keyword/mean"] <= 1 for r in rows) and len(rows) == 2
+    info = json.loads((tmp / "grpo-keyword" / "run.json").read_text())
+    assert info["config"]["reward"] == {"keyword": {"weight": 1.0}}
+    assert info["data"]["train"]["ignored_columns"] == {}  # the reward reads keyword
 
     info, _ = _run_of(started, "alpaca-sft", True)
     assert info["data"]["train"]["examples"] == len(DATA["alpaca-sft"])

@@ -328,3 +328,23 @@ class TestReinforceConformance(ObjectiveConformance):
 
     objective = "reinforce"
     plugin = Reinforce(generations=3)
+
+
+def test_a_plugins_reward_reads_its_own_field(tmp_path, model_dir, write_jsonl):
+    """The field a reward declares is validated in every record (an error names the line and
+    the field) and reaches the function; the column is not reported as ignored."""
+    from reinforce_plugin import NeedleReward
+
+    rows = [{**p, "needle": "="} for p in PROMPTS[:4]]
+    data = write_jsonl(tmp_path / "n.jsonl", rows)
+    args = ["--objective", "reinforce", "--model", model_dir, "--reward", "needle"]
+    args += ["--generator", "fixed", "--max-completion-length", "8", "--max-steps", "1"]
+    with registered(Reinforce(), FixedCompletions(), NeedleReward(), only=True):
+        _run(*args, "--data", data, "--batch-size", "4", "--output-dir", tmp_path / "ok")
+        bad = write_jsonl(tmp_path / "bad.jsonl", [*rows[:2], {"prompt": "x", "needle": [1]}])
+        result = _run(*args, "--data", bad, "--output-dir", tmp_path / "bad", expect=1)
+    assert "bad.jsonl, line 3, field 'needle': expected a string" in result.output
+    (row,) = _rows(tmp_path / "ok")
+    assert row["rewards/needle/mean"] == pytest.approx(2 / 3)  # all but the ramble have "="
+    info = json.loads((tmp_path / "ok" / "run.json").read_text())
+    assert info["data"]["train"]["ignored_columns"] == {"answer": 4}

@@ -13,6 +13,14 @@ from typing import Any
 import torch
 
 
+def _float64(value: Any) -> torch.Tensor:
+    """A tensor's values, or a Python number's, in float64 (a float is not rounded to float32
+    on the way: β = 0.1 is logged as 0.1)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to(torch.float64)
+    return torch.as_tensor(value, dtype=torch.float64)
+
+
 class MetricSums:
     """Running ``name -> [sum, count]`` totals since the last report.
 
@@ -24,8 +32,8 @@ class MetricSums:
         self._totals: dict[str, list[torch.Tensor]] = {}
 
     def add(self, name: str, value: Any, count: Any) -> None:
-        value = torch.as_tensor(value).detach().to(torch.float64).sum()
-        count = torch.as_tensor(count).detach().to(torch.float64).sum()
+        value = _float64(value).sum()
+        count = _float64(count).sum()
         if name in self._totals:
             self._totals[name][0] += value
             self._totals[name][1] += count

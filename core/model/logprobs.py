@@ -159,8 +159,18 @@ def attention_bias(mask: torch.Tensor, model: Any) -> torch.Tensor:
     return bias.masked_fill_(~mask.bool(), torch.finfo(dtype).min)
 
 
-def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") -> TokenLogps:
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return logits if temperature in (0, 1, None) else logits / temperature
+
+
+def forward_logps(
+    model: Any, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+) -> TokenLogps:
     """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs.
+
+    ``temperature``: the log-probs of ``logits / temperature``, the distribution an on-policy
+    objective sampled from (TRL's GRPO and online DPO score completions so); 0 (greedy) and 1
+    leave the logits as they are.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
     the packed one (``align.packing``: ``position_ids``, a boolean 4-D ``attention_mask``
@@ -172,6 +182,7 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") 
         logits = model(
             input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
         ).logits
+        logits = _tempered(logits, temperature)
         logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
         return TokenLogps(logps=logps, mask=mask, logits=logits, targets=input_ids[:, 1:])
     logits = model(
@@ -180,6 +191,7 @@ def forward_logps(model: Any, batch: dict[str, torch.Tensor], prefix: str = "") 
         position_ids=batch[f"{prefix}position_ids"],
         use_cache=False,
     ).logits
+    logits = _tempered(logits, temperature)
     targets, mask = batch[f"{prefix}targets"], batch[f"{prefix}target_mask"]
     return TokenLogps(
         logps=target_logps(logits, targets, mask),

@@ -35,6 +35,8 @@ FIRST_PARTY_OBJECTIVES = {
     "dpo": "align-plugin-dpo",
     "kto": "align-plugin-kto",
     "orpo": "align-plugin-orpo",
+    "grpo": "align-plugin-grpo",
+    "online-dpo": "align-plugin-online-dpo",
     "minorsft": "align-plugin-minorsft",
     "ift": "align-plugin-ift",
 }

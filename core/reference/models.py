@@ -45,7 +45,9 @@ class Reference:
         """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32."""
         raise NotImplementedError
 
-    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def token_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
         """Per-token reference log-probs in the batch's layout, the shape of
         ``align.forward_logps(model, batch).logps`` (0 where no completion token is predicted):
         for per-token penalties such as GRPO's KL. The ``model`` and ``adapter`` modes give
@@ -77,9 +79,11 @@ class ModelReference(Reference):
             return forward_logps(self.model, batch, prefix).sums
 
     @torch.no_grad()
-    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def token_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
         with self.autocast():
-            return forward_logps(self.model, batch, prefix).logps
+            return forward_logps(self.model, batch, prefix, temperature).logps
 
 
 class AdapterReference(Reference):
@@ -121,9 +125,11 @@ class AdapterReference(Reference):
             return forward_logps(self.policy, batch, prefix).sums
 
     @torch.no_grad()
-    def token_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def token_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
         with eval_mode(self.policy), self._reference_weights(), self.autocast():
-            return forward_logps(self.policy, batch, prefix).logps
+            return forward_logps(self.policy, batch, prefix, temperature).logps
 
 
 def has_adapter(model: Any) -> bool:

@@ -20,39 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-
 import align
-
-
-def dpo_pair_losses(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    beta: float,
-    loss_type: str,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """One loss per pair from the policy's and the reference's sequence log-probs."""
-    delta_w, delta_l = chosen - ref_chosen, rejected - ref_rejected
-    if loss_type == "ipo":
-        margin = delta_w / chosen_tokens - delta_l / rejected_tokens
-        return (margin - 1 / (2 * beta)) ** 2
-    if loss_type == "minor":
-        delta_l = delta_l.clamp(min=0)
-    z = beta * (delta_w - delta_l)
-    eps = label_smoothing
-    if loss_type in ("sigmoid", "minor"):
-        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    if loss_type == "hinge":
-        return torch.relu(1 - z)
-    if loss_type == "robust":
-        return ((1 - eps) * -F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
-    raise ValueError(f"unknown DPO loss_type {loss_type!r}")
+from align.losses import dpo_pair_losses, preference_metrics
 
 
 def dpo_loss(model: Any, batch: dict[str, Any], reference: Any, options: Any) -> align.LossOutput:
@@ -76,26 +45,3 @@ def dpo_loss(model: Any, batch: dict[str, Any], reference: Any, options: Any) ->
         logps[:pairs].detach(), logps[pairs:].detach(), ref[:pairs], ref[pairs:], options.beta
     )
     return align.LossOutput(loss=losses.sum(), count=pairs, metrics=metrics)
-
-
-def preference_metrics(
-    chosen: torch.Tensor,
-    rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """TRL's DPO metrics as ``(sum, count)`` pairs over the pairs of a micro-batch."""
-    pairs = len(chosen)
-    chosen_rewards, rejected_rewards = (
-        beta * (chosen - ref_chosen),
-        beta * (rejected - ref_rejected),
-    )
-    return {
-        "rewards/chosen": (chosen_rewards.sum(), pairs),
-        "rewards/rejected": (rejected_rewards.sum(), pairs),
-        "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum(), pairs),
-        "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
-        "logps/chosen": (chosen.sum(), pairs),
-        "logps/rejected": (rejected.sum(), pairs),
-    }
