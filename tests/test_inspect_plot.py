@@ -25,6 +25,11 @@ def test_inspect_shows_tokens_masks_special_tokens_and_truncation(
     args = ["inspect", "--objective", "dpo", "--model", str(model_dir), "--data", str(pairs)]
     result = CliRunner().invoke(cli, args)
     assert "--- chosen (" in result.output and "--- rejected (" in result.output
+    args = ["inspect", "--objective", "grpo", "--model", str(model_dir), "--data", "demo"]
+    result = CliRunner().invoke(cli, args)  # prompts to sample from: nothing trained yet
+    assert result.exit_code == 0, result.output
+    assert "data format prompt_only" in result.output and " 0 trained)" in result.output
+    assert "'answer': 42.0" in result.output and "'assistant'" in result.output
 
 
 def test_plot_writes_a_png_of_the_curves(tmp_path, model_dir, write_jsonl, sft_rows):

@@ -320,7 +320,26 @@ def test_demo_data_and_default_reward(tmp_path, model_dir):
              "--output-dir", tmp_path / "d")  # fmt: skip
     info = json.loads((tmp_path / "d" / "run.json").read_text())
     assert info["data"]["train"]["path"].endswith("prompt_only_train.jsonl")
+    assert info["data"]["eval"]["path"].endswith("prompt_only_eval.jsonl")
     assert "addition" in info["config"]["reward"]
+    from align import demo
+
+    for key, value in {**demo.DEMO_SETTINGS, **demo.ON_POLICY_DEMO_SETTINGS}.items():
+        if key not in ("max_steps", "batch_size", "max_completion_length"):  # given above
+            assert info["config"][key] == value, key
+    with registered(Reinforce(), only=True), pytest.raises(AlignError, match="no demo data"):
+        from align.loop.setup import apply_demo_defaults
+
+        spec = resolve(get_registry(), flags={"objective": "reinforce", "model": "m"})
+        spec.config = spec.config.model_copy(update={"data": "demo"})
+        object.__setattr__(spec.objective, "item", _without_demo(spec.objective.item))
+        apply_demo_defaults(spec, get_registry())
+
+
+def _without_demo(objective):
+    import dataclasses
+
+    return dataclasses.replace(objective, data_format="ranked_without_demo")
 
 
 class TestReinforceConformance(ObjectiveConformance):

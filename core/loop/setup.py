@@ -31,43 +31,39 @@ from . import resume
 
 
 def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
-    """Fill model, data and demo hyperparameters when neither --model nor --data was given;
-    ``--data demo`` (and ``--eval-data demo``) is the objective's demo data for a model of
-    one's own (the SFT demo's result, say, to train GRPO from). An on-policy objective on the
-    demo data is rewarded by ``addition`` unless ``--reward`` says otherwise."""
+    """The embedded demo: with neither --model nor --data, the demo model on the objective's
+    demo data; ``--data demo`` is that data for a model of one's own (the SFT demo's result,
+    say, to train GRPO from). Either way the demo's hyperparameters fill the options the user
+    did not set, the eval split is the demo's unless given, and an on-policy objective is
+    rewarded by ``addition`` unless ``--reward`` says otherwise. ``--eval-data demo`` alone is
+    the demo's eval split. Returns whether the demo model is used."""
     cfg = spec.config
     fmt = spec.objective.item.data_format
-    named = {}
-    for key, split in (("data", "train"), ("eval_data", "eval")):
-        if getattr(cfg, key) == "demo":
-            named[key] = str(demo.demo_data(fmt, split))
-            if not Path(named[key]).exists():
-                raise ConfigError(
-                    f"{spec.named(key)} demo: the {fmt!r} data format has no demo data"
-                )
-    if named:
-        spec.config = cfg = cfg.model_copy(update=named)
-        _demo_rewards(spec, registry)
-    if cfg.model is None and cfg.data is None:
-        fmt = spec.objective.item.data_format
-        if not demo.demo_data(fmt, "train").exists():
-            raise ConfigError(
-                f"objective {spec.objective.item.name!r} reads the {fmt!r} data format, which has "
-                "no demo data: give --model and --data"
-            )
+    demo_model = cfg.model is None and cfg.data is None
+    demo_data = demo_model or cfg.data == "demo"
+    if (demo_data or cfg.eval_data == "demo") and not demo.demo_data(fmt, "train").exists():
+        given = "" if demo_model else f"{spec.named('data' if demo_data else 'eval_data')} demo: "
+        raise ConfigError(
+            f"{given}objective {spec.objective.item.name!r} reads the {fmt!r} data format, "
+            "which has no demo data: give --model and --data"
+        )
+    updates: dict[str, Any] = {}
+    if demo_data:
         settings = {**demo.DEMO_SETTINGS}
         if spec.objective.item.on_policy:
             settings.update(demo.ON_POLICY_DEMO_SETTINGS)
         updates = {k: v for k, v in settings.items() if k not in cfg.model_fields_set}
-        updates["model"] = str(demo.demo_model_path())
         updates["data"] = str(demo.demo_data(fmt, "train"))
-        if cfg.eval_data is None:
-            updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
-        spec.config = cfg.model_copy(update=updates)
+        if demo_model:
+            updates["model"] = str(demo.demo_model_path())
+    if cfg.eval_data == "demo" or (demo_data and cfg.eval_data is None):
+        updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
+    spec.config = cfg.model_copy(update=updates)
+    if demo_data or cfg.eval_data == "demo":
         _demo_rewards(spec, registry)
-        return True
-    check_model_and_data(spec)
-    return False
+    if not demo_model:
+        check_model_and_data(spec)
+    return demo_model
 
 
 def _demo_rewards(spec: RunSpec, registry: Any) -> None:

@@ -22,7 +22,7 @@ def inspect_examples(
 ) -> None:
     from ..loop.setup import apply_demo_defaults, load_tokenizer
 
-    apply_demo_defaults(spec)
+    apply_demo_defaults(spec, registry)
     cfg = spec.config
     tokenizer = load_tokenizer(cfg)
     hooks = ObjectiveHooks(registry, spec, tokenizer)
@@ -35,7 +35,7 @@ def inspect_examples(
         cfg.max_length,
         cfg.truncation,
         "train",
-        fields=spec.objective.item.fields,
+        fields=hooks.fields,
     )
     examples = hooks.prepare_dataset(examples, "train", cfg)
     echo(f"{cfg.data}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
@@ -45,7 +45,9 @@ def inspect_examples(
         extra = {k: v for k, v in example.items() if not k.endswith(("input_ids", "_mask"))}
         echo(f"\n=== example {number} {extra if extra else ''}".rstrip())
         for prefix in sequence_prefixes(example):
-            ids, mask = example[f"{prefix}input_ids"], example[f"{prefix}completion_mask"]
+            ids = example[f"{prefix}input_ids"]
+            # A prompt to sample from (on-policy objectives) has nothing trained of its own.
+            mask = example.get(f"{prefix}completion_mask", [0] * len(ids))
             label = prefix.rstrip("_") or "sequence"
             echo(f"--- {label} ({len(ids)} tokens, {sum(mask)} trained)")
             for i, (token_id, trained) in enumerate(zip(ids, mask, strict=True)):
