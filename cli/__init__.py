@@ -13,6 +13,7 @@ import click
 from align.config import TrainConfig, check_inputs, resolve
 from align.console import echo, tolerant_console
 from align.errors import AlignError
+from align.options import SAMPLING_KEYS
 from align.plugins import FIRST_PARTY_FLAGS, PLUGINS_ENV, get_registry, install_hint
 from align.plugins.api import Preset, option_keys
 
@@ -51,14 +52,7 @@ RUN_FLAGS = [
     "ref_model",
     "eval_deviation",
     "eval_on_start",
-    "rewards",
-    "generator",
-    "max_completion_length",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
+    *SAMPLING_KEYS,  # on-policy objectives: --reward, --temperature, …
     "overwrite",
     "on_nonfinite",
     "num_processes",

@@ -48,11 +48,7 @@ def tokenize_prompt(tokenizer: Any, prompt: Any, field: str = "prompt") -> list[
     messages rendered with the chat template and its generation prompt (``<|assistant|>``)."""
     if isinstance(prompt, list):
         check_messages(prompt, field)
-        if not getattr(tokenizer, "chat_template", None):
-            raise TokenizeError(
-                "conversational prompts need a tokenizer with a chat template; this one has none",
-                field,
-            )
+        _require_chat_template(tokenizer, field)
         text = _render(tokenizer, prompt, True, field)
         ids, _ = _encode(tokenizer, text, add_special_tokens=False, need_offsets=False)
     elif isinstance(prompt, str) and prompt.strip():
@@ -80,11 +76,7 @@ def tokenize_conversation(
 ) -> Tokenized:
     """Render ``messages`` with the chat template; train assistant turns from ``trained_from``."""
     check_messages(messages, field)
-    if not getattr(tokenizer, "chat_template", None):
-        raise TokenizeError(
-            "conversational data needs a tokenizer with a chat template; this tokenizer has none",
-            field,
-        )
+    _require_chat_template(tokenizer, field)
     full = _render(tokenizer, messages, False, field)
     spans = []
     for i, message in enumerate(messages):
@@ -114,6 +106,14 @@ def tokenize_conversation(
         m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn, strict=True)
     )
     return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
+
+
+def _require_chat_template(tokenizer: Any, field: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizeError(
+            "conversational data needs a tokenizer with a chat template; this tokenizer has none",
+            field,
+        )
 
 
 def check_messages(messages: Any, field: str) -> None:

@@ -1,19 +1,8 @@
-"""The DPO family of losses (Rafailov et al. 2023, eq. 7, and its variants).
-
-With ``Δ = logπθ(y|x) − logπref(y|x)`` (sums over completion tokens) and ``z = Δ_w − Δ_l``:
-
-- ``sigmoid``: ``−(1−ε)·logσ(βz) − ε·logσ(−βz)``; ε = ``label_smoothing`` (conservative DPO),
-  ε = 0 is DPO's ``L = −E[logσ(β(Δ_w − Δ_l))]``.
-- ``ipo``: ``((Δ_w/m_w − Δ_l/m_l) − 1/(2β))²`` with m the number of completion tokens (IPO,
-  length-normalised as TRL and the IPO authors do).
-- ``hinge``: ``relu(1 − βz)`` (SLiC).
-- ``robust``: ``[(1−ε)·(−logσ(βz)) − ε·(−logσ(−βz))] / (1−2ε)`` (Chowdhury et al. 2024).
-- ``minor``: MinorDPO, ``−logσ(β(Δ_w − max(0, Δ_l)))``: the rejected answer is pushed down only
-  while it is above the reference.
-
-Metrics, named as TRL names them, are means over pairs: ``rewards/chosen`` = βΔ_w,
-``rewards/rejected`` = βΔ_l, ``rewards/accuracies`` = share with βΔ_w > βΔ_l (strict),
-``rewards/margins`` = βΔ_w − βΔ_l, ``logps/chosen`` and ``logps/rejected`` (policy sums).
+"""The DPO family of losses (Rafailov et al. 2023, eq. 7: ``L = −E[logσ(β(Δ_w − Δ_l))]`` with
+``Δ = logπθ(y|x) − logπref(y|x)``, and its variants ``sigmoid`` with label smoothing, ``ipo``,
+``hinge``, ``robust`` and ``minor``), one forward over ``[chosen; rejected]``. The pair losses
+and TRL's metrics live in the core, ``align.losses``, where online DPO reuses them; their
+docstrings give every variant's equation.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import align
+from align.losses import preference_metrics
 
 from .batch import ODDS_MASK
 
@@ -100,15 +101,10 @@ def orpo_metrics(
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """TRL's ORPO pair metrics as ``(sum, count)`` pairs, from the mean log-probs."""
     pairs = len(chosen)
-    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
     log_odds = log_odds_ratio(chosen, rejected)
+    none = torch.zeros_like(chosen)  # no reference: ORPO's rewards are β · the mean log-probs
     return {
-        "rewards/chosen": (chosen_rewards.sum(), pairs),
-        "rewards/rejected": (rejected_rewards.sum(), pairs),
-        "rewards/accuracies": ((chosen_rewards > rejected_rewards).sum(), pairs),
-        "rewards/margins": ((chosen_rewards - rejected_rewards).sum(), pairs),
-        "logps/chosen": (chosen.sum(), pairs),
-        "logps/rejected": (rejected.sum(), pairs),
+        **preference_metrics(chosen, rejected, none, none, beta),
         "log_odds_ratio": (F.logsigmoid(log_odds).sum(), pairs),
         "log_odds_chosen": (log_odds.sum(), pairs),
     }
