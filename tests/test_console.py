@@ -35,6 +35,9 @@ def test_headline_is_the_loss_and_the_objectives_known_metrics():
     # an objective with none of the known metrics shows its first few, by name
     other = {"eval_loss": 1.0, "eval_d": 4.0, "eval_c": 3.0, "eval_b": 2.0, "eval_a": 1.0}
     assert headline(other, "eval_") == "loss 1, a 1, b 2, c 3"
+    grpo = {"eval_loss": 0.01, "eval_clip_ratio/low_mean": 0.0, "eval_reward": 0.5,
+            "eval_rewards/addition/mean": 0.25, "eval_rewards/addition/std": 0.4}  # fmt: skip
+    assert headline(grpo, "eval_") == "loss 0.01, reward 0.5, rewards/addition/mean 0.25"
 
 
 def test_a_run_prints_each_evaluation_and_a_summary(tmp_path, model_dir, write_jsonl, sft_rows):

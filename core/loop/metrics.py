@@ -137,6 +137,7 @@ class MetricsLog:
 # from the reference (MinorSFT, --eval-deviation). An objective that logs none of these has its
 # first few metrics printed instead.
 HEADLINE_METRICS = (
+    "reward",  # on-policy objectives: the mean reward of the samples, then each function's
     "rewards/accuracies",
     "rewards/margins",
     "mean_token_accuracy",
@@ -162,6 +163,7 @@ def headline(values: Mapping[str, Any], prefix: str = "") -> str:
         if name.startswith(prefix) and isinstance(value, int | float)
     }
     names = [name for name in HEADLINE_METRICS if name in found]
+    names += sorted(n for n in found if n.startswith("rewards/") and n.endswith("/mean"))
     if not names:
         names = sorted(found.keys() - {"loss"})[:OTHER_METRICS_SHOWN]
     return ", ".join(f"{n} {format_value(found[n])}" for n in ["loss", *names] if n in found)
