@@ -123,6 +123,11 @@ def test_first_party_reward_vectors():
     assert addition(["7 + 12 = 19.", "It is 18.", "no number", chat], [19, 19, 19, 19]) == [
         1.0, 0.0, 0.0, 1.0,
     ]  # fmt: skip
+    working = REWARDS[0].options(working=True)
+    prompts = ["What is 7 + 12?", [{"role": "user", "content": "What is 7 + 12?"}]] * 2
+    restated = ["7 + 12 = 19.", "19.", "8 + 11 = 19.", "7 + 12 = 18."]
+    assert addition(restated, [19] * 4, prompts, working) == [1.0, 1.0, 0.0, 0.0]
+    assert addition(restated, [19] * 4, prompts) == [1.0, 1.0, 1.0, 0.0]  # the last number only
     options = REWARDS[1].options(max_length=10, cache=4)
     assert length([[0] * n for n in (5, 6, 7, 9, 10, 11)], options, None) == [
         0.0, 0.0, -0.25, -0.75, -1.0, -1.0,

@@ -34,14 +34,42 @@ class AdditionFields(Fields):
     answer: float = Field(description="The correct sum.")
 
 
-def addition(completions: Sequence[Any], answer: Sequence[float]) -> list[float]:
+class AdditionOptions(Options):
+    working: bool = Field(
+        False,
+        description="Also require the numbers before the last to be the question's, in order "
+        '("7 + 12 = 19." for "What is 7 + 12?"; a bare "19." passes): a policy rewarded for '
+        "the final number alone may learn to restate the question wrongly.",
+    )
+
+
+def addition(
+    completions: Sequence[Any],
+    answer: Sequence[float],
+    prompts: Sequence[Any] | None = None,
+    options: Any = None,
+) -> list[float]:
     """1.0 when the completion's last number equals ``answer``, else 0.0 (the demo's task:
-    "What is 7 + 12?" → "7 + 12 = 19.")."""
+    "What is 7 + 12?" → "7 + 12 = 19."); with ``working``, the numbers before it must be the
+    question's (the prompt's numbers, in order) or none."""
+    working = bool(options is not None and options.working)
     rewards = []
-    for completion, expected in zip(completions, answer, strict=True):
-        numbers = _NUMBER.findall(completion_text(completion))
-        rewards.append(float(bool(numbers) and float(numbers[-1]) == float(expected)))
+    for i, (completion, expected) in enumerate(zip(completions, answer, strict=True)):
+        numbers = [float(n) for n in _NUMBER.findall(completion_text(completion))]
+        right = bool(numbers) and numbers[-1] == float(expected)
+        if right and working and numbers[:-1]:
+            asked = [float(n) for n in _NUMBER.findall(_prompt_text(prompts[i]))]
+            right = numbers[:-1] == asked
+        rewards.append(float(right))
     return rewards
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A prompt's text: the string, or its last user message (chat prompts)."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m for m in prompt if m.get("role") == "user"]
+    return str((users or prompt)[-1].get("content", ""))
 
 
 class LengthOptions(Options):
@@ -97,9 +125,11 @@ def format_reward(completions: Sequence[Any], options: Any) -> list[float]:
 REWARDS = (
     Reward(
         "addition",
-        "1 when the completion's last number is the record's `answer` (the demo's sums), else 0",
+        "1 when the completion's last number is the record's `answer` (the demo's sums), else "
+        "0; `working`: and the numbers before it are the question's",
         addition,
         fields=AdditionFields,
+        options=AdditionOptions,
     ),
     Reward(
         "length",
