@@ -452,3 +452,39 @@ def test_the_prepared_model_fingerprint_sees_changes_to_what_scores(model_dir):
     with torch.no_grad():
         other.lm_head.weight[-1, -1] += 1.0  # a value the samples cover
     assert prepared_model_fingerprint(other) != plain
+
+
+def test_per_token_reference_log_probs_sum_to_the_sequences(model_dir, tokenizer):
+    """``token_logps`` (GRPO's KL) in the batch's layout, padded or packed, sums per sequence to
+    ``sequence_logps``, at temperature 1 and scaled; the adapter mode gives the same with its
+    adapter off; a precomputed reference, which holds sums only, says so."""
+    from peft import LoraConfig, get_peft_model
+
+    from align.data.batching import sequence_batch
+    from align.data.packing import pack
+    from align.model.logprobs import forward_logps
+    from align.reference.models import AdapterReference, ModelReference
+
+    rows = []
+    for prompt, answer in [("What is 1 + 2? ", "3."), ("Hi ", "Hello there."), ("2 + 2", " = 4")]:
+        ids = tokenizer(prompt + answer)["input_ids"]
+        cut = len(tokenizer(prompt)["input_ids"])
+        rows.append({"input_ids": ids, "completion_mask": [0] * cut + [1] * (len(ids) - cut)})
+    padded = sequence_batch(rows, tokenizer.pad_token_id)
+    packed = pack([[(r["input_ids"], r["completion_mask"])] for r in rows], 0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    reference = ModelReference(model)
+    for batch in (padded, packed):
+        out = forward_logps(model, batch)
+        tokens = reference.token_logps(batch)
+        assert tokens.shape == out.logps.shape
+        assert torch.allclose(out.per_sequence(tokens), reference.sequence_logps(batch), atol=1e-5)
+        hot = reference.token_logps(batch, temperature=0.5)
+        cooled = forward_logps(model, batch, temperature=0.5).logps.detach()
+        assert torch.allclose(hot, cooled, atol=1e-5) and not torch.allclose(hot, tokens)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config)
+    adapter = AdapterReference(policy)
+    assert torch.allclose(adapter.token_logps(padded), reference.token_logps(padded), atol=1e-5)
+    with pytest.raises(NotImplementedError, match="per-sequence sums only"):
+        PrecomputedReference({}).token_logps(padded)
