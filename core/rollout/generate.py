@@ -37,21 +37,27 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
 
 def transformers_generate(request: GenerationRequest) -> list[list[int]]:
     """``model.generate`` on the left-padded prompts, each repeated ``num_generations`` times;
-    ``temperature`` 0 decodes greedily."""
+    ``temperature`` 0 decodes greedily. Each prompt but its last token is run once, and
+    ``generate`` continues from that cache repeated for the prompt's copies (where the model's
+    cache allows): the same samples as without it, less prefill."""
     import torch
     from transformers import GenerationConfig
 
+    from .sampler import left_padded, prompt_cache
+
     model = request.model
     device = next(model.parameters()).device
-    # Each prompt repeated once per generation, as TRL does: greedy decoding takes no
-    # num_return_sequences, and sampling draws the same way either way.
-    prompts = [ids for ids in request.prompts for _ in range(request.num_generations)]
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), request.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(prompts):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = (
+        t.to(device) for t in left_padded(request.prompts, request.pad_token_id)
+    )
+    # A generation config that picks its own kind of cache (static, offloaded) keeps it.
+    own_cache = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
+    with torch.no_grad():
+        cache = (
+            None
+            if own_cache
+            else prompt_cache(model, input_ids, attention_mask, request.num_generations)
+        )
     sample = request.temperature > 0
     settings: dict[str, Any] = {
         "max_new_tokens": request.max_new_tokens,
@@ -67,13 +73,25 @@ def transformers_generate(request: GenerationRequest) -> list[list[int]]:
             settings["min_p"] = request.min_p
     else:
         settings.update(temperature=None, top_p=None, top_k=None)
+    # Each prompt repeated once per generation, as TRL does: greedy decoding takes no
+    # num_return_sequences, and sampling draws the same way either way.
     output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids=input_ids.repeat_interleave(request.num_generations, dim=0),
+        attention_mask=attention_mask.repeat_interleave(request.num_generations, dim=0),
         generation_config=GenerationConfig(**settings),
+        **({} if cache is None else {"cache": cache}),
     )
     eos = set(request.eos_token_ids)
+    width = input_ids.shape[1]
     return [cut_at_eos(row.tolist(), eos) for row in output[:, width:].cpu()]
+
+
+def kv_loop_generate(request: GenerationRequest) -> list[list[int]]:
+    """:func:`.sampler.kv_loop`: ``model.generate``'s samples, from a leaner loop."""
+    from .sampler import kv_loop
+
+    eos = set(request.eos_token_ids)
+    return [cut_at_eos(row, eos) for row in kv_loop(request).tolist()]
 
 
 GENERATORS = (
@@ -81,6 +99,12 @@ GENERATORS = (
         "transformers",
         "model.generate from transformers, on the training process (CPU or GPU; LoRA too)",
         transformers_generate,
+    ),
+    Generator(
+        "kv-loop",
+        "model.generate's sampling in a lean loop on the model's KV cache, on the training "
+        "process (same samples at the same seed, faster; CPU or GPU; LoRA too)",
+        kv_loop_generate,
     ),
 )
 
