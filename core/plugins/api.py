@@ -275,9 +275,9 @@ class Reward:
     ``prompts`` (each completion's prompt, as the record gave it), ``completion_ids`` (token
     ids), ``options`` (the reward's validated options), and the record fields the reward
     declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
-    completion. It returns one float per completion; ``None`` for every completion it cannot
-    score is not allowed: an exception or a non-finite value stops the run with an error that
-    names the reward and the record. Options are set with ``--set reward.NAME.KEY=VALUE`` or
+    completion. It returns one finite number per completion (TRL's ``None`` for "cannot score"
+    is not accepted): an exception, a wrong count or a value that is not a finite number stops
+    the run with an error that names the reward and the record. Options are set with ``--set reward.NAME.KEY=VALUE`` or
     a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config file.
     """
 
