@@ -418,3 +418,24 @@ def test_a_changed_reference_is_refused():
     check_reference({"mode": "model", "cache_keys": None}, {"mode": "model", "cache_keys": None})
     with pytest.raises(ConfigError, match="cache key abc → xyz"):
         check_reference(saved, {"mode": "precomputed", "cache_keys": {"train": "xyz"}})
+
+
+def test_a_run_started_before_an_option_existed_resumes(tmp_path, model_dir, write_jsonl, sft_rows):
+    """Options added since (here the on-policy ones) are absent from the older run.json: at
+    their defaults they change nothing, so the run resumes; set otherwise, it is refused."""
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    args = ["--model", model_dir, "--data", data, "--max-steps", "4", "--save-every", "2"]
+    _run(*args, "--output-dir", tmp_path / "a")
+    _crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=2, logged_up_to=2)
+    info = json.loads((tmp_path / "b" / "run.json").read_text())
+    for key in ("eval_on_start", "rewards", "generator", "temperature", "max_completion_length"):
+        del info["config"][key]
+    (tmp_path / "b" / "run.json").write_text(json.dumps(info))
+    result = _run(*args, "--output-dir", tmp_path / "b", "--resume")
+    assert "Resuming at step 2 of 4" in result.output
+    _crash_copy(tmp_path / "a", tmp_path / "c", checkpoint_step=2, logged_up_to=2)
+    info = json.loads((tmp_path / "c" / "run.json").read_text())
+    del info["config"]["eval_on_start"]
+    (tmp_path / "c" / "run.json").write_text(json.dumps(info))
+    result = _run(*args, "--output-dir", tmp_path / "c", "--resume", "--eval-on-start", expect=1)
+    assert "eval_on_start: was None, now True" in result.output

@@ -227,6 +227,14 @@ def _comparable(key: str, value: Any) -> Any:
     return value
 
 
+def _is_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the core option ``key``'s default (False for other keys)."""
+    from ..options import TrainConfig
+
+    field = TrainConfig.model_fields.get(key)
+    return field is not None and field.get_default(call_default_factory=True) == value
+
+
 def check_same_run(
     previous: dict[str, Any], config: dict[str, Any], train_sha256: str, num_processes: int
 ) -> dict[str, list[Any]]:
@@ -239,6 +247,8 @@ def check_same_run(
         old, new = before.get(key), config.get(key)
         if _comparable(key, old) == _comparable(key, new):
             continue
+        if key not in before and _is_default(key, new):
+            continue  # an option added since the run started, at the value it trained with
         if key in MAY_CHANGE_ON_RESUME:
             if key not in ("resume", "output_dir"):
                 changed[key] = [old, new]
