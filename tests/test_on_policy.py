@@ -372,3 +372,19 @@ def test_a_plugins_reward_reads_its_own_field(tmp_path, model_dir, write_jsonl):
     assert row["rewards/needle/mean"] == pytest.approx(2 / 3)  # all but the ramble have "="
     info = json.loads((tmp_path / "ok" / "run.json").read_text())
     assert info["data"]["train"]["ignored_columns"] == {"answer": 4}
+
+
+class ReservedFieldReward:
+    @align.hookimpl
+    def align_register_rewards(self, register):
+        class Clash(align.Fields):
+            index: int
+
+        register(align.Reward("clash", "reads index", lambda completions: [0.0], fields=Clash))
+
+
+def test_a_reward_field_named_like_a_core_key_is_refused_at_registration():
+    with registered(ReservedFieldReward(), only=True) as registry:
+        assert "clash" not in registry.rewards
+        (info,) = [p for p in registry.plugins.values() if p.errors]
+        assert "reward 'clash': field 'index' is a name the core's batches use" in info.errors[0]

@@ -229,6 +229,10 @@ class PluginRegistry:
             table = getattr(self, f"{kind}s")
             for name, registrations in by_name.items():
                 owners = [r.plugin.label for r in registrations]
+                problem = _reward_field_problem(registrations[0].item) if kind == "reward" else None
+                if problem is not None:
+                    registrations[0].plugin.errors.append(problem)
+                    continue
                 if name in table:
                     owners.insert(0, table[name].plugin.label)
                 elif len(registrations) == 1:
@@ -404,6 +408,18 @@ def _name_problem(
         return f"{kind} {name!r} has the name of a core option"
     if name in objectives:
         return f"{kind} {name!r} has the name of an objective"
+    return None
+
+
+def _reward_field_problem(reward: Reward) -> str | None:
+    """Why a reward's record fields cannot be used (a name the core's examples and batches
+    use, as for an objective's fields), or None."""
+    from ..data.fields import column_names, reserved_problem
+
+    for name in column_names(reward.fields) if reward.fields is not None else ():
+        problem = reserved_problem(name, ())
+        if problem:
+            return f"reward {reward.name!r}: {problem}"
     return None
 
 
