@@ -277,8 +277,9 @@ class Reward:
     declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
     completion. It returns one finite number per completion (TRL's ``None`` for "cannot score"
     is not accepted): an exception, a wrong count or a value that is not a finite number stops
-    the run with an error that names the reward and the record. Options are set with ``--set reward.NAME.KEY=VALUE`` or
-    a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config file.
+    the run with an error that names the reward and the record. Options are set with
+    ``--set reward.NAME.KEY=VALUE`` or a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config
+    file.
     """
 
     name: str
