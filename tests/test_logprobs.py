@@ -54,3 +54,17 @@ def test_chunked_log_probs_and_gradients_equal_a_full_log_softmax(monkeypatch, d
     assert torch.allclose(logps, naive, atol=1e-5, rtol=0)
     assert torch.allclose(chunked.float(), logits.grad.float(), atol=1e-5, rtol=0)
     assert chunked.dtype == dtype
+
+
+def test_entropy_in_chunks_equals_the_full_computation(monkeypatch):
+    """The full-logits path's entropy (GRPO's metric), chunked: equal to the naive one."""
+    from align.model import logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7) * 3
+    mask = torch.rand(3, 5) > 0.4
+    p = torch.softmax(logits, -1)
+    expected = -(p * p.log()).sum(-1) * mask
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 14)  # two positions per chunk
+    assert torch.allclose(logprobs.entropy_at(logits, mask), expected, atol=1e-5)
+    assert not logprobs.entropy_at(logits, torch.zeros(3, 5)).any()

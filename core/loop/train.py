@@ -29,6 +29,7 @@ from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
 from ..errors import ConfigError
 from ..model import dropout
+from ..model.head import decide_head, describe_head
 from ..model.probe import why_not_packable
 from ..plugins.api import LossOutput
 from ..plugins.hooks import ObjectiveHooks
@@ -216,6 +217,8 @@ class Training:
             zeroed = dropout.disable_dropout(self.model)
             if zeroed:
                 self._log(f"disable_dropout: {zeroed} dropout probabilities set to 0")
+        reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
+        self._log(describe_head(self.model) if reason is None else f"log-probs: {reason}")
 
     def _set_up_reference(self) -> None:
         """The reference (when the objective or --eval-deviation needs one), and whether

@@ -1,43 +1,77 @@
 """Per-token and per-sequence log-probabilities of completion tokens.
 
-In a padded batch, logits at positions ``0..L-2`` predict the tokens at ``1..L-1``; positions
-outside the completion mask contribute 0. A packed batch (``align.packing``) names each
-position's target token and the sequence it belongs to instead, since its rows hold several
-sequences and shared prompts; its boolean 4-D mask reaches ``sdpa`` attention as it is and
-``eager`` attention as an additive float mask (:func:`attention_bias`).
+In a padded batch, positions ``0..L-2`` predict the tokens at ``1..L-1``; positions outside
+the completion mask contribute 0. A packed batch (``align.packing``) names each position's
+target token and the sequence it belongs to instead, since its rows hold several sequences and
+shared prompts; its boolean 4-D mask reaches ``sdpa`` attention as it is and ``eager``
+attention as an additive float mask (:func:`attention_bias`).
 
-``log p(target) = logit[target] − logsumexp(logits)`` is computed in float32 in chunks of
-positions, and only at positions whose target is trained: no full-vocabulary float32
-log-softmax is ever materialised, forward or backward (for a 32k vocabulary that copy, and the
-temporaries of its backward, are several times the logits themselves).
+``log p(target) = logit[target] − logsumexp(logits)``, in float32, only at positions whose
+target is trained. By default from the hidden states (:mod:`align.model.head`): the model's
+body runs as usual, and its output head sees only the trained positions, a chunk at a time, so
+no full-vocabulary logits exist, forward or backward. A model whose head that module does not
+understand gets the full logits and the log-probs from them in float32 chunks
+(:func:`target_logps`), as before.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .head import HeadLogps, head_replaced, hidden_target_logps, output_head
+
 CHUNK_ELEMENTS = 1 << 22  # float32 elements of one chunk of logits rows (16 MiB)
 
 
-@dataclass
 class TokenLogps:
     """Per-token log-probs of a batch, in the batch's layout, and how they map to sequences.
 
-    ``logps``, ``mask`` and ``targets`` have one entry per predicting position (``[B, L-1]``
-    in a padded batch, ``[R, T]`` in a packed one); ``logits`` are the model's logits, and
-    ``predicting_logits`` the ones aligned with ``targets``. ``sums`` and ``num_tokens`` have one
-    value per sequence, in the order the batch lists its sequences.
+    ``logps``, ``mask``, ``targets`` and ``predictions`` (the model's argmax token, −1 where no
+    trained token is predicted) have one entry per predicting position (``[B, L-1]`` in a
+    padded batch, ``[R, T]`` in a packed one); ``entropy`` too, when asked for (float32, no
+    gradient, 0 where untrained). ``logits`` are the model's logits and ``predicting_logits``
+    the ones aligned with ``targets``: computed on first use when the log-probs came from the
+    hidden states (the full vocabulary at every position, with gradients: avoid them at real
+    vocabulary sizes). ``sums`` and ``num_tokens`` have one value per sequence, in the order
+    the batch lists its sequences.
     """
 
-    logps: torch.Tensor
-    mask: torch.Tensor
-    logits: torch.Tensor
-    targets: torch.Tensor
-    sequence: torch.Tensor | None = None  # packed: the sequence of each position
-    num_sequences: int = 0
+    def __init__(
+        self,
+        logps: torch.Tensor,
+        mask: torch.Tensor,
+        logits: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        sequence: torch.Tensor | None = None,
+        num_sequences: int = 0,
+        predictions: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+        full_logits: Callable[[], torch.Tensor] | None = None,
+    ) -> None:
+        self.logps, self.mask, self.targets = logps, mask, targets
+        self.sequence = sequence  # packed: the sequence of each position
+        self.num_sequences = num_sequences
+        self.entropy = entropy
+        self._logits, self._full_logits, self._predictions = logits, full_logits, predictions
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            if self._full_logits is None:
+                raise ValueError("these log-probs were made without logits")
+            self._logits = self._full_logits()
+        return self._logits
+
+    @property
+    def predictions(self) -> torch.Tensor:
+        if self._predictions is None:
+            with torch.no_grad():
+                best = self.predicting_logits.argmax(-1)
+            self._predictions = best.masked_fill(~self.mask.bool(), -1)
+        return self._predictions
 
     @property
     def predicting_logits(self) -> torch.Tensor:
@@ -163,41 +197,160 @@ def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature in (0, 1, None) else logits / temperature
 
 
+@torch.no_grad()
+def entropy_at(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``H(softmax(logits))`` (float32) where ``mask`` is set, 0 elsewhere, in float32 chunks
+    of positions (no full-vocabulary float32 copy of the logits)."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    positions = mask.bool().nonzero(as_tuple=True)
+    step = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    for start in range(0, positions[0].numel(), step):
+        chunk = tuple(p[start : start + step] for p in positions)
+        logp = torch.log_softmax(logits[chunk].float(), dim=-1)
+        out[chunk] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def _model_inputs(batch: dict[str, Any], prefix: str, model: Any, inputs_embeds: Any) -> dict:
+    """The keyword arguments of the model's forward for ``batch``, either layout."""
+    tokens = {"input_ids": batch[f"{prefix}input_ids"]}
+    if inputs_embeds is not None:
+        tokens = {"inputs_embeds": inputs_embeds}
+    if f"{prefix}targets" not in batch:
+        return {**tokens, "attention_mask": batch[f"{prefix}attention_mask"], "use_cache": False}
+    return {
+        **tokens,
+        "attention_mask": attention_bias(batch[f"{prefix}attention_mask"], model),
+        "position_ids": batch[f"{prefix}position_ids"],
+        "use_cache": False,
+    }
+
+
+def _targets(batch: dict[str, Any], prefix: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per predicting position: the target token, whether it is trained, and whether the
+    layout is padded (positions ``0..L-2`` of each row predict ``1..L-1``)."""
+    if f"{prefix}targets" in batch:
+        return batch[f"{prefix}targets"], batch[f"{prefix}target_mask"].bool(), False
+    input_ids, completion = batch[f"{prefix}input_ids"], batch[f"{prefix}completion_mask"]
+    return input_ids[:, 1:], completion[:, 1:].bool(), True
+
+
 def forward_logps(
-    model: Any, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    prefix: str = "",
+    temperature: float = 1.0,
+    entropy: bool = False,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> TokenLogps:
     """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs.
 
+    The log-probs come straight from the hidden states (:mod:`align.model.head`): only the
+    positions whose next token is trained go through the output head, a chunk at a time, and
+    no full-vocabulary logits are made unless ``.logits`` is read. A model whose head is not
+    understood (:func:`align.model.head.why_not_from_hidden`) gets today's full logits instead.
+
     ``temperature``: the log-probs of ``logits / temperature``, the distribution an on-policy
     objective sampled from (TRL's GRPO and online DPO score completions so); 0 (greedy) and 1
-    leave the logits as they are.
+    leave the logits as they are. ``entropy``: also the entropy of that distribution at every
+    trained position. ``inputs_embeds``: the model's input embeddings instead of the batch's
+    token ids (IFT's mixed embeddings); the targets still come from the batch.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
     the packed one (``align.packing``: ``position_ids``, a boolean 4-D ``attention_mask``
     handed to the model as :func:`attention_bias` gives it, ``targets``, ``target_mask``,
     ``target_sequence``).
     """
-    input_ids = batch[f"{prefix}input_ids"]
-    if f"{prefix}targets" not in batch:
-        logits = model(
-            input_ids=input_ids, attention_mask=batch[f"{prefix}attention_mask"], use_cache=False
-        ).logits
-        logits = _tempered(logits, temperature)
-        logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
-        return TokenLogps(logps=logps, mask=mask, logits=logits, targets=input_ids[:, 1:])
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_bias(batch[f"{prefix}attention_mask"], model),
-        position_ids=batch[f"{prefix}position_ids"],
-        use_cache=False,
-    ).logits
-    logits = _tempered(logits, temperature)
-    targets, mask = batch[f"{prefix}targets"], batch[f"{prefix}target_mask"]
+    inputs = _model_inputs(batch, prefix, model, inputs_embeds)
+    targets, trained, padded = _targets(batch, prefix)
+    packed = (
+        {}
+        if padded
+        else {
+            "sequence": batch[f"{prefix}target_sequence"],
+            "num_sequences": int(batch[f"{prefix}sequence_digests"].shape[0]),
+        }
+    )
+    head = output_head(model)
+    if isinstance(head, str):
+        return _from_logits(model, inputs, batch, prefix, temperature, entropy, packed)
+    state: dict[str, Any] = {}
+
+    def compute(hidden: torch.Tensor) -> HeadLogps:
+        device = hidden.device.type
+        state["hidden"] = hidden
+        state["autocast"] = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        predicting = hidden[:, :-1] if padded else hidden
+        return hidden_target_logps(
+            predicting[trained],
+            targets[trained],
+            head.module,
+            scale=head.scale,
+            softcap=head.softcap,
+            temperature=temperature,
+            entropy=entropy,
+        )
+
+    with head_replaced(head.module, compute) as results:
+        model(**inputs)
+    if len(results) != 1:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward called its output head {len(results)} times, not "
+            "once: its log-probs cannot be computed from the hidden states"
+        )
+    rows = results[0]
+
+    def full_logits() -> torch.Tensor:
+        hidden = state["hidden"]
+        enabled, dtype = state["autocast"]
+        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+            return head.logits(hidden, temperature)
+
+    where = trained.nonzero(as_tuple=True)
+    shape, device = trained.shape, trained.device
+    logps = torch.zeros(shape, dtype=torch.float32, device=device).index_put(where, rows.logps)
+    predictions = torch.full(shape, -1, dtype=torch.long, device=device)
+    predictions[where] = rows.predictions
+    entropies = None
+    if rows.entropy is not None:
+        entropies = torch.zeros(shape, dtype=torch.float32, device=device)
+        entropies[where] = rows.entropy
     return TokenLogps(
-        logps=target_logps(logits, targets, mask),
-        mask=mask.float(),
+        logps=logps,
+        mask=trained.float(),
+        targets=targets,
+        predictions=predictions,
+        entropy=entropies,
+        full_logits=full_logits,
+        **packed,
+    )
+
+
+def _from_logits(
+    model: Any,
+    inputs: dict[str, Any],
+    batch: dict[str, Any],
+    prefix: str,
+    temperature: float,
+    entropy: bool,
+    packed: dict[str, Any],
+) -> TokenLogps:
+    """The full-logits path, for a model whose head :mod:`align.model.head` does not
+    understand: the logits, then the target log-probs from them in float32 chunks."""
+    logits = _tempered(model(**inputs).logits, temperature)
+    if packed:
+        targets, trained = batch[f"{prefix}targets"], batch[f"{prefix}target_mask"]
+        logps, mask = target_logps(logits, targets, trained), trained.float()
+        predicting = logits
+    else:
+        input_ids = batch[f"{prefix}input_ids"]
+        logps, mask = token_logps(logits, input_ids, batch[f"{prefix}completion_mask"])
+        targets, predicting = input_ids[:, 1:], logits[:, :-1]
+    return TokenLogps(
+        logps=logps,
+        mask=mask,
         logits=logits,
         targets=targets,
-        sequence=batch[f"{prefix}target_sequence"],
-        num_sequences=int(batch[f"{prefix}sequence_digests"].shape[0]),
+        entropy=entropy_at(predicting, mask) if entropy else None,
+        **packed,
     )

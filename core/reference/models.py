@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.dropout import eval_mode
+from ..model.head import why_not_from_hidden
 from ..model.loading import load_causal_lm
 from ..model.logprobs import forward_logps
 
@@ -146,4 +147,6 @@ def load_reference_model(path: str, tokenizer: Any, trust_remote_code: bool) -> 
             f"reference model {path!r} has {vocab} token embeddings but the policy's tokenizer "
             f"has {len(tokenizer)} tokens: the reference must share the policy's tokenizer"
         )
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    why_not_from_hidden(model, "reference model")  # remembered: forward_logps reads it
+    return model

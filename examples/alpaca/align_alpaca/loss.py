@@ -12,7 +12,7 @@ import align
 
 def sft_loss(model: Any, batch: dict[str, Any]) -> align.LossOutput:
     out = align.forward_logps(model, batch)
-    correct = ((out.predicting_logits.argmax(-1) == out.targets) * out.mask).sum()
+    correct = ((out.predictions == out.targets) * out.mask).sum()
     return align.LossOutput(
         loss=-out.sums.sum(),
         count=out.num_tokens.sum(),

@@ -49,8 +49,6 @@ import torch
 
 import align
 
-CHUNK_ELEMENTS = 1 << 22  # float32 logits per chunk of the entropy (16 MiB)
-
 
 def loss_counts(batch: dict[str, Any], options: Any, max_completion_length: int | None) -> dict:
     """The loss's count for a rollout batch, known before its forward."""
@@ -79,21 +77,6 @@ def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
     """The per-token KL estimate ``π_ref/π_θ − log(π_ref/π_θ) − 1`` (Schulman's k3), ≥ 0."""
     delta = ref_logps - logps
     return torch.exp(delta) - delta - 1
-
-
-@torch.no_grad()
-def entropy_sum(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``Σ H(softmax(logits))`` over the positions ``mask`` selects, in float32 chunks of
-    positions (no full-vocabulary float32 copy of the logits)."""
-    positions = mask.nonzero(as_tuple=True)
-    count = positions[0].numel()
-    step = max(1, CHUNK_ELEMENTS // logits.shape[-1])
-    total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    for start in range(0, count, step):
-        x = logits[tuple(p[start : start + step] for p in positions)].float()
-        logp = torch.log_softmax(x, dim=-1)
-        total -= (logp.exp() * logp).sum()
-    return total
 
 
 def loss_mask(policy: Any, batch: dict[str, Any], options: Any) -> torch.Tensor:
@@ -125,7 +108,7 @@ def grpo_loss(
 ) -> align.LossOutput:
     """One forward over the rollout batch (padded or packed): the loss of ``loss_type``, with
     log-probs of ``logits / temperature`` (the sampling distribution, as TRL scores them)."""
-    policy = align.forward_logps(model, batch, temperature=temperature)
+    policy = align.forward_logps(model, batch, temperature=temperature, entropy=True)
     logps = policy.logps
     mask = loss_mask(policy, batch, options)
     advantages = policy.per_position(batch["advantages"].to(logps.device, logps.dtype))
@@ -156,7 +139,7 @@ def grpo_loss(
     else:
         raise ValueError(f"unknown GRPO loss_type {options.loss_type!r}")
 
-    metrics["entropy"] = (entropy_sum(policy.predicting_logits, mask), tokens)
+    metrics["entropy"] = ((policy.entropy * mask).sum(), tokens)
     with torch.no_grad():
         low = (ratio < 1 - epsilon_low) & (advantages < 0)
         high = (ratio > 1 + epsilon_high) & (advantages > 0)

@@ -67,19 +67,16 @@ def mixed_embeddings(
 
     Only completion positions are mixed, so the expected embedding is computed for them alone.
     """
-    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        truth = embeddings(input_ids)
+        truth = embeddings(batch["input_ids"])
         if lam == 0:
             return truth, None
-        logits = model(inputs_embeds=truth, attention_mask=attention_mask, use_cache=False).logits
-        first, _ = align.token_logps(logits, input_ids, batch["completion_mask"])
-        trained = batch["completion_mask"][:, 1:].bool()
-        previous = logits[:, :-1][trained]  # the logits that predict each mixed position
-        del logits
+        first = align.forward_logps(model, batch, inputs_embeds=truth)
+        trained = first.mask.bool()  # the positions that predict each mixed position
         if prediction == "greedy":
-            predicted = embeddings(previous.argmax(-1))
-        else:
+            predicted = embeddings(first.predictions[trained])
+        else:  # the full logits (the greedy pass needs none)
+            previous = first.predicting_logits[trained]
             probs = torch.softmax(previous.float(), dim=-1).to(embeddings.weight.dtype)
             predicted = probs @ embeddings.weight
             scale = getattr(embeddings, "embed_scale", None)  # scaled embeddings (Gemma)
@@ -88,7 +85,7 @@ def mixed_embeddings(
         mixed = truth.clone()
         rest = mixed[:, 1:]
         rest[trained] = (1 - lam) * rest[trained] + lam * predicted.to(truth.dtype)
-        return mixed, -first.sum()
+        return mixed, -first.logps.sum()
 
 
 def ift_loss(
@@ -102,10 +99,8 @@ def ift_loss(
     inputs, first_nll = mixed_embeddings(model, embeddings, batch, lam, prediction)
     if torch.is_grad_enabled():  # reentrant gradient checkpointing needs an input with a grad
         inputs.requires_grad_(True)  # (PEFT's input hook never sees these detached lookups)
-    logits = model(
-        inputs_embeds=inputs, attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    logps, mask = align.token_logps(logits, batch["input_ids"], batch["completion_mask"])
+    out = align.forward_logps(model, batch, inputs_embeds=inputs)
+    logps, mask = out.logps, out.mask
     nll = -logps
     losses = ift_sequence_losses(nll, mask, gamma)
     tokens = mask.sum()

@@ -28,7 +28,7 @@ def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.Los
         loss, count = nll.sum(), tokens.sum()
     else:
         loss, count = (nll / tokens.clamp(min=1)).sum(), (tokens > 0).sum()
-    correct = ((out.predicting_logits.argmax(-1) == out.targets) * out.mask).sum()
+    correct = ((out.predictions == out.targets) * out.mask).sum()
     return align.LossOutput(
         loss=loss, count=count, metrics={"mean_token_accuracy": (correct, tokens.sum())}
     )
