@@ -27,8 +27,9 @@ from transformers import (
 
 from align.data.packing import pack
 from align.model import head as head_module
+from align.model.attention import attention_bias
 from align.model.head import hidden_target_logps, output_head, why_not_from_hidden
-from align.model.logprobs import attention_bias, forward_logps
+from align.model.logprobs import forward_logps
 
 VOCAB = 97
 SMALL = {

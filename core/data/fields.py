@@ -34,6 +34,8 @@ RESERVED_SUFFIXES = (
     "targets",
     "target_sequence",
     "sequence_digests",
+    "attention_block",
+    "attention_prompt_block",
 )
 
 

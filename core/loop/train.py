@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,13 +24,20 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
-from ..data.batching import is_packed_batch
+from ..data.batching import is_packed_batch, sequence_prefixes
 from ..data.examples import DataReport
+from ..data.packing import set_default_layout
 from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
 from ..errors import ConfigError
 from ..model import dropout
+from ..model.attention import attention_implementation, packing_options
 from ..model.head import decide_head, describe_head
+from ..model.loading import (
+    PACKED_ATTENTION_ENV,
+    packed_attention_implementation,
+    switch_attention,
+)
 from ..model.probe import why_not_packable
 from ..plugins.api import LossOutput
 from ..plugins.hooks import ObjectiveHooks
@@ -220,6 +228,35 @@ class Training:
         reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
         self._log(describe_head(self.model) if reason is None else f"log-probs: {reason}")
 
+    def _choose_packed_attention(self) -> bool:
+        """On CUDA, packed batches go to a kernel that builds no dense ``T × T`` mask
+        (``align.model.attention``): FlexAttention's block mask, or flash attention's sequence
+        boundaries where no sequence shares a prompt; rows are then filled to a token budget.
+        A model that cannot run it, or fails the packing probe with it, keeps its attention.
+        ``$ALIGN_PACKED_ATTENTION`` names the kernel on any device. Returns whether the batches
+        share prompts."""
+        examples = self.examples["train"][:256]
+        shared = self.spec.objective.item.on_policy or any(
+            len(sequence_prefixes(example)) > 1 for example in examples
+        )
+        current = attention_implementation(self.model)
+        wanted = packed_attention_implementation(self.accelerator.device, shared)
+        reason = switch_attention(self.model, wanted)
+        if reason is None and wanted != current:
+            reason = why_not_packable(
+                self.model, accelerator=self.accelerator, shared_prompts=shared
+            )
+            if reason:
+                switch_attention(self.model, current)
+        if reason:
+            self._log(f"packed attention: {current}, not {wanted}: {reason}")
+            return shared
+        options = packing_options(wanted)
+        set_default_layout(**options)
+        note = f", rows filled to {options['row_tokens']} tokens" if options["row_tokens"] else ""
+        self._log(f"packed attention: {wanted}{note}")
+        return shared
+
     def _set_up_reference(self) -> None:
         """The reference (when the objective or --eval-deviation needs one), and whether
         batches are packed: every model that scores them is probed first, before sharding."""
@@ -228,8 +265,15 @@ class Training:
         needs_reference = objective.uses_reference(self.spec.options)
         uses_reference = needs_reference or cfg.eval_deviation
         packed = cfg.padding_free and (objective.packable or uses_reference)
+        shared = True
+        set_default_layout()  # the dense mask, capped rows: a previous run's choice is not ours
+        chosen = os.environ.get(PACKED_ATTENTION_ENV)
+        if packed and (self.accelerator.device.type == "cuda" or chosen):
+            shared = self._choose_packed_attention()
         if packed:
-            reason = why_not_packable(self.model, accelerator=self.accelerator)
+            reason = why_not_packable(
+                self.model, accelerator=self.accelerator, shared_prompts=shared
+            )
             if reason:
                 self._log(f"padding_free: off, {reason}; batches are padded.")
                 packed = False

@@ -117,3 +117,47 @@ def load_causal_lm(path: str, trust_remote_code: bool, role: str = "model", **ex
         )
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load {role} {path!r}: {exc}") from None
+
+
+PACKED_ATTENTION_ENV = "ALIGN_PACKED_ATTENTION"  # forces the packed runs' attention ("sdpa", …)
+
+
+def packed_attention_implementation(device: Any, shared_prompts: bool) -> str:
+    """The attention implementation a run that packs its batches should load its models with.
+
+    On CUDA, a kernel that builds no dense ``T × T`` mask (``align.model.attention``): flash
+    attention's variable lengths for plain packing (no sequence shares a prompt) when a flash
+    package is installed (FA3 first: Hopper), else FlexAttention's block mask, which also
+    expresses shared prompts. Elsewhere ``sdpa`` with the dense mask: FlexAttention's backward
+    and flash attention run on CUDA only. ``$ALIGN_PACKED_ATTENTION`` overrides the choice
+    (``sdpa``: the dense path, to compare against).
+    """
+    forced = os.environ.get(PACKED_ATTENTION_ENV, "").strip()
+    if forced and forced != "auto":
+        return forced
+    if getattr(device, "type", str(device).split(":")[0]) != "cuda":
+        return "sdpa"
+    if not shared_prompts:
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        if is_flash_attn_3_available():
+            return "flash_attention_3"
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "flex_attention"
+
+
+def switch_attention(model: Any, implementation: str) -> str | None:
+    """Switch a loaded model's attention to ``implementation`` (transformers'
+    ``set_attn_implementation``, which checks the model and the installed kernels); None when
+    it now runs it, else why not (the model keeps its attention)."""
+    if getattr(model.config, "_attn_implementation", None) == implementation:
+        return None
+    try:
+        model.set_attn_implementation(implementation)
+    except (ImportError, ValueError, AttributeError) as exc:
+        return f"the model cannot run {implementation} attention ({exc})"
+    current = getattr(model.config, "_attn_implementation", None)
+    if current != implementation:
+        return f"the model cannot run {implementation} attention (it runs {current})"
+    return None

@@ -3,8 +3,9 @@
 In a padded batch, positions ``0..L-2`` predict the tokens at ``1..L-1``; positions outside
 the completion mask contribute 0. A packed batch (``align.packing``) names each position's
 target token and the sequence it belongs to instead, since its rows hold several sequences and
-shared prompts; its boolean 4-D mask reaches ``sdpa`` attention as it is and ``eager``
-attention as an additive float mask (:func:`attention_bias`).
+shared prompts; its attention reaches the model in the form the model's attention
+implementation takes (:mod:`align.model.attention`: a boolean mask for ``sdpa``, an additive
+one for ``eager``, a block mask for ``flex_attention``, sequence boundaries for flash).
 
 ``log p(target) = logit[target] − logsumexp(logits)``, in float32, only at positions whose
 target is trained. By default from the hidden states (:mod:`align.model.head`): the model's
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .attention import packed_attention
 from .head import HeadLogps, head_replaced, hidden_target_logps, output_head
 
 CHUNK_ELEMENTS = 1 << 22  # float32 elements of one chunk of logits rows (16 MiB)
@@ -166,33 +168,6 @@ def token_logps(
     return logps, shifted[:, :-1].float()
 
 
-def _attention_implementation(model: Any) -> str | None:
-    while not hasattr(model, "config") and hasattr(model, "module"):  # DDP and the like
-        model = model.module
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
-
-
-def attention_bias(mask: torch.Tensor, model: Any) -> torch.Tensor:
-    """A boolean 4-D attention mask (True: attends) in the form ``model``'s attention takes it.
-
-    ``sdpa`` takes the boolean mask itself (a quarter of a float32 mask's memory). ``eager``
-    attention adds a 4-D mask to its scores as it is, so a boolean one would add 0 or 1 and
-    mask nothing: it gets the additive mask transformers itself builds, 0 where a position
-    attends and the dtype's minimum elsewhere, in the autocast dtype under autocast, else the
-    model's (Accelerate's autocast wraps the model's forward, so that is float32 there, which
-    eager's score addition promotes to).
-    """
-    if _attention_implementation(model) == "sdpa":
-        return mask
-    device = mask.device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
-    return bias.masked_fill_(~mask.bool(), torch.finfo(dtype).min)
-
-
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature in (0, 1, None) else logits / temperature
 
@@ -212,18 +187,15 @@ def entropy_at(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def _model_inputs(batch: dict[str, Any], prefix: str, model: Any, inputs_embeds: Any) -> dict:
-    """The keyword arguments of the model's forward for ``batch``, either layout."""
+    """The keyword arguments of the model's forward for ``batch``, either layout (a packed
+    batch's attention in the form the model's attention implementation takes it:
+    :func:`align.model.attention.packed_attention`)."""
     tokens = {"input_ids": batch[f"{prefix}input_ids"]}
     if inputs_embeds is not None:
         tokens = {"inputs_embeds": inputs_embeds}
     if f"{prefix}targets" not in batch:
         return {**tokens, "attention_mask": batch[f"{prefix}attention_mask"], "use_cache": False}
-    return {
-        **tokens,
-        "attention_mask": attention_bias(batch[f"{prefix}attention_mask"], model),
-        "position_ids": batch[f"{prefix}position_ids"],
-        "use_cache": False,
-    }
+    return {**tokens, **packed_attention(batch, prefix, model), "use_cache": False}
 
 
 def _targets(batch: dict[str, Any], prefix: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -257,9 +229,9 @@ def forward_logps(
     token ids (IFT's mixed embeddings); the targets still come from the batch.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
-    the packed one (``align.packing``: ``position_ids``, a boolean 4-D ``attention_mask``
-    handed to the model as :func:`attention_bias` gives it, ``targets``, ``target_mask``,
-    ``target_sequence``).
+    the packed one (``align.packing``: ``position_ids``, the attention as
+    :func:`align.model.attention.packed_attention` gives it to the model's attention
+    implementation, ``targets``, ``target_mask``, ``target_sequence``).
     """
     inputs = _model_inputs(batch, prefix, model, inputs_embeds)
     targets, trained, padded = _targets(batch, prefix)
