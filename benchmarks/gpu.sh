@@ -17,9 +17,7 @@
 #  2. The real workload end to end (benchmarks/against_trl.py --workloads real, Qwen2.5-0.5B
 #     shape, bf16, DPO and SFT, align alone): seconds a step with $ALIGN_PACKED_ATTENTION=sdpa
 #     (the dense-mask path) against the CUDA packed path (auto: flex_attention, or flash
-#     attention for plain packing). Until core/loop/train.py reads that choice
-#     (align.model.loading.packed_attention_implementation), both rows run the dense path; the
-#     table says so.
+#     attention for plain packing; the run logs "packed attention: ...").
 #
 # Prerequisites (the script installs nothing and needs no network): a CUDA GPU; this repo's
 # .venv created on the machine with a CUDA build of torch (`python3 -m venv .venv &&
@@ -236,11 +234,6 @@ fi
     echo
     echo "## 2. The real workload: align, dense-mask path against the CUDA packed path"
     echo
-    if ! grep -rqs packed_attention_implementation core/loop/; then
-        echo "core/loop does not read the packed attention choice yet: both rows below run the"
-        echo "dense-mask (sdpa) path, so they measure the same thing."
-        echo
-    fi
     echo "| objective | attention | status | s/step | examples/s | tokens/s | wall s |"
     echo "| --- | --- | --- | ---: | ---: | ---: | ---: |"
 } >>"$OUT"

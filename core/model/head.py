@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 26  # logits elements of one chunk of rows (256 MiB in float32)
+CHUNK_ELEMENTS = 1 << 25  # logits elements of one chunk (128 MiB in float32)
 
 
 @dataclass
@@ -101,16 +101,24 @@ class _HeadTargetLogps(torch.autograd.Function):
         with torch.no_grad():
             for start, h in _chunks(hidden, chunk, head):
                 end = start + h.shape[0]
-                raw = _raw_logits(head, linear, h).float()
-                z, _ = _post(raw, scale, softcap, temperature)
+                raw = _raw_logits(head, linear, h)
+                z, _ = _post(raw.float(), scale, softcap, temperature)
                 del raw
-                lse[start:end] = torch.logsumexp(z, dim=-1)
                 picked = z.gather(-1, targets[start:end].unsqueeze(-1)).squeeze(-1)
-                logps[start:end] = picked - lse[start:end]
                 predictions[start:end] = z.argmax(-1)
-                if entropy is not None:  # H = lse − Σ p·z
-                    p = torch.exp(z - lse[start:end].unsqueeze(-1))
-                    entropy[start:end] = lse[start:end] - (p * z).sum(-1)
+                top = z.amax(-1, keepdim=True)
+                shifted = z.sub_(top)  # in place: one float32 chunk at a time
+                if entropy is None:
+                    total = shifted.exp_().sum(-1)
+                else:  # H = log Σe − Σ e·(z − top) / Σe, with e = exp(z − top)
+                    e = shifted.exp()
+                    total = e.sum(-1)
+                    dot = torch.bmm(e.unsqueeze(1), shifted.unsqueeze(-1)).view(-1)
+                    entropy[start:end] = total.log() - dot / total
+                    del e
+                lse[start:end] = top.squeeze(-1) + total.log()
+                logps[start:end] = picked - lse[start:end]
+                del z, shifted
         ctx.head, ctx.settings = head, settings
         ctx.roles = _roles(params, linear)
         ctx.save_for_backward(hidden, targets, lse, *params)
@@ -124,49 +132,77 @@ class _HeadTargetLogps(torch.autograd.Function):
         scale, softcap, temperature, _, chunk = ctx.settings
         enabled, dtype = ctx.autocast
         linear = _linear_parts(head)
+        if linear is not None:
+            grads = _linear_backward(ctx, hidden, targets, lse, grad_logps, linear)
+            return (grads[0], None, None, None, *grads[1:])
+        # any other head (a PEFT wrapper, a quantised layer): autograd through it, row chunks
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grads: list[torch.Tensor | None] = [None] * len(params)
         autocast = torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled)
-        if linear is not None:
-            compute = dtype if enabled else linear[0].dtype
-            weight = linear[0].detach().to(compute)
-            bias = None if linear[1] is None else linear[1].detach().to(compute)
         for start, h in _chunks(hidden, chunk, head):
             end = start + h.shape[0]
             g = grad_logps[start:end].float().unsqueeze(-1)
-            if linear is None:
-                with torch.enable_grad(), autocast:
-                    h_leaf = h.detach().requires_grad_(True)
-                    raw = _original_forward(head)(h_leaf)
-            else:
-                h_leaf = h.detach().to(compute)
-                raw = torch.nn.functional.linear(h_leaf, weight, bias)
+            with torch.enable_grad(), autocast:
+                h_leaf = h.detach().requires_grad_(True)
+                raw = _original_forward(head)(h_leaf)
             z, derivative = _post(raw.detach().float(), scale, softcap, temperature)
-            # ∂ log p(y) / ∂ z = onehot(y) − softmax(z); times g and ∂z/∂raw
+            # ∂ log p(y) / ∂ z = onehot(y) − softmax(z); times g and ∂z/∂raw, all in place
             grad_raw = z.sub_(lse[start:end].unsqueeze(-1)).exp_().mul_(-g)
             grad_raw.scatter_add_(-1, targets[start:end].unsqueeze(-1), g)
             if not isinstance(derivative, float) or derivative != 1.0:
                 grad_raw.mul_(derivative)
-            if linear is None:
-                got = torch.autograd.grad(
-                    raw, [h_leaf, *params], grad_raw.to(raw.dtype), allow_unused=True
-                )
-                if grad_hidden is not None:
-                    grad_hidden[start:end] = got[0].to(hidden.dtype)
-                parts = got[1:]
-            else:
-                grad_c = grad_raw.to(compute)
-                del grad_raw
-                if grad_hidden is not None:
-                    grad_hidden[start:end] = (grad_c @ weight).to(hidden.dtype)
-                parts = [
-                    (grad_c.T @ h_leaf) if role == "weight" else grad_c.sum(0) for role in ctx.roles
-                ]
-            for i, part in enumerate(parts):
+            got = torch.autograd.grad(
+                raw, [h_leaf, *params], grad_raw.to(raw.dtype), allow_unused=True
+            )
+            if grad_hidden is not None:
+                grad_hidden[start:end] = got[0].to(hidden.dtype)
+            for i, part in enumerate(got[1:]):
                 if part is not None:
                     part = part.to(params[i].dtype)
                     grads[i] = part if grads[i] is None else grads[i].add_(part)
         return (grad_hidden, None, None, None, *grads)
+
+
+def _linear_backward(ctx, hidden, targets, lse, grad_logps, linear) -> list:
+    """A plain ``nn.Linear`` head's backward, a block of vocabulary rows at a time: the
+    saved logsumexp makes each block's softmax exact on its own, so every row goes through one
+    matmul per block, each block of the weight's gradient is written once (no accumulation
+    over chunks of rows), and only the block of the weight is cast to the matmul's dtype."""
+    scale, softcap, temperature, _, _ = ctx.settings
+    enabled, dtype = ctx.autocast
+    weight, bias = (None if t is None else t.detach() for t in linear)
+    compute = dtype if enabled else weight.dtype
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    h = hidden.detach().to(compute)
+    g = grad_logps.float()
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros_like(weight) if "weight" in ctx.roles else None
+    grad_bias = torch.zeros_like(bias) if "bias" in ctx.roles else None
+    step = max(1, CHUNK_ELEMENTS // max(rows, 1))
+    for start in range(0, vocab, step):
+        end = min(vocab, start + step)
+        w = weight[start:end].to(compute)
+        raw = torch.nn.functional.linear(
+            h, w, None if bias is None else bias[start:end].to(compute)
+        )
+        z, derivative = _post(raw.float(), scale, softcap, temperature)
+        del raw
+        grad = z.sub_(lse.unsqueeze(-1)).exp_().mul_(-g.unsqueeze(-1))  # −g·softmax, in place
+        inside = ((targets >= start) & (targets < end)).nonzero().squeeze(-1)
+        grad.index_put_((inside, targets[inside] - start), g[inside], accumulate=True)  # +g·onehot
+        if not isinstance(derivative, float) or derivative != 1.0:
+            grad.mul_(derivative)
+        del derivative
+        grad_c = grad.to(compute)
+        del grad, z
+        grad_hidden.add_(grad_c @ w)
+        if grad_weight is not None:
+            grad_weight[start:end] = grad_c.T @ h
+        if grad_bias is not None:
+            grad_bias[start:end] = grad_c.sum(0)
+    by_role = {"weight": grad_weight, "bias": grad_bias}
+    first = grad_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None
+    return [first, *(by_role[role] for role in ctx.roles)]
 
 
 def _roles(params: list[torch.Tensor], linear: Any) -> list[str]:
