@@ -9,11 +9,15 @@ of rows at a time::
                                              c · tanh(z / c) (Gemma 2/3 final_logit_softcapping)
     log p(y_t) = z_t[y_t] − logsumexp(z_t)
 
-The forward keeps one float32 logsumexp per row; the backward recomputes each chunk's logits
-and writes ``g_t · (onehot(y_t) − softmax(z_t)) · post'/τ`` into the gradients of the hidden
-states and of the head's parameters, so the head's peak memory is O(chunk × vocabulary) instead
-of O(rows × T × vocabulary). The matmul runs as the model's own head would (the autocast dtype
-under autocast); everything after it is float32.
+The forward keeps one float32 logsumexp per row. The backward recomputes the logits and turns
+them into ``g_t · (onehot(y_t) − softmax(z_t)) · post'/τ`` for the gradients of the hidden
+states and of the head's parameters: for a plain ``nn.Linear`` head a block of vocabulary rows
+at a time over all rows (the saved logsumexp makes each block's softmax exact on its own, and
+each block of the weight's gradient is written once), for any other head (a PEFT wrapper)
+through autograd, a chunk of rows at a time. The head's peak memory is O(chunk × vocabulary)
+instead of O(rows × T × vocabulary), for one more matmul than the full logits need (the
+recomputation). The matmul runs as the model's own head would (the autocast dtype under
+autocast); everything after it is float32.
 
 :func:`output_head` finds a model's head and what follows it; :func:`why_not_from_hidden` checks
 it against the model's own logits with one probe forward, so a head this module does not
