@@ -228,13 +228,13 @@ class Training:
         reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
         self._log(describe_head(self.model) if reason is None else f"log-probs: {reason}")
 
-    def _choose_packed_attention(self) -> bool:
+    def _choose_packed_attention(self) -> tuple[bool, bool]:
         """On CUDA, packed batches go to a kernel that builds no dense ``T × T`` mask
         (``align.model.attention``): FlexAttention's block mask, or flash attention's sequence
         boundaries where no sequence shares a prompt; rows are then filled to a token budget.
         A model that cannot run it, or fails the packing probe with it, keeps its attention.
         ``$ALIGN_PACKED_ATTENTION`` names the kernel on any device. Returns whether the batches
-        share prompts."""
+        share prompts, and whether the packing probe already passed with the new kernel."""
         examples = self.examples["train"][:256]
         shared = self.spec.objective.item.on_policy or any(
             len(sequence_prefixes(example)) > 1 for example in examples
@@ -250,12 +250,12 @@ class Training:
                 switch_attention(self.model, current)
         if reason:
             self._log(f"packed attention: {current}, not {wanted}: {reason}")
-            return shared
+            return shared, False
         options = packing_options(wanted)
         set_default_layout(**options)
         note = f", rows filled to {options['row_tokens']} tokens" if options["row_tokens"] else ""
         self._log(f"packed attention: {wanted}{note}")
-        return shared
+        return shared, wanted != current
 
     def _set_up_reference(self) -> None:
         """The reference (when the objective or --eval-deviation needs one), and whether
@@ -265,12 +265,12 @@ class Training:
         needs_reference = objective.uses_reference(self.spec.options)
         uses_reference = needs_reference or cfg.eval_deviation
         packed = cfg.padding_free and (objective.packable or uses_reference)
-        shared = True
+        shared, probed = True, False
         set_default_layout()  # the dense mask, capped rows: a previous run's choice is not ours
         chosen = os.environ.get(PACKED_ATTENTION_ENV)
         if packed and (self.accelerator.device.type == "cuda" or chosen):
-            shared = self._choose_packed_attention()
-        if packed:
+            shared, probed = self._choose_packed_attention()
+        if packed and not probed:
             reason = why_not_packable(
                 self.model, accelerator=self.accelerator, shared_prompts=shared
             )

@@ -80,10 +80,6 @@ def _post(
     return z, derivative
 
 
-def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
-    return chunk_rows or max(1, CHUNK_ELEMENTS // vocab)
-
-
 class _HeadTargetLogps(torch.autograd.Function):
     """See the module docstring. Inputs: hidden rows ``[N, H]``, targets ``[N]``, the head,
     settings, then the head's trainable parameters (so autograd routes their gradients)."""
@@ -232,8 +228,9 @@ def _raw_logits(head, linear, h: torch.Tensor) -> torch.Tensor:
 
 
 def _chunks(hidden: torch.Tensor, chunk: int | None, head: torch.nn.Module) -> Iterator:
-    vocab = _vocab_size(head)
-    step = _chunk_rows(vocab, chunk)
+    """``(start, rows)`` of ``hidden``, ``chunk`` rows at a time (default: ``CHUNK_ELEMENTS``
+    logits a chunk)."""
+    step = chunk or max(1, CHUNK_ELEMENTS // _vocab_size(head))
     for start in range(0, hidden.shape[0], step):
         yield start, hidden[start : start + step]
 
