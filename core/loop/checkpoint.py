@@ -37,6 +37,7 @@ def write_model(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        state_dict = _without_aliases(unwrapped, state_dict)
         adapters = {}
         if hasattr(unwrapped, "peft_config"):  # adapter-only, without the frozen reference one
             names = [n for n in unwrapped.peft_config if n != REFERENCE_ADAPTER]
@@ -46,6 +47,16 @@ def write_model(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -
                 directory, state_dict=state_dict, safe_serialization=True, **adapters
             )
         tokenizer.save_pretrained(directory)
+
+
+def _without_aliases(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Drop the names under which a tied weight appears a second time (``lm_head.weight`` of a
+    model that ties it to the input embeddings). ``save_pretrained`` recognises them by their
+    shared storage, but FSDP's gathered state dict holds a separate copy for each name."""
+    owned = {name for name, _ in model.named_parameters()}
+    owned |= {name for name, _ in model.named_buffers()}
+    aliases = set(model.state_dict(keep_vars=True)) - owned
+    return {name: value for name, value in state_dict.items() if name not in aliases}
 
 
 def save_model_dir(

@@ -82,3 +82,46 @@ def check_world_size(requested: int | None, state: Any) -> None:
             "accelerate launch --num_processes), or run `align run --num-processes "
             f"{requested}` without a launcher, which starts them itself"
         )
+
+
+def engine(accelerator: Any) -> str:
+    """How the processes share the work, in words: ``data-parallel (DDP)``, ``FSDP2``,
+    ``DeepSpeed ZeRO-3``… and on how many nodes (``LOCAL_WORLD_SIZE`` processes a node, as
+    torchrun sets it)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if accelerator.num_processes == 1:
+        name = "one process"
+    elif kind == DistributedType.FSDP:
+        name = f"FSDP{getattr(accelerator.state.fsdp_plugin, 'fsdp_version', 1)}"
+    elif kind == DistributedType.DEEPSPEED:
+        name = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    else:
+        name = "data-parallel (DDP)"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    nodes = max(1, accelerator.num_processes // max(1, per_node))
+    return name if nodes == 1 else f"{name} on {nodes} nodes"
+
+
+def fsdp_on_cpu(accelerator: Any) -> None:
+    """Run an FSDP config's processes under FSDP on a machine without a GPU (gloo).
+
+    Accelerate makes processes on the CPU ``MULTI_CPU`` and drops the FSDP plugin an
+    ``accelerate launch`` FSDP config asks for (``ACCELERATE_USE_FSDP``): the run would
+    silently be data-parallel. PyTorch's FSDP2 runs on the CPU over gloo, so align turns the
+    state to FSDP with the plugin the config describes. Call it before ``prepare``."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher set
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    # Both shared states: every AcceleratorState() copies PartialState's over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    state.distributed_type = DistributedType.FSDP

@@ -48,7 +48,7 @@ from ..rollout.engine import RolloutEngine
 from ..run import Run
 from . import resume
 from .checkpoint import save_model_dir, write_json
-from .launch import check_world_size, cpu_processes_join
+from .launch import check_world_size, cpu_processes_join, engine, fsdp_on_cpu
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
 from .setup import (
     apply_demo_defaults,
@@ -169,6 +169,7 @@ class Training:
         self.accelerator = Accelerator(
             mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
         )
+        fsdp_on_cpu(self.accelerator)
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(DEEPSPEED_REFUSED)
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
@@ -434,7 +435,8 @@ class Training:
         objective = self.spec.objective
         self._log(
             f"Training {objective.item.name} ({objective.plugin.label}) for "
-            f"{self.total_steps} steps on {accelerator.num_processes} process(es); output: {out}"
+            f"{self.total_steps} steps on {accelerator.num_processes} process(es), "
+            f"{engine(accelerator)}; output: {out}"
         )
         from tqdm.auto import tqdm
 
@@ -483,6 +485,8 @@ class Training:
         )
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the same on every process
+            grad_norm = grad_norm.full_tensor()
         bad = nonfinite(loss, grad_norm, scaler_handles_gradients=accelerator.scaler is not None)
         if bad:
             value = loss if bad == "loss" else float(grad_norm)
@@ -697,6 +701,7 @@ def describe_run(
         "seed": spec.config.seed,
         "data": data_info(splits, digests, reports),
         "num_processes": accelerator.num_processes,
+        "engine": engine(accelerator),
         "total_steps": total_steps,
         "status": "running",
     }

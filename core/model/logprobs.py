@@ -17,7 +17,8 @@ understand gets the full logits and the log-probs from them in float32 chunks
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -275,7 +276,8 @@ def forward_logps(
     def full_logits() -> torch.Tensor:
         hidden = state["hidden"]
         enabled, dtype = state["autocast"]
-        with torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled):
+        autocast = torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled)
+        with _whole_weights(model), autocast:
             return head.logits(hidden, temperature)
 
     where = trained.nonzero(as_tuple=True)
@@ -296,6 +298,28 @@ def forward_logps(
         full_logits=full_logits,
         **packed,
     )
+
+
+@contextlib.contextmanager
+def _whole_weights(model: Any) -> Iterator[None]:
+    """Under FSDP2 the head's weight is whole only inside the model's forward: gather the root
+    unit's weights again for a lazy read of the logits. That is a collective (every process
+    reads them) and carries no gradient back to the shards, so it is refused with gradients."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "under FSDP the full logits can be read after forward_logps only under "
+            "torch.no_grad() (their gradient would not reach the sharded weights)"
+        )
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _from_logits(

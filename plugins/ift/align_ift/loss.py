@@ -22,6 +22,8 @@ With λ = 0 and γ = 0, IFT is SFT with ``normalization=sequence``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -56,6 +58,73 @@ def ift_sequence_losses(nll: torch.Tensor, mask: torch.Tensor, gamma: float) -> 
     return (nll * weights * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
+class TemporalResidual:
+    """What the no-grad first pass predicts at each completion position, and the mixing
+    ``(1−λ)·E[x_i] + λ·E[x̂_i]`` it implies for the second pass's input embeddings.
+
+    The mixing runs inside the model's forward, as a hook on the input embedding module: under
+    FSDP the table is sharded and only whole inside the forward."""
+
+    def __init__(self, model: Any, batch: dict[str, Any], lam: float, prediction: str) -> None:
+        self.lam, self.prediction = lam, prediction
+        self.trained = self.predicted = self.probs = None
+        self.first_nll: torch.Tensor | None = None
+        if lam == 0:
+            return
+        with torch.no_grad():
+            first = align.forward_logps(model, batch)  # the ground-truth inputs
+            self.trained = first.mask.bool()  # the positions that predict each mixed position
+            if prediction == "greedy":
+                self.predicted = first.predictions[self.trained]
+            else:  # the full logits (the greedy pass needs none)
+                self.probs = torch.softmax(first.predicting_logits[self.trained].float(), dim=-1)
+            self.first_nll = -first.logps.sum()
+
+    def mix(self, embeddings: Any, truth: torch.Tensor) -> torch.Tensor:
+        """The mixed embeddings from the ground truth's ``truth = E[ids]`` (no gradient)."""
+        truth = truth.detach()
+        if self.lam == 0:
+            return truth
+        with torch.no_grad():
+            if self.predicted is not None:
+                predicted = embeddings(self.predicted)
+            else:
+                predicted = self.probs.to(embeddings.weight.dtype) @ embeddings.weight
+                scale = getattr(embeddings, "embed_scale", None)  # scaled embeddings (Gemma)
+                if scale is not None:
+                    predicted = predicted * scale
+            mixed = truth.clone()
+            rest = mixed[:, 1:]
+            rest[self.trained] = (1 - self.lam) * rest[self.trained] + self.lam * predicted.to(
+                truth.dtype
+            )
+        return mixed
+
+    @contextlib.contextmanager
+    def applied(self, embeddings: Any) -> Iterator[None]:
+        """While active, ``embeddings``' output is the mixed embeddings."""
+        inside = False
+
+        def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+            nonlocal inside
+            if inside:  # the lookup of the predicted tokens, from within mix()
+                return None
+            inside = True
+            try:
+                mixed = self.mix(module, output)
+            finally:
+                inside = False
+            if torch.is_grad_enabled():  # reentrant gradient checkpointing needs an input with
+                mixed.requires_grad_(True)  # a grad (PEFT's hook never sees detached lookups)
+            return mixed
+
+        handle = embeddings.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 def mixed_embeddings(
     model: Any,
     embeddings: Any,
@@ -67,25 +136,9 @@ def mixed_embeddings(
 
     Only completion positions are mixed, so the expected embedding is computed for them alone.
     """
+    residual = TemporalResidual(model, batch, lam, prediction)
     with torch.no_grad():
-        truth = embeddings(batch["input_ids"])
-        if lam == 0:
-            return truth, None
-        first = align.forward_logps(model, batch, inputs_embeds=truth)
-        trained = first.mask.bool()  # the positions that predict each mixed position
-        if prediction == "greedy":
-            predicted = embeddings(first.predictions[trained])
-        else:  # the full logits (the greedy pass needs none)
-            previous = first.predicting_logits[trained]
-            probs = torch.softmax(previous.float(), dim=-1).to(embeddings.weight.dtype)
-            predicted = probs @ embeddings.weight
-            scale = getattr(embeddings, "embed_scale", None)  # scaled embeddings (Gemma)
-            if scale is not None:
-                predicted = predicted * scale
-        mixed = truth.clone()
-        rest = mixed[:, 1:]
-        rest[trained] = (1 - lam) * rest[trained] + lam * predicted.to(truth.dtype)
-        return mixed, -first.logps.sum()
+        return residual.mix(embeddings, embeddings(batch["input_ids"])), residual.first_nll
 
 
 def ift_loss(
@@ -96,10 +149,10 @@ def ift_loss(
     gamma: float,
     prediction: str = "greedy",
 ) -> align.LossOutput:
-    inputs, first_nll = mixed_embeddings(model, embeddings, batch, lam, prediction)
-    if torch.is_grad_enabled():  # reentrant gradient checkpointing needs an input with a grad
-        inputs.requires_grad_(True)  # (PEFT's input hook never sees these detached lookups)
-    out = align.forward_logps(model, batch, inputs_embeds=inputs)
+    residual = TemporalResidual(model, batch, lam, prediction)
+    with residual.applied(embeddings):
+        out = align.forward_logps(model, batch)
+    first_nll = residual.first_nll
     logps, mask = out.logps, out.mask
     nll = -logps
     losses = ift_sequence_losses(nll, mask, gamma)
