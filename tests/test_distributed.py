@@ -291,6 +291,7 @@ def test_accelerate_config_examples(tmp_path, model_dir, write_jsonl, sft_rows):
         "cpu": "MULTI_GPU",
         "multi_gpu": "MULTI_GPU",
         "fsdp": "FSDP",
+        "fsdp_cpu": "FSDP",
         "multi_node": "FSDP",
     }
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)

@@ -210,3 +210,106 @@ def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(tmp_path, model
     for a, b in zip(resumed, straight, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
     _assert_same_weights(tmp_path / "stopped" / "final", tmp_path / "straight" / "final", 1e-6)
+
+
+def _torchrun(*args) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *map(str, args)]
+
+
+def test_two_nodes_equal_one_process_with_the_doubled_batch(
+    tmp_path, model_dir, write_jsonl, monkeypatch
+):
+    """The multi-node path of a cluster, on the loopback interface: `align run` started twice
+    by torchrun (--nnodes 2, node ranks 0 and 1, one process each, static rendezvous), both
+    writing into one --output-dir. DPO with a precomputed reference (scored on both nodes,
+    cached by the first), checkpoints every 2 steps: the same run as one process with the
+    doubled batch, one metrics row per step, and checkpoints whose model the first process
+    wrote while each process wrote its own RNG state."""
+    data = write_jsonl(tmp_path / "d.jsonl", _rows("preference"))
+    eval_data = write_jsonl(tmp_path / "e.jsonl", _rows("preference", 5))
+    common = ["--objective", "dpo", "--model", model_dir, "--data", data]
+    common += ["--eval-data", eval_data, "--eval-every", "2", "--max-steps", "4", "--lr", LR]
+    port = _free_port()
+    env = _env(tmp_path, "two")  # one cache, on the "shared" file system
+    nodes = [
+        subprocess.Popen(
+            _torchrun(
+                "--nnodes",
+                2,
+                "--node-rank",
+                rank,
+                "--nproc-per-node",
+                1,
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+                "-m",
+                "align.cli",
+                "run",
+                *common,
+                "--batch-size",
+                2,
+                "--save-every",
+                2,
+                "--output-dir",
+                tmp_path / "two",
+            ),
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    for node, stderr in zip(nodes, errors, strict=True):
+        assert node.returncode == 0, stderr[-4000:]
+    assert "on 2 process(es), data-parallel (DDP) on 2 nodes" in errors[0]
+    assert "Training" not in errors[1]  # only the first process prints
+    _one_process(tmp_path, "one", [*common, "--batch-size", "4"], monkeypatch)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+    info = _run_info(tmp_path / "two")
+    assert info["engine"] == "data-parallel (DDP) on 2 nodes" and info["status"] == "completed"
+    ((step, checkpoint),) = complete_checkpoints(tmp_path / "two")  # the last step: final/
+    state = sorted(p.name for p in (checkpoint / "state").iterdir())
+    assert state == [
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+        "scheduler.pt",
+    ]
+    assert step == 2 and (checkpoint / "model.safetensors").exists()
+    leftovers = [p.name for p in (tmp_path / "two").rglob(".*")]
+    assert leftovers == []  # no temporary or half-written directory
+
+
+def test_elastic_restart_resumes_from_the_newest_checkpoint(
+    tmp_path, model_dir, write_jsonl, monkeypatch
+):
+    """torchrun --max-restarts 1, a worker killed (SIGKILL) in the middle of step 3: torchrun
+    restarts both workers, which find the run they started and resume from its checkpoint at
+    step 2 by themselves. The result equals an uninterrupted run (one process with the
+    doubled batch): every step logged once, the same losses and final weights."""
+    data = write_jsonl(tmp_path / "d.jsonl", _rows("prompt_completion", 16))
+    common = ["--objective", "sft", "--model", model_dir, "--data", data, "--max-steps", "5"]
+    common += ["--lr", LR]
+    worker = Path(__file__).with_name("elastic_worker.py")
+    cmd = _torchrun("--standalone", "--nproc-per-node", 2, "--max-restarts", 1, worker, "run")
+    cmd += [*map(str, common), "--batch-size", "2", "--save-every", "2"]
+    cmd += ["--output-dir", str(tmp_path / "two")]
+    env = {**_env(tmp_path, "two"), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "torchrun restarted the workers (1): Resuming at step 2 of 5" in result.stderr
+    info = _run_info(tmp_path / "two")
+    assert info["status"] == "completed"
+    ((resumed),) = info["resumed"]
+    assert resumed["from_step"] == 2 and resumed["elastic_restart"] == 1
+    _one_process(tmp_path, "one", [*common, "--batch-size", "4"], monkeypatch)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")

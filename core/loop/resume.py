@@ -161,6 +161,43 @@ def read_rollouts(checkpoint: Path, process_index: int) -> Any:
     return torch.load(path, weights_only=True, map_location="cpu")
 
 
+# -- elastic restarts (torchrun --max-restarts) --------------------------------------------------
+def elastic_job() -> dict[str, str] | None:
+    """The torchrun job this process belongs to, when that job restarts failed workers
+    (``--max-restarts`` > 0): its rendezvous id, or, where the id is torchrun's default
+    ``none`` (static rendezvous), its agent (host and process id; the agent outlives its
+    workers). None otherwise."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
+        return None
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if run_id and run_id != "none":
+        return {"run_id": run_id}
+    import socket
+
+    return {"agent": f"{socket.gethostname()}:{os.getppid()}"}
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def restarted_run(out: Path) -> tuple[Path | None] | None:
+    """When torchrun restarted the workers of the job that started the run in ``out``:
+    ``(checkpoint,)``, its newest complete checkpoint to resume from, or ``(None,)`` when the
+    run failed before its first checkpoint and starts over. None when this is no such restart
+    (a first attempt, or a run another job started: the usual rules apply)."""
+    job = elastic_job()
+    if job is None or restart_count() == 0 or not (out / "run.json").is_file():
+        return None
+    if json.loads((out / "run.json").read_text(encoding="utf-8")).get("elastic") != job:
+        return None
+    _refuse_completed(out)
+    remove_partial_checkpoints(out)
+    found = complete_checkpoints(out)
+    return (found[-1][1] if found else None,)
+
+
 # -- finding and checking ---------------------------------------------------------------------
 def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
     """The checkpoint ``--resume`` names and the run directory it belongs to."""

@@ -121,10 +121,20 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
         _check_writable(out)
         return OutputDir(out, checkpoint)
     if not cfg.output_dir:
+        if resume.elastic_job() is not None:
+            raise ConfigError(
+                "torchrun --max-restarts restarts failed workers, which then resume from the "
+                "newest checkpoint: give --output-dir (and --save-every N) so they find the run"
+            )
         out = _claim_run_dir(objective)
         _check_writable(out)
         return OutputDir(out)
     out = Path(cfg.output_dir)
+    restarted = None if cfg.overwrite else resume.restarted_run(out)
+    if restarted is not None:  # torchrun restarted this job's workers: continue the run
+        _check_writable(out)
+        (checkpoint,) = restarted
+        return OutputDir(out, checkpoint, replaces_run=checkpoint is None)
     replaces_run = (out / "run.json").exists()
     if replaces_run and not cfg.overwrite:
         hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""

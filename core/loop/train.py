@@ -389,6 +389,11 @@ class Training:
                     "checkpoint": str(self.checkpoint),
                     "at": datetime.now().isoformat(),
                     "changed": self.changed,
+                    **(
+                        {"elastic_restart": restarts}
+                        if (restarts := resume.restart_count())
+                        else {}
+                    ),
                 }
             )
             self.run_info.update(
@@ -397,6 +402,7 @@ class Training:
                 data=data_info(self.splits, self.digests, self.reports),
             )
             self.started -= self.previous.get("seconds", 0.0)  # run.json's: every session's
+            self.run_info.pop("elastic", None)  # this job's, set below
         else:
             self.run_info = describe_run(
                 self.spec,
@@ -410,14 +416,24 @@ class Training:
             self.run_info["packed_batches"] = self.hooks.packed
             if self.reference_info is not None:
                 self.run_info["reference"] = self.reference_info
+        job = resume.elastic_job()  # a restart of these workers continues this run
+        if job is not None:
+            self.run_info["elastic"] = job
         if accelerator.is_main_process:
             if self.output.replaces_run:  # --overwrite: only now that the new run is set up
                 clear_run(out)
+                if resume.restart_count():
+                    self._log(
+                        f"torchrun restarted the workers ({resume.restart_count()}) before the "
+                        "run's first checkpoint: starting it again"
+                    )
             if self.checkpoint is not None:
                 abandoned = resume.set_aside_later_checkpoints(out, start)  # first: a kill in
                 dropped = resume.truncate_metrics(out / "metrics.jsonl", start)  # between: none
+                restarts = resume.restart_count()
                 self._log(
-                    f"Resuming at step {start} of {self.total_steps} from {self.checkpoint}"
+                    (f"torchrun restarted the workers ({restarts}): " if restarts else "")
+                    + f"Resuming at step {start} of {self.total_steps} from {self.checkpoint}"
                     + (f"; dropped {dropped} metrics rows logged after it" if dropped else "")
                     + (
                         f"; later checkpoints set aside: {', '.join(p.name for p in abandoned)}"
