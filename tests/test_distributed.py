@@ -293,6 +293,8 @@ def test_accelerate_config_examples(tmp_path, model_dir, write_jsonl, sft_rows):
         "fsdp": "FSDP",
         "fsdp_cpu": "FSDP",
         "multi_node": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+        "deepspeed_zero3": "DEEPSPEED",
     }
     data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]

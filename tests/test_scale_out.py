@@ -8,9 +8,11 @@ skips them locally; CI runs them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -313,3 +315,69 @@ def test_elastic_restart_resumes_from_the_newest_checkpoint(
     assert [r["step"] for r in two] == [1, 2, 3, 4, 5]
     _assert_same_metrics(one, two)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+
+
+def _deepspeed(tmp_path: Path, stage: int, name: str, args: list):
+    """``accelerate launch`` with the shipped ZeRO config, on 2 CPU processes in fp32:
+    DeepSpeed's CPU accelerator over gloo (``use_cpu`` stays false, or Accelerate drops
+    DeepSpeed). The first launch on a machine compiles DeepSpeed's shared-memory op (about
+    2 minutes; cached in ~/.cache/torch_extensions)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        if os.environ.get("CI"):
+            pytest.fail("DeepSpeed is in the test extras: CI must run these tests")
+        pytest.skip("DeepSpeed is not installed (pip install deepspeed)")
+    config = EXAMPLES / f"deepspeed_zero{stage}.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    cmd += ["--num_processes", "2", "--mixed_precision", "no"]
+    cmd += ["--main_process_port", str(_free_port()), "-m", "align.cli", "run"]
+    cmd += [*map(str, args), "--num-processes", "2", "--output-dir", str(tmp_path / name)]
+    env = {**_env(tmp_path, name), "DS_ACCELERATOR": "cpu"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    result = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"on 2 process(es), DeepSpeed ZeRO-{stage}" in result.stderr
+    return result
+
+
+@pytest.mark.parametrize(("stage", "objective"), [(2, "dpo"), (3, "sft")])
+def test_deepspeed_zero_equals_one_process_with_the_doubled_batch(
+    stage, objective, tmp_path, model_dir, write_jsonl, monkeypatch
+):
+    """DeepSpeed ZeRO-2 (DPO, a precomputed reference) and ZeRO-3 (SFT) on two processes with
+    batch 2 each and two micro-batches a step (DeepSpeed's accumulation boundary set by align)
+    equal one plain process with batch 4: logged values to 1e-5, final weights to lr/100."""
+    fmt = "preference" if objective == "dpo" else "prompt_completion"
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(fmt, 16))
+    common = ["--objective", objective, "--model", model_dir, "--data", data]
+    common += ["--max-steps", "3", "--lr", LR, "--grad-accum", "2"]
+    _deepspeed(tmp_path, stage, "two", [*common, "--batch-size", "1"])
+    _one_process(tmp_path, "one", [*common, "--batch-size", "2"], monkeypatch)
+    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    assert len(two) == 3
+    _assert_same_metrics(one, two)
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+    assert _run_info(tmp_path / "two")["engine"] == f"DeepSpeed ZeRO-{stage}"
+
+
+def test_deepspeed_zero3_resumes_as_if_uninterrupted(tmp_path, model_dir, write_jsonl):
+    """A ZeRO-3 run continued with --resume from its step-2 checkpoint (DeepSpeed's partitioned
+    optimizer state under state/) ends where the uninterrupted run ended."""
+    data = write_jsonl(tmp_path / "d.jsonl", _rows("prompt_completion", 16))
+    args = ["--objective", "sft", "--model", model_dir, "--data", data, "--max-steps", "4"]
+    args += ["--lr", LR, "--batch-size", "2", "--save-every", "2"]
+    _deepspeed(tmp_path, 3, "straight", args)
+    # The run as a crash after step 2 would have left it: the checkpoint, two metrics rows.
+    shutil.copytree(tmp_path / "straight", tmp_path / "crashed")
+    crashed = tmp_path / "crashed"
+    shutil.rmtree(crashed / "final")
+    rows = (crashed / "metrics.jsonl").read_text().splitlines()
+    (crashed / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
+    info = _run_info(crashed)
+    (crashed / "run.json").write_text(json.dumps({**info, "status": "failed"}))
+    result = _deepspeed(tmp_path, 3, "crashed", [*args, "--resume"])
+    assert "Resuming at step 2 of 4" in result.stderr
+    resumed, straight = _metrics(crashed), _metrics(tmp_path / "straight")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+    _assert_same_weights(tmp_path / "straight" / "final", crashed / "final", 1e-6)

@@ -61,8 +61,10 @@ def cpu_processes_join() -> None:
     tell it (gloo)."""
     import torch
 
-    if launched_processes() > 1 and not torch.cuda.is_available():
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    from .zero import uses_deepspeed
+
+    if launched_processes() > 1 and not torch.cuda.is_available() and not uses_deepspeed():
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")  # (DeepSpeed: its CPU accelerator)
 
 
 def check_world_size(requested: int | None, state: Any) -> None:

@@ -22,6 +22,7 @@ import torch
 from ..data.batching import count_tokens
 from ..errors import PluginError
 from ..plugins.api import LossOutput
+from . import zero
 from .metrics import MetricSums
 
 LossFn = Callable[[dict[str, Any]], tuple[LossOutput, dict[str, tuple[Any, Any]]]]
@@ -68,6 +69,7 @@ def accumulate_gradients(
     large batch, and return that batch's loss. ``losses``, when given, receives each micro-batch's
     scaled loss. Nothing is copied off the device between the first and the last backward."""
     names, totals = step_totals(micro_batches, accelerator, allow_empty)
+    deepspeed = zero.is_deepspeed(accelerator)
     scale = {
         n: accelerator.num_processes / t if t else 0.0  # a term no micro-batch has: nothing
         for n, t in zip(names, totals.tolist(), strict=True)
@@ -86,7 +88,10 @@ def accumulate_gradients(
                     + (" (not implemented: one term, 'loss')" if names == ["loss"] else "")
                 )
             loss = sum(terms[n][0] * scale[n] for n in names)
-            accelerator.backward(loss)
+            if deepspeed:
+                zero.backward(model, loss, last)
+            else:
+                accelerator.backward(loss)
         if losses is not None:
             losses.append(loss.detach())
         device = loss.device

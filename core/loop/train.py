@@ -46,7 +46,7 @@ from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from ..rollout.engine import RolloutEngine
 from ..run import Run
-from . import resume
+from . import resume, zero
 from .checkpoint import save_model_dir, write_json
 from .launch import check_world_size, cpu_processes_join, engine, fsdp_on_cpu
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
@@ -68,12 +68,6 @@ from .stopping import (
     nonfinite,
     nonfinite_message,
     offending_examples,
-)
-
-DEEPSPEED_REFUSED = (
-    "DeepSpeed is not supported yet: align scales each micro-batch's loss before its backward, "
-    "as DeepSpeed's engine needs, but runs under DeepSpeed are not tested. Use FSDP for sharded "
-    "training (examples/accelerate/fsdp.yaml)."
 )
 
 
@@ -149,7 +143,8 @@ class Training:
         if cfg.eval_deviation and not cfg.eval_data:
             raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
         cpu_processes_join()
-        state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator
+        cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+        state = PartialState(cpu=cpu, **zero.process_group_backend(cpu))  # as Accelerator
         check_world_size(cfg.num_processes, state)
         self.output = shared_output_dir(cfg, cfg.objective, state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
@@ -170,10 +165,11 @@ class Training:
             mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
         )
         fsdp_on_cpu(self.accelerator)
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ConfigError(DEEPSPEED_REFUSED)
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         objective = spec.objective.item
+        if self.deepspeed:
+            zero.configure(self.accelerator, self.cfg, objective.on_policy)
         if objective.on_policy and not spec.rewards:
             names = ", ".join(sorted(self.registry.rewards))
             raise ConfigError(
@@ -499,16 +495,23 @@ class Training:
             micro_losses,
             allow_empty=self.rollouts is not None,
         )
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        applied = False
+        if self.deepspeed:  # the engine clips and updates now, or skips a non-finite gradient
+            grad_norm, applied = zero.step(self.model)
+        else:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor, the same on every process
             grad_norm = grad_norm.full_tensor()
         bad = nonfinite(loss, grad_norm, scaler_handles_gradients=accelerator.scaler is not None)
+        # DeepSpeed applied an update for a non-finite loss (its gradient was finite): too
+        # late to skip it, so the run stops whatever --on-nonfinite says.
+        applied_anyway = bool(bad) and applied
         if bad:
             value = loss if bad == "loss" else float(grad_norm)
             examples = self.examples["train"]
             where = offending_examples(group, micro_losses, bad, examples, accelerator)
-            if cfg.on_nonfinite == "error":
+            if cfg.on_nonfinite == "error" or applied_anyway:
                 self.progress.close()
                 self.finish("failed", failed_at_step=step, failure=f"non-finite {bad}")
                 raise RunStopped(
@@ -523,7 +526,7 @@ class Training:
                 f"Examples: {cfg.data}: {', '.join(where[:20])}"
             )
         else:
-            self.optimizer.step()
+            self.optimizer.step()  # under DeepSpeed: nothing, the engine has stepped
             self.optimizer.zero_grad(set_to_none=True)
             self.sums.add_totals(step_sums.totals())
             self.sums.add("grad_norm", grad_norm, 1)

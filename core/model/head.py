@@ -277,8 +277,11 @@ _ORIGINAL_FORWARD = "_align_original_forward"
 
 
 def _unwrap(model: Any) -> Any:
-    """The model inside DDP-style wrappers (``.module``)."""
-    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):
+    """The model inside DDP-style wrappers (``.module``; DeepSpeed's engine, which also
+    forwards every other attribute to it)."""
+    while hasattr(model, "module") and (
+        not hasattr(model, "get_output_embeddings") or type(model).__name__ == "DeepSpeedEngine"
+    ):
         model = model.module
     return model
 
@@ -387,6 +390,13 @@ def decide_head(model: Any, role: str = "model", accelerator: Any = None) -> str
     """:func:`why_not_from_hidden`, probed by the main process, its verdict taken by every
     process (all compute log-probs the same way, even where FSDP's ``cpu_ram_efficient_loading``
     leaves the others' weights on the meta device). Call it before FSDP shards the model."""
+    if _zero3(accelerator):
+        reason = (
+            "DeepSpeed ZeRO-3 gathers the head's weight only inside its forward, and the "
+            "backward here needs it afterwards"
+        )
+        _VERDICTS[_model_class(model)] = reason
+        return f"the {role}: {reason}"
     if accelerator is None or accelerator.num_processes == 1:
         return why_not_from_hidden(model, role)
     from accelerate.utils import broadcast_object_list
@@ -398,6 +408,13 @@ def decide_head(model: Any, role: str = "model", accelerator: Any = None) -> str
     if answer[0] is not None:
         _VERDICTS[_model_class(model)] = answer[0]
     return answer[0]
+
+
+def _zero3(accelerator: Any) -> bool:
+    """The run's model is partitioned by DeepSpeed ZeRO-3."""
+    state = getattr(accelerator, "state", None)
+    plugin = getattr(state, "deepspeed_plugin", None) if state is not None else None
+    return plugin is not None and plugin.zero_stage == 3
 
 
 def describe_head(model: Any) -> str:

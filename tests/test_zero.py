@@ -1,0 +1,81 @@
+"""The DeepSpeed config is checked against align's options and completed, so P processes ×
+batch b still train as one process × batch P·b (runs: tests/test_scale_out.py)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from align.errors import ConfigError
+from align.loop import zero
+
+
+def _accelerator(config, zero3_init_flag=False, processes=2):
+    plugin = SimpleNamespace(deepspeed_config=config, zero3_init_flag=zero3_init_flag)
+    return SimpleNamespace(
+        state=SimpleNamespace(deepspeed_plugin=plugin),
+        num_processes=processes,
+        is_main_process=True,
+        gradient_accumulation_steps=1,
+    )
+
+
+def _cfg(batch_size=4, grad_accum=2, max_grad_norm=1.0):
+    return SimpleNamespace(
+        batch_size=batch_size, grad_accum=grad_accum, max_grad_norm=max_grad_norm
+    )
+
+
+def test_auto_values_are_taken_from_align():
+    config = {
+        "zero_optimization": {"stage": 3},
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+    }
+    accelerator = _accelerator(config, processes=3)
+    zero.configure(accelerator, _cfg(), on_policy=False)
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 2
+    assert config["train_batch_size"] == 4 * 2 * 3
+    assert config["gradient_clipping"] == 1.0
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert accelerator.gradient_accumulation_steps == 2
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"gradient_accumulation_steps": 4},
+            "gradient_accumulation_steps 4, but align's --grad-accum is 2",
+        ),
+        ({"train_micro_batch_size_per_gpu": 8}, "--batch-size is 4"),
+        ({"train_batch_size": 8}, "--batch-size 4 × --grad-accum 2 × 2 processes is 16"),
+        ({"gradient_clipping": 0.5}, "--max-grad-norm is 1.0"),
+        ({"optimizer": {"type": "Adam"}}, "has a 'optimizer' section"),
+        ({"scheduler": {"type": "WarmupLR"}}, "has a 'scheduler' section"),
+        ({"fp16": {"enabled": True}}, "fp16 under DeepSpeed is not supported"),
+    ],
+)
+def test_settings_that_would_change_the_run_are_refused(config, message):
+    config = {"zero_optimization": {"stage": 2}, **config}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("×", "×")):
+        zero.configure(_accelerator(config), _cfg(), on_policy=False)
+
+
+def test_untested_stages_zero3_init_and_on_policy_are_refused():
+    with pytest.raises(ConfigError, match="stage 1: align runs ZeRO stages 2 and 3"):
+        zero.configure(_accelerator({"zero_optimization": {"stage": 1}}), _cfg(), False)
+    with pytest.raises(ConfigError, match="zero3_init_flag: true"):
+        config = {"zero_optimization": {"stage": 3}}
+        zero.configure(_accelerator(config, zero3_init_flag=True), _cfg(), False)
+    with pytest.raises(ConfigError, match="on-policy objectives sample completions"):
+        zero.configure(_accelerator({"zero_optimization": {"stage": 2}}), _cfg(), True)
+
+
+def test_deepspeed_on_the_cpu_flag_is_refused(monkeypatch):
+    """Accelerate drops DeepSpeed under use_cpu and would train plain DDP without a word."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ConfigError, match="asks for DeepSpeed and for the CPU"):
+        zero.process_group_backend(cpu=True)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    assert zero.process_group_backend(cpu=True) == {}
