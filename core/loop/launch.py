@@ -127,3 +127,29 @@ def fsdp_on_cpu(accelerator: Any) -> None:
     # Both shared states: every AcceleratorState() copies PartialState's over its own.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     state.distributed_type = DistributedType.FSDP
+
+
+def join_restarted_attempt() -> None:
+    """On a restart of torchrun's workers (``--max-restarts``), join the process group through
+    store keys of this attempt alone, before Accelerate joins it.
+
+    torchrun's agent keeps one rendezvous store for every attempt, and the workers no longer
+    put the attempt in their keys: a restarted worker can read the previous attempt's
+    addresses and connect to a dead peer (gloo: ``connectFullMesh failed … Connection
+    refused``). Accelerate leaves a process group that exists alone."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not restart or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    world_size = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    dist.init_process_group(  # the default backend of each device: gloo, and NCCL with CUDA
+        store=dist.PrefixStore(f"align/attempt_{restart}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=world_size,
+    )

@@ -48,7 +48,13 @@ from ..rollout.engine import RolloutEngine
 from ..run import Run
 from . import resume, zero
 from .checkpoint import save_model_dir, write_json
-from .launch import check_world_size, cpu_processes_join, engine, fsdp_on_cpu
+from .launch import (
+    check_world_size,
+    cpu_processes_join,
+    engine,
+    fsdp_on_cpu,
+    join_restarted_attempt,
+)
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
 from .setup import (
     apply_demo_defaults,
@@ -143,6 +149,7 @@ class Training:
         if cfg.eval_deviation and not cfg.eval_data:
             raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
         cpu_processes_join()
+        join_restarted_attempt()
         cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
         state = PartialState(cpu=cpu, **zero.process_group_backend(cpu))  # as Accelerator
         check_world_size(cfg.num_processes, state)
