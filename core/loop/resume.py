@@ -308,6 +308,18 @@ def check_same_run(
     return changed
 
 
+def check_same_engine(previous: dict[str, Any], engine: str) -> None:
+    """A checkpoint's ``state/`` is in its engine's format (FSDP's sharded model and optimizer,
+    DeepSpeed's checkpoint, DDP's optimizer): continue the run under the same engine."""
+    before = previous.get("engine")
+    if before is not None and before != engine:
+        raise ConfigError(
+            f"--resume continues the same run, but it trained under {before} and this launch "
+            f"runs {engine}: a checkpoint's optimizer state is in its engine's format; launch "
+            "it as before (the same Accelerate config)"
+        )
+
+
 def check_reference(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> None:
     """The precomputed reference log-probs of the training data must be the ones the run
     started with (the eval data may change on resume)."""

@@ -172,6 +172,8 @@ class Training:
             mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
         )
         fsdp_on_cpu(self.accelerator)
+        if self.previous is not None:
+            resume.check_same_engine(self.previous, engine(self.accelerator))
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         self.deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         objective = spec.objective.item

@@ -1,5 +1,6 @@
-"""The DeepSpeed config is checked against align's options and completed, so P processes ×
-batch b still train as one process × batch P·b (runs: tests/test_scale_out.py)."""
+"""Engine settings checked before training: the DeepSpeed config against align's options
+(completed so P processes × batch b still train as one process × batch P·b), and a resumed
+run's engine against the one it trained under. The runs themselves: tests/test_scale_out.py."""
 
 from types import SimpleNamespace
 
@@ -79,3 +80,12 @@ def test_deepspeed_on_the_cpu_flag_is_refused(monkeypatch):
         zero.process_group_backend(cpu=True)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     assert zero.process_group_backend(cpu=True) == {}
+
+
+def test_a_run_resumes_under_the_engine_it_trained_under():
+    from align.loop.resume import check_same_engine
+
+    check_same_engine({"engine": "FSDP2"}, "FSDP2")
+    check_same_engine({}, "FSDP2")  # a run started before run.json named its engine
+    with pytest.raises(ConfigError, match="trained under FSDP2 and this launch runs data-paral"):
+        check_same_engine({"engine": "FSDP2"}, "data-parallel (DDP)")
