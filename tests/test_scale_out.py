@@ -28,8 +28,9 @@ from safetensors.torch import load_file
 from align.cli import cli
 from align.loop.resume import complete_checkpoints
 
-# Every launch here picks its rendezvous port below the kernel's ephemeral range (where
-# torchrun --standalone's ports come from), so these can run beside test_distributed.py.
+# Launches with a fixed rendezvous port (accelerate launch, the two nodes) pick it below the
+# kernel's ephemeral range, where torchrun --standalone's ports come from (the elastic test
+# here, test_distributed.py), so the two kinds never draw the same port.
 pytestmark = [pytest.mark.scale_out, pytest.mark.xdist_group("scale_out")]
 
 EXAMPLES = Path(__file__).parents[1] / "examples" / "accelerate"
@@ -38,9 +39,11 @@ LR = 1e-2
 
 
 def _free_port() -> int:
-    """A free TCP port in 20000–29999 (not one the kernel hands out for port 0)."""
+    """A free TCP port in 20000–29999 (not one the kernel hands out for port 0), drawn from
+    the system's randomness: every run seeds Python's ``random`` with its --seed, so two test
+    workers would draw the same port."""
     for _ in range(200):
-        port = random.randrange(20000, 30000)
+        port = random.SystemRandom().randrange(20000, 30000)
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
@@ -55,14 +58,16 @@ def _env(tmp_path: Path, name: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE": str(tmp_path / f"cache-{name}")}
 
 
-def _fsdp(tmp_path: Path, name: str, args: list, popen: bool = False):
-    """``accelerate launch --config_file examples/accelerate/fsdp_cpu.yaml -m align.cli run``."""
+def _fsdp(tmp_path: Path, name: str, args: list, log: Path | None = None):
+    """``accelerate launch --config_file examples/accelerate/fsdp_cpu.yaml -m align.cli run``;
+    with ``log``, started in the background, its output going to that file."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CPU)]
     cmd += ["--main_process_port", str(_free_port()), "-m", "align.cli", "run"]
     cmd += [*map(str, args), "--num-processes", "2", "--output-dir", str(tmp_path / name)]
     env = {**_env(tmp_path, name), "ACCELERATE_USE_CPU": "true"}
-    if popen:
-        return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    if log is not None:  # a file, not a pipe nobody reads while the run fills it
+        with open(log, "w") as handle:
+            return subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT)
     result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -187,14 +192,16 @@ def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(tmp_path, model
     data = write_jsonl(tmp_path / "d.jsonl", _rows("prompt_completion", 16))
     args = ["--objective", "sft", "--model", model_dir, "--data", data, "--batch-size", "1"]
     args += ["--max-steps", "40", "--lr", LR]
-    proc = _fsdp(tmp_path, "stopped", args, popen=True)
+    log = tmp_path / "stopped.log"
+    proc = _fsdp(tmp_path, "stopped", args, log=log)
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     deadline = time.time() + 200
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 2:
-        assert time.time() < deadline and proc.poll() is None, proc.stderr.read()[-4000:]
+        assert time.time() < deadline and proc.poll() is None, log.read_text()[-4000:]
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=200)
+    proc.wait(timeout=200)
+    stderr = log.read_text()
     # torchrun's agent stops the workers (they save) and raises; accelerate launch exits 1
     assert proc.returncode != 0 and "Resume with the same command and --resume" in stderr
     ((step, checkpoint),) = complete_checkpoints(tmp_path / "stopped")
@@ -233,37 +240,17 @@ def test_two_nodes_equal_one_process_with_the_doubled_batch(
     common += ["--eval-data", eval_data, "--eval-every", "2", "--max-steps", "4", "--lr", LR]
     port = _free_port()
     env = _env(tmp_path, "two")  # one cache, on the "shared" file system
-    nodes = [
-        subprocess.Popen(
-            _torchrun(
-                "--nnodes",
-                2,
-                "--node-rank",
-                rank,
-                "--nproc-per-node",
-                1,
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                port,
-                "-m",
-                "align.cli",
-                "run",
-                *common,
-                "--batch-size",
-                2,
-                "--save-every",
-                2,
-                "--output-dir",
-                tmp_path / "two",
-            ),
-            env=env,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
-    errors = [node.communicate(timeout=300)[1] for node in nodes]
+    run = [*common, "--batch-size", 2, "--save-every", 2, "--output-dir", tmp_path / "two"]
+    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        node = ["--nnodes", 2, "--node-rank", rank, "--nproc-per-node", 1]
+        node += ["--master-addr", "127.0.0.1", "--master-port", port]
+        with open(log, "w") as handle:  # a file, not a pipe nobody reads while the run fills it
+            cmd = _torchrun(*node, "-m", "align.cli", "run", *run)
+            nodes.append(subprocess.Popen(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT))
+    for node in nodes:
+        node.wait(timeout=300)
+    errors = [log.read_text() for log in logs]
     for node, stderr in zip(nodes, errors, strict=True):
         assert node.returncode == 0, stderr[-4000:]
     assert "on 2 process(es), data-parallel (DDP) on 2 nodes" in errors[0]
@@ -357,6 +344,37 @@ def test_deepspeed_zero_equals_one_process_with_the_doubled_batch(
     _assert_same_metrics(one, two)
     _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
     assert _run_info(tmp_path / "two")["engine"] == f"DeepSpeed ZeRO-{stage}"
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(model_dir, tmp_path_factory):
+    """The demo model 256 wide: its embedding table (110,080 values) is over ZeRO-3's
+    persistence threshold (100,000), so ZeRO-3 partitions it like a real model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("wide-model")
+    narrow = AutoModelForCausalLM.from_pretrained(model_dir).config.to_dict()
+    config = LlamaConfig(**{**narrow, "hidden_size": 256, "intermediate_size": 256})
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    return path
+
+
+def test_ift_under_zero3_mixes_the_partitioned_embeddings(
+    tmp_path, wide_model_dir, write_jsonl, monkeypatch
+):
+    """IFT's expected embedding reads the input table inside the model's forward, before
+    ZeRO-3 partitions it again: two processes equal one with the doubled batch. The weights
+    agree to 3e-4 (ZeRO-3 takes the log-probs from the full logits, the plain run from the
+    hidden states, and Adam magnifies the float-order difference in near-zero gradients)."""
+    data = write_jsonl(tmp_path / "d.jsonl", _rows("prompt_completion"))
+    common = ["--objective", "ift", "--set", "prediction=expected", "--model", wide_model_dir]
+    common += ["--data", data, "--max-steps", "3", "--lr", LR]
+    _deepspeed(tmp_path, 3, "two", [*common, "--batch-size", "2"])
+    _one_process(tmp_path, "one", [*common, "--batch-size", "4"], monkeypatch)
+    _assert_same_metrics(_metrics(tmp_path / "one"), _metrics(tmp_path / "two"))
+    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", 3e-4)
 
 
 def test_deepspeed_zero3_resumes_as_if_uninterrupted(tmp_path, model_dir, write_jsonl):

@@ -51,11 +51,17 @@ def write_model(accelerator: Any, model: Any, tokenizer: Any, directory: Path) -
 
 def _without_aliases(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     """Drop the names under which a tied weight appears a second time (``lm_head.weight`` of a
-    model that ties it to the input embeddings). ``save_pretrained`` recognises them by their
-    shared storage, but FSDP's gathered state dict holds a separate copy for each name."""
+    model that ties it to the input embeddings): the names that share their tensor with
+    another and are not the one ``named_parameters`` gives it. ``save_pretrained`` recognises
+    them by their shared storage, but the gathered state dict of FSDP or DeepSpeed holds a
+    separate copy under each name."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), []).append(name)
     owned = {name for name, _ in model.named_parameters()}
-    owned |= {name for name, _ in model.named_buffers()}
-    aliases = set(model.state_dict(keep_vars=True)) - owned
+    aliases = {
+        name for group in names.values() if len(group) > 1 for name in group if name not in owned
+    }
     return {name: value for name, value in state_dict.items() if name not in aliases}
 
 

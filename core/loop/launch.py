@@ -88,8 +88,7 @@ def check_world_size(requested: int | None, state: Any) -> None:
 
 def engine(accelerator: Any) -> str:
     """How the processes share the work, in words: ``data-parallel (DDP)``, ``FSDP2``,
-    ``DeepSpeed ZeRO-3``… and on how many nodes (``LOCAL_WORLD_SIZE`` processes a node, as
-    torchrun sets it)."""
+    ``DeepSpeed ZeRO-3``… and on how many nodes (torchrun's ``GROUP_WORLD_SIZE``)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
@@ -101,9 +100,8 @@ def engine(accelerator: Any) -> str:
         name = f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
     else:
         name = "data-parallel (DDP)"
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    nodes = max(1, accelerator.num_processes // max(1, per_node))
-    return name if nodes == 1 else f"{name} on {nodes} nodes"
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))  # torchrun's agents, one a node
+    return name if nodes <= 1 else f"{name} on {nodes} nodes"
 
 
 def fsdp_on_cpu(accelerator: Any) -> None:
@@ -121,8 +119,12 @@ def fsdp_on_cpu(accelerator: Any) -> None:
     if not wanted or state.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables the launcher set
-    if state.mixed_precision != "no":
-        plugin.set_mixed_precision(state.mixed_precision)
+    if plugin.fsdp_version != 2 or state.mixed_precision != "no":
+        raise ConfigError(
+            "FSDP on the CPU runs FSDP2 in fp32 here (fsdp_version 2, mixed_precision 'no', "
+            "as examples/accelerate/fsdp_cpu.yaml): the config asks for fsdp_version "
+            f"{plugin.fsdp_version}, mixed_precision {state.mixed_precision}, untested on the CPU"
+        )
     state.fsdp_plugin = plugin
     # Both shared states: every AcceleratorState() copies PartialState's over its own.
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -148,7 +150,10 @@ def join_restarted_attempt() -> None:
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
     )
-    dist.init_process_group(  # the default backend of each device: gloo, and NCCL with CUDA
+    import torch
+
+    dist.init_process_group(  # the backend Accelerate would take (DeepSpeed on CPU: gloo too)
+        backend="nccl" if torch.cuda.is_available() else "gloo",
         store=dist.PrefixStore(f"align/attempt_{restart}", store),
         rank=int(os.environ["RANK"]),
         world_size=world_size,

@@ -164,22 +164,48 @@ def read_rollouts(checkpoint: Path, process_index: int) -> Any:
 # -- elastic restarts (torchrun --max-restarts) --------------------------------------------------
 def elastic_job() -> dict[str, str] | None:
     """The torchrun job this process belongs to, when that job restarts failed workers
-    (``--max-restarts`` > 0): its rendezvous id, or, where the id is torchrun's default
-    ``none`` (static rendezvous), its agent (host and process id; the agent outlives its
-    workers). None otherwise."""
+    (``--max-restarts`` > 0), None otherwise. What tells one invocation of torchrun from every
+    other: the log directory its agent created for it (``mkdtemp``, in
+    ``TORCHELASTIC_ERROR_FILE``), on this host; else the agent's process (it outlives its
+    workers) and the rendezvous id."""
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
         return None
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    if run_id and run_id != "none":
-        return {"run_id": run_id}
     import socket
 
-    return {"agent": f"{socket.gethostname()}:{os.getppid()}"}
+    host = socket.gethostname()
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
+    if "/attempt_" in error_file:
+        return {"host": host, "logs": error_file.rsplit("/attempt_", 1)[0]}
+    return {
+        "host": host,
+        "agent": str(os.getppid()),
+        "run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+    }
 
 
 def restart_count() -> int:
     """How many times torchrun has restarted this job's workers (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def check_elastic(save_every: int | None, output_dir: str | None) -> None:
+    """``torchrun --max-restarts`` restarts failed workers, which continue the run from its
+    newest checkpoint: they need the run's directory and checkpoints, and one node (torchrun
+    restarts the workers of healthy nodes without counting it as a restart, so the nodes'
+    counts, and the attempts they join, can differ)."""
+    if elastic_job() is None:
+        return
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise ConfigError(
+            "torchrun --max-restarts with several nodes: align continues a run after a restart "
+            "on one node only (a healthy node's workers are restarted without counting it, so "
+            "the nodes would disagree on the attempt); use --max-restarts 0 and --resume"
+        )
+    if not output_dir or not save_every:
+        raise ConfigError(
+            "torchrun --max-restarts restarts failed workers, which then continue the run from "
+            "its newest checkpoint: give --output-dir and --save-every N"
+        )
 
 
 def restarted_run(out: Path) -> tuple[Path | None] | None:
@@ -311,8 +337,12 @@ def check_same_run(
 def check_same_engine(previous: dict[str, Any], engine: str) -> None:
     """A checkpoint's ``state/`` is in its engine's format (FSDP's sharded model and optimizer,
     DeepSpeed's checkpoint, DDP's optimizer): continue the run under the same engine."""
+
+    def kind(name: str) -> str:  # the number of nodes may change with the same world size
+        return name.split(" on ")[0]
+
     before = previous.get("engine")
-    if before is not None and before != engine:
+    if before is not None and kind(before) != kind(engine):
         raise ConfigError(
             f"--resume continues the same run, but it trained under {before} and this launch "
             f"runs {engine}: a checkpoint's optimizer state is in its engine's format; launch "

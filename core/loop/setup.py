@@ -113,7 +113,15 @@ _created_dirs: ContextVar[list[Path] | None] = ContextVar("created_dirs", defaul
 
 def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
     """Create or check the run directory: refuse one that holds another run (unless
-    ``--overwrite``) or is not writable; for ``--resume``, find the checkpoint."""
+    ``--overwrite``) or is not writable; for ``--resume``, find the checkpoint. Workers that
+    torchrun restarted continue the run their job started, whatever the flags say."""
+    resume.check_elastic(cfg.save_every, cfg.output_dir)
+    if cfg.output_dir:
+        restarted = resume.restarted_run(Path(cfg.output_dir))
+        if restarted is not None:  # from its newest checkpoint, or again from the start
+            out, (checkpoint,) = Path(cfg.output_dir), restarted
+            _check_writable(out)
+            return OutputDir(out, checkpoint, replaces_run=checkpoint is None)
     if cfg.resume:
         if cfg.overwrite:
             raise ConfigError("--resume continues a run and --overwrite replaces it: pick one")
@@ -121,20 +129,10 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
         _check_writable(out)
         return OutputDir(out, checkpoint)
     if not cfg.output_dir:
-        if resume.elastic_job() is not None:
-            raise ConfigError(
-                "torchrun --max-restarts restarts failed workers, which then resume from the "
-                "newest checkpoint: give --output-dir (and --save-every N) so they find the run"
-            )
         out = _claim_run_dir(objective)
         _check_writable(out)
         return OutputDir(out)
     out = Path(cfg.output_dir)
-    restarted = None if cfg.overwrite else resume.restarted_run(out)
-    if restarted is not None:  # torchrun restarted this job's workers: continue the run
-        _check_writable(out)
-        (checkpoint,) = restarted
-        return OutputDir(out, checkpoint, replaces_run=checkpoint is None)
     replaces_run = (out / "run.json").exists()
     if replaces_run and not cfg.overwrite:
         hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""

@@ -386,17 +386,21 @@ def why_not_from_hidden(model: Any, role: str = "model") -> str | None:
     return f"the {role}'s head is not understood: {reason}"
 
 
+ZERO3_VERDICT = (
+    "DeepSpeed ZeRO-3 gathers the head's weight only inside its forward, and the backward here "
+    "needs it afterwards"
+)
+
+
 def decide_head(model: Any, role: str = "model", accelerator: Any = None) -> str | None:
     """:func:`why_not_from_hidden`, probed by the main process, its verdict taken by every
     process (all compute log-probs the same way, even where FSDP's ``cpu_ram_efficient_loading``
     leaves the others' weights on the meta device). Call it before FSDP shards the model."""
     if _zero3(accelerator):
-        reason = (
-            "DeepSpeed ZeRO-3 gathers the head's weight only inside its forward, and the "
-            "backward here needs it afterwards"
-        )
-        _VERDICTS[_model_class(model)] = reason
-        return f"the {role}: {reason}"
+        _VERDICTS[_model_class(model)] = ZERO3_VERDICT
+        return f"the {role}: {ZERO3_VERDICT}"
+    if _VERDICTS.get(_model_class(model)) == ZERO3_VERDICT:  # an earlier run in this process
+        del _VERDICTS[_model_class(model)]
     if accelerator is None or accelerator.num_processes == 1:
         return why_not_from_hidden(model, role)
     from accelerate.utils import broadcast_object_list

@@ -277,7 +277,7 @@ def forward_logps(
         hidden = state["hidden"]
         enabled, dtype = state["autocast"]
         autocast = torch.autocast(hidden.device.type, dtype=dtype, enabled=enabled)
-        with _whole_weights(model), autocast:
+        with _whole_weights(model, head.module), autocast:
             return head.logits(hidden, temperature)
 
     where = trained.nonzero(as_tuple=True)
@@ -301,13 +301,16 @@ def forward_logps(
 
 
 @contextlib.contextmanager
-def _whole_weights(model: Any) -> Iterator[None]:
-    """Under FSDP2 the head's weight is whole only inside the model's forward: gather the root
-    unit's weights again for a lazy read of the logits. That is a collective (every process
-    reads them) and carries no gradient back to the shards, so it is refused with gradients."""
+def _whole_weights(model: Any, head: Any) -> Iterator[None]:
+    """Under FSDP2 the head's weight is whole only inside the model's forward: gather it again
+    for a lazy read of the logits, through the FSDP unit that holds it (the innermost one
+    around the head; the root unit with a decoder-layer wrap policy). That is a collective
+    (every process reads them) and carries no gradient back to the shards, so it is refused
+    with gradients."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(model, FSDPModule):
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and _holds(m, head)]
+    if not units:
         yield
         return
     if torch.is_grad_enabled():
@@ -315,11 +318,16 @@ def _whole_weights(model: Any) -> Iterator[None]:
             "under FSDP the full logits can be read after forward_logps only under "
             "torch.no_grad() (their gradient would not reach the sharded weights)"
         )
-    model.unshard()
+    unit = units[-1]  # modules() lists outer units before the ones inside them
+    unit.unshard()
     try:
         yield
     finally:
-        model.reshard()
+        unit.reshard()
+
+
+def _holds(unit: Any, module: Any) -> bool:
+    return any(m is module for m in unit.modules())
 
 
 def _from_logits(

@@ -118,7 +118,8 @@ class TemporalResidual:
                 mixed.requires_grad_(True)  # a grad (PEFT's hook never sees detached lookups)
             return mixed
 
-        handle = embeddings.register_forward_hook(hook)
+        # First among the module's hooks: ZeRO-3 partitions the weight again in one of its own.
+        handle = embeddings.register_forward_hook(hook, prepend=True)
         try:
             yield
         finally:
