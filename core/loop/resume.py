@@ -188,7 +188,7 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
-def check_elastic(save_every: int | None, output_dir: str | None) -> None:
+def check_elastic(cfg: Any) -> None:
     """``torchrun --max-restarts`` restarts failed workers, which continue the run from its
     newest checkpoint: they need the run's directory and checkpoints, and one node (torchrun
     restarts the workers of healthy nodes without counting it as a restart, so the nodes'
@@ -201,7 +201,7 @@ def check_elastic(save_every: int | None, output_dir: str | None) -> None:
             "on one node only (a healthy node's workers are restarted without counting it, so "
             "the nodes would disagree on the attempt); use --max-restarts 0 and --resume"
         )
-    if not output_dir or not save_every:
+    if not cfg.output_dir or not cfg.save_every:
         raise ConfigError(
             "torchrun --max-restarts restarts failed workers, which then continue the run from "
             "its newest checkpoint: give --output-dir and --save-every N"

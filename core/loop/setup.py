@@ -115,7 +115,7 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
     """Create or check the run directory: refuse one that holds another run (unless
     ``--overwrite``) or is not writable; for ``--resume``, find the checkpoint. Workers that
     torchrun restarted continue the run their job started, whatever the flags say."""
-    resume.check_elastic(cfg.save_every, cfg.output_dir)
+    resume.check_elastic(cfg)
     if cfg.output_dir:
         restarted = resume.restarted_run(Path(cfg.output_dir))
         if restarted is not None:  # from its newest checkpoint, or again from the start
