@@ -1,6 +1,8 @@
 """Scale-out engines run for real on this CPU machine: FSDP2 through ``accelerate launch``
-with the shipped CPU config, two nodes through torchrun on the loopback interface, and an
-elastic restart after a worker is killed. Each equals one process with the doubled batch.
+with the shipped CPU config, two nodes through torchrun on the loopback interface, an elastic
+restart after a worker is killed, and DeepSpeed ZeRO-2/3 with the shipped configs. Each equals
+one process with the doubled batch. Every test checks the engine the run names, so a launch
+that silently fell back to plain data parallelism fails.
 
 These tests start several processes each (about 20 s apiece). ``pytest -m "not scale_out"``
 skips them locally; CI runs them.
