@@ -384,6 +384,7 @@ class Training:
         """Write run.json (new, or the interrupted run's continued), set later checkpoints and
         metrics rows aside on a resume, open the logs, and start the progress bar."""
         accelerator, out, start = self.accelerator, self.out, self.first_step - 1
+        restarts = resume.restart_count()  # torchrun's, of these workers
         if self.previous is not None:
             self.run_info = self.previous
             for key in ("stopped_at_step", "failed_at_step", "failure"):
@@ -394,11 +395,7 @@ class Training:
                     "checkpoint": str(self.checkpoint),
                     "at": datetime.now().isoformat(),
                     "changed": self.changed,
-                    **(
-                        {"elastic_restart": restarts}
-                        if (restarts := resume.restart_count())
-                        else {}
-                    ),
+                    **({"elastic_restart": restarts} if restarts else {}),
                 }
             )
             self.run_info.update(
@@ -427,15 +424,14 @@ class Training:
         if accelerator.is_main_process:
             if self.output.replaces_run:  # --overwrite: only now that the new run is set up
                 clear_run(out)
-                if resume.restart_count():
+                if restarts:
                     self._log(
-                        f"torchrun restarted the workers ({resume.restart_count()}) before the "
+                        f"torchrun restarted the workers ({restarts}) before the "
                         "run's first checkpoint: starting it again"
                     )
             if self.checkpoint is not None:
                 abandoned = resume.set_aside_later_checkpoints(out, start)  # first: a kill in
                 dropped = resume.truncate_metrics(out / "metrics.jsonl", start)  # between: none
-                restarts = resume.restart_count()
                 self._log(
                     (f"torchrun restarted the workers ({restarts}): " if restarts else "")
                     + f"Resuming at step {start} of {self.total_steps} from {self.checkpoint}"

@@ -36,6 +36,7 @@ import torch
 from ..data.batching import sequence_prefixes
 from ..data.packing import NO_PROMPT
 from ..errors import ConfigError
+from .head import inner_model
 
 FLEX_BLOCK_SIZE = 128  # FlexAttention's tile: the granularity at which it skips masked blocks
 MASKLESS_ROW_TOKENS = 8192  # a packed row's tokens under a kernel that takes no dense mask
@@ -44,9 +45,8 @@ MASKLESS_ROW_TOKENS = 8192  # a packed row's tokens under a kernel that takes no
 def attention_implementation(model: Any) -> str | None:
     """The attention implementation ``model`` runs (``config._attn_implementation``), looking
     through wrappers such as DDP."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return getattr(getattr(model, "config", None), "_attn_implementation", None)
+    config = getattr(inner_model(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def is_flash(implementation: str | None) -> bool:

@@ -276,9 +276,10 @@ _VERDICTS: dict[type, str] = {}  # model classes whose head is not understood, a
 _ORIGINAL_FORWARD = "_align_original_forward"
 
 
-def _unwrap(model: Any) -> Any:
+def inner_model(model: Any) -> Any:
     """The model inside DDP-style wrappers (``.module``; DeepSpeed's engine, which also
-    forwards every other attribute to it)."""
+    forwards every other attribute to it, is recognised by its class name: importing DeepSpeed
+    to check would slow every run's start)."""
     while hasattr(model, "module") and (
         not hasattr(model, "get_output_embeddings") or type(model).__name__ == "DeepSpeedEngine"
     ):
@@ -288,14 +289,14 @@ def _unwrap(model: Any) -> Any:
 
 def _model_class(model: Any) -> type:
     """The transformers class of ``model``, inside DDP-style and PEFT wrappers."""
-    inner = _unwrap(model)
+    inner = inner_model(model)
     base = getattr(inner, "get_base_model", None)
     return type(base() if callable(base) else inner)
 
 
 def output_head(model: Any) -> OutputHead | str:
     """``model``'s output head, or why it cannot be computed from the hidden states."""
-    inner = _unwrap(model)
+    inner = inner_model(model)
     getter = getattr(inner, "get_output_embeddings", None)
     module = getter() if callable(getter) else None
     if not isinstance(module, torch.nn.Module):
