@@ -673,9 +673,14 @@ class Training:
         """Close the logs and process group; run.json gets the status and the time taken."""
         self.metrics_log.close()
         accelerator = self.accelerator
-        accelerator.end_training()
-        if accelerator.num_processes > 1:  # a process group left up can abort the exit (gloo)
-            accelerator.state.destroy_process_group()
+        if accelerator.num_processes > 1:
+            # Every process done communicating before any tears its group down: a process that
+            # destroyed its gloo group while a peer's last collectives were still in flight
+            # aborted at exit ("terminate called without an active exception": one resumed
+            # ZeRO-3 run in three under load).
+            accelerator.wait_for_everyone()
+        accelerator.end_training()  # the trackers, then the process group (one left up can
+        # abort the exit under gloo)
         if accelerator.is_main_process:
             seconds = round(time.time() - self.started, 1)
             self.run_info.update(status=status, seconds=seconds, **details)
