@@ -165,6 +165,7 @@ def cli() -> None:
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align inspect --objective dpo      the first examples, token by token, with loss masks
     align plot RUN_DIR                 loss and metric curves of a run as a PNG
+    align verify RUN_DIR               check a run's checkpoints and final/ byte for byte
     align new-plugin NAME              start an objective plugin project
     align objectives                   objectives installed, with their options
     align formats                      data formats registered, with their columns
@@ -300,9 +301,14 @@ def _describe_options(schema: Any) -> list[dict[str, Any]]:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def objectives(as_json: bool) -> None:
-    """List installed objectives with their options, defaults and help."""
+    """List installed objectives with their options, defaults and help.
+
+    An objective that several plugins register is listed with the clash (``align run``
+    refuses it), and the command then exits with status 1, as ``align plugins`` does.
+    """
     registry = get_registry()
     data, presets = [], []
+    clashes = [{**c, "status": "clash", "distribution": None} for c in registry.objective_clashes()]
     for name, reg in sorted(registry.objectives.items()):
         obj = reg.item
         if isinstance(obj, Preset):
@@ -314,6 +320,7 @@ def objectives(as_json: bool) -> None:
                     "options": obj.options,
                     "sections": obj.sections,
                     "distribution": reg.plugin.label,
+                    "status": "ok",
                 }
             )
             continue
@@ -328,13 +335,16 @@ def objectives(as_json: bool) -> None:
                 ),
                 "on_policy": obj.on_policy,
                 "distribution": reg.plugin.label,
+                "status": "ok",
                 "options": _describe_options(obj.options),
             }
         )
     if as_json:
-        click.echo(json.dumps(data + presets, indent=2, default=str))
+        click.echo(json.dumps(data + presets + clashes, indent=2, default=str))
+        if clashes:
+            sys.exit(1)
         return
-    if not data:
+    if not data and not clashes:
         click.echo(f"No objectives installed. Try: {install_hint('align-plugin-sft')}")
     for item in data:
         click.echo(f"{item['name']}  ({item['distribution']})")
@@ -358,6 +368,12 @@ def objectives(as_json: bool) -> None:
         click.echo(f"{item['name']}  ({item['distribution']})")
         click.echo(f"  {item['description']}")
         click.echo(f"  preset: {item['preset_of']} with {', '.join(settings) or 'its defaults'}")
+    for item in clashes:
+        owners = [r["distribution"] for r in item["registered_by"]]
+        click.echo(f"{item['name']}  (clash: {' and '.join(dict.fromkeys(owners))})")
+        click.echo(f"  error: `align run --objective {item['name']}` refuses it: {item['error']}")
+        for registration in item["registered_by"]:
+            click.echo(f"  {registration['distribution']}: {registration['description']}")
     for name, reg in sorted(registry.sections.items()):
         click.echo(f"section {name}  ({reg.plugin.label}): {reg.item.description}")
         flags = {key: flag for flag, key in reg.item.flags.items()}
@@ -366,6 +382,8 @@ def objectives(as_json: bool) -> None:
             if opt["name"] in flags:
                 line += f" Flag: --{flags[opt['name']]}."
             click.echo(line)
+    if clashes:
+        sys.exit(1)
 
 
 @cli.command()
@@ -490,6 +508,24 @@ def plot(run_dir: str, output: str | None) -> None:
     except AlignError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Wrote {target}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def verify(run_dir: str) -> None:
+    """Check every checkpoint and final/ of a run against its manifest (each file's size and
+    sha256, written when the directory was complete). Loads nothing, changes nothing.
+
+    Exits with status 1 when any is damaged.
+    """
+    from align.tools.verify import verify_run
+
+    try:
+        intact = verify_run(run_dir, click.echo)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not intact:
+        sys.exit(1)
 
 
 @cli.command("new-plugin")

@@ -9,6 +9,7 @@ the source of the value it refuses: the file, the flag (``--lr``) or the ``--set
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -157,16 +158,37 @@ def _validate(
     except ValidationError as exc:
         problems: dict[str, list[str]] = {}
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
             if err["loc"] and err["loc"][0] in sources:
                 source = sources[str(err["loc"][0])]
             else:  # a check across options: every source of the values involved
                 source = ", ".join(dict.fromkeys(sources[k] for k in values)) or "defaults"
-            text = f"option {loc!r}: {err['msg']} (got {err.get('input')!r})" if loc else err["msg"]
-            problems.setdefault(source, []).append(text)
+            problems.setdefault(source, []).append(_problem(err))
         raise ConfigError(
             "; ".join(f"{source}: {context}{'; '.join(p)}" for source, p in problems.items())
         ) from None
+
+
+def _problem(err: Any) -> str:
+    """One pydantic error as a message says it: ``option 'lr': Input should be greater than 0
+    (got -1.0)``. An error whose message shows the value already (``ctx["got"]``: a boolean
+    given for a number) does not repeat it."""
+    loc = ".".join(str(p) for p in err["loc"])
+    if not loc:
+        return err["msg"]
+    shown = "got" in (err.get("ctx") or {})
+    return f"option {loc!r}: {err['msg']}" + ("" if shown else f" (got {err.get('input')!r})")
+
+
+def _reward_weight(item: str, text: str, source: str) -> float:
+    """The WEIGHT of ``--reward NAME=WEIGHT``, a finite number: a NaN or infinite weight makes
+    every reward of the sum NaN, which would only fail in the first rollout round."""
+    try:
+        weight = float(text)
+    except ValueError:
+        raise ConfigError(f"{source}: {item!r}: the weight after '=' must be a number") from None
+    if not math.isfinite(weight):
+        raise ConfigError(f"{source}: {item!r}: the weight after '=' must be a finite number")
+    return weight
 
 
 def _named(key: str, sources: Sources) -> str:
@@ -389,14 +411,7 @@ def _resolve_rewards(
     for item in config.rewards:
         name, sep, weight_text = item.partition("=")
         name = name.strip()
-        weight = 1.0
-        if sep:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                raise ConfigError(
-                    f"{source}: {item!r}: the weight after '=' must be a number"
-                ) from None
+        weight = _reward_weight(item, weight_text, source) if sep else 1.0
         if name not in registry.rewards:
             raise ConfigError(
                 f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "

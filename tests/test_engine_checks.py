@@ -105,11 +105,15 @@ def _run_dir(tmp_path, job, steps=(), status="failed"):
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"status": status, "elastic": job}))
+    from align.loop.manifest import write_manifest
+
+    record = {"status": status, "elastic": job, "written_by": "align-core"}
+    (out / "run.json").write_text(json.dumps(record))
     for step in steps:
         checkpoint = out / "checkpoints" / f"step-{step}"
         (checkpoint / "state").mkdir(parents=True)
         (checkpoint / "trainer_state.json").write_text("{}")
+        write_manifest(checkpoint)
     return out
 
 
@@ -130,6 +134,7 @@ def test_a_restarted_worker_continues_its_jobs_run_from_the_newest_checkpoint(
     _elastic_env(monkeypatch, 1)
     for options in ({}, {"overwrite": True}, {"resume": str(out / "checkpoints" / "step-2")}):
         chosen = prepare_output_dir(_options(out, **options), "sft")
+        chosen.lock.release()
         assert chosen.checkpoint == out / "checkpoints" / "step-4", options
         assert not chosen.replaces_run
 
@@ -142,6 +147,7 @@ def test_a_restart_before_the_first_checkpoint_starts_the_run_again(tmp_path, mo
     out = _run_dir(tmp_path, resume.elastic_job())
     _elastic_env(monkeypatch, 1)
     chosen = prepare_output_dir(_options(out), "sft")
+    chosen.lock.release()
     assert chosen.checkpoint is None and chosen.replaces_run
 
 

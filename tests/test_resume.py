@@ -140,7 +140,7 @@ def test_resume_from_a_given_checkpoint_and_keep_last(tmp_path, model_dir, write
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["resumed"][0]["changed"] == {"keep_last": [2, 3]}
     assert info["config"]["keep_last"] == 3
-    (tmp_path / "b" / "run.json").write_text(json.dumps({"status": "running"}))
+    (tmp_path / "b" / "run.json").write_text(json.dumps({"status": "running", "written_by": "align-core"}))
     assert "abandoned-step-N are not resumed" in _run(*args, "--resume", abandoned, expect=1).output
 
 
@@ -168,7 +168,7 @@ def test_a_resumed_run_must_be_the_same_run(tmp_path, model_dir, write_jsonl, sf
 
     fresh = tmp_path / "fresh"
     _run(*args[:-2], "--output-dir", fresh)  # no --save-every: no checkpoint to resume from
-    (fresh / "run.json").write_text(json.dumps({"status": "running"}))
+    (fresh / "run.json").write_text(json.dumps({"status": "running", "written_by": "align-core"}))
     result = _run(*args, "--output-dir", fresh, "--resume", expect=1)
     assert "holds no complete checkpoint" in result.output
     result = _run(*args, "--resume", tmp_path / "nowhere", expect=1)

@@ -76,7 +76,8 @@ def test_ctrl_c_through_a_pipe_saves_and_exits(tmp_path, model_dir, write_jsonl,
     assert info["status"] == "interrupted"
     ((step, checkpoint),) = complete_checkpoints(out)
     assert step == info["stopped_at_step"] < 2000
-    assert find_checkpoint("latest", str(out)) == (checkpoint, out)
+    record = json.loads((out / "run.json").read_text())
+    assert find_checkpoint("latest", out, record) == (checkpoint, [])
 
 
 def test_the_signal_notice_cannot_fail_on_a_closed_stderr():
@@ -149,7 +150,7 @@ def test_a_run_that_fails_before_training_leaves_no_directory(
 def test_resuming_a_completed_run_without_checkpoints_says_it_completed(tmp_path):
     out = tmp_path / "done"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"status": "completed"}))
+    (out / "run.json").write_text(json.dumps({"status": "completed", "written_by": "align-core"}))
     with pytest.raises(ConfigError, match=f"the run in {out} already completed"):
         setup.prepare_output_dir(_config(resume="latest", output_dir=str(out)), "sft")
     result = _run("--resume", "--output-dir", out, expect=1)

@@ -1,20 +1,25 @@
 """Writing model directories and run files so a reader never sees half of one.
 
-Everything is written into a temporary sibling, flushed to disk and renamed into place: a
-process killed at any moment leaves either the previous directory or the new one, complete.
+Everything is written into a temporary sibling, sealed with a manifest of every file's size and
+sha256 (:mod:`.manifest`), flushed to disk and renamed into place: a process killed at any
+moment leaves either the previous directory or the new one, complete. A write that fails (a
+full disk) removes its temporary sibling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..model.dropout import configs_as_given
 from ..reference.models import REFERENCE_ADAPTER
+from .manifest import write_manifest
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -70,15 +75,28 @@ def save_model_dir(
 ) -> None:
     """Save model and tokenizer to ``target`` atomically; every process calls it."""
     tmp = temporary_sibling(target)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    write_model(accelerator, model, tokenizer, tmp)
-    if accelerator.is_main_process:
-        if state is not None:
-            write_json(tmp / "trainer_state.json", state)
-        replace_dir(tmp, target)
+    with removed_on_failure(tmp, accelerator.is_main_process):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        write_model(accelerator, model, tokenizer, tmp)
+        if accelerator.is_main_process:
+            if state is not None:
+                write_json(tmp / "trainer_state.json", state)
+            replace_dir(tmp, target)
     accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp: Path, main_process: bool) -> Iterator[None]:
+    """A temporary directory whose writing failed (a full disk, say) is removed at once: it
+    would hold the space the user needs to free, and never be resumed from."""
+    try:
+        yield
+    except BaseException:
+        if main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def sync_tree(path: Path) -> None:
@@ -123,8 +141,10 @@ def honour_umask(path: Path) -> None:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished directory into place, replacing ``target`` if it exists."""
+    """Seal a finished directory with its manifest and move it into place, replacing
+    ``target`` if it exists."""
     honour_umask(tmp)
+    write_manifest(tmp)
     sync_tree(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old")

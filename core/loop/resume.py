@@ -12,24 +12,37 @@ Under FSDP, ``save_state`` also writes the sharded model into ``state/`` (and ``
 reads it), so a checkpoint holds the model twice: gathered for ``from_pretrained``, sharded for
 resuming.
 
-A checkpoint is written into a temporary sibling and renamed into place, so one that exists
-is complete; the newest one is what ``--resume`` takes. The data order is a function of the
+A checkpoint is written into a temporary sibling, sealed with ``manifest.json`` (every file's
+size and sha256, written last) and renamed into place. ``--resume`` takes the newest checkpoint
+that matches its manifest, naming each newer one it skips as damaged; a named checkpoint that
+does not match is refused. Files that ``torch.load(weights_only=True)`` refuses, or cannot read,
+are named in one line. The data order is a function of the
 seed and the epoch, so the data position is the number of optimizer steps taken.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
-from .checkpoint import replace_dir, temporary_sibling, write_json, write_model
+from .checkpoint import (
+    removed_on_failure,
+    replace_dir,
+    temporary_sibling,
+    write_json,
+    write_model,
+)
+from .manifest import verify
 
 CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
@@ -136,19 +149,20 @@ def save_checkpoint(
     """Write a checkpoint atomically. Every process calls it. ``rollouts``: this process's
     round of on-policy rollouts, when the run stops in the middle of reusing it."""
     tmp = temporary_sibling(target)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / STATE_DIR).mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    write_model(accelerator, model, tokenizer, tmp)
-    accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
-    if rollouts is not None:
-        torch.save(rollouts, tmp / STATE_DIR / f"{ROLLOUTS}_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()  # every process's RNG file is in place
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), tmp / STATE_DIR / SCHEDULER)
-        write_json(tmp / TRAINER_STATE, {"format": FORMAT, **trainer_state})
-        replace_dir(tmp, target)
+    with removed_on_failure(tmp, accelerator.is_main_process):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / STATE_DIR).mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        write_model(accelerator, model, tokenizer, tmp)
+        accelerator.save_state(str(tmp / STATE_DIR), safe_serialization=True)
+        if rollouts is not None:
+            torch.save(rollouts, tmp / STATE_DIR / f"{ROLLOUTS}_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()  # every process's RNG file is in place
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), tmp / STATE_DIR / SCHEDULER)
+            write_json(tmp / TRAINER_STATE, {"format": FORMAT, **trainer_state})
+            replace_dir(tmp, target)  # sealed with its manifest, the last file written
     accelerator.wait_for_everyone()
 
 
@@ -158,7 +172,31 @@ def read_rollouts(checkpoint: Path, process_index: int) -> Any:
     path = checkpoint / STATE_DIR / f"{ROLLOUTS}_{process_index}.pt"
     if not path.exists():
         return None
-    return torch.load(path, weights_only=True, map_location="cpu")
+    with refusing_code(path):
+        return torch.load(path, weights_only=True, map_location="cpu")
+
+
+@contextlib.contextmanager
+def refusing_code(path: Path) -> Iterator[None]:
+    """A file that ``torch.load(weights_only=True)`` refuses (its pickle would run code) or
+    cannot read is one clear error naming it, not a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except pickle.UnpicklingError:
+        raise refused(path) from None
+    except Exception as exc:  # safetensors', zip's, pickle's errors: all say damage
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load {path}: {reason}; the file is damaged") from None
+
+
+def refused(path: Path) -> ConfigError:
+    """The error for a pickled file that ``torch.load(weights_only=True)`` would not load."""
+    return ConfigError(
+        f"refused to load {path}: it holds code, not tensors (align loads tensors only, with "
+        "torch.load(weights_only=True))"
+    )
 
 
 # -- elastic restarts (torchrun --max-restarts) --------------------------------------------------
@@ -208,55 +246,38 @@ def check_elastic(cfg: Any) -> None:
         )
 
 
-def restarted_run(out: Path) -> tuple[Path | None] | None:
-    """When torchrun restarted the workers of the job that started the run in ``out``:
-    ``(checkpoint,)``, its newest complete checkpoint to resume from, or ``(None,)`` when the
-    run failed before its first checkpoint and starts over. None when this is no such restart
-    (a first attempt, or a run another job started: the usual rules apply)."""
+def restarted_run(out: Path, record: dict[str, Any] | None) -> tuple[Path | None, list[str]] | None:
+    """When torchrun restarted the workers of the job that started the run in ``out``
+    (``record``, its run.json): ``(checkpoint, notes)``, its newest intact checkpoint to resume
+    from (None when the run failed before its first one and starts over) and the damaged ones
+    skipped. None when this is no such restart (a first attempt, or a run another job started:
+    the usual rules apply)."""
     job = elastic_job()
-    if job is None or restart_count() == 0 or not (out / "run.json").is_file():
+    if job is None or restart_count() == 0 or record is None or record.get("elastic") != job:
         return None
-    if json.loads((out / "run.json").read_text(encoding="utf-8")).get("elastic") != job:
-        return None
-    _refuse_completed(out)
+    _refuse_completed(out, record)
     remove_partial_checkpoints(out)
     found = complete_checkpoints(out)
-    return (found[-1][1] if found else None,)
+    if not found:
+        return None, []
+    return _newest_intact(out, found)
 
 
 # -- finding and checking ---------------------------------------------------------------------
-def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
-    """The checkpoint ``--resume`` names and the run directory it belongs to."""
+def run_dir_of(resume: str, output_dir: str | None) -> Path:
+    """The run directory ``--resume`` continues (nothing is read or changed in it yet)."""
     if resume == "latest":
         if not output_dir:
             raise ConfigError(
                 "--resume needs --output-dir, the run to continue (or give --resume "
                 "RUN_DIR/checkpoints/step-N)"
             )
-        out = Path(output_dir)
-        if not (out / "run.json").is_file():
-            raise ConfigError(f"--resume: {out} holds no run (no run.json)")
-        _refuse_completed(out)  # first: it may have finished without a checkpoint
-        remove_partial_checkpoints(out)
-        found = complete_checkpoints(out)
-        if not found:
-            raise ConfigError(
-                f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (they are written "
-                "every --save-every N steps and on SIGINT/SIGTERM); start again with --overwrite"
-            )
-        return found[-1][1], out
+        return Path(output_dir)
     checkpoint = Path(resume)
     if not re.fullmatch(r"step-\d+", checkpoint.name):
         raise ConfigError(
             f"--resume {checkpoint}: expected a checkpoint directory named step-N (checkpoints "
             "set aside as abandoned-step-N are not resumed from)"
-        )
-    if checkpoint.resolve().parent.name == CHECKPOINTS:
-        remove_partial_checkpoints(checkpoint.resolve().parent.parent)
-    if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():
-        raise ConfigError(
-            f"--resume {checkpoint}: not a complete checkpoint (expected {TRAINER_STATE} and "
-            f"{STATE_DIR}/ in it)"
         )
     out = checkpoint.resolve().parent.parent
     if checkpoint.resolve().parent.name != CHECKPOINTS or not (out / "run.json").is_file():
@@ -265,22 +286,100 @@ def find_checkpoint(resume: str, output_dir: str | None) -> tuple[Path, Path]:
         raise ConfigError(
             f"--resume {checkpoint} belongs to the run in {out}, not --output-dir {output_dir}"
         )
-    _refuse_completed(out)
-    return checkpoint, out
+    return out
 
 
-def _refuse_completed(out: Path) -> None:
-    if json.loads((out / "run.json").read_text(encoding="utf-8")).get("status") == "completed":
+def find_checkpoint(
+    resume: str, out: Path, record: dict[str, Any] | None
+) -> tuple[Path, list[str]]:
+    """The checkpoint ``--resume`` continues the run in ``out`` from (``record``: its run.json),
+    verified against its manifest, and what was skipped: ``latest`` is the newest checkpoint
+    that verifies (each damaged one newer than it is named with the reason); a named one that
+    does not verify is refused. Called holding the directory's lock: half-written checkpoints
+    are deleted."""
+    if record is None:
+        raise ConfigError(f"--resume: {out} holds no run (no run.json)")
+    _refuse_completed(out, record)  # first: it may have finished without a checkpoint
+    remove_partial_checkpoints(out)
+    if resume == "latest":
+        found = complete_checkpoints(out)
+        if not found:
+            raise ConfigError(
+                f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (they are written "
+                "every --save-every N steps and on SIGINT/SIGTERM); start again with --overwrite"
+            )
+        checkpoint, notes = _newest_intact(out, found)
+        return checkpoint, notes
+    checkpoint = Path(resume)
+    if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():
+        raise ConfigError(
+            f"--resume {checkpoint}: not a complete checkpoint (expected {TRAINER_STATE} and "
+            f"{STATE_DIR}/ in it)"
+        )
+    problems = verify(checkpoint)
+    if problems:
+        raise ConfigError(
+            f"--resume {checkpoint}: the checkpoint is damaged: {'; '.join(problems[:4])}"
+            f"{_others(problems)}. {_intact_hint(out, checkpoint)}"
+        )
+    return checkpoint, []
+
+
+def _newest_intact(out: Path, found: list[tuple[int, Path]]) -> tuple[Path, list[str]]:
+    """The newest checkpoint that verifies, and a note for each newer one that does not."""
+    notes = []
+    for _step, path in reversed(found):
+        problems = verify(path)
+        if not problems:
+            return path, notes
+        notes.append(
+            f"skipped damaged checkpoint {path.name}: {'; '.join(problems[:4])}{_others(problems)}"
+        )
+    raise ConfigError(
+        f"--resume: no checkpoint in {out / CHECKPOINTS} is intact: "
+        + " ".join(n.replace("skipped damaged checkpoint ", "") + "." for n in notes)
+        + f" `align verify {out}` lists every file; start again with --overwrite"
+    )
+
+
+def _others(problems: list[str]) -> str:
+    return f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""
+
+
+def _intact_hint(out: Path, damaged: Path) -> str:
+    for _step, path in reversed(complete_checkpoints(out)):
+        if path.resolve() != damaged.resolve() and not verify(path):
+            return f"The newest intact checkpoint is {path}: --resume {path}"
+    return f"No checkpoint of the run is intact (`align verify {out}`)"
+
+
+def _refuse_completed(out: Path, record: dict[str, Any]) -> None:
+    if record.get("status") == "completed":
         raise ConfigError(f"--resume: the run in {out} already completed; nothing to resume")
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    """The checkpoint's ``trainer_state.json``, its step and counters checked."""
+    path = checkpoint / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); the checkpoint is damaged") from None
+    if not isinstance(state, dict):
+        raise ConfigError(
+            f"{path}: expected a JSON object, got {type(state).__name__}; the checkpoint is damaged"
+        )
     if state.get("format") != FORMAT:
         raise ConfigError(
-            f"{checkpoint / TRAINER_STATE}: checkpoint format {state.get('format')!r}, this "
+            f"{path}: checkpoint format {state.get('format')!r}, this "
             f"align-core writes format {FORMAT}"
         )
+    for key, kind in (("step", int), ("num_tokens", (int, float)), ("skipped_steps", int)):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
+            raise ConfigError(f"{path}: {key} is {value!r}, not a count; the checkpoint is damaged")
+    if not isinstance(state.get("pending_metrics", {}), dict):
+        raise ConfigError(f"{path}: pending_metrics is not an object; the checkpoint is damaged")
     return state
 
 
@@ -383,9 +482,9 @@ def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = Fals
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(
-            model, load_file(str(checkpoint / "adapter_model.safetensors"))
-        )
+        with refusing_code(checkpoint / "adapter_model.safetensors"):
+            adapter = load_file(str(checkpoint / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, adapter)
         unexpected = list(getattr(result, "unexpected_keys", []))
         if unexpected:
             raise ConfigError(f"{checkpoint}: adapter weights the model lacks: {unexpected[:5]}")
@@ -397,7 +496,8 @@ def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = Fals
         files = ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for name in files:
-        state.update(load_file(str(checkpoint / name)))
+        with refusing_code(checkpoint / name):
+            state.update(load_file(str(checkpoint / name)))
     missing, unexpected = _load_exactly(model, state)
     if missing or unexpected:
         # Saved in another layout than the model holds in memory (transformers converts the
@@ -429,8 +529,13 @@ def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -
     rng_file = state_dir / f"random_states_{accelerator.process_index}.pkl"
     if not rng_file.is_file():
         raise ConfigError(f"{checkpoint}: no RNG state for process {accelerator.process_index}")
-    accelerator.load_state(str(state_dir))
-    saved = load(rng_file)  # Accelerate swallows a failure to restore RNG states: check
+    try:
+        accelerator.load_state(str(state_dir))
+    except Exception as exc:  # the file at fault, named: Accelerate's error does not say
+        _name_the_state_file(state_dir, exc)
+        raise
+    with refusing_code(rng_file):
+        saved = load(rng_file)  # Accelerate swallows a failure to restore RNG states: check
     restored = torch.equal(saved["torch_manual_seed"], torch.get_rng_state())
     if restored and "torch_cuda_manual_seed" in saved and torch.cuda.is_available():
         now = torch.cuda.get_rng_state_all()
@@ -441,9 +546,22 @@ def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -
             f"{rng_file}: the RNG states could not be restored (on GPUs: the same number of "
             "visible GPUs is needed)"
         )
-    scheduler.load_state_dict(
-        torch.load(state_dir / SCHEDULER, map_location="cpu", weights_only=True)
-    )
+    with refusing_code(state_dir / SCHEDULER):
+        saved_schedule = torch.load(state_dir / SCHEDULER, map_location="cpu", weights_only=True)
+    scheduler.load_state_dict(saved_schedule)
+
+
+def _name_the_state_file(state_dir: Path, exc: Exception) -> None:
+    """After ``load_state`` failed: load each of its files alone as it does (tensors only)
+    and raise the first one's error; or, when each loads, say what failed."""
+    from accelerate.utils import load
+
+    for path in sorted(state_dir.rglob("*")):
+        if path.is_file() and path.suffix in (".bin", ".pt", ".pkl", ".pth"):
+            with refusing_code(path):
+                load(path, map_location="cpu")
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    raise ConfigError(f"cannot restore the training state from {state_dir}: {reason}") from None
 
 
 def truncate_metrics(path: Path, step: int) -> int:

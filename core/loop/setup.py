@@ -8,12 +8,13 @@ record of the data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from ..data.records import read_records
 from ..errors import ConfigError
 from ..model.loading import load_causal_lm
 from ..plugins.hooks import ObjectiveHooks
-from . import resume
+from . import resume, rundir
+from .rundir import RunLock
 
 
 def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
@@ -102,9 +104,11 @@ class OutputDir:
     path: Path
     checkpoint: Path | None = None  # the checkpoint to resume from
     replaces_run: bool = False  # --overwrite: clear the old run once set-up has succeeded
+    lock: RunLock | None = None  # held by the main process for the whole run
+    notes: list[str] = field(default_factory=list)  # damaged checkpoints skipped, to log
+    owns: list[str] = field(default_factory=list)  # what the replaced run wrote (--overwrite)
 
 
-RUN_FILES = ("run.json", "metrics.jsonl", "final", "checkpoints", "logs")
 RUNS = Path("runs")  # where runs go without --output-dir
 
 # The directories this run created, in order, while ``removed_if_unstarted`` is active.
@@ -112,36 +116,50 @@ _created_dirs: ContextVar[list[Path] | None] = ContextVar("created_dirs", defaul
 
 
 def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
-    """Create or check the run directory: refuse one that holds another run (unless
-    ``--overwrite``) or is not writable; for ``--resume``, find the checkpoint. Workers that
+    """Create or check the run directory and take its lock: refuse a non-empty directory that
+    holds no align run, one that holds another run (unless ``--overwrite``), one another run
+    is writing, or one that is not writable; for ``--resume``, find the checkpoint. Workers that
     torchrun restarted continue the run their job started, whatever the flags say."""
     resume.check_elastic(cfg)
-    if cfg.output_dir:
-        restarted = resume.restarted_run(Path(cfg.output_dir))
-        if restarted is not None:  # from its newest checkpoint, or again from the start
-            out, (checkpoint,) = Path(cfg.output_dir), restarted
-            _check_writable(out)
-            return OutputDir(out, checkpoint, replaces_run=checkpoint is None)
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues a run and --overwrite replaces it: pick one")
     if cfg.resume:
-        if cfg.overwrite:
-            raise ConfigError("--resume continues a run and --overwrite replaces it: pick one")
-        checkpoint, out = resume.find_checkpoint(cfg.resume, cfg.output_dir)
-        _check_writable(out)
-        return OutputDir(out, checkpoint)
-    if not cfg.output_dir:
+        out = resume.run_dir_of(cfg.resume, cfg.output_dir)
+    elif cfg.output_dir:
+        out = Path(cfg.output_dir)
+    else:
         out = _claim_run_dir(objective)
-        _check_writable(out)
-        return OutputDir(out)
-    out = Path(cfg.output_dir)
-    replaces_run = (out / "run.json").exists()
-    if replaces_run and not cfg.overwrite:
-        hint = " continue it with --resume," if resume.complete_checkpoints(out) else ""
+    rundir.check_claimable(out)  # before anything is written there
+    _check_writable(out)
+    continuing = bool(cfg.resume) or resume.restart_count() > 0
+    lock = RunLock(out).acquire(wait_if_stopping=continuing)
+    try:
+        return _decide(cfg, out, lock)
+    except BaseException:
+        lock.release(remove=rundir.is_unused(out))
+        raise
+
+
+def _decide(cfg: Any, out: Path, lock: RunLock) -> OutputDir:
+    """With the lock held (nothing can change under us): what the run does with ``out``."""
+    record = rundir.read_record(out)
+    restarted = resume.restarted_run(out, record) if cfg.output_dir else None
+    if restarted is not None:  # from its newest intact checkpoint, or again from the start
+        checkpoint, notes = restarted
+        owns = rundir.owned_entries(record) if checkpoint is None else []
+        return OutputDir(out, checkpoint, checkpoint is None, lock, notes, owns)
+    if cfg.resume:
+        checkpoint, notes = resume.find_checkpoint(cfg.resume, out, record)
+        return OutputDir(out, checkpoint, lock=lock, notes=notes)
+    if record is not None and not cfg.overwrite:
+        resumable = record.get("status") != "completed" and resume.complete_checkpoints(out)
+        hint = " continue it with --resume," if resumable else ""
         raise ConfigError(
             f"{out} already holds a run (run.json);{hint} choose another --output-dir or "
             "pass --overwrite to replace it"
         )
-    _check_writable(out)
-    return OutputDir(out, replaces_run=replaces_run)
+    owns = rundir.owned_entries(record) if record is not None else []
+    return OutputDir(out, replaces_run=record is not None, lock=lock, owns=owns)
 
 
 def _claim_run_dir(objective: str) -> Path:
@@ -203,14 +221,17 @@ def removed_if_unstarted() -> Iterator[None]:
         _created_dirs.reset(token)
 
 
-def clear_run(out: Path) -> None:
-    """Delete the files of the run ``--overwrite`` replaces (once the new one is set up, so a
-    typo in the new run's options costs nothing)."""
-    for name in RUN_FILES:
+def clear_run(out: Path, owns: list[str]) -> None:
+    """Delete what the run ``--overwrite`` replaces wrote, as its run.json lists it (once the
+    new run is set up, so a typo in the new run's options costs nothing); anything else in
+    the directory stays."""
+    for name in owns:
         target = out / name
-        if target.is_dir():
+        if name == rundir.LOCK:
+            continue  # held by this run
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        elif target.exists():
+        elif target.exists() or target.is_symlink():
             target.unlink()
 
 
@@ -229,16 +250,18 @@ def shared_output_dir(cfg: Any, objective: str, state: Any) -> OutputDir:
     from accelerate.utils import broadcast_object_list
 
     result: list[Any] = [None, None]
+    mine = None
     if state.is_main_process:
         try:
-            result[0] = prepare_output_dir(cfg, objective)
+            mine = prepare_output_dir(cfg, objective)
+            result[0] = dataclasses.replace(mine, lock=None)  # the lock stays with its holder
         except (ConfigError, OSError) as exc:  # every process must hear of it, or they wait
             result[1] = str(exc) if isinstance(exc, ConfigError) else f"output directory: {exc}"
     if state.num_processes > 1:
         broadcast_object_list(result)
     if result[1] is not None:
         raise ConfigError(result[1])
-    return result[0]
+    return mine or result[0]
 
 
 # -- tokenizer, data and model --------------------------------------------------------------------

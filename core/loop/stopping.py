@@ -8,7 +8,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -37,9 +37,10 @@ class StopSignals:
         getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
     )
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(self, announce: bool, on_signal: Callable[[], None] | None = None) -> None:
         self.received = 0
         self.announce = announce
+        self.on_signal = on_signal  # told at once (the run directory's lock says "stopping")
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -58,6 +59,9 @@ class StopSignals:
         if self.received:
             return
         self.received = signum
+        if self.on_signal is not None:
+            with contextlib.suppress(Exception):  # nothing here may keep the run from saving
+                self.on_signal()
         if self.announce:  # os.write: print() may be inside a write to stderr already
             name = signal.Signals(signum).name
             notice = (

@@ -10,6 +10,7 @@ and any plugin may add metrics or prepare the model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -29,7 +30,7 @@ from ..data.examples import DataReport
 from ..data.packing import set_default_layout
 from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
-from ..errors import ConfigError
+from ..errors import AlignError, ConfigError
 from ..model import dropout
 from ..model.attention import attention_implementation, packing_options
 from ..model.head import decide_head, describe_head
@@ -46,8 +47,9 @@ from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from ..rollout.engine import RolloutEngine
 from ..run import Run
-from . import resume, zero
+from . import failures, resume, rundir, zero
 from .checkpoint import save_model_dir, write_json
+from .failures import RunFailed
 from .launch import (
     check_world_size,
     cpu_processes_join,
@@ -55,8 +57,10 @@ from .launch import (
     fsdp_on_cpu,
     join_restarted_attempt,
 )
+from .manifest import manifest_size
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
 from .setup import (
+    OutputDir,
     apply_demo_defaults,
     build_examples,
     clear_run,
@@ -87,26 +91,17 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     """Run training for a resolved spec (or continue it, ``--resume``); return the output
     directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
     run = Training(spec, registry)  # set-up: everything that can be refused, then the model
-    run.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
-    with StopSignals(announce=run.accelerator.is_main_process) as signals:
-        if run.trainer_state.get("eval_pending") and run.eval_loader is not None:
-            run.evaluate(run.first_step - 1)  # owed by a run stopped before evaluating
-        elif run.cfg.eval_on_start and run.first_step == 1 and run.eval_loader is not None:
-            run.evaluate(0)
-        for step in range(run.first_step, run.total_steps + 1):
-            run.train_step(step)
-            if step % run.cfg.log_every == 0 or step == run.total_steps:
-                run.log_metrics(step)
-            last = step == run.total_steps
-            stop = 0 if last else signals.requested(run.accelerator)  # the last step: final/
-            eval_due = run.evaluation_due(step)
-            if eval_due and not stop:  # when stopping, the resumed run evaluates first
-                run.evaluate(step)
-            if stop or run.checkpoint_due(step):
-                run.save_checkpoint(step, eval_pending=eval_due and bool(stop))
-            if stop:
-                run.stop(step, stop)
-        run.save_final()  # a signal from here on lets the final model be written first
+    try:
+        signals = run.run_steps()
+    except RunStopped:  # recorded in run.json already
+        raise
+    except BaseException as exc:  # every other failure is recorded too: never left "running"
+        error = run.fail(exc)
+        if error is exc:
+            raise
+        raise error from None
+    finally:
+        run.release()  # the directory's lock: another run, or --resume, may take it now
     if signals.received:
         name = signal.Signals(signals.received).name
         log(
@@ -127,12 +122,48 @@ class Training:
         transformers.utils.logging.disable_progress_bar()
         self.started = time.time()
         self.spec, self.registry = spec, registry
-        self._check_options_and_output()
-        self._read_data()
-        self._load_model()
-        self._set_up_reference()
-        self._read_checkpoint()
-        self._set_up_batches_and_optimizer()
+        self.output: OutputDir | None = None
+        self.at_step = 0  # the step in progress (0: before the first)
+        self.run_info: dict[str, Any] | None = None  # run.json, once the run has started
+        try:
+            self._check_options_and_output()
+            self._read_data()
+            self._load_model()
+            self._set_up_reference()
+            self._read_checkpoint()
+            self._set_up_batches_and_optimizer()
+        except BaseException:
+            self.release()
+            raise
+
+    def run_steps(self) -> StopSignals:
+        """From the run's record to the final model: every step trained, logged, evaluated and
+        checkpointed as due. Returns the signal handler (what it received)."""
+        self.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
+        self.at_step = self.first_step - 1
+        lock = self.output.lock if self.output is not None else None
+        on_signal = lock.stopping if lock is not None else None
+        with StopSignals(self.accelerator.is_main_process, on_signal) as signals:
+            if self.trainer_state.get("eval_pending") and self.eval_loader is not None:
+                self.evaluate(self.first_step - 1)  # owed by a run stopped before evaluating
+            elif self.cfg.eval_on_start and self.first_step == 1 and self.eval_loader is not None:
+                self.evaluate(0)
+            for step in range(self.first_step, self.total_steps + 1):
+                self.at_step = step  # what a failure from here on is recorded at
+                self.train_step(step)
+                if step % self.cfg.log_every == 0 or step == self.total_steps:
+                    self.log_metrics(step)
+                last = step == self.total_steps
+                stop = 0 if last else signals.requested(self.accelerator)  # the last: final/
+                eval_due = self.evaluation_due(step)
+                if eval_due and not stop:  # when stopping, the resumed run evaluates first
+                    self.evaluate(step)
+                if stop or self.checkpoint_due(step):
+                    self.save_checkpoint(step, eval_pending=eval_due and bool(stop))
+                if stop:
+                    self.stop(step, stop)
+            self.save_final()  # a signal from here on lets the final model be written first
+        return signals
 
     def _check_options_and_output(self) -> None:
         """Checks that need no model: options, processes, the output directory, and for
@@ -172,6 +203,8 @@ class Training:
             mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
         )
         fsdp_on_cpu(self.accelerator)
+        for note in self.output.notes:  # damaged checkpoints --resume skipped
+            self._log(f"--resume: {note}")
         if self.previous is not None:
             resume.check_same_engine(self.previous, engine(self.accelerator))
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
@@ -403,6 +436,8 @@ class Training:
                 config=self.spec.as_dict(),
                 data=data_info(self.splits, self.digests, self.reports),
             )
+            if self.output.notes:
+                self.run_info["resumed"][-1]["skipped"] = self.output.notes
             self.started -= self.previous.get("seconds", 0.0)  # run.json's: every session's
             self.run_info.pop("elastic", None)  # this job's, set below
         else:
@@ -416,14 +451,16 @@ class Training:
                 self.total_steps,
             )
             self.run_info["packed_batches"] = self.hooks.packed
+            self.run_info["owns"] = list(rundir.RUN_ENTRIES)  # a new or empty directory
             if self.reference_info is not None:
                 self.run_info["reference"] = self.reference_info
+        self.run_info["written_by"] = rundir.written_by()  # align's record: see rundir
         job = resume.elastic_job()  # a restart of these workers continues this run
         if job is not None:
             self.run_info["elastic"] = job
         if accelerator.is_main_process:
             if self.output.replaces_run:  # --overwrite: only now that the new run is set up
-                clear_run(out)
+                clear_run(out, self.output.owns)
                 if restarts:
                     self._log(
                         f"torchrun restarted the workers ({restarts}) before the "
@@ -625,6 +662,16 @@ class Training:
         target = resume.checkpoint_dir(self.out, step)
         if accelerator.is_main_process:
             target.parent.mkdir(exist_ok=True)
+        try:
+            self._write_checkpoint(target, step, eval_pending)
+        except Exception as exc:
+            raise self._write_failure(exc, f"checkpoint {target.name}", target.parent) from None
+        if accelerator.is_main_process:
+            resume.remove_old_checkpoints(self.out, self.cfg.keep_last, target)
+        self.last_checkpoint = target
+
+    def _write_checkpoint(self, target: Path, step: int, eval_pending: bool) -> None:
+        accelerator = self.accelerator
         resume.save_checkpoint(
             accelerator,
             self.model,
@@ -647,9 +694,32 @@ class Training:
             },
             rollouts=self.round if self.reuse > 1 and step % self.reuse else None,
         )
-        if accelerator.is_main_process:
-            resume.remove_old_checkpoints(self.out, self.cfg.keep_last, target)
-        self.last_checkpoint = target
+
+    def _write_failure(self, exc: Exception, what: str, where: Path) -> Exception:
+        """A failed write of a checkpoint or the final model, in words (a full disk, a read-only
+        file system); any other error is a bug and keeps its traceback."""
+        checkpoint = what.startswith("checkpoint")
+        needs = self._bytes_needed(checkpoint)
+        if isinstance(exc, OSError) or failures.is_disk_full(exc, where, needs):
+            return failures.write_failure(exc, what, where, needs, self.last_checkpoint)
+        return exc
+
+    def _bytes_needed(self, checkpoint: bool) -> int:
+        """About what a checkpoint (or the final model) takes: the last one's size, else the
+        weights saved (the adapter's, for a PEFT model) and, in a checkpoint, AdamW's two
+        float32 moments of every trained parameter."""
+        if checkpoint and self.last_checkpoint is not None:
+            size = manifest_size(self.last_checkpoint)
+            if size:
+                return size
+        model = self.accelerator.unwrap_model(self.model)
+        params = list(model.parameters())
+        trained = [p for p in params if p.requires_grad]
+        saved = trained if hasattr(model, "peft_config") else params
+        size = sum(p.numel() * p.element_size() for p in saved)
+        if checkpoint:
+            size += sum(p.numel() * 8 for p in trained)
+        return size
 
     # -- the end ---------------------------------------------------------------------------------
     def stop(self, step: int, signum: int) -> None:
@@ -666,8 +736,54 @@ class Training:
     def save_final(self) -> None:
         self.progress.close()
         final = {"step": self.total_steps}
-        save_model_dir(self.accelerator, self.model, self.tokenizer, self.out / "final", final)
+        target = self.out / "final"
+        try:
+            save_model_dir(self.accelerator, self.model, self.tokenizer, target, final)
+        except Exception as exc:
+            raise self._write_failure(exc, "the final model", self.out) from None
         self.finish("completed")
+
+    def fail(self, exc: BaseException) -> BaseException:
+        """Record a failure in run.json (status ``failed`` and the reason; ``interrupted`` for a
+        Ctrl-C outside the steps) and close the logs, without waiting for other processes (they
+        may be gone). Returns the error to raise: a full disk anywhere, in words."""
+        error = exc
+        if isinstance(exc, OSError) and failures.is_disk_full(exc, self.out):
+            error = failures.write_failure(exc, f"to {self.out}", self.out, None, None)
+        if self.run_info is None or not self.accelerator.is_main_process:
+            return error
+        for close in ("progress", "metrics_log"):  # either may not be open yet
+            with contextlib.suppress(Exception):
+                getattr(self, close).close()
+        if self.accelerator.num_processes == 1:
+            with contextlib.suppress(Exception):
+                self.accelerator.end_training()
+        if isinstance(exc, KeyboardInterrupt):
+            status, reason = "interrupted", "KeyboardInterrupt outside the training steps"
+        else:
+            status = "failed"
+            reason = " ".join(str(error).split()) or type(error).__name__
+            if not isinstance(error, AlignError):
+                reason = f"{type(error).__name__}: {reason}"
+        self.run_info.update(
+            status=status,
+            failure=reason,
+            failed_at_step=self.at_step,
+            seconds=round(time.time() - self.started, 1),
+        )
+        try:
+            write_json(self.out / "run.json", self.run_info)
+        except OSError as write_error:  # a full disk: the user is told in words all the same
+            note = f" (run.json could not record it: {write_error.strerror})"
+            return error if error is not exc else RunFailed(f"{reason}{note}")
+        return error
+
+    def release(self) -> None:
+        """Let go of the directory's lock (the main process holds it). A run that never started
+        removes its lock file, so the directory it created can go too."""
+        lock = self.output.lock if self.output is not None else None
+        if lock is not None:
+            lock.release(remove=self.run_info is None and rundir.is_unused(self.out))
 
     def finish(self, status: str, **details: Any) -> None:
         """Close the logs and process group; run.json gets the status and the time taken."""
@@ -684,6 +800,8 @@ class Training:
         if accelerator.is_main_process:
             seconds = round(time.time() - self.started, 1)
             self.run_info.update(status=status, seconds=seconds, **details)
+            if status == "completed":
+                self.run_info.pop("failure", None)
             if self.skipped_steps:
                 self.run_info["skipped_steps"] = self.skipped_steps
             write_json(self.out / "run.json", self.run_info)

@@ -3,15 +3,70 @@ declares (options, extra record fields) and what its loss returns."""
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 
-class Options(BaseModel):
+def _number_kind(annotation: Any) -> str | None:
+    """What a field of this type expects when it takes numbers but not booleans: ``"an
+    integer"`` (``int``, ``int | None``), ``"a number"`` (any ``float``), else None (a
+    ``bool``, ``bool | int``, ``Any``, a string, a list: not a number field)."""
+    members, leaves = [annotation], set()
+    while members:
+        member = members.pop()
+        origin = typing.get_origin(member)
+        if origin is typing.Annotated:
+            members.append(typing.get_args(member)[0])
+        elif origin in (typing.Union, types.UnionType):
+            members.extend(typing.get_args(member))
+        else:
+            leaves.add(member)
+    if bool in leaves or Any in leaves:
+        return None
+    if float in leaves:
+        return "a number"
+    return "an integer" if int in leaves else None
+
+
+class _NumberRules(BaseModel):
+    """What :class:`Options` and :class:`Fields` share: a number is finite and is not a boolean.
+
+    Pydantic reads ``.nan`` and ``inf`` as floats and, in its lax mode, ``true`` as 1: a NaN
+    learning rate or weight would pass the checks and fail steps later, far from the value.
+    Strings still parse as before (``--set beta=1e-3``, which YAML reads as a string). A refused
+    boolean's message shows the value itself (``ctx["got"]``), so error reports need not.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _boolean_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``true``/``false`` for an ``int`` or ``float`` field (a ``bool`` one, or a
+        union with ``bool``, keeps them); every other value goes on to pydantic's checks."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            expected = _number_kind(cls.model_fields[info.field_name].annotation)
+            if expected is not None:
+                raise PydanticCustomError(
+                    "int_type" if expected == "an integer" else "float_type",
+                    "expected {expected}, got a boolean ({got})",
+                    {"expected": expected, "got": str(value).lower()},
+                )
+        return value
+
+
+class Options(_NumberRules):
     """Base class for option schemas: unknown keys are errors, values are validated.
+
+    Every number is finite (NaN and infinities are refused) and a boolean is not a number
+    (``true`` for an ``int`` or ``float`` option is refused, not read as 1); a plugin's options
+    get these rules by subclassing this class.
 
     An option whose name is a Python keyword takes an alias: ``lambda_: float =
     Field(0.2, alias="lambda")`` is set by users as ``lambda``.
@@ -29,14 +84,14 @@ class NoOptions(Options):
     """An objective or section without options."""
 
 
-class Fields(BaseModel):
+class Fields(_NumberRules):
     """Base class for the extra record fields an objective reads (``Objective(fields=…)``).
 
     Each field is a column of the data file: ``weight: float = 1.0`` reads ``"weight": 0.3``
-    from every record, validated as options are (a bad value is an error that names the file,
-    the line and the field), and hands it to the loss as ``batch["weight"]``, one value per
-    example. A field without a default is required. JSON ``null``, and an empty CSV cell, count
-    as missing.
+    from every record, validated as options are (a bad value, a NaN or a boolean where a number
+    belongs included, is an error that names the file, the line and the field), and hands it to
+    the loss as ``batch["weight"]``, one value per example. A field without a default is
+    required. JSON ``null``, and an empty CSV cell, count as missing.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -348,12 +348,7 @@ class PluginRegistry:
         if name in self.objectives:
             return self.objectives[name]
         if name in self.clashes["objective"]:
-            labels = " and ".join(
-                dict.fromkeys(r.plugin.label for r in self.clashes["objective"][name])
-            )
-            raise PluginError(
-                f"objective {name!r} is registered by both {labels}; uninstall one of them"
-            )
+            raise PluginError(self.clash_message(name))
         message = f"unknown objective {name!r}."
         choices = {*self.objectives, *FIRST_PARTY_OBJECTIVES} - {name}
         message += did_you_mean(name, choices)
@@ -370,6 +365,30 @@ class PluginRegistry:
         if os.environ.get(PLUGINS_ENV) is not None:
             message += f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load.)"
         raise PluginError(message)
+
+    def clash_message(self, name: str) -> str:
+        """Why objective ``name``, which more than one plugin registers, cannot be used."""
+        labels = " and ".join(
+            dict.fromkeys(r.plugin.label for r in self.clashes["objective"][name])
+        )
+        return f"objective {name!r} is registered by both {labels}; uninstall one of them"
+
+    def objective_clashes(self) -> list[dict[str, Any]]:
+        """Each objective name that several plugins register, as ``align objectives`` lists
+        it: who registers it (``registered_by``: distribution and description) and the error
+        ``align run --objective NAME`` gives. Such a name is not in :attr:`objectives`, so a
+        listing of that table alone leaves it out."""
+        return [
+            {
+                "name": name,
+                "registered_by": [
+                    {"distribution": r.plugin.label, "description": r.item.description}
+                    for r in registrations
+                ],
+                "error": self.clash_message(name),
+            }
+            for name, registrations in sorted(self.clashes["objective"].items())
+        ]
 
     def call_objective_hook(self, hook_name: str, registered: Registered, **kwargs: Any) -> Any:
         """Call a firstresult hook on the plugin that registered the objective, and no other."""

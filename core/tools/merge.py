@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from ..loop.checkpoint import replace_dir
+from ..loop.resume import refused
 from ..model.loading import load_causal_lm
 
 
@@ -58,6 +60,8 @@ def merge_adapter(
     stored = _stored_dtype(base, trust_remote_code)
     try:
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except pickle.UnpicklingError:
+        raise refused(adapter_weights(adapter)) from None
     except RuntimeError as exc:  # shapes that do not match the base model
         raise ConfigError(
             f"adapter {adapter} does not fit base model {base!r}: {str(exc).splitlines()[0]}"
@@ -73,3 +77,10 @@ def merge_adapter(
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, target)
     return target
+
+
+def adapter_weights(adapter: str | Path) -> Path:
+    """The file PEFT loads an adapter's weights from: safetensors, else the pickled ``.bin``
+    (loaded with ``weights_only``; one that holds code is refused)."""
+    safe = Path(adapter) / "adapter_model.safetensors"
+    return safe if safe.exists() else Path(adapter) / "adapter_model.bin"

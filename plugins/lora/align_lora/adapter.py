@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Any
 
 import align
@@ -37,6 +39,11 @@ def add_adapter(model: Any, options: Any, config: Any) -> Any:
         try:
             model = PeftModel.from_pretrained(model, options.adapter, is_trainable=True)
             model.load_adapter(options.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        except pickle.UnpicklingError:  # torch.load(weights_only=True) met code, not tensors
+            raise align.ConfigError(
+                f"lora.adapter: refused to load {_weights_file(options.adapter)}: it holds code, "
+                "not tensors (adapters load tensors only)"
+            ) from None
         except (OSError, ValueError) as exc:
             raise align.ConfigError(
                 f"lora.adapter: cannot load adapter {options.adapter!r}: {exc}"
@@ -52,3 +59,8 @@ def add_adapter(model: Any, options: Any, config: Any) -> Any:
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # reentrant checkpointing needs a grad at the input
     return model
+
+
+def _weights_file(adapter: str) -> Path:
+    safe = Path(adapter) / "adapter_model.safetensors"
+    return safe if safe.exists() else Path(adapter) / "adapter_model.bin"
