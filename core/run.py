@@ -13,6 +13,8 @@ class Run:
 
     ``accelerator`` reduces across processes (``run.accelerator.reduce``); ``step`` is the number
     of optimizer steps taken so far (0 during the first step); ``training`` is False during eval.
+    ``output_dir`` is the run's directory: a file a plugin writes there is the plugin's, not
+    among what ``--overwrite`` deletes (run.json's ``owns``).
     """
 
     config: Any

@@ -246,3 +246,13 @@ def test_the_addition_rewards_answer_must_be_finite():
     record = align.Record({"answer": math.nan}, "train.jsonl", "line 4")
     with pytest.raises(DataError, match=rf"train.jsonl, line 4, field 'answer': {FINITE}"):
         validate_columns(record, AdditionFields)
+
+
+def test_a_ranked_records_scores_must_be_finite():
+    from align.data.formats import RankedRecord
+
+    record = align.Record(
+        {"prompt": "p", "completions": ["a", "b"], "scores": [1.0, math.nan]}, "r.jsonl", "line 2"
+    )
+    with pytest.raises(DataError, match=rf"r.jsonl, line 2, field 'scores\[1\]': {FINITE}"):
+        validate_columns(record, RankedRecord)

@@ -140,7 +140,8 @@ def test_resume_from_a_given_checkpoint_and_keep_last(tmp_path, model_dir, write
     info = json.loads((tmp_path / "b" / "run.json").read_text())
     assert info["resumed"][0]["changed"] == {"keep_last": [2, 3]}
     assert info["config"]["keep_last"] == 3
-    (tmp_path / "b" / "run.json").write_text(json.dumps({"status": "running", "written_by": "align-core"}))
+    running = {"status": "running", "written_by": "align-core"}
+    (tmp_path / "b" / "run.json").write_text(json.dumps(running))
     assert "abandoned-step-N are not resumed" in _run(*args, "--resume", abandoned, expect=1).output
 
 

@@ -110,7 +110,7 @@ def _feedback_batch(examples: list[dict], pad_token_id: int, packed: bool) -> di
 class RankedRecord(BaseModel):
     """A prompt with N ≥ 2 answers, each with a score (higher is better) or a rank (1 is best)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # a NaN score ranks nothing
 
     prompt: str | list[dict[str, Any]]
     completions: list[str | list[dict[str, Any]]] = Field(min_length=2)

@@ -45,16 +45,22 @@ def written_by() -> str:
         return WRITTEN_BY
 
 
+def _ours(name: str) -> bool:
+    """The lock file, and the probe a run starting here writes to see the directory is
+    writable (``.write-test-PID``)."""
+    return name == LOCK or name.startswith(".write-test-")
+
+
 def contents(out: Path, limit: int = 6) -> str:
     """What a directory holds, for an error message: ``notes.txt, data/, … (14 entries)``."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name != LOCK)
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p.name))
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names)} entries)" if len(names) > limit else "")
 
 
 def is_unused(out: Path) -> bool:
     """A directory align may make a run's: missing, or empty (but for a lock file)."""
-    return not out.exists() or all(p.name == LOCK for p in out.iterdir())
+    return not out.exists() or all(_ours(p.name) for p in out.iterdir())
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
@@ -78,14 +84,16 @@ def read_record(out: Path) -> dict[str, Any] | None:
     return record
 
 
-def check_claimable(out: Path) -> None:
+def check_claimable(out: Path, locked: bool = False) -> None:
     """Refuse, before anything is written there, a path that is not a directory, a non-empty
-    directory that holds no align run, or one whose ``run.json`` align did not write."""
+    directory that holds no align run, or one whose ``run.json`` align did not write. Before
+    the lock is taken (``locked`` False), a directory with align's lock file passes: a run may
+    be starting there, and the check is made again under the lock."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output directory {out} exists and is not a directory")
     if (out / RUN_JSON).exists():
         read_record(out)  # align's, or refused
-    elif out.is_dir() and not is_unused(out):
+    elif out.is_dir() and not is_unused(out) and (locked or not (out / LOCK).exists()):
         raise ConfigError(
             f"output directory {out} is not empty and holds no align run (it has "
             f"{contents(out)}); align writes only into a new or empty directory, or one of its "

@@ -141,7 +141,8 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
 
 
 def _decide(cfg: Any, out: Path, lock: RunLock) -> OutputDir:
-    """With the lock held (nothing can change under us): what the run does with ``out``."""
+    """With the lock held (no other run can change it): what the run does with ``out``."""
+    rundir.check_claimable(out, locked=True)
     record = rundir.read_record(out)
     restarted = resume.restarted_run(out, record) if cfg.output_dir else None
     if restarted is not None:  # from its newest intact checkpoint, or again from the start
@@ -238,7 +239,7 @@ def clear_run(out: Path, owns: list[str]) -> None:
 def _check_writable(out: Path) -> None:
     try:
         _make_dirs(out)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}"  # runs started together probe apart
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
