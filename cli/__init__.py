@@ -199,8 +199,10 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     set. --batch-size is per process; --max-steps wins over --epochs. Output goes to
     --output-dir (default runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and
     checkpoints/step-N/ (every --save-every N steps, and on SIGINT/SIGTERM, which then stop
-    the run). --resume continues an interrupted run from its newest checkpoint, exactly as if
-    it had not stopped; --num-processes N trains data-parallel on N processes. Flags that
+    the run). --resume continues an interrupted run from its newest intact checkpoint (each
+    checkpoint's files are checked against its manifest), exactly as if it had not stopped; one
+    run at a time writes a directory, and align writes only into a new or empty one or its
+    own run's; --num-processes N trains data-parallel on N processes. Flags that
     plugins add (such as --lora) set options of their sections.
     """
     from align.loop.launch import launch, needs_launch

@@ -24,9 +24,14 @@ class TrainConfig(Options):
         None, description="Held-out data evaluated every eval_every steps (`demo`: the demo's)."
     )
     output_dir: str | None = Field(
-        None, description="Run directory; default runs/<objective>-<time>."
+        None,
+        description="Run directory: new, empty, or an align run's; default "
+        "runs/<objective>-<time>.",
     )
-    overwrite: bool = Field(False, description="Allow an output directory that holds another run.")
+    overwrite: bool = Field(
+        False,
+        description="Replace the align run in output_dir (only the files its run.json lists).",
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; wins over epochs.")
     epochs: int = Field(1, ge=1, description="Passes over the training data.")
     batch_size: int = Field(8, ge=1, description="Examples per micro-batch, per process.")
@@ -72,7 +77,7 @@ class TrainConfig(Options):
     )
     resume: str | None = Field(
         None,
-        description="Continue an interrupted run from the newest complete checkpoint in "
+        description="Continue an interrupted run from the newest intact checkpoint in "
         "output_dir (--resume alone; `latest` or `true` in YAML) or from a checkpoint directory.",
     )
     on_nonfinite: Literal["error", "skip"] = Field(
