@@ -92,6 +92,18 @@ DAMAGE = {
         "trainer_state.json has ",
     ),
     "no manifest": (MANIFEST, os.unlink, "no manifest.json"),
+    "no trainer state": ("trainer_state.json", os.unlink, "trainer_state.json is missing"),
+    "no state": ("state", shutil.rmtree, "state/optimizer.bin is missing"),
+    "an added file": (
+        "state/extra.pt",
+        lambda p: p.write_bytes(b"x"),
+        "state/extra.pt was not there when it was written",
+    ),
+    "manifest size out of range": (
+        MANIFEST,
+        lambda p: p.write_text('{"format": 1, "files": {"x": {"size": 1e400, "sha256": "0"}}}'),
+        "manifest.json is damaged",
+    ),
 }
 
 
@@ -110,6 +122,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_saying_why(case, crashed):
     assert reason in str(error.value) and "--resume " + str(out / "checkpoints" / "step-2") in str(
         error.value
     )
+    moved = resume.set_aside_later_checkpoints(out, 2)  # what the resumed run does with it
+    assert [p.name for p in moved] == ["abandoned-step-4"]
 
 
 def test_flipped_bytes_resume_from_the_intact_checkpoint_as_if_uninterrupted(finished, crashed):

@@ -107,7 +107,8 @@ def _run_dir(tmp_path, job, steps=(), status="failed"):
     out.mkdir()
     from align.loop.manifest import write_manifest
 
-    record = {"status": status, "elastic": job, "written_by": "align-core"}
+    owns = ["run.json", "checkpoints"]
+    record = {"status": status, "elastic": job, "written_by": "align-core", "owns": owns}
     (out / "run.json").write_text(json.dumps(record))
     for step in steps:
         checkpoint = out / "checkpoints" / f"step-{step}"

@@ -48,7 +48,14 @@ def _corrupt_saved_dataset(path: Path) -> None:
     arrow.write_bytes(arrow.read_bytes()[:100])
 
 
+def _huge_integer_jsonl(path: Path) -> None:
+    path.write_text(
+        json.dumps(GOOD) + "\n" + '{"prompt": "a", "completion": "b", "x": ' + "9" * 5000 + "}\n"
+    )
+
+
 GENERATED = {
+    "huge_integer.jsonl": _huge_integer_jsonl,
     "deep.jsonl": _deep_jsonl,
     "deep.json": _deep_json,
     "lone_surrogate.json": _surrogate_json,
@@ -77,6 +84,7 @@ DATA_ERRORS = [
     ("lone_surrogate.json", ", record 2, field 'completion': contains a lone surrogate (\\ud83d)"),
     ("bad_utf8.parquet", ", record 2, field 'prompt': is not valid UTF-8"),
     ("corrupt_dataset", ": not a readable saved dataset: "),
+    ("huge_integer.jsonl", ", line 2: invalid JSON: Exceeds the limit (4300 digits)"),
 ]
 
 

@@ -4,6 +4,8 @@ tmpfs), and an error in each phase of the run. The directory's lock is let go ei
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 
 import pytest
@@ -116,12 +118,63 @@ def test_a_failure_in_any_phase_leaves_run_json_failed(phase, tmp_path, base, mo
 
 
 def test_a_full_disk_anywhere_is_said_in_words(tmp_path, base, monkeypatch):
+    real = train.MetricsLog.write
+
     def full(self, row):
-        raise OSError(28, "No space left on device")
+        if row["step"] >= 3:
+            raise OSError(28, "No space left on device")
+        return real(self, row)
 
     monkeypatch.setattr(train.MetricsLog, "write", full)
-    result = _run(*base, "--max-steps", "2", "--output-dir", tmp_path / "out", expect=1)
+    args = [*base, "--max-steps", "4", "--save-every", "1", "--log-every", "1"]
+    result = _run(*args, "--output-dir", tmp_path / "out", expect=1)
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("Error: no space left on ") and "writing to " in last
+    assert "checkpoint step-2 is intact; free space and --resume" in last
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert info["status"] == "failed" and info["failure"].startswith("no space left on ")
+
+
+def test_a_signal_while_the_run_starts_stops_it_with_a_checkpoint(tmp_path, base, monkeypatch):
+    """From the moment run.json says "running", a signal stops the run after a step with a
+    checkpoint: it is never left "running" with nothing to resume."""
+    real = train.Training.start
+
+    def start_then_signal(self):
+        real(self)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train.Training, "start", start_then_signal)
+    out = tmp_path / "out"
+    result = _run(*base, "--max-steps", "50", "--output-dir", out, expect=128 + signal.SIGTERM)
+    assert "stopped after step 1 of 50" in result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["stopped_at_step"] == 1
+    assert [s for s, _ in complete_checkpoints(out)] == [1]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"owns": None}, "not listed as the old run's"),  # --overwrite deletes nothing
+        ({"owns": 5}, "'owns' is 5, not what align writes there"),
+        ({"owns": "final"}, "'owns' is 'final', not what align writes there"),
+        ({"config": [1]}, "'config' is [1], not what align writes there"),
+        ({"resumed": {}}, "'resumed' is {}, not what align writes there"),
+        ({"seconds": "abc"}, "'seconds' is 'abc', not what align writes there"),
+        ({"engine": 5}, "'engine' is 5, not what align writes there"),
+    ],
+)
+def test_a_run_json_edited_out_of_shape_is_one_line(edit, message, tmp_path, base):
+    out = tmp_path / "out"
+    args = [*base, "--max-steps", "4", "--save-every", "2"]
+    _run(*args, "--output-dir", out)
+    info = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**info, **edit, "status": "running"}))
+    for extra in (["--overwrite"], ["--resume"]):
+        if extra == ["--resume"] and "owns" in edit:  # a record without owns resumes
+            continue
+        result = _run(*args, "--output-dir", out, *extra, expect=1)
+        assert result.output.splitlines()[-1].startswith("Error: "), result.output
+        assert message in result.output
+    assert (out / "final" / "model.safetensors").exists()  # nothing deleted

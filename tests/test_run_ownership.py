@@ -74,14 +74,28 @@ def test_an_empty_folder_is_used_and_overwrite_deletes_only_what_the_run_wrote(t
     assert info["written_by"].startswith("align-core ")
     assert set(info["owns"]) == {"run.json", "metrics.jsonl", "final", "checkpoints", "logs", LOCK}
     (out / "notes.txt").write_text("added by the user after the run")
-    info["owns"] = [name for name in info["owns"] if name != "logs"]  # as if it never wrote logs
-    (out / "run.json").write_text(json.dumps(info))
-    (out / "logs" / "mine.txt").write_text("mine")
     old_final = (out / "final" / "model.safetensors").stat().st_mtime_ns
     _run(*base, "--output-dir", out, "--overwrite")
     assert (out / "notes.txt").read_text() == "added by the user after the run"
-    assert (out / "logs" / "mine.txt").read_text() == "mine"
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns != old_final
+    info = json.loads((out / "run.json").read_text())
+    info["owns"] = [name for name in info["owns"] if name != "logs"]  # as if it never wrote logs
+    (out / "run.json").write_text(json.dumps(info))
+    result = _run(*base, "--output-dir", out, "--overwrite", expect=1)
+    assert f"--overwrite: {out / 'logs'} is not listed as the old run's" in result.output
+    assert (out / "final" / "model.safetensors").exists()  # nothing was deleted
+
+
+def test_links_planted_under_aligns_names_are_never_written_through(tmp_path, base):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    for name in (LOCK, ".write-test-x", "run.json"):
+        planted = tmp_path / f"planted{len(name)}"
+        planted.mkdir()
+        (planted / name).symlink_to(victim)
+        result = _run(*base, "--output-dir", planted, expect=1)
+        assert str(planted) in result.output and "Traceback" not in result.output
+        assert victim.read_text() == "precious", name
 
 
 # -- one run per directory -----------------------------------------------------------------------

@@ -136,6 +136,10 @@ def _parse_json(path: Path, text: str, first_line: int) -> Any:
         ) from None
     except RecursionError:
         raise _too_deep(path, text, first_line) from None
+    except ValueError as exc:  # an integer of over 4300 digits, Python's limit
+        raise DataError(
+            f"invalid JSON: {exc}", source=str(path), location=f"line {first_line}"
+        ) from None
 
 
 def _too_deep(path: Path, text: str, first_line: int) -> DataError:

@@ -67,7 +67,7 @@ def manifest_size(root: Path) -> int | None:
     try:
         files = json.loads((root / MANIFEST).read_text(encoding="utf-8"))["files"]
         return sum(int(entry["size"]) for entry in files.values())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return None
 
 
@@ -87,7 +87,7 @@ def verify(root: Path) -> list[str]:
         manifest = json.loads(text)
         files = manifest["files"]
         expected = {str(name): (int(e["size"]), str(e["sha256"])) for name, e in files.items()}
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
         return [f"{MANIFEST} is damaged (not the JSON align writes)"]
     problems, present = [], []
     for name, (size, _digest) in expected.items():
@@ -107,6 +107,9 @@ def verify(root: Path) -> list[str]:
     for name, digest in zip(present, _hash_all(root, present), strict=True):
         if digest != expected[name][1]:
             problems.append(f"{name} changed since it was written (its sha256 differs)")
+    for name in _files(root):
+        if name not in expected:
+            problems.append(f"{name} was not there when it was written (not in the manifest)")
     return problems
 
 

@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from .checkpoint import (
     write_json,
     write_model,
 )
-from .manifest import verify
+from .manifest import MANIFEST, verify
 
 CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
@@ -78,6 +79,19 @@ def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:
         for path in root.iterdir():
             match = re.fullmatch(r"step-(\d+)", path.name)
             if match and (path / TRAINER_STATE).is_file() and (path / STATE_DIR).is_dir():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """``(step, directory)`` of every ``step-N`` directory, complete or not, oldest first: what
+    ``--resume`` verifies (one that lost its trainer_state.json is damaged, not invisible)."""
+    root = out / CHECKPOINTS
+    found = []
+    if root.is_dir():
+        for path in root.iterdir():
+            match = re.fullmatch(r"step-(\d+)", path.name)
+            if match and path.is_dir() and not path.is_symlink():
                 found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -118,11 +132,12 @@ def set_aside_later_checkpoints(out: Path, step: int) -> list[Path]:
     """Resuming from ``step`` abandons what the interrupted run did after it: its later
     checkpoints are renamed ``abandoned-step-N`` (kept, but never resumed from)."""
     moved = []
-    for later, path in complete_checkpoints(out):
+    for later, path in checkpoint_dirs(out):
         if later > step:
-            target = path.with_name(f"abandoned-{path.name}")
-            if target.exists():
-                shutil.rmtree(target)
+            target, number = path.with_name(f"abandoned-{path.name}"), 1
+            while target.exists():  # abandoned before: both are kept
+                number += 1
+                target = path.with_name(f"abandoned-{path.name}-{number}")
             os.replace(path, target)
             moved.append(target)
     return moved
@@ -257,7 +272,7 @@ def restarted_run(out: Path, record: dict[str, Any] | None) -> tuple[Path | None
         return None
     _refuse_completed(out, record)
     remove_partial_checkpoints(out)
-    found = complete_checkpoints(out)
+    found = checkpoint_dirs(out)
     if not found:
         return None, []
     return _newest_intact(out, found)
@@ -302,7 +317,7 @@ def find_checkpoint(
     _refuse_completed(out, record)  # first: it may have finished without a checkpoint
     remove_partial_checkpoints(out)
     if resume == "latest":
-        found = complete_checkpoints(out)
+        found = checkpoint_dirs(out)
         if not found:
             raise ConfigError(
                 f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (they are written "
@@ -311,10 +326,10 @@ def find_checkpoint(
         checkpoint, notes = _newest_intact(out, found)
         return checkpoint, notes
     checkpoint = Path(resume)
-    if not (checkpoint / TRAINER_STATE).is_file() or not (checkpoint / STATE_DIR).is_dir():
+    if not checkpoint.is_dir():
         raise ConfigError(
-            f"--resume {checkpoint}: not a complete checkpoint (expected {TRAINER_STATE} and "
-            f"{STATE_DIR}/ in it)"
+            f"--resume {checkpoint}: not a complete checkpoint (no such directory; a complete "
+            f"one holds {TRAINER_STATE}, {STATE_DIR}/ and {MANIFEST})"
         )
     problems = verify(checkpoint)
     if problems:
@@ -530,7 +545,9 @@ def restore_training_state(accelerator: Any, scheduler: Any, checkpoint: Path) -
     if not rng_file.is_file():
         raise ConfigError(f"{checkpoint}: no RNG state for process {accelerator.process_index}")
     try:
-        accelerator.load_state(str(state_dir))
+        with warnings.catch_warnings():  # torch's note on a pickle it then refuses anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            accelerator.load_state(str(state_dir))
     except Exception as exc:  # the file at fault, named: Accelerate's error does not say
         _name_the_state_file(state_dir, exc)
         raise
@@ -558,7 +575,8 @@ def _name_the_state_file(state_dir: Path, exc: Exception) -> None:
 
     for path in sorted(state_dir.rglob("*")):
         if path.is_file() and path.suffix in (".bin", ".pt", ".pkl", ".pth"):
-            with refusing_code(path):
+            with refusing_code(path), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
                 load(path, map_location="cpu")
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     raise ConfigError(f"cannot restore the training state from {state_dir}: {reason}") from None

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
+import stat
 import sys
 import time
 from datetime import datetime
@@ -45,29 +47,42 @@ def written_by() -> str:
         return WRITTEN_BY
 
 
-def _ours(name: str) -> bool:
-    """The lock file, and the probe a run starting here writes to see the directory is
-    writable (``.write-test-PID``)."""
-    return name == LOCK or name.startswith(".write-test-")
+def _ours(path: Path) -> bool:
+    """The lock file, or the probe a run starting here writes to see the directory is writable
+    (``.write-test-…``): plain files only (a link planted under such a name is not align's)."""
+    name = path.name
+    return (name == LOCK or name.startswith(".write-test-")) and _plain_file(path)
+
+
+def _plain_file(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def contents(out: Path, limit: int = 6) -> str:
     """What a directory holds, for an error message: ``notes.txt, data/, … (14 entries)``."""
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p.name))
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _ours(p))
     shown = ", ".join(names[:limit])
     return shown + (f", … ({len(names)} entries)" if len(names) > limit else "")
 
 
 def is_unused(out: Path) -> bool:
     """A directory align may make a run's: missing, or empty (but for a lock file)."""
-    return not out.exists() or all(_ours(p.name) for p in out.iterdir())
+    return not out.exists() or all(_ours(p) for p in out.iterdir())
 
 
 def read_record(out: Path) -> dict[str, Any] | None:
     """The run's ``run.json``, None when there is none; refused when align did not write it."""
     path = out / RUN_JSON
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
+    if not _plain_file(path):  # a link, a directory, a FIFO (reading one would hang)
+        raise ConfigError(
+            f"{path} is not a plain file, so not align's run record; align leaves this "
+            "directory alone: choose another --output-dir"
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -81,7 +96,36 @@ def read_record(out: Path) -> dict[str, Any] | None:
             "neither continues nor replaces it, and leaves the directory alone: choose another "
             "--output-dir"
         )
+    _check_shape(path, record)
     return record
+
+
+# The entries of run.json that align reads back, and the types it writes them with.
+_SHAPE = {
+    "owns": list,
+    "config": dict,
+    "data": dict,
+    "resumed": list,
+    "seconds": (int, float),
+    "engine": str,
+    "status": str,
+    "elastic": dict,
+    "num_processes": int,
+}
+
+
+def _check_shape(path: Path, record: dict[str, Any]) -> None:
+    """A record align wrote has these entries in these types (or lacks them): one edited by
+    hand into something else is refused here, not met as a traceback later."""
+    for key, kind in _SHAPE.items():
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            raise ConfigError(
+                f"{path}: {key!r} is {value!r}, not what align writes there; the record is "
+                "damaged (restore it, or choose another --output-dir)"
+            )
+    if not all(isinstance(name, str) for name in record.get("owns") or []):
+        raise ConfigError(f"{path}: 'owns' must list names; the record is damaged")
 
 
 def check_claimable(out: Path, locked: bool = False) -> None:
@@ -101,10 +145,22 @@ def check_claimable(out: Path, locked: bool = False) -> None:
         )
 
 
-def owned_entries(record: dict[str, Any]) -> list[str]:
-    """The entries of the directory a run's record says the run wrote (never a path outside
-    the directory: names only)."""
-    return [n for n in record.get("owns", []) if n in RUN_ENTRIES]
+def owned_entries(out: Path, record: dict[str, Any]) -> list[str]:
+    """The entries of the directory that ``--overwrite`` deletes: those the old run's record
+    says it wrote (names only, never a path outside the directory). An entry a run writes that
+    is there but not listed (a file of the user's named ``metrics.jsonl``, a record whose
+    ``owns`` was emptied) is refused: the new run would write into it."""
+    owns = [name for name in record.get("owns") or [] if name in RUN_ENTRIES]
+    present = [name for name in RUN_ENTRIES if os.path.lexists(out / name)]
+    foreign = [name for name in present if name not in owns and name != LOCK]
+    if foreign:
+        raise ConfigError(
+            f"--overwrite: {', '.join(str(out / n) for n in foreign)} "
+            f"{'is' if len(foreign) == 1 else 'are'} not listed as the old run's (run.json "
+            "'owns'); align neither deletes nor writes into what it did not write: move it, or "
+            "choose another --output-dir"
+        )
+    return owns
 
 
 class Busy(ConfigError):
@@ -139,7 +195,7 @@ class RunLock:
             if not (wait_if_stopping and holder.get("state") == "stopping"):
                 raise Busy(self._busy_message(holder))
             if deadline is None:
-                deadline = time.monotonic() + float(os.environ.get(STOPPING_WAIT_ENV, "900"))
+                deadline = time.monotonic() + _stopping_wait()
                 print(
                     f"{self.path.parent}: waiting for the run that is saving its checkpoint "
                     f"after a signal ({describe_holder(holder)}) to exit",
@@ -154,7 +210,7 @@ class RunLock:
     def _try(self) -> bool:
         """One attempt; the lock file is the one at the path once held (a file unlinked and
         re-created meanwhile would let two processes each hold a lock of their own)."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,6 +226,25 @@ class RunLock:
         self.fd = fd
         return True
 
+    def _open(self, flags: int) -> int:
+        """The lock file, never through a link, and only a plain file: a link planted under its
+        name would have align write into a file that is not its own."""
+        try:
+            fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+        except OSError as exc:
+            raise self._not_a_lock(exc.strerror) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._not_a_lock("not a plain file")
+        return fd
+
+    def _not_a_lock(self, why: str | None) -> ConfigError:
+        return ConfigError(
+            f"{self.path} cannot be align's lock file ({why}); align writes nowhere near a link "
+            "or a file it cannot lock: remove it if it is yours to remove, or choose another "
+            "--output-dir"
+        )
+
     def _write(self, state: str) -> None:
         holder = {
             "pid": os.getpid(),
@@ -183,12 +258,17 @@ class RunLock:
 
     def holder_if_held(self) -> dict[str, Any] | None:
         """Who holds the lock now (None when nobody does); takes it for an instant to know."""
-        if not self.path.exists():
+        try:
+            fd = self._open(os.O_RDONLY)  # flock needs no write access: verify changes nothing
+        except ConfigError:
             return None
-        if self._try():
-            self.release()
-            return None
-        return self.holder()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.holder()
+        finally:
+            os.close(fd)
+        return None
 
     def holder(self) -> dict[str, Any]:
         """What the lock file says of the run holding it ({} when unreadable)."""
@@ -230,6 +310,17 @@ class RunLock:
             "at a time writes a directory. Wait for it to exit, or stop it first (kill -TERM "
             f"{holder.get('pid', 'PID')} saves a checkpoint), or choose another --output-dir"
         )
+
+
+def _stopping_wait() -> float:
+    text = os.environ.get(STOPPING_WAIT_ENV, "900")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigError(f"{STOPPING_WAIT_ENV}={text}: expected a number of seconds")
+    return seconds
 
 
 def describe_holder(holder: dict[str, Any]) -> str:

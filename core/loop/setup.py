@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -147,7 +148,7 @@ def _decide(cfg: Any, out: Path, lock: RunLock) -> OutputDir:
     restarted = resume.restarted_run(out, record) if cfg.output_dir else None
     if restarted is not None:  # from its newest intact checkpoint, or again from the start
         checkpoint, notes = restarted
-        owns = rundir.owned_entries(record) if checkpoint is None else []
+        owns = rundir.owned_entries(out, record) if checkpoint is None else []
         return OutputDir(out, checkpoint, checkpoint is None, lock, notes, owns)
     if cfg.resume:
         checkpoint, notes = resume.find_checkpoint(cfg.resume, out, record)
@@ -159,7 +160,7 @@ def _decide(cfg: Any, out: Path, lock: RunLock) -> OutputDir:
             f"{out} already holds a run (run.json);{hint} choose another --output-dir or "
             "pass --overwrite to replace it"
         )
-    owns = rundir.owned_entries(record) if record is not None else []
+    owns = rundir.owned_entries(out, record) if record is not None else []
     return OutputDir(out, replaces_run=record is not None, lock=lock, owns=owns)
 
 
@@ -239,9 +240,9 @@ def clear_run(out: Path, owns: list[str]) -> None:
 def _check_writable(out: Path) -> None:
     try:
         _make_dirs(out)
-        probe = out / f".write-test-{os.getpid()}"  # runs started together probe apart
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)  # a new file, its own
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
 

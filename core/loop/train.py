@@ -123,6 +123,7 @@ class Training:
         self.started = time.time()
         self.spec, self.registry = spec, registry
         self.output: OutputDir | None = None
+        self.last_checkpoint: Path | None = None  # the newest this run wrote or resumed from
         self.at_step = 0  # the step in progress (0: before the first)
         self.run_info: dict[str, Any] | None = None  # run.json, once the run has started
         try:
@@ -139,11 +140,13 @@ class Training:
     def run_steps(self) -> StopSignals:
         """From the run's record to the final model: every step trained, logged, evaluated and
         checkpointed as due. Returns the signal handler (what it received)."""
-        self.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
-        self.at_step = self.first_step - 1
         lock = self.output.lock if self.output is not None else None
         on_signal = lock.stopping if lock is not None else None
         with StopSignals(self.accelerator.is_main_process, on_signal) as signals:
+            # From run.json's "running" on, a signal stops the run after a step, with a
+            # checkpoint (one during start() waits for the first step).
+            self.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
+            self.at_step = self.first_step - 1
             if self.trainer_state.get("eval_pending") and self.eval_loader is not None:
                 self.evaluate(self.first_step - 1)  # owed by a run stopped before evaluating
             elif self.cfg.eval_on_start and self.first_step == 1 and self.eval_loader is not None:
@@ -749,7 +752,8 @@ class Training:
         may be gone). Returns the error to raise: a full disk anywhere, in words."""
         error = exc
         if isinstance(exc, OSError) and failures.is_disk_full(exc, self.out):
-            error = failures.write_failure(exc, f"to {self.out}", self.out, None, None)
+            what = f"to {self.out}"
+            error = failures.write_failure(exc, what, self.out, None, self.last_checkpoint)
         if self.run_info is None or not self.accelerator.is_main_process:
             return error
         for close in ("progress", "metrics_log"):  # either may not be open yet
@@ -775,7 +779,7 @@ class Training:
             write_json(self.out / "run.json", self.run_info)
         except OSError as write_error:  # a full disk: the user is told in words all the same
             note = f" (run.json could not record it: {write_error.strerror})"
-            return error if error is not exc else RunFailed(f"{reason}{note}")
+            return RunFailed(f"{error if isinstance(error, AlignError) else reason}{note}")
         return error
 
     def release(self) -> None:

@@ -8,6 +8,7 @@ whether a run is writing it now.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from ..loop.resume import CHECKPOINTS
 
 
 def _step(path: Path) -> int:
-    return int(re.sub(r"\D", "", path.name) or 0)
+    return int(re.search(r"step-(\d+)", path.name).group(1))
 
 
 def model_dirs(out: Path) -> list[Path]:
@@ -26,9 +27,9 @@ def model_dirs(out: Path) -> list[Path]:
     root = out / CHECKPOINTS
     found = []
     if root.is_dir():
-        found = [p for p in root.iterdir() if re.fullmatch(r"(abandoned-)?step-\d+", p.name)]
+        found = [p for p in root.iterdir() if re.fullmatch(r"(abandoned-)?step-\d+(-\d+)?", p.name)]
     found.sort(key=lambda p: (_step(p), p.name))
-    return found + ([out / "final"] if (out / "final").is_dir() else [])
+    return found + ([out / "final"] if os.path.lexists(out / "final") else [])
 
 
 def verify_run(run_dir: str | Path, echo: Callable[[str], None]) -> bool:
@@ -41,6 +42,10 @@ def verify_run(run_dir: str | Path, echo: Callable[[str], None]) -> bool:
     intact = True
     for directory in model_dirs(out):
         name = directory.relative_to(out).as_posix()
+        if directory.is_symlink() or not directory.is_dir():
+            intact = False
+            echo(f"  {name}: DAMAGED: not a directory")
+            continue
         problems = manifest.verify(directory)
         if problems:
             intact = False
