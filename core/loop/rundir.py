@@ -16,6 +16,7 @@ and refuses a running one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -232,7 +233,8 @@ class RunLock:
         try:
             fd = os.open(self.path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
         except OSError as exc:
-            raise self._not_a_lock(exc.strerror) from None
+            why = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror
+            raise self._not_a_lock(why) from None
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise self._not_a_lock("not a plain file")
