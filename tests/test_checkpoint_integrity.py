@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -263,3 +265,17 @@ def test_align_verify_checks_every_checkpoint_and_the_final_model(finished, tmp_
 
 def _files(directory):
     return len(json.loads((directory / MANIFEST).read_text())["files"])
+
+
+def test_align_verify_loads_no_torch(finished):
+    """It reads files and hashes them: a second, not a torch import."""
+    done, _ = finished
+    code = (
+        "import sys\nfrom align.cli import cli\n"
+        "try:\n    cli(['verify', sys.argv[1]])\nexcept SystemExit as exc:\n    code = exc.code\n"
+        "print(code, sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(done)], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip().splitlines()[-1] == "0 []", result.stdout + result.stderr

@@ -44,8 +44,8 @@ from .checkpoint import (
     write_model,
 )
 from .manifest import MANIFEST, verify
+from .rundir import CHECKPOINTS
 
-CHECKPOINTS = "checkpoints"
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 SCHEDULER = "scheduler.pt"

@@ -32,6 +32,7 @@ from typing import Any
 from ..errors import ConfigError
 
 RUN_JSON = "run.json"
+CHECKPOINTS = "checkpoints"
 LOCK = ".align-lock"
 WRITTEN_BY = "align-core"
 # The entries of a run directory that a run writes (the lock file too).

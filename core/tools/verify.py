@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..loop import manifest, rundir
-from ..loop.resume import CHECKPOINTS
+from ..loop.rundir import CHECKPOINTS
 
 
 def _step(path: Path) -> int:
