@@ -362,10 +362,12 @@ def _others(problems: list[str]) -> str:
 
 
 def _intact_hint(out: Path, damaged: Path) -> str:
-    for _step, path in reversed(complete_checkpoints(out)):
-        if path.resolve() != damaged.resolve() and not verify(path):
-            return f"The newest intact checkpoint is {path}: --resume {path}"
-    return f"No checkpoint of the run is intact (`align verify {out}`)"
+    others = [(s, p) for s, p in checkpoint_dirs(out) if p.resolve() != damaged.resolve()]
+    try:
+        path, _notes = _newest_intact(out, others)
+    except ConfigError:
+        return f"No checkpoint of the run is intact (`align verify {out}`)"
+    return f"The newest intact checkpoint is {path}: --resume {path}"
 
 
 def _refuse_completed(out: Path, record: dict[str, Any]) -> None:
