@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -102,8 +104,9 @@ def tokenize_conversation(
     mask = _mask_from_spans(ids, offsets, spans, tokenizer, full, False)
     last_turn = _mask_from_spans(ids, offsets, spans[-1:], tokenizer, full, False)
     # Templates end a turn with their own marker; EOS is added only when the last turn lacks it.
+    eos = tokenizer.eos_token_id
     has_eos = messages[-1]["role"] != "assistant" or any(
-        m and t == tokenizer.eos_token_id for t, m in zip(ids, last_turn, strict=True)
+        ids[i] == eos for i, m in enumerate(last_turn) if m
     )
     return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
 
@@ -157,12 +160,16 @@ def _header(tokenizer: Any, field: str) -> str:
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: bool = True):
-    """Token ids and, from a fast tokenizer, character offsets (None from a slow one)."""
-    with_offsets = need_offsets and getattr(tokenizer, "is_fast", False)
-    kwargs = {"return_offsets_mapping": True} if with_offsets else {}
-    encoded = tokenizer(text, add_special_tokens=add_special_tokens, **kwargs)
-    ids = list(encoded["input_ids"])
-    offsets = list(encoded["offset_mapping"]) if with_offsets else None
+    """Token ids and, from a fast tokenizer, character offsets as an ``[n, 2]`` array (None
+    from a slow one)."""
+    if getattr(tokenizer, "is_fast", False):  # the Rust tokenizer itself: no wrapper per text
+        encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        ids = encoding.ids
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        offsets = offsets if need_offsets else None
+    else:
+        ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        offsets = None
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:  # the text already began with BOS
         ids, offsets = ids[1:], (offsets[1:] if offsets is not None else None)
@@ -184,11 +191,11 @@ def _mask_from_spans(
     """1 for every token that overlaps a trained character span of ``text``."""
     if offsets is None:
         return _mask_without_offsets(ids, spans, tokenizer, text, add_special_tokens)
-    mask = []
-    for start, end in offsets:
-        trained = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
-        mask.append(int(trained))
-    return mask
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    trained = np.zeros(len(offsets), dtype=bool)
+    for s_start, s_end in spans:  # a token overlapping the span: start < s_end and end > s_start
+        trained |= (starts < s_end) & (ends > s_start)
+    return (trained & (ends > starts)).astype(np.int64).tolist()
 
 
 def _mask_without_offsets(ids, spans, tokenizer, text: str, add_special_tokens: bool) -> list[int]:
