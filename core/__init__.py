@@ -49,6 +49,8 @@ _LAZY = {
     "pack": "data.packing",
     "Reference": "reference",
     "MetricSums": "loop.metrics",
+    "Examples": "data.store",
+    "ListExamples": "data.store",
 }
 
 

@@ -23,6 +23,27 @@ class TrainConfig(Options):
     eval_data: str | None = Field(
         None, description="Held-out data evaluated every eval_every steps (`demo`: the demo's)."
     )
+    data_split: str = Field("train", description="Split of a hub dataset given as --data.")
+    eval_data_split: str = Field("test", description="Split of a hub dataset given as --eval-data.")
+    data_subset: str | None = Field(
+        None, description="Subset (config name) of the hub datasets given as --data/--eval-data."
+    )
+    data_revision: str | None = Field(
+        None, description="Revision (branch, tag or commit) of the hub datasets."
+    )
+    data_columns: dict[str, str] | None = Field(
+        None,
+        description="Column mapping for data whose columns have other names: "
+        "`question=prompt,answer=completion` (in run.yaml, a mapping).",
+    )
+    data_workers: int | None = Field(
+        None, ge=1, description="Processes that tokenise the data; default: the cores available."
+    )
+    data_cache: bool = Field(
+        True,
+        description="Keep tokenised data in $ALIGN_CACHE/data, keyed by the data, tokenizer and "
+        "settings, so later runs and every process map it instead of tokenising again.",
+    )
     output_dir: str | None = Field(
         None,
         description="Run directory: new, empty, or an align run's; default "
@@ -146,6 +167,20 @@ class TrainConfig(Options):
         if isinstance(value, dict):
             return [name if w is None else f"{name}={w}" for name, w in value.items()]
         return list(value) if isinstance(value, tuple) else value
+
+    @field_validator("data_columns", mode="before")
+    @classmethod
+    def _columns(cls, value: Any) -> Any:
+        """``--data-columns question=prompt,answer=completion``, or a YAML mapping."""
+        if not isinstance(value, str):
+            return value
+        mapping = {}
+        for pair in filter(None, (part.strip() for part in value.split(","))):
+            source, sep, target = (text.strip() for text in pair.partition("="))
+            if not sep or not source or not target:
+                raise ValueError(f"expected SOURCE=COLUMN pairs separated by commas, got {pair!r}")
+            mapping[source] = target
+        return mapping
 
     @field_validator("resume", mode="before")
     @classmethod

@@ -19,7 +19,7 @@ def _batches(examples, grouped, epoch=0, accelerator=ONE_PROCESS, batch_size=8):
         examples, batch_size, lambda e: e, accelerator, True, 42, "train", grouped
     )
     loader.set_epoch(epoch)
-    return loader._batches()
+    return [[int(i) for i in batch] for batch in loader._batches()]
 
 
 def _spread(examples, batches):

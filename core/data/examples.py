@@ -55,6 +55,14 @@ class DataReport:
             text += f"; ignored columns: {', '.join(sorted(self.ignored_columns))}"
         return text
 
+    def add(self, other: DataReport) -> None:
+        """Count another part of the split's records (a worker's chunk) into this report."""
+        self.records += other.records
+        self.examples += other.examples
+        self.truncated += other.truncated
+        self.skipped.update(other.skipped)
+        self.ignored_columns.update(other.ignored_columns)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "records": self.records,
@@ -167,31 +175,35 @@ def _truncate_prompt(example: dict[str, Any], max_length: int, policy: str, reco
     return True
 
 
-def tokenize_records(
-    records: list[Record],
-    data_format: str | DataFormat,
-    tokenizer: Any,
-    max_length: int,
-    truncation: str,
-    split: str,
-    fields: type[BaseModel] | None = None,
-) -> tuple[list[dict[str, Any]], DataReport]:
-    """Tokenise every record; errors name file, record and field; drops are counted.
+class RecordTokenizer:
+    """Tokenises one record at a time into its examples through a data format, counting in a
+    report what truncation cut or skipped and the columns nothing reads. Picklable state only
+    is set up front, so a forked worker process runs it as the parent does."""
 
-    ``data_format``: a registered ``DataFormat`` (or a first-party format's name). ``fields``:
-    the objective's extra fields, validated and stored in every example of the record.
-    """
-    fmt = BUILTIN[data_format] if isinstance(data_format, str) else data_format
-    claimed = {*fmt.columns, *(column_names(fields) if fields is not None else ())}
-    report = DataReport(split=split, records=len(records))
-    examples = []
-    for record in records:
-        report.ignored_columns.update(c for c in record.data if c not in claimed)
-        extra = validate_columns(record, fields) if fields is not None else {}
+    def __init__(
+        self,
+        data_format: str | DataFormat,
+        tokenizer: Any,
+        max_length: int,
+        truncation: str,
+        fields: type[BaseModel] | None = None,
+    ) -> None:
+        self.format = BUILTIN[data_format] if isinstance(data_format, str) else data_format
+        self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
+        self.fields = fields
+        self.claimed = {*self.format.columns, *(column_names(fields) if fields else ())}
+
+    def examples(self, record: Record, report: DataReport) -> list[dict[str, Any]]:
+        """The record's examples; ``report`` counts the record and what happened to it."""
+        fmt = self.format
+        report.records += 1
+        report.ignored_columns.update(c for c in record.data if c not in self.claimed)
+        extra = validate_columns(record, self.fields) if self.fields is not None else {}
         if fmt.schema is not None:
             validated = validate_columns(record, fmt.schema)
             record = dataclasses.replace(record, data={**record.data, **validated})
         built = fmt.groups(record)
+        examples = []
         for group in built if isinstance(built, list) else [built]:
             if not isinstance(group, Group):
                 raise DataError(
@@ -200,7 +212,7 @@ def tokenize_records(
                     source=record.source,
                     location=record.location,
                 )
-            example = tokenize_group(tokenizer, record, group)
+            example = tokenize_group(self.tokenizer, record, group)
             taken = sorted(extra.keys() & example.keys())
             if taken:
                 raise DataError(
@@ -212,12 +224,40 @@ def tokenize_records(
             example.update(extra)
             example["record"] = record.location  # named when the example's loss is not finite
             try:
-                report.truncated += _truncate(example, max_length, truncation, record)
+                report.truncated += _truncate(example, self.max_length, self.truncation, record)
             except _Skip as skip:
                 report.skipped[str(skip)] += 1
                 continue
             examples.append(example)
-    report.examples = len(examples)
+        report.examples += len(examples)
+        return examples
+
+
+def tokenize_records(
+    records: list[Record],
+    data_format: str | DataFormat,
+    tokenizer: Any,
+    max_length: int,
+    truncation: str,
+    split: str,
+    fields: type[BaseModel] | None = None,
+) -> tuple[list[dict[str, Any]], DataReport]:
+    """Tokenise every record in this process and hold the examples in a list (small data and
+    tests; a run builds a memory-mapped store through ``align.data.build``). Errors name file,
+    record and field; drops are counted.
+
+    ``data_format``: a registered ``DataFormat`` (or a first-party format's name). ``fields``:
+    the objective's extra fields, validated and stored in every example of the record.
+    """
+    tokenise = RecordTokenizer(data_format, tokenizer, max_length, truncation, fields)
+    report = DataReport(split=split)
+    examples = []
+    for record in records:
+        examples += tokenise.examples(record, report)
     if not examples:
-        raise DataError(f"no usable examples ({report.summary()})", source=records[0].source)
+        raise no_examples(report, records[0].source if records else None)
     return examples, report
+
+
+def no_examples(report: DataReport, source: str | None) -> DataError:
+    return DataError(f"no usable examples ({report.summary()})", source=source)

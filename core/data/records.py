@@ -14,7 +14,7 @@ import json
 import re
 import sys
 from bisect import bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
@@ -42,13 +42,25 @@ class Record:
     source: str
     location: str
     from_text: bool = False  # CSV: every value is a string
+    renamed: tuple[tuple[str, str], ...] = ()  # (column as read, as the data has it)
 
     def error(self, message: str, field: str | None = None) -> DataError:
+        if field is not None:
+            for new, old in self.renamed:  # name the field as the data names it
+                if field == new or field.startswith((f"{new}.", f"{new}[")):
+                    field = old + field[len(new) :]
+                    break
         return DataError(message, source=self.source, location=self.location, field=field)
 
 
 def read_records(path: str | Path) -> list[Record]:
     """Read every record of a data file; raise DataError naming file and line on bad input."""
+    return list(iter_records(path))
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """The records of a data file one at a time: JSON Lines, Parquet and saved datasets are
+    read as they are consumed, never all held; a JSON array and CSV are parsed whole first."""
     path = Path(path)
     if not path.exists():
         raise DataError("no such file or directory", source=str(path))
@@ -67,9 +79,37 @@ def read_records(path: str | Path) -> list[Record]:
                 f"unsupported file type {suffix or '(none)'!r}; use {SUPPORTED}", source=str(path)
             )
         records = readers[suffix](path)
-    if not records:
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
         raise DataError("contains no records", source=str(path))
-    return records
+
+
+def count_records(path: str | Path) -> int | None:
+    """About how many records a file holds, cheaply (for a progress bar): JSON Lines' lines,
+    Parquet's and saved datasets' rows; None where only parsing would tell."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            import datasets
+
+            return len(datasets.load_from_disk(str(path)))
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if path.suffix.lower() == ".jsonl":
+            lines, last = 0, b"\n"
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 24), b""):
+                    lines += block.count(b"\n")
+                    last = block[-1:]
+            return lines + (last != b"\n")
+    except Exception:  # a bad file is named by the reader, not here
+        return None
+    return None
 
 
 def _decode(path: Path, raw: bytes, line_no: int | None = None) -> str:
@@ -94,8 +134,7 @@ def _object(path: Path, value: Any, location: str) -> dict[str, Any]:
 
 
 # -- JSON -----------------------------------------------------------------------------------------
-def _read_jsonl(path: Path) -> list[Record]:
-    records = []
+def _read_jsonl(path: Path) -> Iterator[Record]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             text = _decode(path, raw, line_no).strip()
@@ -106,11 +145,10 @@ def _read_jsonl(path: Path) -> list[Record]:
             record = Record(_object(path, value, location), str(path), location)
             if _SURROGATE_ESCAPE.search(text):  # the only way in for a lone surrogate
                 _check_unicode(record)
-            records.append(record)
-    return records
+            yield record
 
 
-def _read_json(path: Path) -> list[Record]:
+def _read_json(path: Path) -> Iterable[Record]:
     text = _decode(path, path.read_bytes())
     if not text.lstrip().startswith("["):
         return _read_jsonl(path)
@@ -315,7 +353,7 @@ def _quote_problem(text: str) -> tuple[int, int | None] | None:
 
 
 # -- Parquet and saved datasets -------------------------------------------------------------------
-def _read_parquet(path: Path) -> list[Record]:
+def _read_parquet(path: Path) -> Iterator[Record]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -324,16 +362,20 @@ def _read_parquet(path: Path) -> list[Record]:
             "reading Parquet needs pyarrow: pip install 'align-core[parquet]'", source=str(path)
         ) from None
     try:
-        table = pq.read_table(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        number = 0
+        for batch in batches:
+            try:
+                rows = batch.to_pylist()
+            except UnicodeDecodeError:
+                raise _undecodable(path, pa.Table.from_batches([batch]), number) from None
+            for row in rows:
+                number += 1
+                yield Record(row, str(path), f"record {number}")
     except (pa.ArrowException, OSError) as exc:
         raise DataError(
             f"not a readable Parquet file: {_arrow_reason(exc)}", source=str(path)
         ) from None
-    try:
-        rows = table.to_pylist()
-    except UnicodeDecodeError:
-        raise _undecodable(path, table) from None
-    return [Record(row, str(path), f"record {i}") for i, row in enumerate(rows, start=1)]
 
 
 def _arrow_reason(exc: Exception) -> str:
@@ -342,7 +384,7 @@ def _arrow_reason(exc: Exception) -> str:
     return re.sub(r"^Could not open Parquet input source '.*?': ", "", text)
 
 
-def _undecodable(path: Path, table: Any) -> DataError:
+def _undecodable(path: Path, table: Any, before: int = 0) -> DataError:
     """Arrow does not check that stored strings are UTF-8, and Python's decoding of a bad one
     names no row: find the first (column by column, halving the rows) to name it."""
 
@@ -362,12 +404,15 @@ def _undecodable(path: Path, table: Any) -> DataError:
             middle = (low + high) // 2
             low, high = (low, middle) if fails(column, low, middle) else (middle, high)
         return DataError(
-            "is not valid UTF-8", source=str(path), location=f"record {low + 1}", field=name
+            "is not valid UTF-8",
+            source=str(path),
+            location=f"record {before + low + 1}",
+            field=name,
         )
     return DataError("is not valid UTF-8", source=str(path))
 
 
-def _read_saved_dataset(path: Path) -> list[Record]:
+def _read_saved_dataset(path: Path) -> Iterator[Record]:
     try:
         import datasets
     except ImportError:
@@ -387,7 +432,8 @@ def _read_saved_dataset(path: Path) -> list[Record]:
     if isinstance(loaded, datasets.DatasetDict):
         splits = ", ".join(f"{path}/{name}" for name in loaded)
         raise DataError(f"holds several splits; pass one of: {splits}", source=str(path))
-    return [Record(row, str(path), f"record {i}") for i, row in enumerate(loaded, start=1)]
+    for i, row in enumerate(loaded, start=1):
+        yield Record(row, str(path), f"record {i}")
 
 
 def fingerprint(path: str | Path) -> str:

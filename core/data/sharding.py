@@ -21,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import DataError
+from .store import Examples, ListExamples
 
 
 def shard_batches(
@@ -37,7 +39,7 @@ def shard_batches(
     batches = []
     for i, start in enumerate(bounds):
         end = bounds[i + 1] if i + 1 < len(bounds) else len(order)
-        chunk = list(order[start:end])
+        chunk = order[start:end]  # a view of an array, a copy of a list
         base, extra = divmod(len(chunk), num_processes)
         lo = process_index * base + min(process_index, extra)
         batches.append(chunk[lo : lo + base + (process_index < extra)])
@@ -54,7 +56,7 @@ class ShardedBatches:
 
     def __init__(
         self,
-        examples: list[dict[str, Any]],
+        examples: Examples | list[dict[str, Any]],
         batch_size: int,
         collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
         accelerator: Any,
@@ -68,38 +70,39 @@ class ShardedBatches:
                 f"the {split} split has {len(examples)} examples, fewer than the "
                 f"{accelerator.num_processes} processes"
             )
+        if isinstance(examples, list):
+            examples = ListExamples(examples)
         self.examples, self.batch_size, self.collate = examples, batch_size, collate
         self.accelerator, self.shuffle, self.seed = accelerator, shuffle, seed
-        self.lengths = [example_length(e) for e in examples] if group_by_length and shuffle else []
+        self.lengths = examples.lengths() if group_by_length and shuffle else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _order(self) -> list[int]:
+    def _order(self) -> np.ndarray:
         if not self.shuffle:
-            return list(range(len(self.examples)))
+            return np.arange(len(self.examples))
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.examples), generator=generator).tolist()
-        if self.lengths:
+        order = torch.randperm(len(self.examples), generator=generator).numpy()
+        if self.lengths is not None:
             order = self._grouped_by_length(order, generator)
         return order
 
-    def _grouped_by_length(self, order: list[int], generator: torch.Generator) -> list[int]:
+    def _grouped_by_length(self, order: np.ndarray, generator: torch.Generator) -> np.ndarray:
         size, lengths = self.batch_size * self.accelerator.num_processes, self.lengths
         mega = 50 * size
-        grouped: list[int] = []
-        for start in range(0, len(order), mega):
-            grouped += sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        parts = [order[start : start + mega] for start in range(0, len(order), mega)]
+        grouped = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in parts])
         batches = [grouped[i : i + size] for i in range(0, len(grouped), size)]
         short = len(batches) > 1 and len(batches[-1]) < size
         tail = [batches.pop()] if short else []  # the short batch stays last
         shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator)]
-        longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
+        longest = max(range(len(shuffled)), key=lambda b: lengths[shuffled[b]].max())
         shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
-        return [i for batch in shuffled + tail for i in batch]
+        return np.concatenate(shuffled + tail)
 
-    def _batches(self) -> list[list[int]]:
+    def _batches(self) -> list[Any]:
         return shard_batches(
             self._order(),
             self.batch_size,
@@ -120,5 +123,6 @@ class ShardedBatches:
         from accelerate.utils import send_to_device
 
         for indices in self._batches()[start:]:
+            indices = [int(i) for i in indices]
             batch = self.collate([self.examples[i] for i in indices])
             yield indices, send_to_device(batch, self.accelerator.device)

@@ -13,8 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -163,6 +161,8 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: b
     """Token ids and, from a fast tokenizer, character offsets as an ``[n, 2]`` array (None
     from a slow one)."""
     if getattr(tokenizer, "is_fast", False):  # the Rust tokenizer itself: no wrapper per text
+        import numpy as np
+
         encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
         ids = encoding.ids
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
@@ -191,6 +191,8 @@ def _mask_from_spans(
     """1 for every token that overlaps a trained character span of ``text``."""
     if offsets is None:
         return _mask_without_offsets(ids, spans, tokenizer, text, add_special_tokens)
+    import numpy as np
+
     starts, ends = offsets[:, 0], offsets[:, 1]
     trained = np.zeros(len(offsets), dtype=bool)
     for s_start, s_end in spans:  # a token overlapping the span: start < s_end and end > s_start

@@ -64,6 +64,9 @@ MAY_CHANGE_ON_RESUME = {
     "num_processes",  # the world size is compared instead
     "data",  # the training data's sha256 is compared instead
     "eval_data",  # evaluation does not change training
+    "eval_data_split",
+    "data_workers",  # the examples are the same whoever tokenises them
+    "data_cache",
 }
 
 

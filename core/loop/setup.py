@@ -24,9 +24,11 @@ import torch
 
 from .. import demo
 from ..config import RunSpec, check_model_and_data
-from ..data.examples import DataReport, tokenize_records
-from ..data.records import read_records
-from ..errors import ConfigError
+from ..data.build import Built
+from ..data.examples import DataReport, RecordTokenizer
+from ..data.sources import DataSource
+from ..data.store import Examples, StoredExamples
+from ..errors import AlignError, ConfigError
 from ..model.loading import load_causal_lm
 from ..plugins.hooks import ObjectiveHooks
 from . import resume, rundir
@@ -290,24 +292,112 @@ def load_tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def build_examples(
-    hooks: ObjectiveHooks, cfg: Any, path: str, split: str
-) -> tuple[list[dict[str, Any]], DataReport]:
-    """Read and tokenise one split, then let the objective's plugin prepare it."""
-    examples, report = tokenize_records(
-        read_records(path),
-        hooks.data_format,
-        hooks.tokenizer,
-        cfg.max_length,
-        cfg.truncation,
-        split,
-        fields=hooks.fields,
+def data_sources(cfg: Any) -> dict[str, DataSource | None]:
+    """Each split's data as the options give it (a file, or a hub dataset and its split)."""
+    columns = dict(cfg.data_columns or {})
+
+    def source(name: str | None, split: str) -> DataSource | None:
+        if not name:
+            return None
+        return DataSource(name, split, cfg.data_subset, cfg.data_revision, columns)
+
+    return {
+        "train": source(cfg.data, cfg.data_split),
+        "eval": source(cfg.eval_data, cfg.eval_data_split),
+    }
+
+
+def prepare_split(
+    hooks: ObjectiveHooks, cfg: Any, source: DataSource, split: str, data_fingerprint: str
+) -> Built:
+    """The split's store: the cached one when its key matches, else tokenised now (into the
+    cache, or a temporary directory with ``data_cache`` off)."""
+    from ..data import build
+
+    tokenise = RecordTokenizer(
+        hooks.data_format, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields
     )
-    examples = hooks.prepare_dataset(examples, split, cfg)
+    workers = cfg.data_workers or build.default_workers()
+    if not cfg.data_cache:
+        return build.build_uncached(
+            source.records(), tokenise, split, workers, source.label, source.count()
+        )
+    key, parts = build.store_key(
+        data_fingerprint, hooks.tokenizer, tokenise, hooks.format_origin, source.columns
+    )
+    found = build.open_cached(key, split)
+    if found is not None:
+        return found
+    return build.build_cached(
+        key, source.records, tokenise, split, workers, source.label, source.count(), parts
+    )
+
+
+def build_examples(
+    hooks: ObjectiveHooks,
+    cfg: Any,
+    source: DataSource,
+    split: str,
+    data_fingerprint: str | None = None,
+    state: Any = None,
+) -> tuple[Examples, DataReport, Built]:
+    """One split's examples, memory-mapped from its store, as the objective's plugin prepares
+    them. Under several processes each node's local main process builds the store and the
+    others map it (a failure there stops them all, with its message)."""
+    if data_fingerprint is None:
+        data_fingerprint = source.fingerprint()
+    built = on_local_main(lambda: prepare_split(hooks, cfg, source, split, data_fingerprint), state)
+    examples = hooks.prepare_dataset(StoredExamples(built.path), split, cfg)
+    report = dataclasses.replace(built.report, split=split)
     report.examples = len(examples)
-    for index, example in enumerate(examples):
-        example["index"] = index
-    return examples, report
+    return examples, report, built
+
+
+def on_local_main(work: Any, state: Any = None) -> Any:
+    """``work()`` on each node's local main process; every process gets its node's result, or
+    raises the error any node's work raised."""
+    from ..errors import AlignError
+
+    if state is None or state.num_processes == 1:
+        return work()
+    from accelerate.utils import gather_object
+
+    result: tuple[Any, str | None] = (None, None)
+    if state.is_local_main_process:
+        try:
+            result = (work(), None)
+        except AlignError as exc:
+            result = (None, f"{type(exc).__name__}\0{exc}")
+        except Exception as exc:  # noqa: BLE001 (the others must hear of it, or they wait)
+            result = (None, f"RuntimeError\0{type(exc).__name__}: {exc}")
+    gathered = gather_object([result])
+    failed = next((error for _, error in gathered if error is not None), None)
+    if failed is not None:
+        from .. import errors
+
+        kind, message = failed.split("\0", 1)
+        raise getattr(errors, kind, RuntimeError)(message)
+    return gathered[state.process_index - state.local_process_index][0]
+
+
+def shared_fingerprints(sources: dict[str, DataSource | None], state: Any) -> dict[str, str]:
+    """Each split's data fingerprint, computed on the main process (a hub dataset is loaded
+    there first) and shared."""
+    from accelerate.utils import broadcast_object_list
+
+    result: list[Any] = [None, None]
+    if state.is_main_process:
+        try:
+            result[0] = {s: source.fingerprint() for s, source in sources.items() if source}
+        except AlignError as exc:
+            result[1] = (type(exc).__name__, str(exc))
+    if state.num_processes > 1:
+        broadcast_object_list(result)
+    if result[1] is not None:
+        from .. import errors
+
+        raise getattr(errors, result[1][0])(result[1][1])
+    return result[0]
 
 
 def load_model(cfg: Any, **load_kwargs: Any) -> Any:

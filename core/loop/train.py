@@ -26,10 +26,11 @@ import torch
 
 from ..config import RunSpec
 from ..data.batching import is_packed_batch, sequence_prefixes
+from ..data.build import Built
 from ..data.examples import DataReport
 from ..data.packing import set_default_layout
-from ..data.records import fingerprint
 from ..data.sharding import ShardedBatches
+from ..data.store import Examples
 from ..errors import AlignError, ConfigError
 from ..model import dropout
 from ..model.attention import attention_implementation, packing_options
@@ -64,11 +65,13 @@ from .setup import (
     apply_demo_defaults,
     build_examples,
     clear_run,
+    data_sources,
     load_model,
     load_tokenizer,
     make_optimizer,
     make_scheduler,
     precision_from_launcher,
+    shared_fingerprints,
     shared_output_dir,
 )
 from .step import accumulate_gradients, micro_batch_groups
@@ -190,7 +193,8 @@ class Training:
         self.output = shared_output_dir(cfg, cfg.objective, state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
-        self.digests = {split: fingerprint(path) for split, path in self.splits.items() if path}
+        self.sources = data_sources(cfg)
+        self.digests = shared_fingerprints(self.sources, state)
         self.previous, self.changed = None, {}
         if self.checkpoint is not None:
             self.previous = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
@@ -235,14 +239,16 @@ class Training:
             self._log(f"No --model and --data: training the embedded demo ({self.cfg.model}).")
         self.tokenizer = load_tokenizer(self.cfg)
         self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
-        self.examples: dict[str, list[dict[str, Any]]] = {}
+        self.examples: dict[str, Examples] = {}
         self.reports: dict[str, DataReport] = {}
-        for split, path in self.splits.items():
-            if path:
-                self.examples[split], self.reports[split] = build_examples(
-                    self.hooks, self.cfg, path, split
+        self.stores: dict[str, Built] = {}
+        for split, source in self.sources.items():
+            if source is not None:
+                self.examples[split], self.reports[split], self.stores[split] = build_examples(
+                    self.hooks, self.cfg, source, split, self.digests[split], self.accelerator
                 )
                 self._log(f"data {self.reports[split].summary()}")
+                self._log(f"data {split}: {self.stores[split].summary()}")
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when

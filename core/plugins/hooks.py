@@ -6,6 +6,7 @@ from typing import Any
 
 from ..data.fields import collate, column_names, merged_fields
 from ..data.formats import default_batch
+from ..data.store import Examples, ListExamples
 from ..errors import PluginError
 from .api import LossOutput
 from .registry import PluginRegistry
@@ -21,6 +22,8 @@ class ObjectiveHooks:
         self.objective, self.options, self.tokenizer = spec.objective.item, spec.options, tokenizer
         self.config = spec.config
         self.data_format = registry.data_format(self.objective)
+        origin = registry.formats[self.objective.data_format].plugin
+        self.format_origin = f"{origin.label} {origin.version}"  # part of the data cache's key
         rewards = getattr(spec, "rewards", [])
         self.fields = merged_fields([self.objective.fields, *(c.reward.fields for c in rewards)])
         fields = self.fields
@@ -32,13 +35,24 @@ class ObjectiveHooks:
             hook, self.registered, objective=self.objective, options=self.options, **kwargs
         )
 
-    def prepare_dataset(
-        self, examples: list[dict[str, Any]], split: str, config: Any
-    ) -> list[dict[str, Any]]:
+    def prepare_dataset(self, examples: Any, split: str, config: Any) -> Examples:
+        """The split's examples as the objective's ``align_prepare_dataset`` leaves them: an
+        ``align.Examples`` (a list the hook gets or returns is wrapped in one)."""
+        if isinstance(examples, list):
+            examples = ListExamples(examples)
         prepared = self._call(
             "align_prepare_dataset", examples=examples, split=split, config=config
         )
-        return examples if prepared is None else prepared
+        if prepared is None:
+            return examples
+        if isinstance(prepared, list):
+            return ListExamples(prepared)
+        if not isinstance(prepared, Examples):
+            raise PluginError(
+                f"objective {self.objective.name!r}: align_prepare_dataset returned "
+                f"{type(prepared).__name__}; expected align.Examples, a list of examples or None"
+            )
+        return prepared
 
     def build_batch(
         self, examples: list[dict[str, Any]], packed: bool | None = None

@@ -193,8 +193,7 @@ class ObjectiveConformance:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..config import resolve
-        from ..data.examples import tokenize_records
-        from ..data.records import read_records
+        from ..loop.setup import build_examples, data_sources
         from ..reference import ModelReference
         from ..run import Run
         from .hooks import ObjectiveHooks
@@ -220,16 +219,10 @@ class ObjectiveConformance:
         spec = resolve(registry, None, given, sets)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hooks = ObjectiveHooks(registry, spec, tokenizer)
-        examples, _ = tokenize_records(
-            read_records(path),
-            hooks.data_format,
-            tokenizer,
-            spec.config.max_length,
-            "keep_start",
-            "train",
-            fields=hooks.fields,
-        )
-        examples = hooks.prepare_dataset(examples, "train", spec.config)
+        # Through the memory-mapped store a run reads: examples are read-only views, so a hook
+        # that changes them in place instead of returning new ones fails here as in a run.
+        sources = data_sources(spec.config)
+        examples, _, _ = build_examples(hooks, spec.config, sources["train"], "train")
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         model = registry.chain_hook(

@@ -11,8 +11,6 @@ from collections.abc import Callable
 
 from ..config import RunSpec
 from ..data.batching import sequence_prefixes
-from ..data.examples import tokenize_records
-from ..data.records import read_records
 from ..plugins.hooks import ObjectiveHooks
 from ..plugins.registry import PluginRegistry
 
@@ -20,25 +18,16 @@ from ..plugins.registry import PluginRegistry
 def inspect_examples(
     spec: RunSpec, registry: PluginRegistry, count: int, echo: Callable[[str], None]
 ) -> None:
-    from ..loop.setup import apply_demo_defaults, load_tokenizer
+    from ..loop.setup import apply_demo_defaults, build_examples, data_sources, load_tokenizer
 
     apply_demo_defaults(spec, registry)
     cfg = spec.config
     tokenizer = load_tokenizer(cfg)
     hooks = ObjectiveHooks(registry, spec, tokenizer)
-    records = read_records(cfg.data)
     fmt = spec.objective.item.data_format
-    examples, report = tokenize_records(
-        records,
-        hooks.data_format,
-        tokenizer,
-        cfg.max_length,
-        cfg.truncation,
-        "train",
-        fields=hooks.fields,
-    )
-    examples = hooks.prepare_dataset(examples, "train", cfg)
-    echo(f"{cfg.data}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
+    source = data_sources(cfg)["train"]
+    examples, report, _ = build_examples(hooks, cfg, source, "train")
+    echo(f"{source.label}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
     echo(f"objective {spec.objective.item.name}, data format {fmt}, tokenizer {cfg.model}")
     special = set(tokenizer.all_special_ids)
     for number, example in enumerate(examples[:count], start=1):

@@ -8,13 +8,18 @@ drawn by rotating a seeded permutation of the split by one and skipping same-pro
 so they do not depend on batch size, shuffling, gradient accumulation or process count: the
 reference point z0 of a micro-batch is the same however the run is laid out, and precomputed
 reference values stay valid.
+
+Only the partner of each example is held (an array); the mismatched sequence is built when the
+example is read, so a split of a million examples costs a few megabytes here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-from collections import Counter
 from typing import Any
+
+import numpy as np
 
 import align
 
@@ -24,22 +29,36 @@ def prompt_length(example: dict[str, Any]) -> int:
     return next(i for i, m in enumerate(example["completion_mask"]) if m)
 
 
+def _prompt_keys(examples: align.Examples) -> np.ndarray:
+    """Each example's ``prompt_id`` as a 64-bit number (equal ids, equal numbers)."""
+
+    def key(prompt_id: Any) -> int:
+        digest = hashlib.blake2b(str(prompt_id).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    return np.fromiter(
+        (key(p) for p in examples.value_column("prompt_id")), dtype=np.uint64, count=len(examples)
+    )
+
+
 def add_mismatched_partners(
-    examples: list[dict[str, Any]],
+    examples: align.Examples | list[dict[str, Any]],
     seed: int,
     max_length: int,
     split: str,
     source: str | None = None,
-) -> list[dict[str, Any]]:
-    """Add ``mismatched_input_ids``/``mismatched_completion_mask`` to every example.
+) -> align.Examples:
+    """The examples with ``mismatched_input_ids``/``mismatched_completion_mask`` added to each.
 
     In a seeded permutation of the split, each example's partner is the next example (going
-    round) whose ``prompt_id`` differs from its own: one backward pass, so linear in the split.
+    round) whose ``prompt_id`` differs from its own: linear in the split, on arrays.
     """
     import torch
 
-    prompts = [e["prompt_id"] for e in examples]
-    counts = Counter(prompts)
+    if isinstance(examples, list):
+        examples = align.ListExamples(examples)
+    prompts = _prompt_keys(examples)
+    _, counts = np.unique(prompts, return_counts=True)
     if len(counts) < 2:
         raise align.DataError(
             f"KTO needs at least two different prompts in the {split} split: each example's "
@@ -47,28 +66,38 @@ def add_mismatched_partners(
             source=source,
         )
     n = len(examples)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    ring = order + order
-    following = [0] * (2 * n)  # following[k]: the next ring position with another prompt
-    for k in range(2 * n - 2, -1, -1):
-        same = prompts[ring[k + 1]] == prompts[ring[k]]
-        following[k] = following[k + 1] if same else k + 1
-    cut = 0
-    for k, i in enumerate(order):
-        j = ring[following[k]]
-        own, theirs = prompt_length(examples[i]), prompt_length(examples[j])
-        ids = examples[i]["input_ids"][:own] + examples[j]["input_ids"][theirs:]
-        mask = [0] * own + examples[j]["completion_mask"][theirs:]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    ring = np.concatenate([order, order])
+    ring_prompts = prompts[ring]
+    # following[k]: the next ring position whose prompt differs from position k's (the start
+    # of the next run of equal prompts); every k < n has one, as two prompts at least occur.
+    run_starts = np.flatnonzero(ring_prompts[1:] != ring_prompts[:-1]) + 1
+    following = run_starts[np.searchsorted(run_starts, np.arange(n), side="right")]
+    partners = np.empty(n, dtype=np.int64)
+    partners[order] = ring[following]
+    own = examples.prompt_lengths()
+    lengths = examples.sequence_lengths() if hasattr(examples, "sequence_lengths") else None
+    if lengths is None:
+        lengths = np.fromiter((len(e["input_ids"]) for e in examples), np.int64, count=n)
+    full = own + lengths[partners] - own[partners]
+    cut = int((full > max_length).sum())
+
+    def mismatched(index: int, example: dict[str, Any]) -> dict[str, Any]:
+        partner = examples[int(partners[index])]
+        mine, theirs = prompt_length(example), prompt_length(partner)
+        ids = example["input_ids"][:mine] + partner["input_ids"][theirs:]
+        mask = [0] * mine + partner["completion_mask"][theirs:]
         if len(ids) > max_length:
-            ids, mask, cut = ids[-max_length:], mask[-max_length:], cut + 1
-        examples[i]["mismatched_input_ids"], examples[i]["mismatched_completion_mask"] = ids, mask
+            ids, mask = ids[-max_length:], mask[-max_length:]
+        return {"mismatched_input_ids": ids, "mismatched_completion_mask": mask}
+
     if cut:
         warnings.warn(
             f"KTO ({split}): {cut} mismatched pairs were longer than max_length {max_length} "
             "and lost the start of their prompt",
             stacklevel=2,
         )
-    top_count = counts.most_common(1)[0][1]
+    top_count = int(counts.max())
     if top_count > n / 2:
         warnings.warn(
             f"KTO ({split}): {top_count} of {n} examples share one prompt, so their mismatched "
@@ -76,14 +105,21 @@ def add_mismatched_partners(
             "reference point z0 rests on few completions",
             stacklevel=2,
         )
-    return examples
+    return examples.derive(mismatched, np.minimum(full, max_length))
 
 
 def warn_if_imbalanced(
-    examples: list[dict[str, Any]], desirable_weight: float, undesirable_weight: float
+    examples: align.Examples | list[dict[str, Any]],
+    desirable_weight: float,
+    undesirable_weight: float,
 ) -> None:
     """The KTO paper's advice: keep λ_D·n_D / (λ_U·n_U) within [1, 4/3]."""
-    desirable = sum(bool(e["label"]) for e in examples)
+    labels = (
+        examples.value_column("label")
+        if isinstance(examples, align.Examples)
+        else (e["label"] for e in examples)
+    )
+    desirable = sum(bool(label) for label in labels)
     undesirable = len(examples) - desirable
     if desirable and undesirable:
         ratio = desirable_weight * desirable / (undesirable_weight * undesirable)

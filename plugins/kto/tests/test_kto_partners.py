@@ -81,8 +81,8 @@ def test_a_single_prompt_is_an_error():
 def test_over_long_partners_lose_the_start_of_the_prompt_and_are_counted():
     examples = [_example([2] * 6, [3]), _example([4], [5] * 6)]
     with pytest.warns(UserWarning, match="1 mismatched pairs were longer than max_length 8"):
-        add_mismatched_partners(examples, seed=0, max_length=8, split="train")
-    long = examples[0]
+        prepared = add_mismatched_partners(examples, seed=0, max_length=8, split="train")
+    long = prepared[0]
     assert len(long["mismatched_input_ids"]) == 8
     assert long["mismatched_input_ids"][-6:] == [5] * 6  # the partner's completion is whole
 

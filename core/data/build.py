@@ -1,0 +1,334 @@
+"""Records to a memory-mapped store of tokenised examples: once, in parallel, cached.
+
+The store of a split lives in ``$ALIGN_CACHE/data/<key>``. The key is a hash of everything that
+decides the examples: the data (its bytes' sha256, or a hub dataset's fingerprint), the
+tokenizer (its vocabulary, rules, special tokens and chat template), the data format and the
+plugin that registered it, the objective's extra fields, ``max_length``, ``truncation``, the
+column mapping and the versions of align and of the store layout. A run whose key matches
+maps the store and tokenises nothing; any change is a new key, so a stale store is never read.
+A store is written into a temporary directory beside its final place and renamed when complete,
+so a crash leaves no half a store where a run would read it.
+
+Tokenising runs in ``workers`` forked processes, each given chunks of records in order (a
+bounded number in flight, so memory does not grow with the data); the examples come back in
+record order, so the store is the same whatever the number of workers. The first bad record
+stops every worker, and its error names the file, the line or record and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from ..cache import cache_dir
+from .examples import DataReport, RecordTokenizer, no_examples
+from .records import Record
+from .store import STORE_VERSION, StoredExamples, StoreWriter
+
+CHUNK = 256  # records a worker tokenises at a time
+BUILDING = ".building-"  # prefix of the temporary directory a store is written to
+
+
+def default_workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """A hash of what decides a tokenizer's output: its vocabulary and rules (the fast
+    tokenizer's serialised form, or a slow one's vocabulary), special tokens, chat template and
+    the options that add BOS or EOS."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    if getattr(tokenizer, "is_fast", False):
+        digest.update(tokenizer.backend_tokenizer.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    settings = {
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "ids": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
+        "options": {
+            k: v
+            for k, v in sorted(getattr(tokenizer, "init_kwargs", {}).items())
+            if k.startswith(("add_", "clean_up", "legacy", "split_special", "do_lower"))
+            and isinstance(v, (bool, int, str, type(None)))
+        },
+    }
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def store_key(
+    data_fingerprint: str,
+    tokenizer: Any,
+    tokenise: RecordTokenizer,
+    format_origin: str,
+    columns: dict[str, str] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The cache key of a split's store, and the parts it was made from (kept in its meta)."""
+    from ..loop.rundir import written_by
+
+    fields = tokenise.fields.model_json_schema() if tokenise.fields is not None else None
+    parts = {
+        "store_version": STORE_VERSION,
+        "align": written_by(),
+        "data": data_fingerprint,
+        "tokenizer": tokenizer_identity(tokenizer),
+        "format": {"name": tokenise.format.name, "from": format_origin},
+        "fields": fields,
+        "max_length": tokenise.max_length,
+        "truncation": tokenise.truncation,
+        "columns": dict(sorted((columns or {}).items())),
+    }
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32], parts
+
+
+@dataclass
+class Built:
+    """A split's store and what its building reported."""
+
+    path: Path
+    report: DataReport
+    key: str | None  # None: not cached
+    cache_hit: bool
+    seconds: float = 0.0
+    workers: int = 0
+
+    def summary(self) -> str:
+        if self.cache_hit:
+            return f"tokenised examples from the cache ({self.path})"
+        where = f"cached in {self.path}" if self.key else "not cached (data_cache off)"
+        workers = f"{self.workers} worker{'s' * (self.workers != 1)}"
+        return f"tokenised in {self.seconds:.1f}s ({workers}); {where}"
+
+
+# -- tokenising in worker processes ----------------------------------------------------------------
+_WORKER: RecordTokenizer | None = None  # set in the parent before the workers are forked
+
+
+def _tokenise_chunk(records: list[Record]) -> tuple[list[dict[str, Any]], DataReport]:
+    report = DataReport(split="")
+    examples = [example for record in records for example in _WORKER.examples(record, report)]
+    return examples, report
+
+
+def tokenised_chunks(
+    records: Iterator[Record], tokenise: RecordTokenizer, workers: int
+) -> Iterator[tuple[list[dict[str, Any]], DataReport]]:
+    """``(examples, report)`` of each chunk of records, in record order: in ``workers`` forked
+    processes, or in this one for ``workers`` 1."""
+    global _WORKER
+    if workers <= 1:
+        _WORKER = tokenise
+        try:
+            for chunk in _chunks(records):
+                yield _tokenise_chunk(chunk)
+        finally:
+            _WORKER = None
+        return
+    import multiprocessing
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    _WORKER = tokenise
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:  # terminated on exit
+            pending: deque = deque()
+            for chunk in _chunks(records):
+                pending.append(pool.apply_async(_tokenise_chunk, (chunk,)))
+                if len(pending) >= 3 * workers:  # bounded: the records are not all read ahead
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+    finally:
+        _WORKER = None
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _chained(head: list[Record], rest: Iterator[Record]) -> Iterator[Record]:
+    yield from head
+    yield from rest
+
+
+def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
+    while chunk := list(islice(records, CHUNK)):
+        yield chunk
+
+
+def write_store(
+    records: Iterable[Record],
+    tokenise: RecordTokenizer,
+    path: Path,
+    split: str,
+    workers: int,
+    source: str,
+    total: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> tuple[DataReport, int]:
+    """Tokenise ``records`` into a new store at ``path``: the split's report, and the number of
+    processes that tokenised (1 for small data: forking costs more than it saves)."""
+    from tqdm.auto import tqdm
+
+    records = iter(records)
+    head = list(islice(records, 2 * CHUNK))  # fewer records than this: not worth a process
+    if len(head) < 2 * CHUNK or not _can_fork():
+        workers = 1
+    report = DataReport(split=split)
+    writer = StoreWriter(path)
+    progress = tqdm(
+        total=total, desc=f"tokenising {split}", unit=" records", disable=None, leave=False
+    )
+    try:
+        for examples, part in tokenised_chunks(_chained(head, records), tokenise, workers):
+            for example in examples:
+                writer.add(example)
+            report.add(part)
+            progress.update(part.records)
+        if not writer.count:
+            raise no_examples(report, source)
+        report.examples = writer.count
+        meta = {"report": report.as_dict(), "source": source, "workers": workers, **(meta or {})}
+        writer.close(meta)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        progress.close()
+    return report, workers
+
+
+# -- the cache ---------------------------------------------------------------------------------
+def stores_dir() -> Path:
+    return cache_dir() / "data"
+
+
+def open_cached(key: str, split: str) -> Built | None:
+    """The complete store of ``key``, or None. A store whose files do not add up (damaged
+    since) is moved aside and rebuilt."""
+    path = stores_dir() / key
+    if not (path / "meta.json").exists():
+        return None
+    try:
+        store = StoredExamples(path)
+    except (ValueError, OSError, KeyError) as exc:
+        import warnings
+
+        warnings.warn(f"rebuilding the damaged data store {path}: {exc}", stacklevel=2)
+        _remove(path)
+        return None
+    return Built(path, report_of(store.meta, split), key, cache_hit=True)
+
+
+def report_of(meta: dict[str, Any], split: str) -> DataReport:
+    from collections import Counter
+
+    saved = meta["report"]
+    return DataReport(
+        split=split,
+        records=saved["records"],
+        examples=saved["examples"],
+        truncated=saved["truncated"],
+        skipped=Counter(saved["skipped"]),
+        ignored_columns=Counter(saved["ignored_columns"]),
+    )
+
+
+def build_cached(
+    key: str,
+    records: Callable[[], Iterable[Record]],
+    tokenise: RecordTokenizer,
+    split: str,
+    workers: int,
+    source: str,
+    total: int | None,
+    parts: dict[str, Any],
+) -> Built:
+    """Build the store of ``key`` in a temporary directory and rename it into place; a store
+    another process completed meanwhile is used instead."""
+    import time
+
+    root = stores_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(root)
+    started = time.time()
+    prefix = f"{BUILDING}{socket.gethostname()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+    try:
+        report, workers = write_store(
+            records(), tokenise, tmp / "store", split, workers, source, total, {"key": parts}
+        )
+        try:
+            os.rename(tmp / "store", root / key)
+        except OSError:
+            if not (root / key / "meta.json").exists():
+                raise
+    finally:
+        _remove(tmp)
+    return Built(root / key, report, key, False, time.time() - started, workers)
+
+
+def build_uncached(
+    records: Iterable[Record],
+    tokenise: RecordTokenizer,
+    split: str,
+    workers: int,
+    source: str,
+    total: int | None,
+) -> Built:
+    """``--no-data-cache``: a store in a new temporary directory, removed when this process
+    exits."""
+    import atexit
+    import time
+
+    started = time.time()
+    tmp = Path(tempfile.mkdtemp(prefix="align-data-"))
+    atexit.register(_remove, tmp)
+    try:
+        report, workers = write_store(
+            records, tokenise, tmp / "store", split, workers, source, total
+        )
+    except BaseException:
+        _remove(tmp)
+        raise
+    return Built(tmp / "store", report, None, False, time.time() - started, workers)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Temporary directories this host's processes left when they were killed mid-build."""
+    host = socket.gethostname()
+    for path in root.glob(f"{BUILDING}{host}-*"):
+        pid = path.name[len(f"{BUILDING}{host}-") :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,335 @@
+"""Tokenised examples in memory-mapped files, read one example at a time.
+
+A split's examples live in a directory of flat NumPy arrays, not in Python objects: for each
+sequence of the examples (``input_ids``, ``chosen_input_ids``, …) the token ids of every
+example end to end (``int32``), their completion mask (``uint8``) and each example's offset
+(``int64``); the other values of each example (labels, scores, extra fields, ``record``) as one
+compact JSON object each, end to end, with their offsets. The files are mapped, not read: pages
+are shared by every process that maps them and the kernel can drop them, so a process's own
+memory grows only by what it touches. ``examples[i]`` builds example ``i``'s dict on demand.
+
+Why NumPy rather than Arrow: an example is a few array slices (a microsecond), and the per-
+example lengths, offsets and masks that batching, ``--group-by-length`` and KTO's partners need
+are arrays already, read without building a row. ``datasets`` (Arrow) stays the reader of hub
+and saved datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORE_VERSION = 1  # bump when the layout of the files changes
+META = "meta.json"
+SEQUENCE_SUFFIX = "input_ids"
+MASK_SUFFIX = "completion_mask"
+
+
+class Examples(Sequence):
+    """A split's tokenised examples: ``len``, ``examples[i]`` (a new dict each time, holding its
+    ``index``), iteration, and a slice as a list. What ``align_prepare_dataset`` receives and
+    returns, and what the core batches from."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def example(self, index: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self.example(i) for i in range(*index.indices(len(self)))]
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        return self.example(index)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(len(self)):
+            yield self.example(index)
+
+    def lengths(self) -> np.ndarray:
+        """The tokens of all sequences of each example (``int64``, one per example)."""
+        return np.fromiter(
+            (sum(len(v) for k, v in e.items() if k.endswith(SEQUENCE_SUFFIX)) for e in self),
+            dtype=np.int64,
+            count=len(self),
+        )
+
+    def value_column(self, name: str) -> Iterator[Any]:
+        """One value of every example (``None`` where it has none), in order."""
+        for example in self:
+            yield example.get(name)
+
+    def prompt_lengths(self, prefix: str = "") -> np.ndarray:
+        """Each example's tokens before its first trained token in sequence ``prefix``."""
+        key = f"{prefix}{MASK_SUFFIX}"
+        return np.fromiter(
+            (next((i for i, m in enumerate(e[key]) if m), len(e[key])) for e in self),
+            dtype=np.int64,
+            count=len(self),
+        )
+
+    def derive(
+        self,
+        add: Callable[[int, dict[str, Any]], dict[str, Any]],
+        lengths: np.ndarray | None = None,
+    ) -> Examples:
+        """These examples with the values ``add(index, example)`` returns added to each, computed
+        when an example is read: how a plugin's ``align_prepare_dataset`` adds a sequence or a
+        value without holding every example (KTO's mismatched partners). ``lengths``: the tokens
+        the added sequences hold, per example, if ``add`` adds any (for ``--group-by-length``)."""
+        return DerivedExamples(self, add, lengths)
+
+
+class ListExamples(Examples):
+    """Examples held as a list of dicts: what a plugin's hook returns as a list, and small
+    splits in tests."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.items = examples
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def example(self, index: int) -> dict[str, Any]:
+        example = self.items[index]  # the list's own dict: a plugin may change it in place
+        example["index"] = index
+        return example
+
+
+class DerivedExamples(Examples):
+    """``base`` with values added to each example when it is read (see ``Examples.derive``)."""
+
+    def __init__(
+        self,
+        base: Examples,
+        add: Callable[[int, dict[str, Any]], dict[str, Any]],
+        lengths: np.ndarray | None,
+    ) -> None:
+        self.base, self.add, self.added_lengths = base, add, lengths
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def example(self, index: int) -> dict[str, Any]:
+        example = self.base.example(index)
+        example.update(self.add(index, example))
+        return example
+
+    def lengths(self) -> np.ndarray:
+        if self.added_lengths is None:
+            return super().lengths()
+        return self.base.lengths() + self.added_lengths
+
+    def __getattr__(self, name: str) -> Any:  # sequence arrays and values of the stored base
+        return getattr(self.base, name)
+
+
+def _mapped(path: Path, dtype: Any) -> np.ndarray:
+    """A flat array file, memory-mapped read-only (an empty one is an empty array: NumPy cannot
+    map zero bytes)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class StoredExamples(Examples):
+    """The examples of a store directory, memory-mapped."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.meta = json.loads((self.path / META).read_text())
+        if self.meta.get("version") != STORE_VERSION:
+            raise ValueError(f"{self.path}: store version {self.meta.get('version')}")
+        self.count = int(self.meta["examples"])
+        self.sequences: dict[str, dict[str, Any]] = {}
+        for number, prefix in enumerate(self.meta["sequences"]):
+            base = self.path / f"seq{number}"
+            arrays = {
+                "ids": _mapped(base.with_suffix(".ids"), np.int32),
+                "offsets": np.load(base.with_suffix(".offsets.npy"), mmap_mode="r"),
+                "mask": None,
+                "present": None,
+            }
+            if (mask := base.with_suffix(".mask")).exists():
+                arrays["mask"] = _mapped(mask, np.uint8)
+            if (present := base.with_suffix(".present.npy")).exists():
+                arrays["present"] = np.load(present, mmap_mode="r")
+            self._check(arrays, prefix)
+            self.sequences[prefix] = arrays
+        self.values = _mapped(self.path / "values.json", np.uint8)
+        self.value_offsets = np.load(self.path / "values.offsets.npy", mmap_mode="r")
+        if len(self.value_offsets) != self.count + 1 or self.value_offsets[-1] != len(self.values):
+            raise ValueError(f"{self.path}: values.json does not match its offsets")
+
+    def _check(self, arrays: dict[str, Any], prefix: str) -> None:
+        """A store whose files do not add up (cut short, say) is refused, never half read."""
+        offsets = arrays["offsets"]
+        sizes = [len(arrays["ids"])] + ([len(arrays["mask"])] if arrays["mask"] is not None else [])
+        if len(offsets) != self.count + 1 or any(int(offsets[-1]) != size for size in sizes):
+            raise ValueError(f"{self.path}: the {prefix}input_ids files do not match their offsets")
+
+    def __len__(self) -> int:
+        return self.count
+
+    def example(self, index: int) -> dict[str, Any]:
+        example: dict[str, Any] = {}
+        for prefix, arrays in self.sequences.items():
+            present = arrays["present"]
+            if present is not None and not present[index]:
+                continue
+            start, end = arrays["offsets"][index], arrays["offsets"][index + 1]
+            example[prefix + SEQUENCE_SUFFIX] = arrays["ids"][start:end].tolist()
+            if arrays["mask"] is not None:
+                example[prefix + MASK_SUFFIX] = arrays["mask"][start:end].tolist()
+        start, end = self.value_offsets[index], self.value_offsets[index + 1]
+        example.update(json.loads(self.values[start:end].tobytes()))
+        example["index"] = index
+        return example
+
+    def sequence_lengths(self, prefix: str = "") -> np.ndarray:
+        """Each example's tokens in sequence ``prefix`` (0 where an example has none)."""
+        return np.diff(self.sequences[prefix]["offsets"])
+
+    def lengths(self) -> np.ndarray:
+        total = np.zeros(self.count, dtype=np.int64)
+        for prefix in self.sequences:
+            total += self.sequence_lengths(prefix)
+        return total
+
+    def prompt_lengths(self, prefix: str = "") -> np.ndarray:
+        """Each example's tokens before its first trained token in sequence ``prefix`` (its
+        length where none is trained), computed on the arrays."""
+        arrays = self.sequences[prefix]
+        offsets = np.asarray(arrays["offsets"], dtype=np.int64)
+        lengths = np.diff(offsets)
+        result = lengths.copy()
+        step = 1 << 14  # examples at a time, so the temporary arrays stay small
+        for first in range(0, self.count, step):
+            last = min(self.count, first + step)
+            lo, hi = offsets[first], offsets[last]
+            trained = np.flatnonzero(np.asarray(arrays["mask"][lo:hi])) + lo
+            if not trained.size:
+                continue
+            owners = np.searchsorted(offsets, trained, side="right") - 1
+            examples, where = np.unique(owners, return_index=True)  # each one's first trained
+            result[examples] = trained[where] - offsets[examples]
+        return result
+
+    def value_column(self, name: str) -> Iterator[Any]:
+        """One value of every example, in order, read from the store."""
+        for index in range(self.count):
+            start, end = self.value_offsets[index], self.value_offsets[index + 1]
+            yield json.loads(self.values[start:end].tobytes()).get(name)
+
+
+class _SequenceFiles:
+    """The files one sequence of the examples is written to."""
+
+    def __init__(self, base: Path, first_example: int, has_mask: bool) -> None:
+        self.base = base
+        self.ids = open(base.with_suffix(".ids"), "wb")  # noqa: SIM115 (closed in close())
+        self.mask = open(base.with_suffix(".mask"), "wb") if has_mask else None  # noqa: SIM115
+        self.lengths = array("q", [0] * first_example)
+        self.present = bytearray(first_example) if first_example else None
+        self.seen = False
+
+    def add(self, ids: Any, mask: Any) -> None:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
+            raise ValueError(f"token id out of the int32 range in {self.base.name}")
+        ids.astype(np.int32).tofile(self.ids)
+        if self.mask is not None:
+            if mask is None or len(mask) != len(ids):
+                raise ValueError(f"{self.base.name}: a sequence without its completion mask")
+            np.asarray(mask, dtype=np.uint8).tofile(self.mask)
+        self.lengths.append(len(ids))
+        if self.present is not None:
+            self.present.append(1)
+
+    def skip(self) -> None:
+        self.lengths.append(0)
+        if self.present is None:
+            self.present = bytearray(b"\x01" * (len(self.lengths) - 1))
+        self.present.append(0)
+
+    def close(self) -> None:
+        self.ids.close()
+        if self.mask is not None:
+            self.mask.close()
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
+        np.save(self.base.with_suffix(".offsets.npy"), offsets)
+        if self.present is not None:
+            np.save(self.base.with_suffix(".present.npy"), np.frombuffer(self.present, np.uint8))
+
+
+class StoreWriter:
+    """Appends examples to a new store directory; ``close`` writes the offsets and meta.json
+    last, so a store without meta.json is never complete."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.sequences: dict[str, _SequenceFiles] = {}
+        self.values = open(self.path / "values.json", "wb")  # noqa: SIM115 (closed in close())
+        self.value_lengths = array("q")
+        self.count = 0
+
+    def add(self, example: dict[str, Any]) -> None:
+        values = {}
+        prefixes = []
+        for key, value in example.items():
+            if key.endswith(SEQUENCE_SUFFIX):
+                prefixes.append(key[: -len(SEQUENCE_SUFFIX)])
+            elif key.endswith(MASK_SUFFIX) or key == "index":
+                continue
+            else:
+                values[key] = value
+        for prefix in prefixes:
+            files = self.sequences.get(prefix)
+            if files is None:
+                has_mask = prefix + MASK_SUFFIX in example
+                base = self.path / f"seq{len(self.sequences)}"
+                files = self.sequences[prefix] = _SequenceFiles(base, self.count, has_mask)
+            files.add(example[prefix + SEQUENCE_SUFFIX], example.get(prefix + MASK_SUFFIX))
+        for prefix, files in self.sequences.items():
+            if prefix not in prefixes:
+                files.skip()
+        encoded = json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode()
+        self.values.write(encoded)
+        self.value_lengths.append(len(encoded))
+        self.count += 1
+
+    def close(self, meta: dict[str, Any]) -> None:
+        for files in self.sequences.values():
+            files.close()
+        self.values.close()
+        offsets = np.zeros(self.count + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(self.value_lengths, dtype=np.int64), out=offsets[1:])
+        np.save(self.path / "values.offsets.npy", offsets)
+        meta = {
+            **meta,
+            "version": STORE_VERSION,
+            "examples": self.count,
+            "sequences": list(self.sequences),
+        }
+        tmp = self.path / f".{META}.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, self.path / META)
+
+    def abort(self) -> None:
+        for files in self.sequences.values():
+            files.ids.close()
+            if files.mask is not None:
+                files.mask.close()
+        self.values.close()
