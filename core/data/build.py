@@ -26,14 +26,17 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 from ..cache import cache_dir
+from ..errors import DataError
 from .examples import DataReport, RecordTokenizer, no_examples
-from .records import Record
-from .store import STORE_VERSION, StoredExamples, StoreWriter
+from .records import JsonLines, Record
+from .store import STORE_VERSION, Block, StoredExamples, StoreWriter, encode_block
+
+Chunk = list[Record] | JsonLines  # records, or JSON Lines a worker parses
 
 CHUNK = 256  # records a worker tokenises at a time
 BUILDING = ".building-"  # prefix of the temporary directory a store is written to
@@ -120,34 +123,44 @@ class Built:
 _WORKER: RecordTokenizer | None = None  # set in the parent before the workers are forked
 
 
-def _tokenise_chunk(records: list[Record]) -> tuple[list[dict[str, Any]], DataReport]:
+def _tokenise_chunk(chunk: Chunk) -> tuple[Block, DataReport]:
+    """A chunk's examples, encoded for the store (a few byte strings, cheap to send back)."""
+    records = chunk.records() if isinstance(chunk, JsonLines) else chunk
     report = DataReport(split="")
-    examples = [example for record in records for example in _WORKER.examples(record, report)]
-    return examples, report
+    examples, sources = [], []
+    for record in records:
+        found = _WORKER.examples(record, report)
+        examples += found
+        sources += [record] * len(found)
+    try:
+        return encode_block(examples), report
+    except (TypeError, ValueError):  # name the example that cannot be stored
+        for example, record in zip(examples, sources, strict=True):
+            try:
+                encode_block([example])
+            except (TypeError, ValueError) as exc:
+                raise record.error(f"cannot be stored: {exc}") from None
+        raise
 
 
 def tokenised_chunks(
-    records: Iterator[Record], tokenise: RecordTokenizer, workers: int
-) -> Iterator[tuple[list[dict[str, Any]], DataReport]]:
-    """``(examples, report)`` of each chunk of records, in record order: in ``workers`` forked
+    chunks: Iterator[Chunk], tokenise: RecordTokenizer, workers: int
+) -> Iterator[tuple[Block, DataReport]]:
+    """``(examples, report)`` of each chunk of records, in order: in ``workers`` forked
     processes, or in this one for ``workers`` 1."""
     global _WORKER
-    if workers <= 1:
-        _WORKER = tokenise
-        try:
-            for chunk in _chunks(records):
-                yield _tokenise_chunk(chunk)
-        finally:
-            _WORKER = None
-        return
-    import multiprocessing
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     _WORKER = tokenise
     try:
+        if workers <= 1:
+            for chunk in chunks:
+                yield _tokenise_chunk(chunk)
+            return
+        import multiprocessing
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
         with multiprocessing.get_context("fork").Pool(workers) as pool:  # terminated on exit
             pending: deque = deque()
-            for chunk in _chunks(records):
+            for chunk in chunks:
                 pending.append(pool.apply_async(_tokenise_chunk, (chunk,)))
                 if len(pending) >= 3 * workers:  # bounded: the records are not all read ahead
                     yield pending.popleft().get()
@@ -163,18 +176,19 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods()
 
 
-def _chained(head: list[Record], rest: Iterator[Record]) -> Iterator[Record]:
-    yield from head
-    yield from rest
-
-
-def _chunks(records: Iterator[Record]) -> Iterator[list[Record]]:
+def record_chunks(records: Iterable[Record]) -> Iterator[list[Record]]:
+    """Records in chunks of ``CHUNK``."""
+    records = iter(records)
     while chunk := list(islice(records, CHUNK)):
         yield chunk
 
 
+def _size(chunk: Chunk) -> int:
+    return len(chunk.lines) if isinstance(chunk, JsonLines) else len(chunk)
+
+
 def write_store(
-    records: Iterable[Record],
+    chunks: Iterable[Chunk],
     tokenise: RecordTokenizer,
     path: Path,
     split: str,
@@ -187,9 +201,9 @@ def write_store(
     processes that tokenised (1 for small data: forking costs more than it saves)."""
     from tqdm.auto import tqdm
 
-    records = iter(records)
-    head = list(islice(records, 2 * CHUNK))  # fewer records than this: not worth a process
-    if len(head) < 2 * CHUNK or not _can_fork():
+    chunks = iter(chunks)
+    head = list(islice(chunks, 2))  # fewer records than two chunks: not worth a process
+    if sum(map(_size, head)) < 2 * CHUNK or not _can_fork():
         workers = 1
     report = DataReport(split=split)
     writer = StoreWriter(path)
@@ -197,11 +211,12 @@ def write_store(
         total=total, desc=f"tokenising {split}", unit=" records", disable=None, leave=False
     )
     try:
-        for examples, part in tokenised_chunks(_chained(head, records), tokenise, workers):
-            for example in examples:
-                writer.add(example)
+        for block, part in tokenised_chunks(chain(head, chunks), tokenise, workers):
+            writer.add_block(block)
             report.add(part)
             progress.update(part.records)
+        if not report.records:
+            raise DataError("contains no records", source=source)
         if not writer.count:
             raise no_examples(report, source)
         report.examples = writer.count
@@ -253,7 +268,7 @@ def report_of(meta: dict[str, Any], split: str) -> DataReport:
 
 def build_cached(
     key: str,
-    records: Callable[[], Iterable[Record]],
+    chunks: Callable[[], Iterable[Chunk]],
     tokenise: RecordTokenizer,
     split: str,
     workers: int,
@@ -273,7 +288,7 @@ def build_cached(
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     try:
         report, workers = write_store(
-            records(), tokenise, tmp / "store", split, workers, source, total, {"key": parts}
+            chunks(), tokenise, tmp / "store", split, workers, source, total, {"key": parts}
         )
         try:
             os.rename(tmp / "store", root / key)
@@ -286,7 +301,7 @@ def build_cached(
 
 
 def build_uncached(
-    records: Iterable[Record],
+    chunks: Iterable[Chunk],
     tokenise: RecordTokenizer,
     split: str,
     workers: int,
@@ -303,7 +318,7 @@ def build_uncached(
     atexit.register(_remove, tmp)
     try:
         report, workers = write_store(
-            records, tokenise, tmp / "store", split, workers, source, total
+            chunks, tokenise, tmp / "store", split, workers, source, total
         )
     except BaseException:
         _remove(tmp)

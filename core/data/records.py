@@ -137,15 +137,59 @@ def _object(path: Path, value: Any, location: str) -> dict[str, Any]:
 def _read_jsonl(path: Path) -> Iterator[Record]:
     with open(path, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
-            text = _decode(path, raw, line_no).strip()
-            if not text:
+            record = jsonl_record(path, line_no, raw)
+            if record is not None:
+                yield record
+
+
+def jsonl_record(path: Path, line_no: int, raw: bytes) -> Record | None:
+    """The record of one JSON Lines line (None for a blank line)."""
+    text = _decode(path, raw, line_no).strip()
+    if not text:
+        return None
+    location = f"line {line_no}"
+    value = _parse_json(path, text, line_no)
+    record = Record(_object(path, value, location), str(path), location)
+    if _SURROGATE_ESCAPE.search(text):  # the only way in for a lone surrogate
+        _check_unicode(record)
+    return record
+
+
+@dataclass(frozen=True)
+class JsonLines:
+    """Lines of a JSON Lines file, unparsed: what a tokenising worker is sent, so that parsing
+    happens there and not in the one process that reads the file."""
+
+    path: Path
+    lines: list[tuple[int, bytes]]  # (line number, the line's bytes), blank lines left out
+    columns: tuple[tuple[str, str], ...] = ()  # the column mapping, applied after parsing
+
+    def records(self) -> list[Record]:
+        from .sources import rename_columns
+
+        found = [jsonl_record(self.path, number, raw) for number, raw in self.lines]
+        mapping = dict(self.columns)
+        return [rename_columns(r, mapping) if mapping else r for r in found if r is not None]
+
+
+def jsonl_chunks(path: str | Path, size: int, columns: dict[str, str]) -> Iterator[JsonLines]:
+    """A JSON Lines file in chunks of ``size`` non-blank lines, read but not parsed."""
+    path = Path(path)
+    mapping = tuple(columns.items())
+    chunk: list[tuple[int, bytes]] = []
+    empty = True
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if raw.isspace():
                 continue
-            location = f"line {line_no}"
-            value = _parse_json(path, text, line_no)
-            record = Record(_object(path, value, location), str(path), location)
-            if _SURROGATE_ESCAPE.search(text):  # the only way in for a lone surrogate
-                _check_unicode(record)
-            yield record
+            chunk.append((line_no, raw))
+            if len(chunk) == size:
+                yield JsonLines(path, chunk, mapping)
+                chunk, empty = [], False
+    if chunk:
+        yield JsonLines(path, chunk, mapping)
+    elif empty:
+        raise DataError("contains no records", source=str(path))
 
 
 def _read_json(path: Path) -> Iterable[Record]:

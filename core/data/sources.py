@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .records import Record, count_records, fingerprint, iter_records
+from .records import Record, count_records, fingerprint, iter_records, jsonl_chunks
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -91,6 +91,17 @@ class DataSource:
             return
         for record in found:
             yield rename_columns(record, self.columns)
+
+    def chunks(self) -> Iterator[Any]:
+        """The records in chunks for the tokenising workers: a JSON Lines file as unparsed
+        lines (the workers parse them), any other source as records."""
+        from .build import CHUNK, record_chunks
+
+        if not self.from_hub and Path(self.name).suffix.lower() == ".jsonl":
+            if not Path(self.name).exists():
+                raise DataError("no such file or directory", source=self.name)
+            return jsonl_chunks(self.name, CHUNK, self.columns)
+        return record_chunks(self.records())
 
     def _hub_records(self) -> Iterator[Record]:
         loaded = self.load()

@@ -20,6 +20,7 @@ import json
 import os
 from array import array
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,69 @@ class StoredExamples(Examples):
             yield json.loads(self.values[start:end].tobytes()).get(name)
 
 
+@dataclass
+class _SequenceBlock:
+    """One sequence (``prefix``) of a block of examples, encoded."""
+
+    ids: bytes  # int32, end to end
+    mask: bytes | None  # uint8, end to end; None: the sequence has no completion mask
+    lengths: np.ndarray  # int64, one per example of the block (0 where absent)
+    present: np.ndarray  # uint8, one per example of the block
+
+
+@dataclass
+class Block:
+    """Examples encoded for the store, as a tokenising worker sends them back: a few byte
+    strings instead of a dict of lists per example."""
+
+    count: int
+    sequences: dict[str, _SequenceBlock]  # in the order the examples name them
+    values: bytes  # the examples' other values, one compact JSON object each, end to end
+    value_lengths: np.ndarray  # int64, one per example
+
+
+def encode_block(examples: Sequence[dict[str, Any]]) -> Block:
+    """``examples`` as a :class:`Block` (a token id outside int32, or a sequence without its
+    mask where others have one, is a ValueError)."""
+    count = len(examples)
+    parts: dict[str, dict[str, Any]] = {}
+    values, value_lengths = [], np.zeros(count, dtype=np.int64)
+    for row, example in enumerate(examples):
+        other = {}
+        for key, value in example.items():
+            if key.endswith(SEQUENCE_SUFFIX):
+                prefix = key[: -len(SEQUENCE_SUFFIX)]
+                part = parts.setdefault(prefix, {"ids": [], "mask": [], "rows": []})
+                part["ids"].append(value)
+                part["mask"].append(example.get(prefix + MASK_SUFFIX))
+                part["rows"].append(row)
+            elif not key.endswith(MASK_SUFFIX) and key != "index":
+                other[key] = value
+        encoded = json.dumps(other, ensure_ascii=False, separators=(",", ":")).encode()
+        values.append(encoded)
+        value_lengths[row] = len(encoded)
+    sequences = {}
+    for prefix, part in parts.items():
+        lengths = np.zeros(count, dtype=np.int64)
+        present = np.zeros(count, dtype=np.uint8)
+        sizes = [len(ids) for ids in part["ids"]]
+        lengths[part["rows"]], present[part["rows"]] = sizes, 1
+        flat = np.fromiter(
+            (t for ids in part["ids"] for t in ids), dtype=np.int64, count=sum(sizes)
+        )
+        if flat.size and (flat.min() < 0 or flat.max() >= 2**31):
+            raise ValueError(f"{prefix}{SEQUENCE_SUFFIX}: a token id outside the int32 range")
+        masks = part["mask"]
+        if all(m is None for m in masks):
+            mask = None
+        elif any(m is None or len(m) != n for m, n in zip(masks, sizes, strict=True)):
+            raise ValueError(f"{prefix}{SEQUENCE_SUFFIX}: a sequence without its completion mask")
+        else:
+            mask = np.fromiter((m for ms in masks for m in ms), np.uint8, sum(sizes)).tobytes()
+        sequences[prefix] = _SequenceBlock(flat.astype(np.int32).tobytes(), mask, lengths, present)
+    return Block(count, sequences, b"".join(values), value_lengths)
+
+
 class _SequenceFiles:
     """The files one sequence of the examples is written to."""
 
@@ -239,28 +303,24 @@ class _SequenceFiles:
         self.base = base
         self.ids = open(base.with_suffix(".ids"), "wb")  # noqa: SIM115 (closed in close())
         self.mask = open(base.with_suffix(".mask"), "wb") if has_mask else None  # noqa: SIM115
-        self.lengths = array("q", [0] * first_example)
-        self.present = bytearray(first_example) if first_example else None
-        self.seen = False
+        self.lengths = array("q", bytes(8 * first_example))
+        self.present = bytearray(first_example)
+        self.all_present = first_example == 0
 
-    def add(self, ids: Any, mask: Any) -> None:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= 2**31):
-            raise ValueError(f"token id out of the int32 range in {self.base.name}")
-        ids.astype(np.int32).tofile(self.ids)
+    def add(self, block: _SequenceBlock) -> None:
+        if (block.mask is None) != (self.mask is None):
+            raise ValueError(f"{self.base.name}: a sequence without its completion mask")
+        self.ids.write(block.ids)
         if self.mask is not None:
-            if mask is None or len(mask) != len(ids):
-                raise ValueError(f"{self.base.name}: a sequence without its completion mask")
-            np.asarray(mask, dtype=np.uint8).tofile(self.mask)
-        self.lengths.append(len(ids))
-        if self.present is not None:
-            self.present.append(1)
+            self.mask.write(block.mask)
+        self.lengths.frombytes(block.lengths.tobytes())
+        self.present += block.present.tobytes()
+        self.all_present = self.all_present and bool(block.present.all())
 
-    def skip(self) -> None:
-        self.lengths.append(0)
-        if self.present is None:
-            self.present = bytearray(b"\x01" * (len(self.lengths) - 1))
-        self.present.append(0)
+    def skip(self, count: int) -> None:
+        self.lengths.frombytes(bytes(8 * count))
+        self.present += bytes(count)
+        self.all_present = False
 
     def close(self) -> None:
         self.ids.close()
@@ -269,7 +329,7 @@ class _SequenceFiles:
         offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
         np.cumsum(np.frombuffer(self.lengths, dtype=np.int64), out=offsets[1:])
         np.save(self.base.with_suffix(".offsets.npy"), offsets)
-        if self.present is not None:
+        if not self.all_present:
             np.save(self.base.with_suffix(".present.npy"), np.frombuffer(self.present, np.uint8))
 
 
@@ -286,29 +346,22 @@ class StoreWriter:
         self.count = 0
 
     def add(self, example: dict[str, Any]) -> None:
-        values = {}
-        prefixes = []
-        for key, value in example.items():
-            if key.endswith(SEQUENCE_SUFFIX):
-                prefixes.append(key[: -len(SEQUENCE_SUFFIX)])
-            elif key.endswith(MASK_SUFFIX) or key == "index":
-                continue
-            else:
-                values[key] = value
-        for prefix in prefixes:
+        self.add_block(encode_block([example]))
+
+    def add_block(self, block: Block) -> None:
+        for prefix, part in block.sequences.items():
             files = self.sequences.get(prefix)
             if files is None:
-                has_mask = prefix + MASK_SUFFIX in example
                 base = self.path / f"seq{len(self.sequences)}"
-                files = self.sequences[prefix] = _SequenceFiles(base, self.count, has_mask)
-            files.add(example[prefix + SEQUENCE_SUFFIX], example.get(prefix + MASK_SUFFIX))
+                files = _SequenceFiles(base, self.count, part.mask is not None)
+                self.sequences[prefix] = files
+            files.add(part)
         for prefix, files in self.sequences.items():
-            if prefix not in prefixes:
-                files.skip()
-        encoded = json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode()
-        self.values.write(encoded)
-        self.value_lengths.append(len(encoded))
-        self.count += 1
+            if prefix not in block.sequences:
+                files.skip(block.count)
+        self.values.write(block.values)
+        self.value_lengths.frombytes(block.value_lengths.tobytes())
+        self.count += block.count
 
     def close(self, meta: dict[str, Any]) -> None:
         for files in self.sequences.values():

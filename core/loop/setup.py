@@ -320,7 +320,7 @@ def prepare_split(
     workers = cfg.data_workers or build.default_workers()
     if not cfg.data_cache:
         return build.build_uncached(
-            source.records(), tokenise, split, workers, source.label, source.count()
+            source.chunks(), tokenise, split, workers, source.label, source.count()
         )
     key, parts = build.store_key(
         data_fingerprint, hooks.tokenizer, tokenise, hooks.format_origin, source.columns
@@ -329,7 +329,7 @@ def prepare_split(
     if found is not None:
         return found
     return build.build_cached(
-        key, source.records, tokenise, split, workers, source.label, source.count(), parts
+        key, source.chunks, tokenise, split, workers, source.label, source.count(), parts
     )
 
 
