@@ -84,6 +84,17 @@ def _option_for(name: str) -> Any:
             callback=lambda _ctx, _param, value: list(value) or None,
             help=field.description,
         )
+    if name in ("data", "eval_data"):  # repeatable: several sources make a mixture
+        return click.option(
+            flag,
+            name,
+            multiple=True,
+            metavar="PATH[:SHARE]",
+            callback=lambda _ctx, _param, value: (
+                (list(value) if len(value) > 1 else value[0]) if value else None
+            ),
+            help=field.description,
+        )
     if name == "resume":  # --resume alone means the latest checkpoint
         return click.option(
             flag,
@@ -172,6 +183,7 @@ def cli() -> None:
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align inspect --objective dpo      the first examples, token by token, with loss masks
+    align prepare --model M --data F   tokenise the data into the cache ahead of a run
     align plot RUN_DIR                 loss and metric curves of a run as a PNG
     align verify RUN_DIR               check a run's checkpoints and final/ byte for byte
     align new-plugin NAME              start an objective plugin project
@@ -515,6 +527,27 @@ def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags:
         from align.tools.inspect_data import inspect_examples
 
         inspect_examples(spec, registry, count, click.echo)
+    except AlignError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@cli.command(cls=RunCommand)
+@_run_options
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="As for align run.")
+def prepare(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
+    """Tokenise the data into the cache ahead of a run, and print the data report. Takes align
+    run's options (--objective, --model, --data, --eval-data, --max-length, --truncation,
+    --data-workers, ...): a later align run with the same data options, model and ALIGN_CACHE
+    maps the tokenised data instead of tokenising it, on every process."""
+    try:
+        registry = get_registry()
+        section_flags = _split_section_flags(flags)
+        spec = resolve(registry, config_file, flags, list(sets), section_flags)
+        check_inputs(spec)
+        from align.tools.prepare_data import prepare_data
+
+        prepare_data(spec, registry, click.echo)
     except AlignError as exc:
         raise click.ClickException(str(exc)) from None
 

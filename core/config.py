@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .data.sources import is_hub_id, parse_sources
 from .errors import ConfigError, DataError, PluginError
 from .model.loading import check_model_source
 from .options import CORE_KEYS, SAMPLING_KEYS, TrainConfig
@@ -456,9 +457,14 @@ def check_inputs(spec: RunSpec) -> None:
     cfg = spec.config
     check_model_and_data(spec)
     for key in ("data", "eval_data"):
-        path = getattr(cfg, key)
-        if path and path != "demo" and not Path(path).exists():  # demo: the bundled data
-            raise DataError(f"no such file or directory (given by {spec.named(key)})", source=path)
+        value = getattr(cfg, key)
+        if not value or value == "demo":  # demo: the bundled data
+            continue
+        for source in parse_sources(value, "train", None, None, {}):
+            path = source.name  # org/name: a dataset on the hub (loaded with the data)
+            if not Path(path).exists() and not is_hub_id(path):
+                where = f"given by {spec.named(key)}"
+                raise DataError(f"no such file or directory ({where})", source=path)
     for key, role in (("model", "model"), ("ref_model", "reference model")):
         if getattr(cfg, key):
             check_model_source(getattr(cfg, key), role, spec.named(key))

@@ -15,13 +15,16 @@ class TrainConfig(Options):
 
     objective: str = Field("sft", description="Objective to train with (align objectives).")
     model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
-    data: str | None = Field(
+    data: str | list[str | dict[str, Any]] | None = Field(
         None,
-        description="Training data file; none (with no --model) or `demo`: the objective's "
-        "demo data.",
+        description="Training data: a file, a saved dataset, a hub dataset id (org/name), or "
+        "several (repeat --data; `PATH:0.3` takes that share of a source's examples, "
+        "`PATH:5000` that many); none (with no --model) or `demo`: the objective's demo data.",
     )
-    eval_data: str | None = Field(
-        None, description="Held-out data evaluated every eval_every steps (`demo`: the demo's)."
+    eval_data: str | list[str | dict[str, Any]] | None = Field(
+        None,
+        description="Held-out data evaluated every eval_every steps, in --data's forms "
+        "(`demo`: the demo's).",
     )
     data_split: str = Field("train", description="Split of a hub dataset given as --data.")
     eval_data_split: str = Field("test", description="Split of a hub dataset given as --eval-data.")
@@ -189,7 +192,10 @@ class TrainConfig(Options):
 
     @field_validator("model", "ref_model", "data", "eval_data", "output_dir")
     @classmethod
-    def _expand_home(cls, value: str | None) -> str | None:
+    def _expand_home(cls, value: Any) -> Any:
+        if isinstance(value, list):  # a mixture: one source stays a string
+            value = [cls._expand_home(v) if isinstance(v, str) else v for v in value]
+            return value[0] if len(value) == 1 and isinstance(value[0], str) else value
         return os.path.expanduser(value) if value else value  # `~` the shell did not expand
 
     @field_validator("precision", mode="before")

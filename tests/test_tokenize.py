@@ -191,3 +191,61 @@ def test_template_without_end_marker_keeps_its_newline_trained(tokenizer):
     )
     # Without a generation prompt the turn's header cannot be told from its content.
     assert _trained_text(plain, tok) == "assistant: yo\n</s>"
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SYSTEM_FIRST = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set rest = messages[1:] %}"
+    "[SYS]{{ messages[0]['content'] }}[/SYS]{% else %}{% set rest = messages %}{% endif %}"
+    "{% for m in rest %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, CHATML, SYSTEM_FIRST])
+def test_templates_render_directly_as_apply_chat_template_does(tokenizer, template):
+    """Plain messages are rendered by the compiled template itself (apply_chat_template spends
+    most of its time copying its input): the text must be apply_chat_template's."""
+    import copy
+
+    from align.data.tokenize import _direct_renderer, _render
+
+    tok = copy.deepcopy(tokenizer)
+    if template is not None:
+        tok.chat_template = template
+    assert _direct_renderer(tok) is not None
+    conversation = [
+        {"role": "system", "content": "Be {{ brief }} & exact."},
+        {"role": "user", "content": "  Hi <|im_end|> </s>\n"},
+        {"role": "assistant", "content": "Hello ünïcode 🙂\n\n"},
+        {"role": "user", "content": ""},
+        {"role": "assistant", "content": "{% raw %}"},
+    ]
+    for cut in range(1, len(conversation) + 1):
+        for prompt in (False, True):
+            expected = tok.apply_chat_template(
+                conversation[:cut], tokenize=False, add_generation_prompt=prompt
+            )
+            assert _render(tok, conversation[:cut], prompt, "messages") == expected
+
+
+def test_a_template_the_probe_tells_apart_is_rendered_by_apply_chat_template(tokenizer):
+    """Messages with keys other than role and content, and templates whose direct rendering
+    differs on the probe, go through apply_chat_template."""
+    import copy
+
+    from align.data.tokenize import _direct_renderer, _render
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['thinking'] or '' }}{{ m['content'] }}{% endfor %}"
+    )
+    messages = [{"role": "assistant", "content": "a", "reasoning_content": "why"}]
+    expected = tok.apply_chat_template(messages, tokenize=False)
+    assert _render(tok, messages, False, "messages") == expected == "whya"
+    tok.chat_template = "{{ messages | length }}{{ tools }}"
+    assert _direct_renderer(tok) is not None  # tools=None renders as apply_chat_template's

@@ -44,6 +44,7 @@ class DataReport:
     truncated: int = 0
     skipped: Counter = field(default_factory=Counter)
     ignored_columns: Counter = field(default_factory=Counter)  # column → records that had it
+    sources: list = field(default_factory=list)  # a mixture's: each source and its share
 
     def summary(self) -> str:
         text = f"{self.split}: {self.records} records → {self.examples} examples"
@@ -53,6 +54,9 @@ class DataReport:
             text += f"; {count} skipped ({reason})"
         if self.ignored_columns:
             text += f"; ignored columns: {', '.join(sorted(self.ignored_columns))}"
+        if self.sources:
+            shares = ", ".join(f"{s['contributed']} from {s['path']}" for s in self.sources)
+            text += f"; mixture: {shares}"
         return text
 
     def add(self, other: DataReport) -> None:
@@ -70,6 +74,7 @@ class DataReport:
             "truncated": self.truncated,
             "skipped": dict(self.skipped),
             "ignored_columns": dict(sorted(self.ignored_columns.items())),
+            **({"sources": self.sources} if self.sources else {}),
         }
 
 

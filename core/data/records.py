@@ -165,11 +165,17 @@ class JsonLines:
     columns: tuple[tuple[str, str], ...] = ()  # the column mapping, applied after parsing
 
     def records(self) -> list[Record]:
-        from .sources import rename_columns
-
         found = [jsonl_record(self.path, number, raw) for number, raw in self.lines]
         mapping = dict(self.columns)
         return [rename_columns(r, mapping) if mapping else r for r in found if r is not None]
+
+
+def rename_columns(record: Record, columns: dict[str, str]) -> Record:
+    """The record with its columns renamed (``question`` → ``prompt``); errors about a renamed
+    field name it as the file does."""
+    data = {columns.get(key, key): value for key, value in record.data.items()}
+    renamed = tuple((new, old) for old, new in columns.items() if old in record.data)
+    return Record(data, record.source, record.location, record.from_text, renamed)
 
 
 def jsonl_chunks(path: str | Path, size: int, columns: dict[str, str]) -> Iterator[JsonLines]:

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .records import Record, count_records, fingerprint, iter_records, jsonl_chunks
+from .records import (
+    Record,
+    count_records,
+    fingerprint,
+    iter_records,
+    jsonl_chunks,
+    rename_columns,
+)
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SAVED_DATASET_FILES = ("state.json", "dataset_dict.json")  # what save_to_disk writes
@@ -39,6 +46,8 @@ class DataSource:
     subset: str | None = None  # a hub dataset's config
     revision: str | None = None
     columns: dict[str, str] = field(default_factory=dict)  # source column → format column
+    fraction: float | None = None  # in a mixture: this share of the source's examples
+    samples: int | None = None  # in a mixture: this many of the source's examples
 
     @property
     def from_hub(self) -> bool:
@@ -111,13 +120,91 @@ class DataSource:
             yield Record(row, self.label, f"record {number}")
 
 
-def rename_columns(record: Record, columns: dict[str, str]) -> Record:
-    """The record with its columns renamed (``question`` → ``prompt``); errors about a renamed
-    field name it as the file does."""
-    data = {columns.get(key, key): value for key, value in record.data.items()}
-    renamed = tuple((new, old) for old, new in columns.items() if old in record.data)
-    return Record(data, record.source, record.location, record.from_text, renamed)
-
-
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# -- mixtures ----------------------------------------------------------------------------------
+_WEIGHT = re.compile(r"^(?P<name>.+):(?P<weight>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
+SOURCE_KEYS = ("path", "weight", "samples", "split", "subset", "revision", "columns")
+
+
+def parse_sources(
+    value: Any, split: str, subset: str | None, revision: str | None, columns: dict[str, str]
+) -> list[DataSource]:
+    """A split's data as the options give it: one source (a path or hub id), or a mixture, a
+    list whose items are ``path``, ``path:0.3`` (that share of its examples), ``path:5000``
+    (that many) or, in YAML, a mapping with ``path`` and ``weight`` or ``samples``, and the
+    source's own ``split``, ``subset``, ``revision`` or ``columns``."""
+    from ..errors import ConfigError
+
+    items = value if isinstance(value, list) else [value]
+    sources = []
+    for item in items:
+        if isinstance(item, str):
+            sources.append(_from_text(item, split, subset, revision, columns))
+            continue
+        if not isinstance(item, dict) or "path" not in item:
+            raise ConfigError(f"data: expected a path or a mapping with `path`, got {item!r}")
+        unknown = sorted(set(item) - set(SOURCE_KEYS))
+        if unknown:
+            from ..suggest import did_you_mean
+
+            raise ConfigError(
+                f"data: unknown key {unknown[0]!r} for source {item['path']!r}."
+                + did_you_mean(unknown[0], SOURCE_KEYS)
+            )
+        if "weight" in item and "samples" in item:
+            raise ConfigError(f"data: source {item['path']!r} has both weight and samples")
+        weight, samples = item.get("weight"), item.get("samples")
+        if weight is not None and not (_is_number(weight) and 0 < weight < float("inf")):
+            raise ConfigError(f"data: source {item['path']!r}: weight must be a number > 0")
+        if samples is not None and not (_is_number(samples) and isinstance(samples, int)):
+            raise ConfigError(f"data: source {item['path']!r}: samples must be an integer ≥ 1")
+        if samples is not None and samples < 1:
+            raise ConfigError(f"data: source {item['path']!r}: samples must be an integer ≥ 1")
+        sources.append(
+            DataSource(
+                str(item["path"]),
+                item.get("split", split),
+                item.get("subset", subset),
+                item.get("revision", revision),
+                dict(item.get("columns") or columns),
+                None if weight is None else float(weight),
+                samples,
+            )
+        )
+    return sources
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _from_text(
+    text: str, split: str, subset: str | None, revision: str | None, columns: dict[str, str]
+) -> DataSource:
+    """``path``, ``path:0.3`` or ``path:5000`` (a path that exists as given is a path)."""
+    match = _WEIGHT.match(text)
+    if match is None or Path(text).exists():
+        return DataSource(text, split, subset, revision, dict(columns))
+    name, weight = match.group("name"), match.group("weight")
+    if weight.isdigit():
+        return DataSource(name, split, subset, revision, dict(columns), samples=int(weight))
+    return DataSource(name, split, subset, revision, dict(columns), fraction=float(weight))
+
+
+def is_mixture(sources: list[DataSource]) -> bool:
+    return len(sources) > 1 or any(s.fraction is not None or s.samples for s in sources)
+
+
+def mixture_fingerprint(sources: list[DataSource], fingerprints: list[str]) -> str:
+    """One fingerprint for a split: its source's, or for a mixture a hash of every source's
+    fingerprint and share."""
+    if not is_mixture(sources):
+        return fingerprints[0]
+    import hashlib
+    import json
+
+    parts = [[f, s.fraction, s.samples] for s, f in zip(sources, fingerprints, strict=True)]
+    return "mixture:" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()

@@ -26,7 +26,7 @@ from .. import demo
 from ..config import RunSpec, check_model_and_data
 from ..data.build import Built
 from ..data.examples import DataReport, RecordTokenizer
-from ..data.sources import DataSource
+from ..data.sources import DataSource, is_mixture, parse_sources
 from ..data.store import Examples, StoredExamples
 from ..errors import AlignError, ConfigError
 from ..model.loading import load_causal_lm
@@ -292,18 +292,19 @@ def load_tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def data_sources(cfg: Any) -> dict[str, DataSource | None]:
-    """Each split's data as the options give it (a file, or a hub dataset and its split)."""
+def data_sources(cfg: Any) -> dict[str, list[DataSource] | None]:
+    """Each split's data as the options give it: one source (a file, or a hub dataset and its
+    split), or a mixture of several."""
     columns = dict(cfg.data_columns or {})
 
-    def source(name: str | None, split: str) -> DataSource | None:
-        if not name:
+    def sources(value: Any, split: str) -> list[DataSource] | None:
+        if not value:
             return None
-        return DataSource(name, split, cfg.data_subset, cfg.data_revision, columns)
+        return parse_sources(value, split, cfg.data_subset, cfg.data_revision, columns)
 
     return {
-        "train": source(cfg.data, cfg.data_split),
-        "eval": source(cfg.eval_data, cfg.eval_data_split),
+        "train": sources(cfg.data, cfg.data_split),
+        "eval": sources(cfg.eval_data, cfg.eval_data_split),
     }
 
 
@@ -336,19 +337,46 @@ def prepare_split(
 def build_examples(
     hooks: ObjectiveHooks,
     cfg: Any,
-    source: DataSource,
+    sources: list[DataSource],
     split: str,
-    data_fingerprint: str | None = None,
+    fingerprints: list[str] | None = None,
     state: Any = None,
-) -> tuple[Examples, DataReport, Built]:
-    """One split's examples, memory-mapped from its store, as the objective's plugin prepares
-    them. Under several processes each node's local main process builds the store and the
-    others map it (a failure there stops them all, with its message)."""
-    if data_fingerprint is None:
-        data_fingerprint = source.fingerprint()
-    built = on_local_main(lambda: prepare_split(hooks, cfg, source, split, data_fingerprint), state)
-    examples = hooks.prepare_dataset(StoredExamples(built.path), split, cfg)
-    report = dataclasses.replace(built.report, split=split)
+) -> tuple[Examples, DataReport, list[Built]]:
+    """One split's examples, memory-mapped from its stores (one per source; a mixture samples
+    them), as the objective's plugin prepares them. Under several processes each node's local
+    main process builds the stores and the others map them (a failure there stops them all,
+    with its message)."""
+    if fingerprints is None:
+        fingerprints = [source.fingerprint() for source in sources]
+    built = [
+        on_local_main(lambda s=source, f=fingerprint: prepare_split(hooks, cfg, s, split, f), state)
+        for source, fingerprint in zip(sources, fingerprints, strict=True)
+    ]
+    parts = [StoredExamples(b.path) for b in built]
+    report = dataclasses.replace(built[0].report, split=split)
+    if is_mixture(sources):
+        from ..data.mixture import mix
+
+        examples, contributed = mix(parts, sources, cfg.seed)
+        report = DataReport(split=split)
+        for source, fingerprint, b, count in zip(
+            sources, fingerprints, built, contributed, strict=True
+        ):
+            report.add(b.report)
+            share = {"weight": source.fraction} if source.fraction is not None else {}
+            share.update({"samples": source.samples} if source.samples is not None else {})
+            report.sources.append(
+                {
+                    "path": source.label,
+                    "sha256": fingerprint,
+                    **share,
+                    "examples": len(StoredExamples(b.path)),
+                    "contributed": count,
+                }
+            )
+    else:
+        examples = parts[0]
+    examples = hooks.prepare_dataset(examples, split, cfg)
     report.examples = len(examples)
     return examples, report, built
 
@@ -380,15 +408,21 @@ def on_local_main(work: Any, state: Any = None) -> Any:
     return gathered[state.process_index - state.local_process_index][0]
 
 
-def shared_fingerprints(sources: dict[str, DataSource | None], state: Any) -> dict[str, str]:
-    """Each split's data fingerprint, computed on the main process (a hub dataset is loaded
-    there first) and shared."""
+def shared_fingerprints(
+    sources: dict[str, list[DataSource] | None], state: Any
+) -> dict[str, list[str]]:
+    """Each split's sources' fingerprints, computed on the main process (a hub dataset is
+    loaded there first) and shared."""
     from accelerate.utils import broadcast_object_list
 
     result: list[Any] = [None, None]
     if state.is_main_process:
         try:
-            result[0] = {s: source.fingerprint() for s, source in sources.items() if source}
+            result[0] = {
+                split: [source.fingerprint() for source in found]
+                for split, found in sources.items()
+                if found
+            }
         except AlignError as exc:
             result[1] = (type(exc).__name__, str(exc))
     if state.num_processes > 1:

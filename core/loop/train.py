@@ -30,6 +30,7 @@ from ..data.build import Built
 from ..data.examples import DataReport
 from ..data.packing import set_default_layout
 from ..data.sharding import ShardedBatches
+from ..data.sources import mixture_fingerprint
 from ..data.store import Examples
 from ..errors import AlignError, ConfigError
 from ..model import dropout
@@ -194,7 +195,11 @@ class Training:
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
         self.sources = data_sources(cfg)
-        self.digests = shared_fingerprints(self.sources, state)
+        self.fingerprints = shared_fingerprints(self.sources, state)
+        self.digests = {
+            split: mixture_fingerprint(self.sources[split], found)
+            for split, found in self.fingerprints.items()
+        }
         self.previous, self.changed = None, {}
         if self.checkpoint is not None:
             self.previous = json.loads((self.out / "run.json").read_text(encoding="utf-8"))
@@ -241,14 +246,16 @@ class Training:
         self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
         self.examples: dict[str, Examples] = {}
         self.reports: dict[str, DataReport] = {}
-        self.stores: dict[str, Built] = {}
-        for split, source in self.sources.items():
-            if source is not None:
+        self.stores: dict[str, list[Built]] = {}
+        for split, sources in self.sources.items():
+            if sources is not None:
                 self.examples[split], self.reports[split], self.stores[split] = build_examples(
-                    self.hooks, self.cfg, source, split, self.digests[split], self.accelerator
+                    self.hooks, self.cfg, sources, split, self.fingerprints[split], self.accelerator
                 )
                 self._log(f"data {self.reports[split].summary()}")
-                self._log(f"data {split}: {self.stores[split].summary()}")
+                for source, built in zip(sources, self.stores[split], strict=True):
+                    named = f" ({source.label})" if len(sources) > 1 else ""
+                    self._log(f"data {split}{named}: {built.summary()}")
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when

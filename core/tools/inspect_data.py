@@ -25,9 +25,10 @@ def inspect_examples(
     tokenizer = load_tokenizer(cfg)
     hooks = ObjectiveHooks(registry, spec, tokenizer)
     fmt = spec.objective.item.data_format
-    source = data_sources(cfg)["train"]
-    examples, report, _ = build_examples(hooks, cfg, source, "train")
-    echo(f"{source.label}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
+    sources = data_sources(cfg)["train"]
+    examples, report, _ = build_examples(hooks, cfg, sources, "train")
+    label = " + ".join(source.label for source in sources)
+    echo(f"{label}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
     echo(f"objective {spec.objective.item.name}, data format {fmt}, tokenizer {cfg.model}")
     special = set(tokenizer.all_special_ids)
     for number, example in enumerate(examples[:count], start=1):
