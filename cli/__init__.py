@@ -31,6 +31,8 @@ RUN_FLAGS = [
     "data_columns",
     "data_workers",
     "data_cache",
+    "streaming",
+    "shuffle_buffer",
     "output_dir",
     "max_steps",
     "epochs",

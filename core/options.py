@@ -47,6 +47,15 @@ class TrainConfig(Options):
         description="Keep tokenised data in $ALIGN_CACHE/data, keyed by the data, tokenizer and "
         "settings, so later runs and every process map it instead of tokenising again.",
     )
+    streaming: bool = Field(
+        False,
+        description="Train on the data as it is read, tokenised on the fly by --data-workers "
+        "processes through a shuffle buffer: for data larger than memory or disk (needs "
+        "--max-steps).",
+    )
+    shuffle_buffer: int = Field(
+        1000, ge=1, description="--streaming: records the shuffle buffer holds."
+    )
     output_dir: str | None = Field(
         None,
         description="Run directory: new, empty, or an align run's; default "

@@ -155,10 +155,7 @@ def tokenised_chunks(
             for chunk in chunks:
                 yield _tokenise_chunk(chunk)
             return
-        import multiprocessing
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
-        with multiprocessing.get_context("fork").Pool(workers) as pool:  # terminated on exit
+        with worker_pool(workers) as pool:  # terminated on exit
             pending: deque = deque()
             for chunk in chunks:
                 pending.append(pool.apply_async(_tokenise_chunk, (chunk,)))
@@ -168,6 +165,28 @@ def tokenised_chunks(
                 yield pending.popleft().get()
     finally:
         _WORKER = None
+
+
+def worker_pool(workers: int) -> Any:
+    """A pool of ``workers`` forked processes, each of which exits when this process dies (a
+    killed run leaves no workers behind)."""
+    import multiprocessing
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    context = multiprocessing.get_context("fork")
+    return context.Pool(workers, initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _exit_with_parent(parent: int) -> None:
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _can_fork() -> bool:

@@ -502,3 +502,17 @@ def fingerprint(path: str | Path) -> str:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def sampled_hash(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
+    """A file's size and 16 evenly spaced 64 KiB samples of its bytes, hashed: what tells a
+    large file from another without reading it all."""
+    import hashlib
+
+    size = path.stat().st_size
+    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with path.open("rb") as handle:
+        for i in range(samples + 1):
+            handle.seek(max(0, (size - chunk) * i // samples))
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()

@@ -20,6 +20,7 @@ from .records import (
     iter_records,
     jsonl_chunks,
     rename_columns,
+    sampled_hash,
 )
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -111,6 +112,39 @@ class DataSource:
                 raise DataError("no such file or directory", source=self.name)
             return jsonl_chunks(self.name, CHUNK, self.columns)
         return record_chunks(self.records())
+
+    def stream_records(self) -> Iterator[Record]:
+        """The records read as they are consumed, for ``--streaming``: a local file through
+        align's readers, a hub dataset as a ``datasets`` IterableDataset (nothing downloaded
+        ahead)."""
+        if self.from_hub:
+            import datasets
+
+            try:
+                stream = datasets.load_dataset(
+                    self.name, self.subset, split=self.split, revision=self.revision,
+                    streaming=True,
+                )  # fmt: skip
+            except Exception as exc:
+                raise DataError(
+                    f"cannot stream the dataset: {_one_line(exc)}", source=self.label
+                ) from None
+            found = (
+                Record(row, self.label, f"record {n}") for n, row in enumerate(stream, start=1)
+            )
+        else:
+            found = iter_records(self.name)
+        for record in found:
+            yield rename_columns(record, self.columns) if self.columns else record
+
+    def stream_fingerprint(self) -> str:
+        """What identifies streamed data without reading it all: a local file's size and a
+        hash of samples of its bytes; a hub dataset's name, subset, split and revision."""
+        if is_hub_id(self.name):
+            return f"stream:{self.name}:{self.subset}:{self.split}:{self.revision}"
+        path = Path(self.name)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        return "stream:" + ":".join(sampled_hash(file) for file in files)
 
     def _hub_records(self) -> Iterator[Record]:
         loaded = self.load()

@@ -409,17 +409,22 @@ def on_local_main(work: Any, state: Any = None) -> Any:
 
 
 def shared_fingerprints(
-    sources: dict[str, list[DataSource] | None], state: Any
+    sources: dict[str, list[DataSource] | None], state: Any, streaming: bool = False
 ) -> dict[str, list[str]]:
     """Each split's sources' fingerprints, computed on the main process (a hub dataset is
-    loaded there first) and shared."""
+    loaded there first) and shared. A streamed training split is identified without reading
+    it all (``DataSource.stream_fingerprint``)."""
     from accelerate.utils import broadcast_object_list
+
+    def fingerprint(split: str, source: DataSource) -> str:
+        streamed = streaming and split == "train"
+        return source.stream_fingerprint() if streamed else source.fingerprint()
 
     result: list[Any] = [None, None]
     if state.is_main_process:
         try:
             result[0] = {
-                split: [source.fingerprint() for source in found]
+                split: [fingerprint(split, source) for source in found]
                 for split, found in sources.items()
                 if found
             }
@@ -432,6 +437,69 @@ def shared_fingerprints(
 
         raise getattr(errors, result[1][0])(result[1][1])
     return result[0]
+
+
+def check_streaming(spec: Any, hooks: ObjectiveHooks) -> None:
+    """What ``--streaming`` cannot do, refused before the model loads: it has no end to count
+    epochs by, no whole split to score or prepare up front."""
+    import warnings
+
+    cfg, objective = spec.config, spec.objective.item
+    sources = data_sources(cfg)["train"]
+    problems = []
+    if cfg.max_steps is None:
+        problems.append("give --max-steps (a stream has no known length)")
+    if sources is not None and is_mixture(sources):
+        problems.append("stream one source (a mixture is sampled from whole splits)")
+    if cfg.group_by_length:
+        problems.append("drop --group-by-length (it sorts whole runs of batches)")
+    if objective.on_policy:
+        problems.append(f"objective {objective.name!r} samples from prompts: drop --streaming")
+    uses_reference = objective.needs_reference or cfg.eval_deviation
+    if uses_reference and (cfg.reference or "precomputed") == "precomputed":
+        problems.append(
+            "use --reference model (or adapter): a precomputed reference scores every example "
+            "before training"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = hooks.prepare_dataset([], "train", cfg)
+        whole_split = len(prepared) != 0
+    except ConfigError:
+        raise
+    except AlignError:  # it needs examples to prepare (KTO's partners)
+        whole_split = True
+    if whole_split:
+        problems.append(
+            f"objective {objective.name!r} prepares the whole split before training "
+            "(align_prepare_dataset)"
+        )
+    if problems:
+        raise ConfigError("--streaming: " + "; ".join(problems))
+
+
+def streaming_batches(hooks: ObjectiveHooks, cfg: Any, state: Any) -> Any:
+    """The training split's micro-batches, streamed."""
+    from ..data import build
+    from ..data.streaming import StreamingBatches
+
+    [source] = data_sources(cfg)["train"]
+    tokenise = RecordTokenizer(
+        hooks.data_format, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields
+    )
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this node's training processes
+    workers = cfg.data_workers or max(1, build.default_workers() // max(1, local))
+    return StreamingBatches(
+        source,
+        tokenise,
+        cfg.batch_size,
+        hooks.build_batch,
+        state,
+        cfg.seed,
+        cfg.shuffle_buffer,
+        workers,
+    )
 
 
 def load_model(cfg: Any, **load_kwargs: Any) -> Any:

@@ -32,6 +32,7 @@ from ..data.packing import set_default_layout
 from ..data.sharding import ShardedBatches
 from ..data.sources import mixture_fingerprint
 from ..data.store import Examples
+from ..data.streaming import StreamPosition
 from ..errors import AlignError, ConfigError
 from ..model import dropout
 from ..model.attention import attention_implementation, packing_options
@@ -65,6 +66,7 @@ from .setup import (
     OutputDir,
     apply_demo_defaults,
     build_examples,
+    check_streaming,
     clear_run,
     data_sources,
     load_model,
@@ -74,6 +76,7 @@ from .setup import (
     precision_from_launcher,
     shared_fingerprints,
     shared_output_dir,
+    streaming_batches,
 )
 from .step import accumulate_gradients, micro_batch_groups
 from .stopping import (
@@ -195,7 +198,7 @@ class Training:
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
         self.sources = data_sources(cfg)
-        self.fingerprints = shared_fingerprints(self.sources, state)
+        self.fingerprints = shared_fingerprints(self.sources, state, cfg.streaming)
         self.digests = {
             split: mixture_fingerprint(self.sources[split], found)
             for split, found in self.fingerprints.items()
@@ -247,8 +250,18 @@ class Training:
         self.examples: dict[str, Examples] = {}
         self.reports: dict[str, DataReport] = {}
         self.stores: dict[str, list[Built]] = {}
+        self.stream = None
+        if self.cfg.streaming:
+            check_streaming(self.spec, self.hooks)
+            self.stream = streaming_batches(self.hooks, self.cfg, self.accelerator)
+            self.examples["train"], self.reports["train"] = self.stream.examples, self.stream.report
+            self._log(
+                f"data train: streaming {self.stream.source.label}, tokenised as training reads "
+                f"it ({self.stream.workers} worker(s), a shuffle buffer of "
+                f"{self.cfg.shuffle_buffer} records)"
+            )
         for split, sources in self.sources.items():
-            if sources is not None:
+            if sources is not None and not (split == "train" and self.stream is not None):
                 self.examples[split], self.reports[split], self.stores[split] = build_examples(
                     self.hooks, self.cfg, sources, split, self.fingerprints[split], self.accelerator
                 )
@@ -395,10 +408,14 @@ class Training:
                 group_by_length=cfg.group_by_length,
             )
             for split, split_examples in self.examples.items()
+            if not (split == "train" and self.stream is not None)
         }
-        self.loader, self.eval_loader = loaders["train"], loaders.get("eval")
+        self.loader, self.eval_loader = loaders.get("train", self.stream), loaders.get("eval")
         self.reuse = self.rollouts.sampling.reuse if self.rollouts is not None else 1
-        self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum) * self.reuse
+        if self.stream is not None:  # no epochs known: the run is --max-steps long
+            self.steps_per_epoch = cfg.max_steps
+        else:
+            self.steps_per_epoch = math.ceil(len(self.loader) / cfg.grad_accum) * self.reuse
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         optimizer = make_optimizer(self.model, cfg, fused=not self.fsdp)
         self.scheduler = make_scheduler(optimizer, cfg, self.total_steps)
@@ -521,7 +538,12 @@ class Training:
         )
         self.model.train()
         consumed = math.ceil(start / self.reuse)  # groups of micro-batches taken so far
-        self.groups = micro_batch_groups(self.loader, self.cfg.grad_accum, consumed)
+        if self.stream is not None:
+            saved = self.trainer_state.get("data_position", {}).get("stream")
+            position = StreamPosition(**saved[accelerator.process_index]) if saved else None
+            self.groups = self.stream.groups(self.cfg.grad_accum, position or StreamPosition())
+        else:
+            self.groups = micro_batch_groups(self.loader, self.cfg.grad_accum, consumed)
 
     # -- one step --------------------------------------------------------------------------------
     def compute(self, batch: dict[str, Any]) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
@@ -688,6 +710,14 @@ class Training:
 
     def _write_checkpoint(self, target: Path, step: int, eval_pending: bool) -> None:
         accelerator = self.accelerator
+        position = {
+            "epoch": step // self.steps_per_epoch,
+            "micro_batch": step % self.steps_per_epoch * self.cfg.grad_accum,
+        }
+        if self.stream is not None:  # each process's place in the stream
+            from accelerate.utils import gather_object
+
+            position["stream"] = gather_object([self.stream.position.as_dict()])
         resume.save_checkpoint(
             accelerator,
             self.model,
@@ -697,10 +727,7 @@ class Training:
             {
                 "step": step,
                 "epoch": round(step / self.steps_per_epoch, 4),
-                "data_position": {
-                    "epoch": step // self.steps_per_epoch,
-                    "micro_batch": step % self.steps_per_epoch * self.cfg.grad_accum,
-                },
+                "data_position": position,
                 "pending_metrics": self.sums.totals(accelerator),
                 "num_tokens": self.num_tokens,
                 "skipped_steps": self.skipped_steps,
@@ -801,6 +828,9 @@ class Training:
         lock = self.output.lock if self.output is not None else None
         if lock is not None:
             lock.release(remove=self.run_info is None and rundir.is_unused(self.out))
+        groups = getattr(self, "groups", None)
+        if getattr(self, "stream", None) is not None and groups is not None:
+            groups.close()  # the stream's tokenising workers stop with it
 
     def finish(self, status: str, **details: Any) -> None:
         """Close the logs and process group; run.json gets the status and the time taken."""

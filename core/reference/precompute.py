@@ -27,6 +27,7 @@ import torch
 from ..cache import cache_dir
 from ..data.batching import sequence_batch, sequence_prefixes
 from ..data.packing import pack, sequence_digest
+from ..data.records import sampled_hash
 from ..errors import PluginError
 from ..model.dropout import eval_mode
 from ..model.logprobs import forward_logps
@@ -112,21 +113,11 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
         if path.name.endswith((".safetensors", ".safetensors.index.json", ".py")):
             real = path.resolve()
             hub_blob = real.name != path.name and real.parent.name == "blobs"
-            files[path.name] = real.name if hub_blob else _sampled_hash(real)
+            files[path.name] = real.name if hub_blob else sampled_hash(real)
     return {
         "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest(),
         "files": files,
     }
-
-
-def _sampled_hash(path: Path, samples: int = 16, chunk: int = 1 << 16) -> str:
-    size = path.stat().st_size
-    digest = hashlib.blake2b(str(size).encode(), digest_size=16)
-    with path.open("rb") as handle:
-        for i in range(samples + 1):
-            handle.seek(max(0, (size - chunk) * i // samples))
-            digest.update(handle.read(chunk))
-    return digest.hexdigest()
 
 
 def cache_key(model: dict[str, Any], digests: Iterable[bytes]) -> str:
