@@ -66,11 +66,14 @@ def align_prepare_model(model, tokenizer, config, sections):
 
 @hookspec(firstresult=True)
 def align_prepare_dataset(objective, examples, options, split, config):
-    """Return a new list of tokenised examples for ``split`` ("train" or "eval"), or None.
+    """Return new tokenised examples for ``split`` ("train" or "eval"), or None.
 
-    ``config`` is the run's core configuration (``seed``, ``max_length``, ``truncation``, …).
-    Runs once per split, so per-example choices made here (KTO's mismatched partners) stay
-    fixed for the whole run, independent of batching and process count.
+    ``examples`` is an ``align.Examples``: memory-mapped, read-only views (``examples[i]`` is a
+    new dict each time). Add keys with ``examples.derive(add, lengths)``, computed when an
+    example is read, or return a list (held in memory). ``config`` is the run's core
+    configuration (``seed``, ``max_length``, ``truncation``, …). Runs once per split, so
+    per-example choices made here (KTO's mismatched partners) stay fixed for the whole run,
+    independent of batching and process count.
     """
 
 
