@@ -489,3 +489,22 @@ def test_a_mixture_run_records_its_sources_and_resumes_exactly(
 
     for (step, x), (same, y) in zip(losses("a"), losses("b"), strict=True):
         assert step == same and x == pytest.approx(y, abs=1e-6, rel=0)
+
+
+def test_no_data_cache_tokenises_into_a_temporary_directory_removed_after_the_run(
+    tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+):
+    import tempfile
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    data = write_jsonl(tmp_path / "data.jsonl", sft_rows)
+    result = _cli(
+        "run", "--model", model_dir, "--data", data, "--no-data-cache", "--max-steps", 1,
+        "--output-dir", tmp_path / "run",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "not cached (data_cache off)" in result.output
+    assert not (tmp_path / "cache" / "data").exists()
+    assert not any(p.name.startswith("align-data-") for p in (tmp_path / "tmp").iterdir())

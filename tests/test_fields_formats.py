@@ -351,15 +351,14 @@ def test_a_plugin_batch_is_told_whether_the_run_packs(tmp_path, write_jsonl, sft
 def test_reference_cache_keys_depend_on_tokens_not_on_fields(tmp_path, write_jsonl, tokenizer):
     """A reference log-prob depends on the tokens scored alone: changing an example's weight
     keeps the precomputed cache's key, changing its tokens does not."""
-    from align.reference.precompute import cache_key, example_groups
+    from align.reference.precompute import SequenceIndex, cache_key
 
     def key(rows):
         path = write_jsonl(tmp_path / "k.jsonl", rows)
         examples, _ = tokenize_records(
             read_records(path), "prompt_completion", tokenizer, 64, "error", "t", WeightFields
         )
-        digests = {d for group in example_groups(examples) for d in group}
-        return cache_key({"model": "m"}, digests)
+        return cache_key({"model": "m"}, SequenceIndex(examples))
 
     rows = _rows()
     base = key(rows)

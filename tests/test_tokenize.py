@@ -249,3 +249,28 @@ def test_a_template_the_probe_tells_apart_is_rendered_by_apply_chat_template(tok
     assert _render(tok, messages, False, "messages") == expected == "whya"
     tok.chat_template = "{{ messages | length }}{{ tools }}"
     assert _direct_renderer(tok) is not None  # tools=None renders as apply_chat_template's
+
+
+def test_tokens_overlapping_a_span_are_found_from_its_ends_as_from_every_offset(tokenizer):
+    """The loss mask's tokens are found from each span's two ends (``char_to_token``); they must
+    be exactly the tokens whose offsets overlap the span, for spans that start or end inside a
+    token, inside a character several tokens share (an emoji's bytes) or on a special token."""
+    import random
+
+    from align.data.tokenize import _encode
+
+    rng = random.Random(0)
+    pieces = ["word", " ", "é", "🙂", "\n", "</s>", "<|user|>", "ab", "  ", "中文", "x"]
+    checked = 0
+    for _ in range(300):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 25)))
+        for special in (False, True):
+            ids, offsets = _encode(tokenizer, text, add_special_tokens=special)
+            for _ in range(5):
+                a, b = sorted(rng.randint(0, len(text)) for _ in range(2))
+                spans = [(a, b)] + ([(b, len(text))] if rng.random() < 0.3 else [])
+                fast = offsets.overlapping(spans)
+                assert fast.tolist() == offsets.all_overlapping(spans).tolist(), (text, spans)
+                assert len(fast) == len(ids)
+                checked += fast.any()
+    assert checked > 1000

@@ -111,9 +111,7 @@ def tokenize_conversation(
         else:
             import numpy as np
 
-            start, end = spans[-1]
-            starts, ends = offsets[:, 0], offsets[:, 1]
-            turn = (starts < end) & (ends > start) & (ends > starts)
+            turn = offsets.overlapping(spans[-1:])
             has_eos = bool((np.asarray(ids)[turn] == tokenizer.eos_token_id).any())
     return _with_eos(tokenizer, Tokenized(ids, mask), has_eos=has_eos)
 
@@ -221,24 +219,76 @@ def _header(tokenizer: Any, field: str) -> str:
 
 
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool, need_offsets: bool = True):
-    """Token ids and, from a fast tokenizer, character offsets as an ``[n, 2]`` array (None
-    from a slow one)."""
+    """Token ids and, from a fast tokenizer, their character offsets (``_Offsets``; None from a
+    slow one)."""
+    offsets = None
     if getattr(tokenizer, "is_fast", False):  # the Rust tokenizer itself: no wrapper per text
-        import numpy as np
-
         encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens)
         ids = encoding.ids
-        offsets = None
         if need_offsets:
-            flat = itertools.chain.from_iterable(encoding.offsets)
-            offsets = np.fromiter(flat, dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+            offsets = _Offsets(encoding)
     else:
         ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-        offsets = None
     bos = tokenizer.bos_token_id
     if bos is not None and ids[:2] == [bos, bos]:  # the text already began with BOS
-        ids, offsets = ids[1:], (offsets[1:] if offsets is not None else None)
+        ids = ids[1:]
+        if offsets is not None:
+            offsets.shift = 1
     return ids, offsets
+
+
+class _Offsets:
+    """A fast tokenizer's character offsets, read lazily: the tokens that overlap a span are
+    found from the span's two ends (``char_to_token``) instead of converting every token's
+    offsets to Python (a seventh of the time a record takes); all of them are read only where
+    an end maps to no token."""
+
+    def __init__(self, encoding: Any) -> None:
+        self.encoding, self.shift = encoding, 0  # shift: tokens dropped from the start
+
+    def overlapping(self, spans: Sequence[tuple[int, int]]) -> Any:
+        """Whether each token (of non-zero width) overlaps one of the character spans."""
+        import numpy as np
+
+        count = len(self.encoding.ids) - self.shift
+        mask = np.zeros(count, dtype=bool)
+        for start, end in spans:
+            # an empty span still marks a token that straddles its position: the slow path
+            found = self._tokens(start, end) if end > start else None
+            if found is None:
+                return self.all_overlapping(spans)
+            mask[max(0, found[0] - self.shift) : max(0, found[1] - self.shift)] = True
+        return mask
+
+    def _tokens(self, start: int, end: int) -> tuple[int, int] | None:
+        encoding = self.encoding
+        first, last = encoding.char_to_token(start), encoding.char_to_token(end - 1)
+        if first is None or last is None:
+            return None
+        # several tokens may share a character (the bytes of one emoji): take them all
+        while first > self.shift and _overlaps(encoding.token_to_chars(first - 1), start, end):
+            first -= 1
+        total = len(encoding.ids)
+        while last + 1 < total and _overlaps(encoding.token_to_chars(last + 1), start, end):
+            last += 1
+        return first, last + 1
+
+    def all_overlapping(self, spans: Sequence[tuple[int, int]]) -> Any:
+        """The same from every token's offsets."""
+        import numpy as np
+
+        pairs = itertools.chain.from_iterable(self.encoding.offsets)
+        count = len(self.encoding.ids)
+        offsets = np.fromiter(pairs, dtype=np.int64, count=2 * count).reshape(-1, 2)
+        starts, ends = offsets[self.shift :, 0], offsets[self.shift :, 1]
+        trained = np.zeros(len(starts), dtype=bool)
+        for s_start, s_end in spans:  # overlapping the span: start < s_end and end > s_start
+            trained |= (starts < s_end) & (ends > s_start)
+        return trained & (ends > starts)
+
+
+def _overlaps(chars: Any, start: int, end: int) -> bool:
+    return chars is not None and chars[1] > chars[0] and chars[0] < end and chars[1] > start
 
 
 def _turn_end(tokenizer: Any, through: str, start: int) -> int:
@@ -256,13 +306,7 @@ def _mask_from_spans(
     """1 for every token that overlaps a trained character span of ``text``."""
     if offsets is None:
         return _mask_without_offsets(ids, spans, tokenizer, text, add_special_tokens)
-    import numpy as np
-
-    starts, ends = offsets[:, 0], offsets[:, 1]
-    trained = np.zeros(len(offsets), dtype=bool)
-    for s_start, s_end in spans:  # a token overlapping the span: start < s_end and end > s_start
-        trained |= (starts < s_end) & (ends > s_start)
-    return (trained & (ends > starts)).astype(np.int64).tolist()
+    return offsets.overlapping(spans).astype(int).tolist()
 
 
 def _mask_without_offsets(ids, spans, tokenizer, text: str, add_special_tokens: bool) -> list[int]:

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -831,6 +832,9 @@ class Training:
         groups = getattr(self, "groups", None)
         if getattr(self, "stream", None) is not None and groups is not None:
             groups.close()  # the stream's tokenising workers stop with it
+        for built in (b for found in getattr(self, "stores", {}).values() for b in found):
+            if built.key is None and self.accelerator.is_local_main_process:
+                shutil.rmtree(built.path.parent, ignore_errors=True)  # --no-data-cache's
 
     def finish(self, status: str, **details: Any) -> None:
         """Close the logs and process group; run.json gets the status and the time taken."""

@@ -17,11 +17,13 @@ import json
 import os
 import time
 import warnings
+from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..cache import cache_dir
@@ -36,24 +38,93 @@ from .models import Reference
 FORMAT_VERSION = 2  # bump when the way log-probs are computed changes (2: every scorer probed)
 
 
-def example_groups(examples: Iterable[dict[str, Any]]) -> list[dict[bytes, tuple[list, list]]]:
-    """Each example's sequences (by digest) as one group, which a packed pass scores with their
-    shared prompt computed once; a sequence already in an earlier group is left out."""
-    seen: set[bytes] = set()
-    groups = []
-    for example in examples:
-        group: dict[bytes, tuple[list, list]] = {}
-        for prefix in sequence_prefixes(example):
-            ids, mask = example[f"{prefix}input_ids"], example.get(f"{prefix}completion_mask")
-            if mask is None:
-                continue
-            digest = sequence_digest(ids, mask)
-            if digest not in seen:
-                seen.add(digest)
-                group[digest] = (ids, mask)
-        if group:
-            groups.append(group)
-    return groups
+class SequenceIndex:
+    """Every distinct sequence of a split's examples, as arrays rather than Python objects: its
+    digest (sorted, 16 bytes each), the example that first holds it, its prefix there and its
+    length. Reading the examples once builds it; the scoring pass reads each example back when
+    its turn comes, so a split of a million pairs costs tens of megabytes here."""
+
+    def __init__(self, examples: Iterable[dict[str, Any]]) -> None:
+        digests, owners, prefix_ids, lengths = bytearray(), array("q"), array("h"), array("q")
+        prefixes: dict[str, int] = {}
+        for number, example in enumerate(examples):
+            for prefix in sequence_prefixes(example):
+                mask = example.get(f"{prefix}completion_mask")
+                if mask is None:
+                    continue
+                ids = example[f"{prefix}input_ids"]
+                digests += sequence_digest(ids, mask)
+                owners.append(number)
+                prefix_ids.append(prefixes.setdefault(prefix, len(prefixes)))
+                lengths.append(len(ids))
+        keys = np.frombuffer(bytes(digests), dtype="V16")
+        self.digests, first = np.unique(keys, return_index=True)  # each one's first holder
+        self.owners = np.frombuffer(owners, dtype=np.int64)[first]
+        self.prefix_ids = np.frombuffer(prefix_ids, dtype=np.int16)[first]
+        self.lengths = np.frombuffer(lengths, dtype=np.int64)[first]
+        self.prefixes = list(prefixes)
+
+    def __len__(self) -> int:
+        return len(self.digests)
+
+    def groups(self, packed: bool) -> tuple[list[np.ndarray], np.ndarray]:
+        """The scoring units, as arrays of sequence numbers in the examples' order: each
+        example's new sequences together (packed, their prompt shared), or one sequence each;
+        and each unit's tokens."""
+        order = np.argsort(self.owners, kind="stable")  # examples' order, prefixes in order
+        if not packed:
+            return [order[i : i + 1] for i in range(len(order))], self.lengths[order]
+        owners = self.owners[order]
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(order) else []
+        units = np.split(order, starts[1:]) if len(order) else []
+        totals = np.add.reduceat(self.lengths[order], starts) if len(order) else np.zeros(0)
+        return units, totals
+
+    def sequences(self, unit: np.ndarray, examples: Any) -> dict[bytes, tuple[list, list]]:
+        """A unit's sequences, read back from its example: digest → (ids, mask)."""
+        example = examples[int(self.owners[unit[0]])]
+        found = {}
+        for number in unit:
+            prefix = self.prefixes[self.prefix_ids[number]]
+            ids, mask = example[f"{prefix}input_ids"], example[f"{prefix}completion_mask"]
+            found[self.digests[number].tobytes()] = (ids, mask)
+        return found
+
+
+class DigestTable:
+    """Reference log-probs by sequence digest in two sorted arrays (a dict of a million
+    entries would hold a hundred megabytes of Python objects)."""
+
+    def __init__(self, digests: Any = (), values: Any = ()) -> None:
+        keys = np.asarray(digests, dtype=np.uint8).reshape(-1, 16).copy().view("V16").ravel()
+        values = np.asarray(values, dtype=np.float64)
+        self.keys, first = np.unique(keys, return_index=True)
+        self.values = values[first]
+
+    @classmethod
+    def from_dict(cls, table: dict[bytes, float]) -> DigestTable:
+        digests = np.frombuffer(b"".join(table), dtype=np.uint8)
+        return cls(digests, list(table.values()))
+
+    @classmethod
+    def merged(cls, tables: Iterable[DigestTable]) -> DigestTable:
+        tables = list(tables)
+        keys = np.concatenate([t.keys for t in tables]) if tables else np.zeros(0, "V16")
+        values = np.concatenate([t.values for t in tables]) if tables else np.zeros(0)
+        return cls(np.frombuffer(keys.tobytes(), dtype=np.uint8), values)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, digest: bytes, default: Any = None) -> Any:
+        key = np.frombuffer(digest, dtype="V16")[0]
+        at = int(np.searchsorted(self.keys, key))
+        if at < len(self.keys) and self.keys[at] == key:
+            return float(self.values[at])
+        return default
+
+    def digest_bytes(self) -> bytes:
+        return self.keys.tobytes()
 
 
 def batch_digests(batch: dict[str, torch.Tensor], prefix: str = "") -> list[bytes]:
@@ -73,8 +144,8 @@ class PrecomputedReference(Reference):
 
     mode = "precomputed"
 
-    def __init__(self, table: dict[bytes, float]) -> None:
-        self.table = table
+    def __init__(self, table: DigestTable | dict[bytes, float]) -> None:
+        self.table = DigestTable.from_dict(table) if isinstance(table, dict) else table
 
     def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
         values = []
@@ -120,11 +191,15 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
     }
 
 
-def cache_key(model: dict[str, Any], digests: Iterable[bytes]) -> str:
+def cache_key(model: dict[str, Any], digests: Iterable[bytes] | SequenceIndex) -> str:
+    """The model's identity and every sequence's digest, in sorted order."""
     data = hashlib.sha256()
     data.update(json.dumps({"format": FORMAT_VERSION, "model": model}, sort_keys=True).encode())
-    for digest in sorted(digests):
-        data.update(digest)
+    if isinstance(digests, SequenceIndex):
+        data.update(digests.digests.tobytes())  # sorted already
+    else:
+        for digest in sorted(digests):
+            data.update(digest)
     return data.hexdigest()[:32]
 
 
@@ -132,16 +207,16 @@ def cache_path(key: str) -> Path:
     return cache_dir() / "reference" / f"{key}.safetensors"
 
 
-def save_table(path: Path, table: dict[bytes, float]) -> None:
+def save_table(path: Path, table: DigestTable) -> None:
     """Write atomically: a reader never sees half a file. A failure is a warning: the values
     are in memory and the run goes on, it only loses the cache for the next run."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    digests = sorted(table)
+    digests = np.frombuffer(table.digest_bytes(), dtype=np.uint8).reshape(-1, 16)
     tensors = {
-        "digests": torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).view(-1, 16),
-        "logps": torch.tensor([table[d] for d in digests], dtype=torch.float64),
+        "digests": torch.from_numpy(digests.copy()),
+        "logps": torch.from_numpy(table.values.copy()),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -152,7 +227,7 @@ def save_table(path: Path, table: dict[bytes, float]) -> None:
         warnings.warn(f"cannot write the reference cache {path}: {exc}", stacklevel=2)
 
 
-def load_table(path: Path) -> dict[bytes, float] | None:
+def load_table(path: Path) -> DigestTable | None:
     """The cached table, or None when there is none or it cannot be read (then: a miss)."""
     from safetensors.torch import load_file
 
@@ -160,8 +235,7 @@ def load_table(path: Path) -> dict[bytes, float] | None:
         return None
     try:
         tensors = load_file(str(path))
-        digests = tensors["digests"].numpy()
-        return {bytes(d): v for d, v in zip(digests, tensors["logps"].tolist(), strict=True)}
+        return DigestTable(tensors["digests"].numpy(), tensors["logps"].numpy())
     except Exception as exc:  # a damaged file is a miss, recomputed and rewritten
         warnings.warn(f"ignoring unreadable reference cache {path}: {exc}", stacklevel=2)
         return None
@@ -187,30 +261,32 @@ class PrecomputeReport:
 @torch.no_grad()
 def score_sequences(
     model: Any,
-    groups: list[dict[bytes, tuple[list, list]]],
+    index: SequenceIndex,
+    examples: Any,
     batch_size: int,
     pad_token_id: int,
     accelerator: Any,
     desc: str,
     packed: bool = True,
-) -> dict[bytes, float]:
+) -> DigestTable:
     """Reference log-probs of every sequence, shared out over processes and gathered.
 
     Whole groups packed with their prompts shared (``packed``), or padded rows of single
-    sequences, in batches of at least ``batch_size`` sequences.
+    sequences, in batches of at least ``batch_size`` sequences; longest first, so a batch too
+    large for memory fails at once. Each group's sequences are read back from its example when
+    its batch is built.
     """
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
-    if not packed:
-        groups = [{d: s} for group in groups for d, s in group.items()]
-    ordered = sorted(groups, key=lambda g: -sum(len(ids) for ids, _ in g.values()))  # OOM early
+    units, totals = index.groups(packed)
+    ordered = np.argsort(-np.asarray(totals, dtype=np.int64), kind="stable")
     mine = ordered[accelerator.process_index :: accelerator.num_processes]
-    table: dict[bytes, float] = {}
+    digests, values = bytearray(), []
     with (
         eval_mode(model),
         tqdm(
-            total=sum(map(len, mine)),
+            total=int(sum(len(units[u]) for u in mine)),
             desc=desc,
             disable=not accelerator.is_main_process,
             leave=False,
@@ -218,8 +294,9 @@ def score_sequences(
     ):
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0] if head is not None else 1 << 20  # unknown: assume large
-        for chunk in _batches_of_groups(mine, batch_size, vocab):
-            digests = [d for group in chunk for d in group]
+        groups = (index.sequences(units[u], examples) for u in mine)
+        for chunk in _batches_of_groups(groups, batch_size, vocab):
+            chunk_digests = [d for group in chunk for d in group]
             if packed:
                 batch = pack([list(group.values()) for group in chunk], pad_token_id)
             else:
@@ -230,20 +307,19 @@ def score_sequences(
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             with accelerator.autocast():  # the precision the policy trains in
                 sums = forward_logps(model, batch).sums.double().cpu().tolist()
-            table.update(zip(digests, sums, strict=True))
-            progress.update(len(digests))
+            digests += b"".join(chunk_digests)
+            values += sums
+            progress.update(len(chunk_digests))
+    table = DigestTable(np.frombuffer(bytes(digests), dtype=np.uint8), values)
     if accelerator.num_processes > 1:
-        merged: dict[bytes, float] = {}
-        for part in gather_object([table]):
-            merged.update(part)
-        table = merged
+        table = DigestTable.merged(gather_object([table]))
     return table
 
 
 LOGITS_BUDGET = 1 << 26  # logits elements of one no-grad forward (256 MiB in float32)
 
 
-def _batches_of_groups(groups: list[dict], batch_size: int, vocab: int) -> Iterable[list[dict]]:
+def _batches_of_groups(groups: Iterable[dict], batch_size: int, vocab: int) -> Iterable[list[dict]]:
     """Whole groups, at least ``batch_size`` sequences a forward; up to 4× that while the
     logits stay within ``LOGITS_BUDGET`` (small models score faster in larger batches)."""
     chunk: list[dict] = []
@@ -264,12 +340,12 @@ def _batches_of_groups(groups: list[dict], batch_size: int, vocab: int) -> Itera
 def precompute_split(
     scorer: Callable[[], Any],
     model_id: dict[str, Any],
-    examples: list[dict[str, Any]],
+    examples: Any,
     split: str,
     batch_size: int,
     pad_token_id: int,
     accelerator: Any,
-) -> tuple[dict[bytes, float], PrecomputeReport]:
+) -> tuple[DigestTable, PrecomputeReport]:
     """Load the split's table from the cache, or score it and write the cache (main process).
 
     ``scorer()`` gives the reference model and whether it scores packed batches; it is called
@@ -279,9 +355,8 @@ def precompute_split(
     from accelerate.utils import broadcast_object_list
 
     started = time.time()
-    groups = example_groups(examples)
-    sequences = {d: s for group in groups for d, s in group.items()}
-    path = cache_path(cache_key(model_id, sequences))
+    index = SequenceIndex(examples)
+    path = cache_path(cache_key(model_id, index))
     shared: list[Any] = [load_table(path) if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(shared)
@@ -289,10 +364,17 @@ def precompute_split(
     if table is None:
         model, packed = scorer()
         table = score_sequences(
-            model, groups, batch_size, pad_token_id, accelerator, f"reference ({split})", packed
+            model,
+            index,
+            examples,
+            batch_size,
+            pad_token_id,
+            accelerator,
+            f"reference ({split})",
+            packed,
         )
         if accelerator.is_main_process:
             save_table(path, table)
     seconds = time.time() - started
-    report = PrecomputeReport(split, len(sequences), str(path), hit, seconds, packed)
+    report = PrecomputeReport(split, len(index), str(path), hit, seconds, packed)
     return table, report

@@ -21,7 +21,7 @@ from .models import (
     has_adapter,
     load_reference_model,
 )
-from .precompute import PrecomputedReference, model_identity, precompute_split
+from .precompute import DigestTable, PrecomputedReference, model_identity, precompute_split
 
 
 def reference_mode(cfg: Any, policy: Any, on_policy: bool = False) -> str:
@@ -106,7 +106,7 @@ def make_reference(
             return loaded[0]
 
         identity = _scorer_identity(spec, policy)
-        table: dict[bytes, float] = {}
+        tables = []
         info["splits"] = {}
         for split, split_examples in examples.items():
             part, report = precompute_split(
@@ -118,7 +118,7 @@ def make_reference(
                 tokenizer.pad_token_id,
                 accelerator,
             )
-            table.update(part)
+            tables.append(part)
             info["splits"][split] = {
                 "sequences": report.sequences,
                 "cache": report.cache,
@@ -134,7 +134,7 @@ def make_reference(
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        reference = PrecomputedReference(table)
+        reference = PrecomputedReference(DigestTable.merged(tables))
     reference.autocast = accelerator.autocast  # the policy's mixed precision
     info["setup_seconds"] = round(time.time() - started, 2)
     return reference, info
