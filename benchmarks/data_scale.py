@@ -195,11 +195,19 @@ def align_run(
     return result
 
 
-def trl_run(model: Path, data: Path, cache: Path, workers: int, objective: str) -> dict:
+def trl_run(
+    model: Path, data: Path, cache: Path, workers: int, objective: str, processes: int = 1
+) -> dict:
     out = tempfile.mkdtemp(prefix="bench-trl-")
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     env["HF_DATASETS_OFFLINE"] = env["HF_HUB_OFFLINE"] = "1"
-    command = [sys.executable, "-c", TRL_SCRIPT, objective, str(model), str(data), out]
+    command = [sys.executable, "-c", TRL_SCRIPT]
+    if processes > 1:  # torchrun's workers, data-parallel over gloo as align's are
+        script = Path(out) / "trl_step.py"
+        script.write_text(TRL_SCRIPT)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        command += ["--nproc_per_node", str(processes), str(script)]
+    command += [objective, str(model), str(data), out]
     result = run([*command, str(workers)], env)
     shutil.rmtree(out, ignore_errors=True)
     line = next(ln for ln in result["output"].splitlines() if ln.startswith("BENCH "))
@@ -213,7 +221,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100000, help="preference pairs (0: none)")
     parser.add_argument("--workers", type=int, default=2, help="tokenising processes")
     parser.add_argument("--processes", default="1", help="training processes to measure: 1,2")
-    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-trl", action="store_true", help="align's rows only")
+    parser.add_argument("--skip-align", action="store_true", help="TRL's rows only")
     parser.add_argument("--dir", default=None, help="where data and caches go (default: temp)")
     args = parser.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="align-data-scale-"))
@@ -231,7 +240,7 @@ def main() -> None:
         data = root / f"{objective}-{count}.jsonl"
         if not data.exists():
             (write_conversations if objective == "sft" else write_pairs)(data, count)
-        for processes in [int(p) for p in args.processes.split(",")]:
+        for processes in [] if args.skip_align else [int(p) for p in args.processes.split(",")]:
             cache = root / f"align-cache-{objective}-{count}-{processes}"
             shutil.rmtree(cache, ignore_errors=True)
             first = align_run(model, data, cache, args.workers, processes, objective)
@@ -239,12 +248,12 @@ def main() -> None:
             rows.append(("align", objective, count, processes, first, second))
             _print_row(rows[-1])
             shutil.rmtree(cache, ignore_errors=True)
-        if not args.skip_trl:
-            cache = root / f"hf-cache-{objective}-{count}"
+        for processes in [] if args.skip_trl else [int(p) for p in args.processes.split(",")]:
+            cache = root / f"hf-cache-{objective}-{count}-{processes}"
             shutil.rmtree(cache, ignore_errors=True)
-            first = trl_run(model, data, cache, args.workers, objective)
-            second = trl_run(model, data, cache, args.workers, objective)
-            rows.append(("TRL 1.16", objective, count, 1, first, second))
+            first = trl_run(model, data, cache, args.workers, objective, processes)
+            second = trl_run(model, data, cache, args.workers, objective, processes)
+            rows.append(("TRL 1.16", objective, count, processes, first, second))
             _print_row(rows[-1])
             shutil.rmtree(cache, ignore_errors=True)
     print()

@@ -508,3 +508,65 @@ def test_no_data_cache_tokenises_into_a_temporary_directory_removed_after_the_ru
     assert "not cached (data_cache off)" in result.output
     assert not (tmp_path / "cache" / "data").exists()
     assert not any(p.name.startswith("align-data-") for p in (tmp_path / "tmp").iterdir())
+
+
+def test_the_key_is_stable_across_processes_and_follows_a_formats_code(tokenizer):
+    """The key is the same in a new interpreter (no address or hash seed in it), and a format
+    whose code changed without a new version is another key."""
+    import dataclasses
+
+    from align.data.formats import BUILTIN
+
+    def key(fmt):
+        tokenise = RecordTokenizer(fmt, tokenizer, 64, "keep_start")
+        return build.store_key("data", tokenizer, tokenise, "align-core 0.1.0")[0]
+
+    script = (
+        "import sys\n"
+        "from transformers import AutoTokenizer\n"
+        "from align.data import build\n"
+        "from align.data.examples import RecordTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "t = RecordTokenizer('preference', tok, 64, 'keep_start')\n"
+        "print(build.store_key('data', tok, t, 'align-core 0.1.0')[0])\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    other = subprocess.run(
+        [sys.executable, "-c", script, tokenizer.name_or_path],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert other.stdout.split()[-1] == key("preference")
+    edited = dataclasses.replace(BUILTIN["preference"], groups=lambda record: None)
+    assert key(edited) != key("preference")
+
+
+def test_a_subset_of_a_dataset_repository_is_chosen_by_data_subset(
+    tmp_path, model_dir, monkeypatch
+):
+    """A repository whose README declares configs, as hub datasets do; --data-subset picks one."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    repo = tmp_path / "repo"
+    for name, count in (("easy", 6), ("hard", 9)):
+        (repo / name).mkdir(parents=True)
+        rows = [{"prompt": f"{name} {i}? ", "completion": f"{i}."} for i in range(count)]
+        (repo / name / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: easy\n  data_files:\n  - split: train\n    path: easy/train.jsonl\n"
+        "- config_name: hard\n  data_files:\n  - split: train\n    path: hard/train.jsonl\n"
+        "---\n"
+    )
+    runs = {}
+    for subset in ("easy", "hard"):
+        out = tmp_path / subset
+        result = _cli(
+            "run", "--model", model_dir, "--data", repo, "--data-subset", subset,
+            "--max-steps", 1, "--output-dir", out,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        runs[subset] = json.loads((out / "run.json").read_text())["data"]["train"]
+    assert (runs["easy"]["records"], runs["hard"]["records"]) == (6, 9)
+    assert runs["easy"]["sha256"] != runs["hard"]["sha256"]

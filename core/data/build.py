@@ -2,9 +2,10 @@
 
 The store of a split lives in ``$ALIGN_CACHE/data/<key>``. The key is a hash of everything that
 decides the examples: the data (its bytes' sha256, or a hub dataset's fingerprint), the
-tokenizer (its vocabulary, rules, special tokens and chat template), the data format and the
-plugin that registered it, the objective's extra fields, ``max_length``, ``truncation``, the
-column mapping and the versions of align and of the store layout. A run whose key matches
+tokenizer (its vocabulary, rules, special tokens and chat template), the data format (the
+plugin that registered it, its columns, schema and code), the objective's extra fields,
+``max_length``, ``truncation``, the column mapping and the versions of align and of the store
+layout. A run whose key matches
 maps the store and tokenises nothing; any change is a new key, so a stale store is never read.
 A store is written into a temporary directory beside its final place and renamed when complete,
 so a crash leaves no half a store where a run would read it.
@@ -90,7 +91,7 @@ def store_key(
         "align": written_by(),
         "data": data_fingerprint,
         "tokenizer": tokenizer_identity(tokenizer),
-        "format": {"name": tokenise.format.name, "from": format_origin},
+        "format": format_identity(tokenise.format, format_origin),
         "fields": fields,
         "max_length": tokenise.max_length,
         "truncation": tokenise.truncation,
@@ -98,6 +99,35 @@ def store_key(
     }
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32], parts
+
+
+def format_identity(fmt: Any, origin: str) -> dict[str, Any]:
+    """A data format's name, plugin and version, columns, schema, and a hash of its ``groups``
+    function's code: a format edited in an editable install without a new version is still
+    another key."""
+    digest = hashlib.sha256()
+    code = getattr(fmt.groups, "__code__", None)
+    if code is not None:
+        _hash_code(code, digest)
+    schema = fmt.schema.model_json_schema() if fmt.schema is not None else None
+    return {
+        "name": fmt.name,
+        "from": origin,
+        "columns": list(fmt.columns),
+        "schema": schema,
+        "code": digest.hexdigest(),
+    }
+
+
+def _hash_code(code: Any, digest: Any) -> None:
+    """A function's bytecode, constants and names (nested functions' too), never an address."""
+    digest.update(code.co_code)
+    digest.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _hash_code(const, digest)
+        else:
+            digest.update(repr(const).encode())
 
 
 @dataclass
@@ -178,8 +208,14 @@ def worker_pool(workers: int) -> Any:
 
 
 def _exit_with_parent(parent: int) -> None:
+    import gc
     import threading
     import time
+
+    # Tokenising makes no reference cycles, only short-lived lists and dicts: the cyclic
+    # collector would walk them thousands of times for nothing (5% of a worker's time).
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -79,14 +79,18 @@ def tokenize_conversation(
     """Render ``messages`` with the chat template; train assistant turns from ``trained_from``."""
     check_messages(messages, field)
     _require_chat_template(tokenizer, field)
-    full = _render(tokenizer, messages, False, field)
+    plain = all(m.keys() <= _PLAIN_KEYS for m in messages)  # checked once, not per render
+    full = _render(tokenizer, messages, False, field, plain)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < trained_from:
             continue
-        prefix = _render(tokenizer, messages[:i], True, field) if i else _header(tokenizer, field)
+        if i:
+            prefix = _render(tokenizer, messages[:i], True, field, plain)
+        else:
+            prefix = _header(tokenizer, field)
         last = i == len(messages) - 1
-        through = full if last else _render(tokenizer, messages[: i + 1], False, field)
+        through = full if last else _render(tokenizer, messages[: i + 1], False, field, plain)
         if (
             not full.startswith(prefix)
             or not through.startswith(prefix)
@@ -143,12 +147,19 @@ def check_messages(messages: Any, field: str) -> None:
 
 
 def _render(
-    tokenizer: Any, messages: Sequence[dict], add_generation_prompt: bool, field: str
+    tokenizer: Any,
+    messages: Sequence[dict],
+    add_generation_prompt: bool,
+    field: str,
+    plain: bool | None = None,
 ) -> str:
-    """The template's text; an empty prefix is rendered too (BOS, generation header)."""
+    """The template's text; an empty prefix is rendered too (BOS, generation header).
+    ``plain``: whether every message holds only ``role`` and ``content`` (None: look)."""
     try:
         render = _direct_renderer(tokenizer)
-        if render is not None and all(m.keys() <= _PLAIN_KEYS for m in messages):
+        if plain is None:
+            plain = all(m.keys() <= _PLAIN_KEYS for m in messages)
+        if render is not None and plain:
             return render(messages, add_generation_prompt)
         return tokenizer.apply_chat_template(
             list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -178,17 +189,21 @@ def _direct_renderer(tokenizer: Any) -> Any:
         return known[1]
     render = None
     try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         compiled = _compile_jinja_template(tokenizer.get_chat_template())
+        if not isinstance(compiled.environment, ImmutableSandboxedEnvironment):
+            raise TypeError("the template could change the messages it is given")
         special = {
             k: v if isinstance(v, str) else list(v) for k, v in tokenizer.special_tokens_map.items()
         }
 
         def render(messages: Sequence[dict], add_generation_prompt: bool) -> str:
-            plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+            # transformers compiles templates in an immutable sandbox: they cannot change the
+            # messages, so the caller's are passed, not copies
             return compiled.render(
-                messages=plain,
+                messages=list(messages),
                 tools=None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
