@@ -232,7 +232,7 @@ def main() -> None:
     model = root / "model"
     if not (model / "config.json").exists():
         demo.build_demo_model(model)
-    cases = [("sft", int(n)) for n in args.sizes.split(",") if n]
+    cases = [("sft", int(n)) for n in args.sizes.split(",") if n.strip() and int(n)]
     if args.pairs:
         cases.append(("dpo", args.pairs))
     rows = []
