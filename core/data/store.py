@@ -21,6 +21,7 @@ import os
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +281,7 @@ def encode_block(examples: Sequence[dict[str, Any]]) -> Block:
         present = np.zeros(count, dtype=np.uint8)
         sizes = [len(ids) for ids in part["ids"]]
         lengths[part["rows"]], present[part["rows"]] = sizes, 1
-        flat = np.fromiter(
-            (t for ids in part["ids"] for t in ids), dtype=np.int64, count=sum(sizes)
-        )
+        flat = np.fromiter(chain.from_iterable(part["ids"]), dtype=np.int64, count=sum(sizes))
         if flat.size and (flat.min() < 0 or flat.max() >= 2**31):
             raise ValueError(f"{prefix}{SEQUENCE_SUFFIX}: a token id outside the int32 range")
         masks = part["mask"]
@@ -291,7 +290,7 @@ def encode_block(examples: Sequence[dict[str, Any]]) -> Block:
         elif any(m is None or len(m) != n for m, n in zip(masks, sizes, strict=True)):
             raise ValueError(f"{prefix}{SEQUENCE_SUFFIX}: a sequence without its completion mask")
         else:
-            mask = np.fromiter((m for ms in masks for m in ms), np.uint8, sum(sizes)).tobytes()
+            mask = np.fromiter(chain.from_iterable(masks), np.uint8, sum(sizes)).tobytes()
         sequences[prefix] = _SequenceBlock(flat.astype(np.int32).tobytes(), mask, lengths, present)
     return Block(count, sequences, b"".join(values), value_lengths)
 
