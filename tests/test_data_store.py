@@ -137,7 +137,7 @@ def _spec_and_hooks(model_dir, data, **options):
 
 
 def _prepare(model_dir, data, **options):
-    from align.loop.setup import data_sources, prepare_split
+    from align.loop.data import data_sources, prepare_split
 
     spec, hooks = _spec_and_hooks(model_dir, data, **options)
     [source] = data_sources(spec.config)["train"]

@@ -59,6 +59,9 @@ def test_a_resumed_stream_trains_on_the_batches_the_uninterrupted_run_did(
     done = _run(*args, "--output-dir", tmp_path / "a")
     assert done.exit_code == 0, done.output
     assert "streaming" in done.output
+    streamed = json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train"]
+    assert streamed["streaming"] and streamed["records"] >= 31  # read ahead of training
+    assert streamed["skipped"]["longer than max_length 48"] >= 1
     # the run killed after step 5: no final model, no later checkpoint, metrics cut there
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     shutil.rmtree(tmp_path / "b" / "final")

@@ -53,6 +53,13 @@ from ..rollout.engine import RolloutEngine
 from ..run import Run
 from . import failures, resume, rundir, zero
 from .checkpoint import save_model_dir, write_json
+from .data import (
+    build_examples,
+    check_streaming,
+    data_sources,
+    shared_fingerprints,
+    streaming_batches,
+)
 from .failures import RunFailed
 from .launch import (
     check_world_size,
@@ -66,18 +73,13 @@ from .metrics import MetricsLog, MetricSums, format_value, headline, means
 from .setup import (
     OutputDir,
     apply_demo_defaults,
-    build_examples,
-    check_streaming,
     clear_run,
-    data_sources,
     load_model,
     load_tokenizer,
     make_optimizer,
     make_scheduler,
     precision_from_launcher,
-    shared_fingerprints,
     shared_output_dir,
-    streaming_batches,
 )
 from .step import accumulate_gradients, micro_batch_groups
 from .stopping import (
@@ -855,6 +857,12 @@ class Training:
                 self.run_info.pop("failure", None)
             if self.skipped_steps:
                 self.run_info["skipped_steps"] = self.skipped_steps
+            if getattr(self, "stream", None) is not None:  # this process's: a stream has no total
+                self.run_info["data"]["train"].update(
+                    self.stream.report.as_dict(),
+                    streaming=True,
+                    counted_by=f"process 0 of {accelerator.num_processes} (this session)",
+                )
             write_json(self.out / "run.json", self.run_info)
 
     def summary(self) -> str:

@@ -193,7 +193,7 @@ class ObjectiveConformance:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..config import resolve
-        from ..loop.setup import build_examples, data_sources
+        from ..loop.data import build_examples, data_sources
         from ..reference import ModelReference
         from ..run import Run
         from .hooks import ObjectiveHooks

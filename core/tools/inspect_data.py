@@ -18,7 +18,8 @@ from ..plugins.registry import PluginRegistry
 def inspect_examples(
     spec: RunSpec, registry: PluginRegistry, count: int, echo: Callable[[str], None]
 ) -> None:
-    from ..loop.setup import apply_demo_defaults, build_examples, data_sources, load_tokenizer
+    from ..loop.data import build_examples, data_sources
+    from ..loop.setup import apply_demo_defaults, load_tokenizer
 
     apply_demo_defaults(spec, registry)
     cfg = spec.config

@@ -20,7 +20,8 @@ def prepare_data(
 ) -> dict[str, object]:
     """Build every split's store; returns ``split -> Built``."""
     from ..cache import cache_dir
-    from ..loop.setup import apply_demo_defaults, build_examples, data_sources, load_tokenizer
+    from ..loop.data import build_examples, data_sources
+    from ..loop.setup import apply_demo_defaults, load_tokenizer
 
     apply_demo_defaults(spec, registry)
     cfg = spec.config
