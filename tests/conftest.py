@@ -109,3 +109,29 @@ def sft_rows() -> list[dict]:
         {"prompt": f"What is {a} + {b}? ", "completion": f"{a} + {b} = {a + b}." + " ok" * (a % 3)}
         for a, b in [(1, 2), (10, 20), (3, 4), (7, 30), (12, 1), (5, 5), (40, 2), (8, 9)]
     ]
+
+
+def _crash_copy(done: Path, target: Path, checkpoint_step: int, logged_up_to: int) -> None:
+    """What a run killed after step ``logged_up_to`` leaves: ``done``'s directory without its
+    final model and checkpoints after ``checkpoint_step``, its metrics cut there, status
+    running."""
+    import shutil
+
+    from align.loop.resume import complete_checkpoints
+
+    shutil.copytree(done, target)
+    shutil.rmtree(target / "final")
+    for step, path in complete_checkpoints(target):
+        if step > checkpoint_step:
+            shutil.rmtree(path)
+    rows = [r for r in (target / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    kept = [r for r in rows if json.loads(r)["step"] <= logged_up_to]
+    (target / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+    info = json.loads((target / "run.json").read_text())
+    (target / "run.json").write_text(json.dumps({**info, "status": "running"}))
+
+
+@pytest.fixture
+def crash_copy():
+    """``crash_copy(done, target, checkpoint_step, logged_up_to)``: a killed run's directory."""
+    return _crash_copy

@@ -372,6 +372,7 @@ build.write_store = counted
 """
 
 
+@pytest.mark.xdist_group("torchrun")  # torchrun's rendezvous ports: one launch at a time
 def test_two_processes_tokenise_once(tmp_path, model_dir, write_jsonl, sft_rows):
     """The local main process builds the store; the other maps it (a sitecustomize module
     counts who calls the builder)."""
@@ -445,12 +446,8 @@ def test_bad_mixture_entries_are_refused(item, message):
 
 
 def test_a_mixture_run_records_its_sources_and_resumes_exactly(
-    tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+    tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch, crash_copy
 ):
-    import shutil
-
-    from align.loop.resume import complete_checkpoints
-
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     a = write_jsonl(tmp_path / "a.jsonl", sft_rows)
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": f"Plain text number {i}."} for i in range(6)])
@@ -466,16 +463,7 @@ def test_a_mixture_run_records_its_sources_and_resumes_exactly(
     ]
     assert info["sources"][1]["weight"] == 0.5 and info["examples"] == 11
     assert info["sha256"].startswith("mixture:")
-    # the run killed after step 4: its directory without final/ and later checkpoints
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "final")
-    for step, path in complete_checkpoints(tmp_path / "b"):
-        if step > 3:
-            shutil.rmtree(path)
-    rows = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(rows[:4]) + "\n")
-    record = json.loads((tmp_path / "b" / "run.json").read_text())
-    (tmp_path / "b" / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=3, logged_up_to=4)
     changed = _cli("run", *[str(c) for c in common][:4], "--data", f"{b}:0.9", *common[6:],
                    "--output-dir", tmp_path / "b", "--resume")  # fmt: skip
     assert changed.exit_code == 1 and "train data: its content changed" in changed.output

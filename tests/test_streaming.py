@@ -4,7 +4,6 @@ the stream's position in every checkpoint: a resumed run trains on the same batc
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from click.testing import CliRunner
 from align.cli import cli
 from align.data.records import Record
 from align.data.streaming import shuffled
-from align.loop.resume import complete_checkpoints
 
 
 def _run(*args):
@@ -41,7 +39,7 @@ def _rows(n):
 
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_a_resumed_stream_trains_on_the_batches_the_uninterrupted_run_did(
-    objective, tmp_path, model_dir, write_jsonl, monkeypatch
+    objective, tmp_path, model_dir, write_jsonl, monkeypatch, crash_copy
 ):
     """31 records over 2 micro-batches of 2 a step: the 10 steps cross an epoch of the stream
     (and the second epoch's other shuffle); two tokenising workers; the checkpoint at step 4."""
@@ -62,16 +60,7 @@ def test_a_resumed_stream_trains_on_the_batches_the_uninterrupted_run_did(
     streamed = json.loads((tmp_path / "a" / "run.json").read_text())["data"]["train"]
     assert streamed["streaming"] and streamed["records"] >= 31  # read ahead of training
     assert streamed["skipped"]["longer than max_length 48"] >= 1
-    # the run killed after step 5: no final model, no later checkpoint, metrics cut there
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "final")
-    for step, path in complete_checkpoints(tmp_path / "b"):
-        if step > 4:
-            shutil.rmtree(path)
-    lines = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    (tmp_path / "b" / "metrics.jsonl").write_text("\n".join(lines[:5]) + "\n")
-    info = json.loads((tmp_path / "b" / "run.json").read_text())
-    (tmp_path / "b" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    crash_copy(tmp_path / "a", tmp_path / "b", checkpoint_step=4, logged_up_to=5)
     state = json.loads(
         (tmp_path / "b" / "checkpoints" / "step-4" / "trainer_state.json").read_text()
     )
