@@ -558,3 +558,19 @@ def test_a_subset_of_a_dataset_repository_is_chosen_by_data_subset(
         runs[subset] = json.loads((out / "run.json").read_text())["data"]["train"]
     assert (runs["easy"]["records"], runs["hard"]["records"]) == (6, 9)
     assert runs["easy"]["sha256"] != runs["hard"]["sha256"]
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_a_bad_record_stops_both_processes_with_its_message(tmp_path, model_dir, write_jsonl):
+    """The local main process tokenises and fails; the other, waiting to map the store, stops
+    with the same message instead of waiting for ever."""
+    rows = [{"prompt": "1 + 1? ", "completion": "2."}] * 3 + [{"prompt": "x", "completion": 5}]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "align.cli", "run", "--model", str(model_dir), "--data"]
+    cmd += [str(data), "--max-steps", "1", "--num-processes", "2"]
+    cmd += ["--output-dir", str(tmp_path / "run")]
+    result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    assert result.returncode != 0
+    message = f"{data}, line 4, field 'completion': expected a string, got int"
+    assert result.stderr.count(message) >= 1 and "Traceback" not in result.stderr

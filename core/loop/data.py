@@ -128,11 +128,18 @@ def on_local_main(work: Any, state: Any = None) -> Any:
     gathered = gather_object([result])
     failed = next((error for _, error in gathered if error is not None), None)
     if failed is not None:
-        from .. import errors
-
-        kind, message = failed.split("\0", 1)
-        raise getattr(errors, kind, RuntimeError)(message)
+        raise _shared_error(*failed.split("\0", 1))
     return gathered[state.process_index - state.local_process_index][0]
+
+
+def _shared_error(kind: str, message: str) -> Exception:
+    """An error another process raised, as the same kind of error here (its message already
+    names the file, record and field)."""
+    from .. import errors
+
+    if kind == "RuntimeError":
+        return RuntimeError(message)
+    return getattr(errors, kind, errors.AlignError)(message)
 
 
 def shared_fingerprints(
@@ -160,9 +167,7 @@ def shared_fingerprints(
     if state.num_processes > 1:
         broadcast_object_list(result)
     if result[1] is not None:
-        from .. import errors
-
-        raise getattr(errors, result[1][0])(result[1][1])
+        raise _shared_error(*result[1])
     return result[0]
 
 
