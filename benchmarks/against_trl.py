@@ -336,7 +336,7 @@ def tokens_per_example(model: str, data: str, objective: str, max_length: int) -
 
     from align.data.examples import tokenize_records
     from align.data.records import read_records
-    from align.data.sharding import example_length
+    from align.data.store import example_length
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples, _ = tokenize_records(

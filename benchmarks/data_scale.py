@@ -196,7 +196,7 @@ def align_run(
 
 
 def trl_run(
-    model: Path, data: Path, cache: Path, workers: int, objective: str, processes: int = 1
+    model: Path, data: Path, cache: Path, workers: int, processes: int, objective: str
 ) -> dict:
     out = tempfile.mkdtemp(prefix="bench-trl-")
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
@@ -235,27 +235,22 @@ def main() -> None:
     cases = [("sft", int(n)) for n in args.sizes.split(",") if n.strip() and int(n)]
     if args.pairs:
         cases.append(("dpo", args.pairs))
+    frameworks = [("align", align_run)] * (not args.skip_align)
+    frameworks += [("TRL 1.16", trl_run)] * (not args.skip_trl)
     rows = []
     for objective, count in cases:
         data = root / f"{objective}-{count}.jsonl"
         if not data.exists():
             (write_conversations if objective == "sft" else write_pairs)(data, count)
-        for processes in [] if args.skip_align else [int(p) for p in args.processes.split(",")]:
-            cache = root / f"align-cache-{objective}-{count}-{processes}"
-            shutil.rmtree(cache, ignore_errors=True)
-            first = align_run(model, data, cache, args.workers, processes, objective)
-            second = align_run(model, data, cache, args.workers, processes, objective)
-            rows.append(("align", objective, count, processes, first, second))
-            _print_row(rows[-1])
-            shutil.rmtree(cache, ignore_errors=True)
-        for processes in [] if args.skip_trl else [int(p) for p in args.processes.split(",")]:
-            cache = root / f"hf-cache-{objective}-{count}-{processes}"
-            shutil.rmtree(cache, ignore_errors=True)
-            first = trl_run(model, data, cache, args.workers, objective, processes)
-            second = trl_run(model, data, cache, args.workers, objective, processes)
-            rows.append(("TRL 1.16", objective, count, processes, first, second))
-            _print_row(rows[-1])
-            shutil.rmtree(cache, ignore_errors=True)
+        for name, runner in frameworks:
+            for processes in [int(p) for p in args.processes.split(",")]:
+                cache = root / f"{name.split()[0]}-cache-{objective}-{count}-{processes}"
+                shutil.rmtree(cache, ignore_errors=True)
+                first = runner(model, data, cache, args.workers, processes, objective)
+                second = runner(model, data, cache, args.workers, processes, objective)
+                rows.append((name, objective, count, processes, first, second))
+                _print_row(rows[-1])
+                shutil.rmtree(cache, ignore_errors=True)
     print()
     print(
         "| framework | objective | records | processes | first run to step 1 | second run "

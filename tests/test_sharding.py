@@ -4,7 +4,8 @@ import random
 import statistics
 from types import SimpleNamespace
 
-from align.data.sharding import ShardedBatches, example_length
+from align.data.sharding import ShardedBatches
+from align.data.store import example_length
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, process_index=0, device="cpu")
 

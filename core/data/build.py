@@ -178,18 +178,38 @@ def tokenised_chunks(
 ) -> Iterator[tuple[Block, DataReport]]:
     """``(examples, report)`` of each chunk of records, in order: in ``workers`` forked
     processes, or in this one for ``workers`` 1."""
+    return in_order(_tokenise_chunk, chunks, tokenise, workers, ahead=3 * workers)
+
+
+def tokenise_each(records: list[Record]) -> tuple[list[list[dict[str, Any]]], DataReport]:
+    """Each record's examples (a list per record), and the chunk's report."""
+    report = DataReport(split="")
+    return [_WORKER.examples(record, report) for record in records], report
+
+
+def in_order(
+    work: Callable[[Any], Any],
+    chunks: Iterable[Any],
+    tokenise: RecordTokenizer,
+    workers: int,
+    ahead: int,
+) -> Iterator[Any]:
+    """``work(chunk)`` of each chunk, in order, with ``tokenise`` as the workers' tokeniser:
+    in ``workers`` forked processes with at most ``ahead`` chunks in flight (the records are not
+    all read ahead), or in this process for ``workers`` 1. Closing the iterator stops the
+    workers."""
     global _WORKER
     _WORKER = tokenise
     try:
         if workers <= 1:
             for chunk in chunks:
-                yield _tokenise_chunk(chunk)
+                yield work(chunk)
             return
         with worker_pool(workers) as pool:  # terminated on exit
             pending: deque = deque()
             for chunk in chunks:
-                pending.append(pool.apply_async(_tokenise_chunk, (chunk,)))
-                if len(pending) >= 3 * workers:  # bounded: the records are not all read ahead
+                pending.append(pool.apply_async(work, (chunk,)))
+                if len(pending) >= ahead:
                     yield pending.popleft().get()
             while pending:
                 yield pending.popleft().get()
@@ -292,7 +312,7 @@ def stores_dir() -> Path:
 
 def open_cached(key: str, split: str) -> Built | None:
     """The complete store of ``key``, or None. A store whose files do not add up (damaged
-    since) is moved aside and rebuilt."""
+    since) is removed, to be built again."""
     path = stores_dir() / key
     if not (path / "meta.json").exists():
         return None

@@ -46,11 +46,6 @@ def shard_batches(
     return batches
 
 
-def example_length(example: dict[str, Any]) -> int:
-    """The tokens of all of an example's sequences."""
-    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
-
-
 class ShardedBatches:
     """Per-process micro-batches over the examples of one split, collated and on device."""
 

@@ -33,6 +33,11 @@ SEQUENCE_SUFFIX = "input_ids"
 MASK_SUFFIX = "completion_mask"
 
 
+def example_length(example: dict[str, Any]) -> int:
+    """The tokens of all of an example's sequences."""
+    return sum(len(v) for k, v in example.items() if k.endswith(SEQUENCE_SUFFIX))
+
+
 class Examples(Sequence):
     """A split's tokenised examples: ``len``, ``examples[i]`` (a new dict each time, holding its
     ``index``), iteration, and a slice as a list. What ``align_prepare_dataset`` receives and
@@ -60,11 +65,7 @@ class Examples(Sequence):
 
     def lengths(self) -> np.ndarray:
         """The tokens of all sequences of each example (``int64``, one per example)."""
-        return np.fromiter(
-            (sum(len(v) for k, v in e.items() if k.endswith(SEQUENCE_SUFFIX)) for e in self),
-            dtype=np.int64,
-            count=len(self),
-        )
+        return np.fromiter(map(example_length, self), dtype=np.int64, count=len(self))
 
     def value_column(self, name: str) -> Iterator[Any]:
         """One value of every example (``None`` where it has none), in order."""
@@ -193,10 +194,14 @@ class StoredExamples(Examples):
             example[prefix + SEQUENCE_SUFFIX] = arrays["ids"][start:end].tolist()
             if arrays["mask"] is not None:
                 example[prefix + MASK_SUFFIX] = arrays["mask"][start:end].tolist()
-        start, end = self.value_offsets[index], self.value_offsets[index + 1]
-        example.update(json.loads(self.values[start:end].tobytes()))
+        example.update(self._values(index))
         example["index"] = index
         return example
+
+    def _values(self, index: int) -> dict[str, Any]:
+        """Example ``index``'s values other than its sequences."""
+        start, end = self.value_offsets[index], self.value_offsets[index + 1]
+        return json.loads(self.values[start:end].tobytes())
 
     def sequence_lengths(self, prefix: str = "") -> np.ndarray:
         """Each example's tokens in sequence ``prefix`` (0 where an example has none)."""
@@ -213,8 +218,7 @@ class StoredExamples(Examples):
         length where none is trained), computed on the arrays."""
         arrays = self.sequences[prefix]
         offsets = np.asarray(arrays["offsets"], dtype=np.int64)
-        lengths = np.diff(offsets)
-        result = lengths.copy()
+        result = np.diff(offsets)  # where nothing is trained: the whole length
         step = 1 << 14  # examples at a time, so the temporary arrays stay small
         for first in range(0, self.count, step):
             last = min(self.count, first + step)
@@ -230,8 +234,7 @@ class StoredExamples(Examples):
     def value_column(self, name: str) -> Iterator[Any]:
         """One value of every example, in order, read from the store."""
         for index in range(self.count):
-            start, end = self.value_offsets[index], self.value_offsets[index + 1]
-            yield json.loads(self.values[start:end].tobytes()).get(name)
+            yield self._values(index).get(name)
 
 
 @dataclass

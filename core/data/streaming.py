@@ -61,14 +61,6 @@ def shuffled(records: Iterator[Record], size: int, rng: np.random.Generator) -> 
         yield buffer[slot]
 
 
-_WORKER: RecordTokenizer | None = None  # set in the parent before the workers are forked
-
-
-def _tokenise_records(records: list[Record]) -> tuple[list[list[dict[str, Any]]], DataReport]:
-    report = DataReport(split="")
-    return [_WORKER.examples(record, report) for record in records], report
-
-
 class RecentExamples(Examples):
     """The examples a streaming run took most recently, by their running number: what the core
     reads back for a micro-batch's counts or to name the examples of a non-finite loss. A
@@ -138,34 +130,15 @@ class StreamingBatches:
 
     def _tokenised(self, records: Iterator[Record]) -> Iterator[list[dict[str, Any]]]:
         """Each record's examples, in order, tokenised by the worker processes a few chunks
-        ahead (in this process with one worker)."""
-        global _WORKER
-        _WORKER = self.tokenise
+        ahead (in this process with one worker); closing it stops the workers."""
+        from .build import in_order, tokenise_each
+
         chunks = _chunks(records)
-        try:
-            if self.workers <= 1:
-                for chunk in chunks:
-                    examples, report = _tokenise_records(chunk)
-                    self.report.add(report)
-                    yield from examples
-                return
-            from .build import worker_pool
-
-            with worker_pool(self.workers) as pool:  # terminated when the stream is closed
-                pending: deque = deque()
-                for chunk in chunks:
-                    pending.append(pool.apply_async(_tokenise_records, (chunk,)))
-                    if len(pending) >= 2 * self.workers:
-                        yield from self._collect(pending.popleft().get())
-                while pending:
-                    yield from self._collect(pending.popleft().get())
-        finally:
-            _WORKER = None
-
-    def _collect(self, result: tuple[list[list[dict[str, Any]]], DataReport]) -> list:
-        examples, report = result
-        self.report.add(report)
-        return examples
+        for examples, report in in_order(
+            tokenise_each, chunks, self.tokenise, self.workers, ahead=2 * self.workers
+        ):
+            self.report.add(report)
+            yield from examples
 
     def _examples(self, start: StreamPosition) -> Iterator[tuple[dict[str, Any], StreamPosition]]:
         """Every example from ``start`` on, each with the position after it."""

@@ -86,8 +86,8 @@ def build_examples(
 
         examples, contributed = mix(parts, sources, cfg.seed)
         report = DataReport(split=split)
-        for source, fingerprint, b, count in zip(
-            sources, fingerprints, built, contributed, strict=True
+        for source, fingerprint, b, part, count in zip(
+            sources, fingerprints, built, parts, contributed, strict=True
         ):
             report.add(b.report)
             share = {"weight": source.fraction} if source.fraction is not None else {}
@@ -97,7 +97,7 @@ def build_examples(
                     "path": source.label,
                     "sha256": fingerprint,
                     **share,
-                    "examples": len(StoredExamples(b.path)),
+                    "examples": len(part),
                     "contributed": count,
                 }
             )

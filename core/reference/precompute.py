@@ -59,6 +59,7 @@ class SequenceIndex:
                 lengths.append(len(ids))
         keys = np.frombuffer(bytes(digests), dtype="V16")
         self.digests, first = np.unique(keys, return_index=True)  # each one's first holder
+        self.first = first  # where each sequence first came, in the examples' order
         self.owners = np.frombuffer(owners, dtype=np.int64)[first]
         self.prefix_ids = np.frombuffer(prefix_ids, dtype=np.int16)[first]
         self.lengths = np.frombuffer(lengths, dtype=np.int64)[first]
@@ -71,14 +72,14 @@ class SequenceIndex:
         """The scoring units, as arrays of sequence numbers in the examples' order: each
         example's new sequences together (packed, their prompt shared), or one sequence each;
         and each unit's tokens."""
-        order = np.argsort(self.owners, kind="stable")  # examples' order, prefixes in order
+        order = np.argsort(self.first)  # as the examples hold them: example, then prefix
         if not packed:
             return [order[i : i + 1] for i in range(len(order))], self.lengths[order]
+        if not len(order):
+            return [], np.zeros(0, dtype=np.int64)
         owners = self.owners[order]
-        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]]) if len(order) else []
-        units = np.split(order, starts[1:]) if len(order) else []
-        totals = np.add.reduceat(self.lengths[order], starts) if len(order) else np.zeros(0)
-        return units, totals
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        return np.split(order, starts[1:]), np.add.reduceat(self.lengths[order], starts)
 
     def sequences(self, unit: np.ndarray, examples: Any) -> dict[bytes, tuple[list, list]]:
         """A unit's sequences, read back from its example: digest → (ids, mask)."""
