@@ -29,6 +29,7 @@ RUN_FLAGS = [
     "data_subset",
     "data_revision",
     "data_columns",
+    "format",
     "data_workers",
     "data_cache",
     "streaming",
@@ -365,7 +366,8 @@ def objectives(as_json: bool) -> None:
             {
                 "name": name,
                 "description": obj.description,
-                "data_format": obj.data_format,
+                "shapes": list(obj.shapes),
+                "formats": list(registry.formats_of(obj)),
                 "fields": _describe_options(obj.fields) if obj.fields is not None else [],
                 "needs_reference": (
                     "depends on options" if callable(obj.needs_reference) else obj.needs_reference
@@ -386,8 +388,7 @@ def objectives(as_json: bool) -> None:
     for item in data:
         click.echo(f"{item['name']}  ({item['distribution']})")
         click.echo(f"  {item['description']}")
-        fmt = registry.formats.get(item["data_format"])
-        click.echo(f"  data: {item['data_format']} — {fmt.item.description if fmt else '?'}")
+        click.echo(f"  data: {' or '.join(item['shapes'])} — formats: {', '.join(item['formats'])}")
         if item["fields"]:
             click.echo(f"  record fields: {', '.join(f['name'] for f in item['fields'])}")
         if item["needs_reference"] is True:
@@ -426,19 +427,36 @@ def objectives(as_json: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def formats(as_json: bool) -> None:
-    """List the registered data formats: the columns each reads, and who provides it."""
+    """List the registered data formats: the shape of the records each gives, the columns it
+    reads (and those that identify it when --format is not given), and the objectives it feeds
+    (every objective that trains on its shape)."""
+    from align.data.shapes import SHAPES
+
     registry = get_registry()
+
+    def feeds(shape: str) -> list[str]:
+        names = []
+        for name, reg in sorted(registry.objectives.items()):
+            item = reg.item
+            if isinstance(item, Preset):
+                target = registry.objectives.get(item.objective)
+                item = target.item if target is not None else None
+            if item is not None and not isinstance(item, Preset) and shape in item.shapes:
+                names.append(name)
+        return names
+
     data = [
         {
             "name": name,
             "description": reg.item.description,
+            "shape": reg.item.shape,
+            "shape_description": SHAPES[reg.item.shape].description
+            if reg.item.shape in SHAPES
+            else "the plugin's own shape",
             "columns": list(reg.item.columns),
+            "detected_by": [list(need) for need in reg.item.detect],
             "provided_by": reg.plugin.label,
-            "objectives": sorted(
-                o
-                for o, r in registry.objectives.items()
-                if getattr(r.item, "data_format", None) == name
-            ),
+            "objectives": feeds(reg.item.shape),
         }
         for name, reg in sorted(registry.formats.items())
     ]
@@ -448,9 +466,11 @@ def formats(as_json: bool) -> None:
     for item in data:
         click.echo(f"{item['name']}  ({item['provided_by']})")
         click.echo(f"  {item['description']}")
+        click.echo(f"  shape: {item['shape']} — {item['shape_description']}")
         click.echo(f"  columns: {', '.join(item['columns'])}")
-        if item["objectives"]:
-            click.echo(f"  objectives: {', '.join(item['objectives'])}")
+        detect = " | ".join("+".join(need) for need in item["detected_by"]) or "never (--format)"
+        click.echo(f"  detected by: {detect}")
+        click.echo(f"  feeds: {', '.join(item['objectives']) or 'no installed objective'}")
 
 
 @cli.command()

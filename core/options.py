@@ -39,6 +39,11 @@ class TrainConfig(Options):
         description="Column mapping for data whose columns have other names: "
         "`question=prompt,answer=completion` (in run.yaml, a mapping).",
     )
+    format: str | None = Field(
+        None,
+        description="Data format of --data and --eval-data (align formats): any format of a "
+        "shape the objective trains on; default: detected from the data's columns.",
+    )
     data_workers: int | None = Field(
         None, ge=1, description="Processes that tokenise the data; default: the cores available."
     )

@@ -19,7 +19,7 @@ class Reinforce:
             align.Objective(
                 name="reinforce",
                 description="REINFORCE with a group baseline",
-                data_format="prompt_only",
+                shapes=("prompt_only",),
                 sampling=lambda options: self.sampling,
                 packable=True,
             )

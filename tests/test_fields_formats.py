@@ -186,6 +186,7 @@ class Formats:
                     {"": record.data["answer"]},
                     fields={"": "answer"},
                 ),
+                shape="prompt_completion",
                 columns=("question", "answer"),
                 samples=tuple({"question": f"{a} + 1?", "answer": f"{a + 1}."} for a in range(4)),
             )
@@ -193,7 +194,7 @@ class Formats:
 
     @align.hookimpl
     def align_register_objectives(self, register):
-        register(align.Objective(name="qa-sft", description="sft on qa", data_format="qa"))
+        register(align.Objective(name="qa-sft", description="sft on qa or any of its shape"))
 
     @align.hookimpl
     def align_compute_loss(self, model, batch):
@@ -235,40 +236,41 @@ def test_a_plugin_format_tokenises_reports_and_trains(tmp_path, write_jsonl, mod
 class Refused:
     @align.hookimpl
     def align_register_formats(self, register):
-        register(align.DataFormat("preference", "a second preference", lambda r: None))
-        register(align.DataFormat("shared", "one of two", lambda r: None))
+        register(align.DataFormat("preference", "a second one", lambda r: None, shape="preference"))
+        register(align.DataFormat("shared", "one of two", lambda r: None, shape="shared"))
 
     @align.hookimpl
     def align_register_objectives(self, register):
-        register(align.Objective(name="typo", description="x", data_format="prefrence"))
-        register(align.Objective(name="mine", description="x", data_format="preference"))
-        register(align.Objective(name="reads-shared", description="x", data_format="shared"))
+        register(align.Objective(name="typo", description="x", shapes=("prefrence",)))
+        register(align.Objective(name="mine", description="x", shapes=("preference",)))
+        register(align.Objective(name="reads-shared", description="x", shapes=("shared",)))
         register(align.Objective(name="clash", description="x", fields=PromptField))
 
 
 class AlsoShared:
     @align.hookimpl
     def align_register_formats(self, register):
-        register(align.DataFormat("shared", "the other", lambda r: None))
+        register(align.DataFormat("shared", "the other", lambda r: None, shape="shared"))
 
 
 class PromptField(align.Fields):
     prompt: str = ""
 
 
-def test_unknown_formats_clashes_and_reserved_fields_are_plugin_errors():
-    """A format name taken twice is nobody's: an objective naming it could read either. The
-    core's formats stay, and so do the core's objectives that read them."""
+def test_unknown_shapes_format_clashes_and_reserved_fields_are_plugin_errors():
+    """A format name taken twice is nobody's: neither registration is used. The core's formats
+    stay, and so do the objectives of their shapes (the plugin's own included)."""
     registry = load_plugins(extra=[Refused(), AlsoShared()])
     info = next(p for p in registry.plugins.values() if "typo" in p.objectives)
     text = " ".join(info.errors)
     assert "data format 'preference' is registered more than once: align-core, Refused" in text
-    assert "unknown data_format 'prefrence'. Did you mean 'preference'?" in text
-    assert "objective 'mine': its plugin registers data format 'preference' again" in text
+    assert "no registered data format yields its shapes (prefrence). Did you mean" in text
     assert "data format 'shared' is registered more than once: Refused, AlsoShared" in text
-    assert "objective 'reads-shared': data format 'shared' is registered more than once" in text
+    assert "'reads-shared': no registered data format yields its shapes (shared)" in text
+    assert "(formats registered more than once: shared)" in text
     assert "field 'prompt' is a column of the objective's data format" in text
-    assert not {"typo", "mine", "reads-shared", "clash"} & set(registry.objectives)
+    assert not {"typo", "reads-shared", "clash"} & set(registry.objectives)
+    assert "mine" in registry.objectives  # the core's preference format feeds it
     assert "shared" not in registry.formats
     assert registry.formats["preference"].plugin.label == "align-core"
     assert "dpo" in registry.objectives
@@ -388,6 +390,7 @@ def test_a_field_cannot_shadow_what_the_format_gives():
                     "valued",
                     "x",
                     lambda r: align.Group(r.data["p"], {"": r.data["a"]}, values={"extra": 1.0}),
+                    shape="valued",
                     columns=("p", "a"),
                 )
             )
@@ -395,10 +398,10 @@ def test_a_field_cannot_shadow_what_the_format_gives():
         @align.hookimpl
         def align_register_objectives(self, register):
             register(
-                align.Objective(name="g", description="x", data_format="ranked", fields=GroupField)
+                align.Objective(name="g", description="x", shapes=("ranked",), fields=GroupField)
             )
             register(
-                align.Objective(name="v", description="x", data_format="valued", fields=ValueField)
+                align.Objective(name="v", description="x", shapes=("valued",), fields=ValueField)
             )
 
     registry = load_plugins(extra=[Shadowing()])

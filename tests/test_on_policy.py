@@ -344,7 +344,7 @@ def test_demo_data_and_default_reward(tmp_path, model_dir):
 def _without_demo(objective):
     import dataclasses
 
-    return dataclasses.replace(objective, data_format="ranked_without_demo")
+    return dataclasses.replace(objective, shapes=("ranked_without_demo",))
 
 
 class TestReinforceConformance(ObjectiveConformance):

@@ -45,6 +45,7 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     ignored_columns: Counter = field(default_factory=Counter)  # column → records that had it
     sources: list = field(default_factory=list)  # a mixture's: each source and its share
+    format: str = ""  # the data format that read the records, and how it was chosen
 
     def summary(self) -> str:
         text = f"{self.split}: {self.records} records → {self.examples} examples"
@@ -57,6 +58,8 @@ class DataReport:
         if self.sources:
             shares = ", ".join(f"{s['contributed']} from {s['path']}" for s in self.sources)
             text += f"; mixture: {shares}"
+        if self.format:
+            text += f"; format {self.format}"
         return text
 
     def add(self, other: DataReport) -> None:
@@ -74,6 +77,7 @@ class DataReport:
             "truncated": self.truncated,
             "skipped": dict(self.skipped),
             "ignored_columns": dict(sorted(self.ignored_columns.items())),
+            **({"format": self.format} if self.format else {}),
             **({"sources": self.sources} if self.sources else {}),
         }
 

@@ -2,7 +2,9 @@
 plugin's format uses.
 
 Column names follow TRL: ``prompt``/``completion``, ``messages`` or ``text``
-(``prompt_completion``); ``prompt``/``chosen``/``rejected`` (``preference``);
+(``prompt_completion``); ``conversations`` of ``from``/``value`` turns and ``system``
+(``sharegpt``, as LLaMA-Factory and axolotl read it); ``prompt``/``chosen``/``rejected``
+(``preference``; without ``prompt``, chosen and rejected's common start);
 ``prompt``/``completion``/``label`` (``feedback``; prompt/chosen/rejected records are split into
 a desirable and an undesirable example, as TRL's ``unpair_preference_dataset`` does); and
 ``prompt``/``completions``/``scores`` or ``ranks`` (``ranked``: a prompt with N ≥ 2 answers);
@@ -20,15 +22,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..plugins.api import DataFormat, Group
-from .batching import every_sequence_batch, paired_batch, sequence_batch
 from .records import Record
+from .shapes import SHAPES, ranked_prefixes  # noqa: F401 (plugins read ranked_prefixes here)
 
 
 def _require(record: Record, *names: str) -> None:
     for name in names:
-        if name not in record.data or record.data[name] is None:
+        if name not in record.data:
             present = ", ".join(sorted(record.data)) or "none"
             raise record.error(f"missing field (fields present: {present})", name)
+        if record.data[name] is None:
+            raise record.error("is null", name)
 
 
 def prompt_id(prompt: Any) -> str:
@@ -54,39 +58,66 @@ def _prompt_completion(record: Record) -> Group:
 
 
 # -- preference ----------------------------------------------------------------------------------
-def _preference(record: Record) -> Group:
-    _require(record, "prompt", "chosen", "rejected")
+def implicit_prompt(record: Record) -> tuple[Any, Any, Any]:
+    """``(prompt, chosen, rejected)`` of a preference record: its ``prompt`` when it has one,
+    else the common start of ``chosen`` and ``rejected`` (TRL's ``extract_prompt``: messages up
+    to the first that differs, or text up to the first differing character, a space before it
+    going with the answers)."""
     data = record.data
-    return Group(data["prompt"], {"chosen_": data["chosen"], "rejected_": data["rejected"]})
+    if "prompt" in data:
+        _require(record, "prompt", "chosen", "rejected")
+        return data["prompt"], data["chosen"], data["rejected"]
+    _require(record, "chosen", "rejected")
+    chosen, rejected = data["chosen"], data["rejected"]
+    if not (
+        (isinstance(chosen, str) and isinstance(rejected, str))
+        or (isinstance(chosen, list) and isinstance(rejected, list))
+    ):
+        raise record.error(
+            f"with no prompt field, chosen and rejected must both be text or both be messages "
+            f"(the prompt is their common start), got {type(chosen).__name__} and "
+            f"{type(rejected).__name__}",
+            "rejected",
+        )
+    shared = next(
+        (i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b),
+        min(len(chosen), len(rejected)),
+    )
+    if isinstance(chosen, str) and shared > 0 and chosen[shared - 1] == " ":
+        shared -= 1
+    if shared == 0:
+        raise record.error(
+            "has no prompt field, and chosen and rejected have no common start to take as the "
+            "prompt: add a prompt field",
+            "chosen",
+        )
+    if shared >= min(len(chosen), len(rejected)):
+        raise record.error(
+            "has no prompt field, and one of chosen and rejected is the other's start: nothing "
+            "is left of it as an answer after the common prompt",
+            "chosen" if len(chosen) <= len(rejected) else "rejected",
+        )
+    return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _preference_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
-    """``[chosen; rejected]`` rows: ``0..n-1`` chosen, ``n..2n-1`` rejected."""
-    if not packed:
-        return paired_batch(examples, pad_token_id)
-    from .packing import pack_in_order
-
-    n = len(examples)
-    groups = [
-        [(e[f"{side}_input_ids"], e[f"{side}_completion_mask"]) for side in ("chosen", "rejected")]
-        for e in examples
-    ]
-    return pack_in_order(groups, [[i, n + i] for i in range(n)], pad_token_id)
+def _preference(record: Record) -> Group:
+    prompt, chosen, rejected = implicit_prompt(record)
+    return Group(prompt, {"chosen_": chosen, "rejected_": rejected})
 
 
 # -- feedback ------------------------------------------------------------------------------------
 def _feedback(record: Record) -> Group | list[Group]:
     data = record.data
     if "completion" not in data and "label" not in data and "chosen" in data:
-        _require(record, "prompt", "chosen", "rejected")
+        prompt, chosen, rejected = implicit_prompt(record)
         return [
             Group(
-                data["prompt"],
-                {"": data[side]},
-                values={"label": side == "chosen", "prompt_id": prompt_id(data["prompt"])},
+                prompt,
+                {"": answer},
+                values={"label": side == "chosen", "prompt_id": prompt_id(prompt)},
                 fields={"": side},
             )
-            for side in ("chosen", "rejected")
+            for side, answer in (("chosen", chosen), ("rejected", rejected))
         ]
     _require(record, "prompt", "completion", "label")
     label = data["label"]
@@ -96,14 +127,6 @@ def _feedback(record: Record) -> Group | list[Group]:
         raise record.error(f"expected a boolean (true = desirable), got {label!r}", "label")
     values = {"label": label, "prompt_id": prompt_id(data["prompt"])}
     return Group(data["prompt"], {"": data["completion"]}, values=values)
-
-
-def _feedback_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
-    import torch
-
-    batch = every_sequence_batch(examples, pad_token_id, packed)
-    batch["labels"] = torch.tensor([bool(e["label"]) for e in examples])
-    return batch
 
 
 # -- ranked --------------------------------------------------------------------------------------
@@ -143,44 +166,78 @@ def _ranked(record: Record) -> Group:
     )
 
 
-def ranked_prefixes(example: dict[str, Any]) -> list[str]:
-    """An example's answers in order: ``completion0_``, ``completion1_``, …"""
-    count = sum(1 for key in example if key.startswith("completion") and key.endswith("input_ids"))
-    return [f"completion{i}_" for i in range(count)]
-
-
-def _ranked_batch(examples: list[dict], pad_token_id: int, packed: bool) -> dict[str, Any]:
-    """Every answer a row (sequence), example by example: example 0's answers in record order,
-    then example 1's, …; ``scores`` (float) and ``group`` (the example of each sequence, 0..n-1)
-    per sequence. Packed: each example's answers share its prompt."""
-    import torch
-
-    sequences, scores, group = [], [], []
-    for index, example in enumerate(examples):
-        prefixes = ranked_prefixes(example)
-        sequences.append(
-            [(example[f"{p}input_ids"], example[f"{p}completion_mask"]) for p in prefixes]
-        )
-        scores += example["scores"]
-        group += [index] * len(prefixes)
-    if packed:
-        from .packing import pack
-
-        batch = pack(sequences, pad_token_id)
-    else:
-        rows = [
-            {"input_ids": ids, "completion_mask": mask} for seqs in sequences for ids, mask in seqs
-        ]
-        batch = sequence_batch(rows, pad_token_id)
-    batch["scores"] = torch.tensor(scores, dtype=torch.float32)
-    batch["group"] = torch.tensor(group, dtype=torch.long)
-    return batch
-
-
 # -- prompt_only ---------------------------------------------------------------------------------
 def _prompt_only(record: Record) -> Group:
     _require(record, "prompt")
     return Group(record.data["prompt"], {}, values={"prompt": record.data["prompt"]})
+
+
+# -- sharegpt ------------------------------------------------------------------------------------
+# LLaMA-Factory's and axolotl's role tags (``from``) → chat roles; a function call is trained as
+# the assistant's turn and an observation (a tool's output) is not, as LLaMA-Factory does.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "function_call": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+    "system": "system",
+}
+
+
+def sharegpt_messages(record: Record) -> list[dict[str, str]]:
+    """A ShareGPT record's ``conversations`` (``from``/``value`` turns) and ``system`` as chat
+    messages: the system prompt first (the ``system`` field, or a first ``system`` turn), then
+    the turns, role tags mapped by :data:`SHAREGPT_ROLES`."""
+    from ..suggest import did_you_mean
+
+    _require(record, "conversations")
+    turns = record.data["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise record.error(
+            f"expected a non-empty list of turns, got {type(turns).__name__}", "conversations"
+        )
+    messages = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise record.error(
+                f'expected a turn {{"from": …, "value": …}}, got {type(turn).__name__}', where
+            )
+        for key in ("from", "value"):
+            if turn.get(key) is None:
+                raise record.error(
+                    "missing field" if key not in turn else "is null", f"{where}.{key}"
+                )
+        tag, value = turn["from"], turn["value"]
+        role = SHAREGPT_ROLES.get(tag) if isinstance(tag, str) else None
+        if role is None:
+            raise record.error(
+                f"unknown role tag {tag!r}.{did_you_mean(str(tag), SHAREGPT_ROLES)} Tags: "
+                f"{', '.join(SHAREGPT_ROLES)}",
+                f"{where}.from",
+            )
+        if not isinstance(value, str):
+            raise record.error(f"expected a string, got {type(value).__name__}", f"{where}.value")
+        if role == "system" and i > 0:
+            raise record.error("a system turn comes first or not at all", f"{where}.from")
+        messages.append({"role": role, "content": value})
+    system = record.data.get("system")
+    if system is not None and not isinstance(system, str):
+        raise record.error(f"expected a string, got {type(system).__name__}", "system")
+    if system:
+        if messages[0]["role"] == "system":
+            raise record.error(
+                "the record has a system field and a first system turn: keep one", "system"
+            )
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def _sharegpt(record: Record) -> Group:
+    return Group(None, {"": sharegpt_messages(record)}, fields={"": "conversations"})
 
 
 def _samples(kind: str) -> tuple[dict[str, Any], ...]:
@@ -211,6 +268,31 @@ def _samples(kind: str) -> tuple[dict[str, Any], ...]:
             }
             for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
         )
+    if kind == "sharegpt":
+        return (
+            {
+                "conversations": [
+                    {"from": "human", "value": "What is 1 + 2?"},
+                    {"from": "gpt", "value": "1 + 2 = 3."},
+                ]
+            },
+            {
+                "conversations": [
+                    {"from": "human", "value": "What is 10 + 20?"},
+                    {"from": "gpt", "value": "30."},
+                    {"from": "human", "value": "And 3 + 4?"},
+                    {"from": "gpt", "value": "3 + 4 = 7."},
+                ],
+                "system": "You add numbers.",
+            },
+            {
+                "conversations": [
+                    {"from": "system", "value": "Answer briefly."},
+                    {"from": "human", "value": "What is 7 + 30?"},
+                    {"from": "gpt", "value": "37."},
+                ]
+            },
+        )
     if kind == "prompt_only":
         return tuple(
             {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
@@ -226,65 +308,111 @@ def _samples(kind: str) -> tuple[dict[str, Any], ...]:
     )
 
 
+def _trained(kind: str) -> tuple[list[Any], ...]:
+    """What each sample trains on: its sequences' trained text (FormatConformance checks it)."""
+    samples = _samples(kind)
+    if kind == "prompt_completion":
+        return tuple([s["completion"]] for s in samples)
+    if kind == "preference":
+        return tuple([s["chosen"], s["rejected"]] for s in samples)
+    if kind == "feedback":
+        return tuple([s["completion"]] for s in samples)
+    if kind == "ranked":
+        return tuple(list(s["completions"]) for s in samples)
+    if kind == "sharegpt":
+        return tuple(
+            [[t["value"] for t in s["conversations"] if t["from"] == "gpt"]] for s in samples
+        )
+    return tuple([] for _ in samples)  # prompt_only: nothing is trained, completions are sampled
+
+
 FORMATS: Sequence[DataFormat] = (
     DataFormat(
         "prompt_completion",
         "prompt/completion, messages (chat), or text records",
         _prompt_completion,
+        shape="prompt_completion",
         columns=("prompt", "completion", "messages", "text"),
+        detect=(("prompt", "completion"), ("messages",), ("text",)),
         samples=_samples("prompt_completion"),
+        trained=_trained("prompt_completion"),
+    ),
+    DataFormat(
+        "sharegpt",
+        "ShareGPT conversations (LLaMA-Factory, axolotl): conversations of from/value turns "
+        "(human, gpt, system, function_call, observation) and an optional system field; "
+        "trained on the gpt turns",
+        _sharegpt,
+        shape="conversation",
+        columns=("conversations", "system"),
+        detect=(("conversations",),),
+        samples=_samples("sharegpt"),
+        trained=_trained("sharegpt"),
     ),
     DataFormat(
         "preference",
-        "prompt/chosen/rejected records (strings or message lists)",
+        "prompt/chosen/rejected records (strings or message lists); without prompt, the "
+        "common start of chosen and rejected is the prompt (TRL's implicit prompt)",
         _preference,
+        shape="preference",
         columns=("prompt", "chosen", "rejected"),
-        batch=_preference_batch,
+        detect=(("chosen", "rejected"),),
         samples=_samples("preference"),
+        trained=_trained("preference"),
     ),
     DataFormat(
         "feedback",
         "prompt/completion/label records (label a JSON boolean, true = desirable); "
         "prompt/chosen/rejected records are split into a desirable and an undesirable example",
         _feedback,
+        shape="feedback",
         columns=("prompt", "completion", "label", "chosen", "rejected"),
-        batch=_feedback_batch,
+        detect=(("prompt", "completion", "label"), ("chosen", "rejected")),
         samples=_samples("feedback"),
+        trained=_trained("feedback"),
     ),
     DataFormat(
         "ranked",
         "prompt/completions/scores records: N ≥ 2 answers to one prompt, each scored (higher "
         "is better) or ranked (ranks, 1 is best)",
         _ranked,
+        shape="ranked",
         schema=RankedRecord,
-        batch=_ranked_batch,
         samples=_samples("ranked"),
+        trained=_trained("ranked"),
     ),
     DataFormat(
         "prompt_only",
         "prompt records (a string or a list of chat messages) for on-policy objectives, which "
         "sample the completions; other columns are the rewards' fields (answer, say)",
         _prompt_only,
+        shape="prompt_only",
         columns=("prompt",),
+        detect=(("prompt",),),
         samples=_samples("prompt_only"),
+        trained=_trained("prompt_only"),
     ),
 )
 BUILTIN = {fmt.name: fmt for fmt in FORMATS}
 
 
 def default_batch(
-    data_format: str | DataFormat,
+    shape: str | DataFormat,
     examples: Sequence[dict[str, Any]],
     pad_token_id: int,
     packed: bool = False,
 ) -> dict[str, Any]:
-    """The core's batch for a data format (a first-party one's name, or a ``DataFormat``), as
-    the loss gets it when the objective's plugin builds none; ``packed``: padding-free, the same
-    sequences in the same order."""
-    fmt = BUILTIN[data_format] if isinstance(data_format, str) else data_format
-    if fmt.batch is None:
-        return every_sequence_batch(list(examples), pad_token_id, packed)
-    return fmt.batch(list(examples), pad_token_id, packed)
+    """The core's batch for a data shape (its name, or a ``DataFormat``: its shape's batch, or
+    for a shape of a plugin's own the format's ``batch``), as the loss gets it when the
+    objective's plugin builds none; ``packed``: padding-free, the same sequences in the same
+    order."""
+    from .batching import every_sequence_batch
+
+    if isinstance(shape, DataFormat):
+        build = SHAPES[shape.shape].batch if shape.shape in SHAPES else shape.batch
+    else:
+        build = SHAPES[shape].batch
+    return (build or every_sequence_batch)(list(examples), pad_token_id, packed)
 
 
 def align_register_formats(register: Any) -> None:

@@ -137,6 +137,20 @@ class DataSource:
         for record in found:
             yield rename_columns(record, self.columns) if self.columns else record
 
+    def column_names(self, streaming: bool = False) -> list[str] | None:
+        """The data's columns, as the column mapping renames them, which tell its format: a
+        hub dataset's (or, ``streaming``, its first record's), else the first record's keys.
+        None when there is no record to tell by (reading the data then says why)."""
+        if self.from_hub and not streaming:
+            names = list(self.load().column_names)
+            return [self.columns.get(name, name) for name in names]
+        try:
+            found = self.stream_records() if streaming else self.records()
+            first = next(iter(found), None)
+        except DataError:
+            return None
+        return None if first is None else list(first.data)
+
     def stream_fingerprint(self) -> str:
         """What identifies streamed data without reading it all: a local file's size and a
         hash of samples of its bytes; a hub dataset's name, subset, split and revision."""

@@ -50,9 +50,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def demo_data(data_format: str, split: str) -> Path:
+def demo_data(shape: str, split: str) -> Path:
     """The bundled demo file for a data format and split ("train" or "eval")."""
-    return DEMO_DIR / f"{data_format}_{split}.jsonl"
+    return DEMO_DIR / f"{shape}_{split}.jsonl"
 
 
 def demo_model_path() -> Path:

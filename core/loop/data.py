@@ -42,23 +42,23 @@ def prepare_split(
     cache, or a temporary directory with ``data_cache`` off)."""
     from ..data import build
 
-    tokenise = RecordTokenizer(
-        hooks.data_format, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields
-    )
+    fmt, origin, chosen = hooks.format_for(source)
+    tokenise = RecordTokenizer(fmt, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields)
     workers = cfg.data_workers or build.default_workers()
     if not cfg.data_cache:
-        return build.build_uncached(
+        built = build.build_uncached(
             source.chunks(), tokenise, split, workers, source.label, source.count()
         )
-    key, parts = build.store_key(
-        data_fingerprint, hooks.tokenizer, tokenise, hooks.format_origin, source.columns
-    )
-    found = build.open_cached(key, split)
-    if found is not None:
-        return found
-    return build.build_cached(
-        key, source.chunks, tokenise, split, workers, source.label, source.count(), parts
-    )
+    else:
+        key, parts = build.store_key(
+            data_fingerprint, hooks.tokenizer, tokenise, origin, source.columns
+        )
+        found = build.open_cached(key, split)
+        built = found or build.build_cached(
+            key, source.chunks, tokenise, split, workers, source.label, source.count(), parts
+        )
+    built.report.format = chosen
+    return built
 
 
 def build_examples(
@@ -90,12 +90,14 @@ def build_examples(
             sources, fingerprints, built, parts, contributed, strict=True
         ):
             report.add(b.report)
+            report.format = ", ".join(dict.fromkeys(filter(None, [report.format, b.report.format])))
             share = {"weight": source.fraction} if source.fraction is not None else {}
             share.update({"samples": source.samples} if source.samples is not None else {})
             report.sources.append(
                 {
                     "path": source.label,
                     "sha256": fingerprint,
+                    "format": b.report.format,
                     **share,
                     "examples": len(part),
                     "contributed": count,
@@ -217,9 +219,8 @@ def streaming_batches(hooks: ObjectiveHooks, cfg: Any, state: Any) -> Any:
     from ..data.streaming import StreamingBatches
 
     [source] = data_sources(cfg)["train"]
-    tokenise = RecordTokenizer(
-        hooks.data_format, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields
-    )
+    fmt, _, _ = hooks.format_for(source, streaming=True)
+    tokenise = RecordTokenizer(fmt, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this node's training processes
     workers = cfg.data_workers or max(1, build.default_workers() // max(1, local))
     return StreamingBatches(

@@ -38,14 +38,15 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     rewarded by ``addition`` unless ``--reward`` says otherwise. ``--eval-data demo`` alone is
     the demo's eval split. Returns whether the demo model is used."""
     cfg = spec.config
-    fmt = spec.objective.item.data_format
+    shapes = spec.objective.item.shapes
+    fmt = next((s for s in shapes if demo.demo_data(s, "train").exists()), shapes[0])
     demo_model = cfg.model is None and cfg.data is None
     demo_data = demo_model or cfg.data == "demo"
     if (demo_data or cfg.eval_data == "demo") and not demo.demo_data(fmt, "train").exists():
         given = "" if demo_model else f"{spec.named('data' if demo_data else 'eval_data')} demo: "
         raise ConfigError(
-            f"{given}objective {spec.objective.item.name!r} reads the {fmt!r} data format, "
-            "which has no demo data: give --model and --data"
+            f"{given}objective {spec.objective.item.name!r} trains on {' or '.join(shapes)} "
+            "data, which has no demo data: give --model and --data"
         )
     updates: dict[str, Any] = {}
     if demo_data:

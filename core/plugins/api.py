@@ -127,42 +127,85 @@ class Group:
 @dataclass(frozen=True)
 class DataFormat:
     """A data format, registered through ``align_register_formats``: the record columns it
-    reads and how a record becomes one or more :class:`Group`.
+    reads, how a record becomes one or more :class:`Group`, and the shape of those groups.
 
     ``groups(record)`` gets an ``align.Record`` (``record.data``: the row; ``record.error(message,
     field)``: a DataError naming file, line and field) and returns a Group, or a list of them
-    (one example each). ``schema`` (a pydantic model, like :class:`Fields`) validates the
-    columns before ``groups`` sees them, and ``record.data`` then holds the validated values;
-    without it, list the columns in ``columns`` and check them in ``groups``. Columns that
-    neither the format nor the objective's fields read are reported (``ignored columns``).
-    ``batch(examples, pad_token_id, packed)`` builds the core's batch for the format (None:
-    every sequence under its own prefix, ``align.default_batch``); ``packed`` asks for the
-    padding-free layout (``align.packing``). ``samples``: a few records, which the conformance
-    suite and ``align new-plugin`` use.
+    (one example each). ``shape`` says what the groups are: one of the core's shapes
+    (``conversation``, ``prompt_completion``, ``preference``, ``feedback``, ``prompt_only``,
+    ``ranked``; ``align formats`` lists them), and the format then feeds every objective that
+    trains on that shape, its groups checked against it and batched as the shape is; or a name
+    of the plugin's own, which its objectives name and its ``batch`` builds.
+    ``schema`` (a pydantic model, like :class:`Fields`) validates the columns before ``groups``
+    sees them, and ``record.data`` then holds the validated values, keyed by each field's alias
+    (the column's name in the data); without it, list the columns in ``columns`` and check them
+    in ``groups``. Columns that neither the format nor the objective's fields read are reported
+    (``ignored columns``).
+    ``detect``: the column sets that identify the format's records, any one of which, all
+    present in a file, makes the format a candidate when a run gives no ``--format`` (default:
+    the schema's required fields, else every column in ``columns``).
+    ``batch(examples, pad_token_id, packed)`` builds the batch of a shape of the plugin's own
+    (None: every sequence under its own prefix, ``align.default_batch``); ``packed`` asks for
+    the padding-free layout (``align.packing``). A format of a core shape has the shape's batch.
+    ``samples``: a few records, which the conformance suites and ``align new-plugin`` use;
+    ``trained``: for each sample, the text each of its sequences trains on (a list of strings
+    per example, in the order of its answers), which ``align.testing.FormatConformance``
+    compares with what the core masks.
     """
 
     name: str
     description: str
     groups: Callable[[Any], Group | list[Group]]
+    shape: str
     columns: tuple[str, ...] = ()
     schema: type[BaseModel] | None = None
     batch: Callable[[list[dict[str, Any]], int, bool], dict[str, Any]] | None = None
     samples: tuple[dict[str, Any], ...] = ()
+    detect: tuple[tuple[str, ...], ...] = ()
+    trained: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
+        from ..data.shapes import SHAPES
+
+        if not (isinstance(self.shape, str) and self.shape):
+            raise TypeError(f"data format {self.name!r}: shape must be a shape's name")
+        if self.shape in SHAPES and self.batch is not None:
+            raise TypeError(
+                f"data format {self.name!r}: shape {self.shape!r} is the core's, batched as "
+                "every objective of the shape expects; drop batch= (or name a shape of your own)"
+            )
+        if self.trained and len(self.trained) != len(self.samples):
+            raise TypeError(
+                f"data format {self.name!r}: trained has {len(self.trained)} entries for "
+                f"{len(self.samples)} samples"
+            )
+        required: tuple[str, ...] = self.columns
         if self.schema is not None:
             if not (isinstance(self.schema, type) and issubclass(self.schema, BaseModel)):
                 raise TypeError(f"data format {self.name!r}: schema must be a pydantic model class")
-            names = tuple(f.alias or n for n, f in self.schema.model_fields.items())
+            fields = self.schema.model_fields
+            names = tuple(f.alias or n for n, f in fields.items())
             object.__setattr__(self, "columns", tuple(dict.fromkeys((*self.columns, *names))))
+            required = tuple(f.alias or n for n, f in fields.items() if f.is_required())
+        if not self.detect:
+            object.__setattr__(self, "detect", (required,) if required else ())
+        object.__setattr__(self, "detect", tuple(tuple(c) for c in self.detect))
+
+    def detected_by(self, columns: Any) -> tuple[str, ...] | None:
+        """The first of ``detect``'s column sets that ``columns`` holds, or None."""
+        present = set(columns)
+        return next((need for need in self.detect if set(need) <= present), None)
 
 
 @dataclass(frozen=True)
 class Objective:
     """A training objective, registered by a plugin through ``align_register_objectives``.
 
-    ``data_format`` names a registered data format (``align formats`` lists them): the core
-    reads and tokenises records of that format. ``fields`` (an :class:`Fields` schema) declares
+    ``shapes`` are the data shapes the loss trains on (see :class:`DataFormat`): any format
+    of one of them feeds the objective (``--format``, or detected from the data's columns), and
+    the loss gets the shape's batch, whichever format the records came in. The shapes of one
+    objective must share a batch layout (``conversation`` and ``prompt_completion`` do: the
+    default). ``fields`` (an :class:`Fields` schema) declares
     the extra record columns the loss reads; the core validates them and adds them to every
     batch, one value per example. ``needs_reference`` asks the core for reference log-probs in
     the loss hook.
@@ -178,7 +221,7 @@ class Objective:
     DPO, KTO and ORPO); users may still override it.
     ``needs_reference`` may also be a function of the options (GRPO's ``beta > 0``).
     ``sampling`` makes the objective *on-policy*: a function of its options that returns an
-    :class:`Sampling`. Its data format gives prompts (groups without answers, ``prompt_only``);
+    :class:`Sampling`. Its shape is ``prompt_only``: groups without answers;
     for every prompt of a micro-batch the core samples ``num_generations`` completions from the
     current policy, scores them with the run's reward functions (``--reward``) and hands the
     loss a batch of rollouts (see :class:`Sampling` for its keys).
@@ -186,7 +229,7 @@ class Objective:
 
     name: str
     description: str
-    data_format: str = "prompt_completion"
+    shapes: tuple[str, ...] = ("prompt_completion", "conversation")
     options: type[Options] = NoOptions
     needs_reference: bool | Callable[[Any], bool] = False
     derived_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
@@ -206,6 +249,18 @@ class Objective:
         return self.sampling is not None
 
     def __post_init__(self) -> None:
+        from ..data.shapes import SHAPES
+
+        if isinstance(self.shapes, str):
+            object.__setattr__(self, "shapes", (self.shapes,))
+        if not self.shapes or not all(isinstance(s, str) and s for s in self.shapes):
+            raise TypeError(f"objective {self.name!r}: shapes must be shape names")
+        layouts = {SHAPES[s].batch if s in SHAPES else s for s in self.shapes}
+        if len(layouts) > 1:
+            raise TypeError(
+                f"objective {self.name!r}: shapes {', '.join(self.shapes)} are batched "
+                "differently; an objective's shapes must share one batch layout"
+            )
         if self.fields is not None and not (
             isinstance(self.fields, type) and issubclass(self.fields, BaseModel)
         ):

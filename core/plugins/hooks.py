@@ -8,7 +8,7 @@ from ..data.fields import collate, column_names, merged_fields
 from ..data.formats import default_batch
 from ..data.store import Examples, ListExamples
 from ..errors import PluginError
-from .api import LossOutput
+from .api import DataFormat, LossOutput
 from .registry import PluginRegistry
 
 
@@ -21,14 +21,35 @@ class ObjectiveHooks:
         self.registry, self.registered = registry, spec.objective
         self.objective, self.options, self.tokenizer = spec.objective.item, spec.options, tokenizer
         self.config = spec.config
+        # The batch is the shape's: any format of the objective's shapes gives the same one.
         self.data_format = registry.data_format(self.objective)
-        origin = registry.formats[self.objective.data_format].plugin
-        self.format_origin = f"{origin.label} {origin.version}"  # part of the data cache's key
+        self.format_name = getattr(spec.config, "format", None)
         rewards = getattr(spec, "rewards", [])
         self.fields = merged_fields([self.objective.fields, *(c.reward.fields for c in rewards)])
         fields = self.fields
         self.field_names = column_names(fields) if fields is not None else []
         self.packed = self.objective.packable and spec.config.padding_free
+
+    def format_for(self, source: Any, streaming: bool = False) -> tuple[DataFormat, str, str]:
+        """The data format that reads ``source`` (an ``align.data.sources.DataSource``):
+        ``--format``, or detected from its columns. Returns the format, its origin (plugin and
+        version, part of the data cache's key) and how it was chosen, for the report."""
+        from ..data.fields import reserved_problem
+
+        columns = None if self.format_name else source.column_names(streaming)
+        registered = self.registry.choose_format(
+            self.objective, self.format_name, columns, source.label
+        )
+        fmt, origin = registered.item, registered.plugin
+        for name in self.field_names:
+            problem = reserved_problem(name, fmt.columns)
+            if problem:
+                raise PluginError(
+                    f"objective {self.objective.name!r}: {problem} ({fmt.name!r}, which reads "
+                    f"{source.label})"
+                )
+        chosen = "--format" if self.format_name else "detected from its columns"
+        return fmt, f"{origin.label} {origin.version}", f"{fmt.name} ({chosen})"
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         return self.registry.call_objective_hook(
@@ -75,7 +96,7 @@ class ObjectiveHooks:
             if taken:
                 raise PluginError(
                     f"objective {self.objective.name!r}: field {taken[0]!r} is a key of the "
-                    f"{self.data_format.name!r} format's batches; rename the field"
+                    f"{self.data_format.shape!r} shape's batches; rename the field"
                 )
         missing = [name for name in self.field_names if name not in batch]
         batch.update(collate(examples, missing))

@@ -243,16 +243,12 @@ class PluginRegistry:
                         f"{kind} {name!r} is registered more than once: {', '.join(owners)}"
                     )
 
-        # A format name registered twice (or a core format's name) is nobody's: an objective
-        # that names it could read either, so such objectives are refused (_data_problem).
-        # A core format's name taken again refuses only the other plugin's objectives of it.
+        # A format name registered twice (or a core format's name) is nobody's: neither is used.
         self.format_clashes: dict[str, list[str]] = {}
-        clashed: set[tuple[int, str]] = set()  # (plugin, format) of a core name taken again
         for name, registrations in found_formats.items():
             owners = [r.plugin.label for r in registrations]
             if name in self.formats:
                 owners.insert(0, self.formats[name].plugin.label)
-                clashed |= {(id(r.plugin), name) for r in registrations}
             elif len(owners) == 1:
                 self.formats[name] = registrations[0]
                 continue
@@ -291,14 +287,7 @@ class PluginRegistry:
                 continue
             problem = _name_problem("objective", name, registrations, CORE_KEYS, {})
             if problem is None and isinstance(registrations[0].item, Objective):
-                objective = registrations[0].item
-                if (id(registrations[0].plugin), objective.data_format) in clashed:
-                    problem = (
-                        f"objective {objective.name!r}: its plugin registers data format "
-                        f"{objective.data_format!r} again, which the core provides"
-                    )
-                else:
-                    problem = self._data_problem(objective)
+                problem = self._data_problem(registrations[0].item)
             if problem is None:
                 self.objectives[name] = registrations[0]
                 continue
@@ -316,31 +305,114 @@ class PluginRegistry:
         return items
 
     def _data_problem(self, objective: Objective) -> str | None:
-        """Why an objective's data format or extra fields cannot be used, or None."""
+        """Why an objective's shapes or extra fields cannot be used, or None."""
         from ..data.fields import column_names, reserved_problem
 
-        owners = self.format_clashes.get(objective.data_format)
-        if owners is not None:
+        from ..data.shapes import SHAPES
+
+        if not self.formats_of(objective):
+            known = {*SHAPES, *(r.item.shape for r in self.formats.values())}
+            unknown = [s for s in objective.shapes if s not in known]
+            hint = did_you_mean(unknown[0], known) if unknown else ""
+            clashed = ", ".join(self.format_clashes)
+            hint += f" (formats registered more than once: {clashed})" if clashed else ""
             return (
-                f"objective {objective.name!r}: data format {objective.data_format!r} is "
-                f"registered more than once ({', '.join(owners)}); uninstall one of them"
+                f"objective {objective.name!r}: no registered data format yields its shapes "
+                f"({', '.join(objective.shapes)}).{hint} Shapes: {', '.join(sorted(known))}"
             )
-        registered = self.formats.get(objective.data_format)
-        if registered is None:
-            return (
-                f"objective {objective.name!r}: unknown data_format {objective.data_format!r}."
-                f"{did_you_mean(objective.data_format, self.formats)} Registered formats: "
-                f"{', '.join(sorted(self.formats))}"
-            )
+        core_columns = [
+            column
+            for r in self.formats_of(objective).values()
+            if r.plugin.name == CORE_DISTRIBUTION
+            for column in r.item.columns
+        ]
         for name in column_names(objective.fields) if objective.fields is not None else ():
-            problem = reserved_problem(name, registered.item.columns)
+            problem = reserved_problem(name, core_columns)
             if problem:
                 return f"objective {objective.name!r}: {problem}"
         return None
 
+    def formats_of(self, objective: Objective) -> dict[str, Registered]:
+        """The registered formats that feed an objective: those of its shapes, by name."""
+        return {
+            name: registered
+            for name, registered in sorted(self.formats.items())
+            if registered.item.shape in objective.shapes
+        }
+
     def data_format(self, objective: Objective) -> DataFormat:
-        """The registered data format an objective reads."""
-        return self.formats[objective.data_format].item
+        """An objective's default format (its samples are the conformance suite's and the
+        demo's records): the core's format of its first shape, else the first registered."""
+        feeding = self.formats_of(objective)
+        for shape in objective.shapes:
+            of_shape = [r for r in feeding.values() if r.item.shape == shape]
+            core = [r for r in of_shape if r.plugin.name == CORE_DISTRIBUTION]
+            if core or of_shape:
+                return (core or of_shape)[0].item
+        raise PluginError(self._data_problem(objective) or f"objective {objective.name!r}")
+
+    def choose_format(
+        self, objective: Objective, name: str | None, columns: Any, source: str
+    ) -> Registered:
+        """The format that reads a data source for an objective: ``name`` (``--format``), or
+        the one format of the objective's shapes whose identifying columns the source has.
+        ``columns``: the source's columns (None: it has no records to tell by)."""
+        from ..errors import ConfigError, DataError
+
+        feeding = self.formats_of(objective)
+        shapes = " or ".join(objective.shapes)
+        if name is not None:
+            if name in self.format_clashes:
+                raise ConfigError(
+                    f"--format {name}: data format {name!r} is registered more than once "
+                    f"({', '.join(self.format_clashes[name])}); uninstall one of them"
+                )
+            registered = self.formats.get(name)
+            if registered is None:
+                raise ConfigError(
+                    f"--format {name}: unknown data format.{did_you_mean(name, self.formats)} "
+                    f"Formats: {', '.join(sorted(self.formats))} (align formats)"
+                )
+            if name not in feeding:
+                raise ConfigError(
+                    f"--format {name}: format {name!r} yields {registered.item.shape} records, "
+                    f"and objective {objective.name!r} trains on {shapes}; formats that feed it: "
+                    f"{', '.join(feeding)}"
+                )
+            return registered
+        if columns is None:
+            default = self.data_format(objective)
+            return next(r for r in feeding.values() if r.item is default)
+        present = sorted(columns)
+        matched = {n: r.item.detected_by(present) for n, r in feeding.items()}
+        matched = {n: need for n, need in matched.items() if need is not None}
+        if len(matched) == 1:
+            return feeding[next(iter(matched))]
+        if not matched:  # the format nearest the columns reads them and names what is missing
+            overlap = {n: _overlap(r.item, present) for n, r in feeding.items()}
+            best = max(overlap.values())
+            nearest = [n for n, count in overlap.items() if count == best]
+            if best > 0 and len(nearest) == 1:
+                return feeding[nearest[0]]
+
+        def reads(fmt: DataFormat) -> str:
+            return " | ".join("+".join(need) for need in fmt.detect) or "(no columns declared)"
+
+        where = f"columns {', '.join(present) or '(none)'}"
+        if not matched:
+            options = "; ".join(f"{n} reads {reads(r.item)}" for n, r in feeding.items())
+            raise DataError(
+                f"no data format of objective {objective.name!r} ({shapes}) reads these "
+                f"records' {where}: {options}. Rename columns with --data-columns "
+                "(`question=prompt`), or pick a format with --format",
+                source=source,
+            )
+        fits = ", ".join(f"{n} ({'+'.join(need)})" for n, need in matched.items())
+        raise DataError(
+            f"the records' {where} fit several data formats of objective "
+            f"{objective.name!r}: {fits}; pick one with --format NAME",
+            source=source,
+        )
 
     # -- queries -----------------------------------------------------------------------------
     def objective(self, name: str) -> Registered:
@@ -412,6 +484,11 @@ class PluginRegistry:
             if info.distribution and self.pm.is_registered(info.obj):  # its hooks may run
                 reqs.add(f"{info.distribution}=={info.version}")
         return sorted(reqs)
+
+
+def _overlap(fmt: DataFormat, columns: list[str]) -> int:
+    """How many of one of the format's identifying column sets ``columns`` holds, at most."""
+    return max((len(set(need) & set(columns)) for need in fmt.detect), default=0)
 
 
 def _name_problem(

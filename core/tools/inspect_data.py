@@ -25,12 +25,13 @@ def inspect_examples(
     cfg = spec.config
     tokenizer = load_tokenizer(cfg)
     hooks = ObjectiveHooks(registry, spec, tokenizer)
-    fmt = spec.objective.item.data_format
     sources = data_sources(cfg)["train"]
     examples, report, _ = build_examples(hooks, cfg, sources, "train")
     label = " + ".join(source.label for source in sources)
     echo(f"{label}: {report.summary()}; max_length {cfg.max_length}, {cfg.truncation}")
-    echo(f"objective {spec.objective.item.name}, data format {fmt}, tokenizer {cfg.model}")
+    echo(
+        f"objective {spec.objective.item.name}, data format {report.format}, tokenizer {cfg.model}"
+    )
     special = set(tokenizer.all_special_ids)
     for number, example in enumerate(examples[:count], start=1):
         extra = {k: v for k, v in example.items() if not k.endswith(("input_ids", "_mask"))}

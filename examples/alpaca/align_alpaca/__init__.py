@@ -1,5 +1,6 @@
 """The Alpaca data format (Taori et al. 2023): ``instruction``/``input``/``output`` records,
-the prompt rendered with the Stanford Alpaca template; and ``alpaca-sft``, SFT on it."""
+the prompt rendered with the Stanford Alpaca template. Its groups are prompt_completion-shaped,
+so it feeds every objective of that shape: ``align run --objective sft --data alpaca.json``."""
 
 from pydantic import BaseModel, Field
 
@@ -42,6 +43,7 @@ SAMPLES = (
     {"instruction": "Add the two numbers.", "input": "10 + 20", "output": "10 + 20 = 30. ok"},
     {"instruction": "Say hello.", "input": "", "output": "Hello!"},
 )
+TRAINED = tuple([sample["output"]] for sample in SAMPLES)  # each sample trains on its output
 
 
 @align.hookimpl
@@ -51,31 +53,9 @@ def align_register_formats(register):
             name="alpaca",
             description="instruction/input/output records (input optional), Alpaca template",
             groups=alpaca_group,
-            schema=AlpacaRecord,
+            shape="prompt_completion",  # feeds sft, minorsft, ift, lora-sft, …
+            schema=AlpacaRecord,  # instruction and output, required, identify its records
             samples=SAMPLES,
+            trained=TRAINED,
         )
     )
-
-
-@align.hookimpl
-def align_register_objectives(register):
-    register(
-        align.Objective(
-            name="alpaca-sft",
-            description="SFT on Alpaca records: NLL of the output tokens, a token mean.",
-            data_format="alpaca",
-            packable=True,
-        )
-    )
-
-
-@align.hookimpl
-def align_loss_counts(batch):
-    return {"loss": align.sequence_token_counts(batch).sum()}  # completion tokens
-
-
-@align.hookimpl
-def align_compute_loss(model, batch):
-    from .loss import sft_loss
-
-    return sft_loss(model, batch)

@@ -16,7 +16,7 @@ def align_register_objectives(register):
         align.Objective(
             name="listwise",
             description="Listwise DPO (Plackett–Luce) on prompts with N ≥ 2 ranked answers.",
-            data_format="ranked",
+            shapes=("ranked",),
             options=ListwiseOptions,
             needs_reference=True,
             packable=True,

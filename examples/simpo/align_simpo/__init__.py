@@ -16,7 +16,7 @@ def align_register_objectives(register):
         align.Objective(
             name="simpo",
             description="SimPO: length-normalised log-prob rewards with a target margin.",
-            data_format="preference",
+            shapes=("preference",),
             options=SimPOOptions,
         )
     )

@@ -46,7 +46,7 @@ def align_register_objectives(register):
         align.Objective(
             name="dpo",
             description="Direct Preference Optimization on prompt/chosen/rejected pairs.",
-            data_format="preference",
+            shapes=("preference",),
             options=DPOOptions,
             needs_reference=True,
             packable=True,

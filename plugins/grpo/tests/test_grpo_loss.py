@@ -66,7 +66,7 @@ def test_the_objective_registers_on_policy_with_a_reference_only_for_beta():
     grpo = registered.item
     assert registered.plugin.distribution == "align-plugin-grpo"
     assert isinstance(grpo, align.Objective)
-    assert grpo.data_format == "prompt_only" and grpo.on_policy and grpo.packable
+    assert grpo.shapes == ("prompt_only",) and grpo.on_policy and grpo.packable
     assert not grpo.disable_dropout  # TRL's GRPO default: disable_dropout=False
     assert grpo.options is GRPOOptions
     sampling = grpo.sampling(GRPOOptions(num_generations=4, num_iterations=3))

@@ -63,7 +63,7 @@ def align_register_objectives(register):
             name="ift",
             description="Intuitive Fine-Tuning: SFT on inputs mixed with the model's own "
             "predictions, with relation-propagation token weights.",
-            data_format="prompt_completion",
+            shapes=("prompt_completion", "conversation"),
             options=IFTOptions,
             disable_dropout=True,
         )

@@ -27,7 +27,7 @@ def align_register_objectives(register):
             name="minorsft",
             description="MinorSFT: SFT whose per-example weight shrinks as the policy deviates "
             "from the reference.",
-            data_format="prompt_completion",
+            shapes=("prompt_completion", "conversation"),
             options=MinorSFTOptions,
             needs_reference=True,
             packable=True,

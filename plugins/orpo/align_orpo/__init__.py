@@ -33,7 +33,7 @@ def align_register_objectives(register):
             name="orpo",
             description="Odds Ratio Preference Optimization: SFT plus an odds-ratio preference "
             "term on prompt/chosen/rejected pairs, without a reference model.",
-            data_format="preference",
+            shapes=("preference",),
             options=ORPOOptions,
             needs_reference=False,
             packable=True,

@@ -27,7 +27,7 @@ def align_register_objectives(register):
         align.Objective(
             name="sft",
             description="Supervised fine-tuning: negative log-likelihood of completion tokens.",
-            data_format="prompt_completion",
+            shapes=("prompt_completion", "conversation"),
             options=SFTOptions,
             packable=True,
         )

@@ -95,7 +95,7 @@ def test_plugin_registers_sft_with_options():
     registry = load_plugins()
     sft = registry.objective("sft").item
     assert isinstance(sft, align.Objective)
-    assert sft.data_format == "prompt_completion" and not sft.needs_reference
+    assert sft.shapes == ("prompt_completion", "conversation") and not sft.needs_reference
     assert sft.options().normalization == "token"
     with pytest.raises(ValueError):
         sft.options(normalization="tokens")

@@ -1,0 +1,389 @@
+"""Formats and objectives meet by shape: a ShareGPT file trains every conversation objective
+exactly as the same conversations written as messages; `--format` and detection from the
+columns; TRL's implicit-prompt preference records; FormatConformance on the first-party formats
+and on a format that trains the wrong turns."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import align
+from align.cli import cli
+from align.data.examples import tokenize_records
+from align.data.formats import BUILTIN, _sharegpt, implicit_prompt
+from align.data.records import Record, read_records
+from align.plugins.format_conformance import FormatConformance
+from align.testing import registered
+
+TURNS = [
+    ("What is 1 + 2?", "1 + 2 = 3."),
+    ("What is 10 + 20?", "30."),
+    ("And 3 + 4?", "3 + 4 = 7."),
+    ("What is 7 + 30?", "37."),
+]
+ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+def _sharegpt_rows() -> list[dict]:
+    rows = []
+    for i in range(8):
+        first, second = TURNS[i % 4], TURNS[(i + 1) % 4]
+        turns = [
+            {"from": "human", "value": first[0]},
+            {"from": "gpt", "value": first[1]},
+        ]
+        if i % 2:
+            turns += [{"from": "human", "value": second[0]}, {"from": "gpt", "value": second[1]}]
+        row = {"conversations": turns}
+        if i % 3 == 0:
+            row["system"] = "You add numbers."
+        if i % 3 == 1:
+            row["conversations"] = [{"from": "system", "value": "Be brief."}, *turns]
+        rows.append(row)
+    return rows
+
+
+def _as_messages(row: dict) -> dict:
+    messages = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    messages += [{"role": ROLE[t["from"]], "content": t["value"]} for t in row["conversations"]]
+    return {"messages": messages}
+
+
+@pytest.fixture
+def files(tmp_path, write_jsonl):
+    rows = _sharegpt_rows()
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
+    messages = write_jsonl(tmp_path / "messages.jsonl", [_as_messages(r) for r in rows])
+    return sharegpt, messages
+
+
+def test_sharegpt_records_tokenise_as_the_same_messages(files, tokenizer):
+    sharegpt, messages = files
+    got, report = tokenize_records(
+        read_records(sharegpt), BUILTIN["sharegpt"], tokenizer, 256, "error", "t"
+    )
+    want, _ = tokenize_records(
+        read_records(messages), BUILTIN["prompt_completion"], tokenizer, 256, "error", "t"
+    )
+    assert report.examples == 8 and not report.ignored_columns
+    for a, b in zip(got, want, strict=True):
+        assert a["input_ids"] == b["input_ids"]
+        assert a["completion_mask"] == b["completion_mask"]
+        assert sum(a["completion_mask"]) > 0
+
+
+def _step_one(tmp_path, model_dir, objective, data, *extra):
+    out = tmp_path / f"{objective}-{data.stem}"
+    args = ["run", "--objective", objective, "--model", str(model_dir), "--data", str(data)]
+    args += ["--max-steps", "1", "--batch-size", "4", "--output-dir", str(out), *extra]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    info = json.loads((out / "run.json").read_text())
+    return next(r for r in rows if "loss" in r), info
+
+
+@pytest.mark.parametrize("objective", ["sft", "minorsft", "ift", "lora-sft"])
+def test_a_sharegpt_file_trains_every_conversation_objective_as_messages(
+    tmp_path, model_dir, files, objective
+):
+    """The done-when of issue 27: no copy of any loss, the same step as the messages file."""
+    sharegpt, messages = files
+    got, info = _step_one(tmp_path, model_dir, objective, sharegpt)
+    want, _ = _step_one(tmp_path, model_dir, objective, messages)
+    assert info["data"]["train"]["format"] == "sharegpt (detected from its columns)"
+    for name in ("loss", "grad_norm", "num_tokens"):
+        assert got[name] == pytest.approx(want[name], rel=1e-6, abs=1e-7), name
+
+
+def test_format_is_picked_checked_against_the_shape_and_detected(tmp_path, model_dir, files):
+    sharegpt, _ = files
+    base = ["inspect", "--model", str(model_dir), "--data", str(sharegpt), "-n", "1"]
+    result = CliRunner().invoke(cli, [*base, "--format", "sharegpt"])
+    assert result.exit_code == 0, result.output
+    assert "format sharegpt (--format)" in result.output
+    result = CliRunner().invoke(cli, [*base, "--format", "sharegtp"])
+    assert result.exit_code == 1
+    assert "--format sharegtp: unknown data format. Did you mean 'sharegpt'?" in result.output
+    result = CliRunner().invoke(cli, [*base, "--objective", "dpo", "--format", "sharegpt"])
+    assert result.exit_code == 1
+    assert "yields conversation records, and objective 'dpo' trains on preference" in result.output
+    assert "formats that feed it: preference" in result.output
+    result = CliRunner().invoke(cli, [*base, "--objective", "dpo"])
+    assert result.exit_code == 1
+    assert "no data format of objective 'dpo' (preference) reads these records'" in result.output
+    assert "columns conversations, system" in result.output
+    assert "preference reads chosen+rejected" in result.output
+
+
+class OtherConversations:
+    """A second format that reads `conversations` columns: a file of them is ambiguous."""
+
+    @align.hookimpl
+    def align_register_formats(self, register):
+        register(
+            align.DataFormat(
+                "conversations-v2",
+                "x",
+                _sharegpt,
+                shape="conversation",
+                columns=("conversations",),
+            )
+        )
+
+
+def test_an_ambiguous_file_lists_the_candidates(tmp_path, model_dir, files):
+    sharegpt, _ = files
+    args = ["inspect", "--model", str(model_dir), "--data", str(sharegpt), "-n", "1"]
+    with registered(OtherConversations()):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1
+        assert "fit several data formats of objective 'sft'" in result.output
+        assert "conversations-v2 (conversations), sharegpt (conversations)" in result.output
+        assert "pick one with --format NAME" in result.output
+        assert CliRunner().invoke(cli, [*args, "--format", "sharegpt"]).exit_code == 0
+
+
+def test_a_missing_column_is_named_by_the_nearest_format(tmp_path, model_dir, write_jsonl):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1 + 1? ", "chosen": "2."}])
+    args = ["inspect", "--objective", "dpo", "--model", str(model_dir), "--data", str(data)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "line 1, field 'rejected': missing field" in result.output
+
+
+def test_align_formats_shows_the_shape_and_the_objectives_each_feeds():
+    result = CliRunner().invoke(cli, ["formats", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {item["name"]: item for item in json.loads(result.output)}
+    assert listed["sharegpt"]["shape"] == "conversation"
+    assert {"sft", "minorsft", "ift", "lora-sft"} <= set(listed["sharegpt"]["objectives"])
+    assert listed["preference"]["objectives"] == ["dpo", "orpo"]
+    assert listed["prompt_completion"]["detected_by"] == [
+        ["prompt", "completion"],
+        ["messages"],
+        ["text"],
+    ]
+    text = CliRunner().invoke(cli, ["formats"]).output
+    assert "feeds: ift, lora-sft, minorsft, sft" in text
+
+
+# -- ShareGPT's errors ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"conversations": [{"from": "humna", "value": "x"}]},
+            "field 'conversations[0].from': unknown role tag 'humna'. Did you mean 'human'?",
+        ),
+        ({"conversations": [{"from": "human"}]}, "field 'conversations[0].value': missing field"),
+        (
+            {"conversations": [{"from": "gpt", "value": 3}]},
+            "field 'conversations[0].value': expected a string, got int",
+        ),
+        (
+            {"conversations": [{"from": "human", "value": "x"}, {"from": "system", "value": "y"}]},
+            "field 'conversations[1].from': a system turn comes first",
+        ),
+        (
+            {"conversations": [{"from": "system", "value": "y"}], "system": "z"},
+            "field 'system': the record has a system field and a first system turn",
+        ),
+        ({"conversations": []}, "field 'conversations': expected a non-empty list of turns"),
+        ({"conversations": None}, "field 'conversations': is null"),
+        ({"conversations": ["hi"]}, "field 'conversations[0]': expected a turn"),
+    ],
+)
+def test_sharegpt_errors_name_the_line_and_field(row, message):
+    record = Record(row, "d.jsonl", "line 3")
+    with pytest.raises(align.DataError) as error:
+        _sharegpt(record)
+    assert f"d.jsonl, line 3, {message}" in str(error.value)
+
+
+def test_function_calls_train_and_observations_do_not(tokenizer):
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Weather?"},
+            {"from": "function_call", "value": '{"name": "weather"}'},
+            {"from": "observation", "value": "sunny"},
+            {"from": "gpt", "value": "It is sunny."},
+        ]
+    }
+    group = _sharegpt(Record(row, "d", "line 1"))
+    roles = [m["role"] for m in group.answers[""]]
+    assert roles == ["user", "assistant", "tool", "assistant"]
+
+
+# -- TRL's implicit prompt -----------------------------------------------------------------------
+IMPLICIT = [
+    {
+        "chosen": [
+            {"role": "user", "content": "What is 1 + 2?"},
+            {"role": "assistant", "content": "3."},
+        ],
+        "rejected": [
+            {"role": "user", "content": "What is 1 + 2?"},
+            {"role": "assistant", "content": "No."},
+        ],
+    },
+    {"chosen": "The sky is blue.", "rejected": "The sky is green."},
+    {"chosen": "What is 3 + 4? 7.", "rejected": "What is 3 + 4? 8 or so."},
+    {
+        "chosen": [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": "10 + 20?"},
+            {"role": "assistant", "content": "30."},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "Yes."},
+        ],
+        "rejected": [
+            {"role": "system", "content": "Add."},
+            {"role": "user", "content": "10 + 20?"},
+            {"role": "assistant", "content": "31."},
+        ],
+    },
+]
+
+
+@pytest.mark.parametrize("row", IMPLICIT)
+def test_the_implicit_prompt_is_trls(row):
+    """An independent computation: TRL 1.16's own extract_prompt."""
+    from trl.data_utils import extract_prompt
+
+    prompt, chosen, rejected = implicit_prompt(Record(row, "d", "line 1"))
+    expected = extract_prompt(row)
+    assert (prompt, chosen, rejected) == (
+        expected["prompt"],
+        expected["chosen"],
+        expected["rejected"],
+    )
+
+
+def test_implicit_prompt_records_train_dpo_as_explicit_ones(tmp_path, model_dir, write_jsonl):
+    rows = [IMPLICIT[0], IMPLICIT[3]] * 2
+    implicit = write_jsonl(tmp_path / "implicit.jsonl", rows)
+    explicit_rows = []
+    for row in rows:
+        prompt, chosen, rejected = implicit_prompt(Record(row, "d", "line 1"))
+        explicit_rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    explicit = write_jsonl(tmp_path / "explicit.jsonl", explicit_rows)
+    got, _ = _step_one(tmp_path, model_dir, "dpo", implicit, "--reference", "model")
+    want, _ = _step_one(tmp_path, model_dir, "dpo", explicit, "--reference", "model")
+    for name in ("loss", "grad_norm"):
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {"chosen": "Same.", "rejected": "Same."},
+            "field 'chosen': has no prompt field, and one of",
+        ),
+        (
+            {"chosen": "A", "rejected": "B"},
+            "field 'chosen': has no prompt field, and chosen and rejected have no common start",
+        ),
+        (
+            {"chosen": "A b", "rejected": [{"role": "user", "content": "A"}]},
+            "field 'rejected': with no prompt field, chosen and rejected must both be text or",
+        ),
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt': is null"),
+    ],
+)
+def test_implicit_prompt_errors(row, message):
+    with pytest.raises(align.DataError) as error:
+        implicit_prompt(Record(row, "d.jsonl", "line 2"))
+    assert f"d.jsonl, line 2, {message}" in str(error.value)
+
+
+# -- FormatConformance -----------------------------------------------------------------------------
+class TestShareGPTConformance(FormatConformance):
+    format = "sharegpt"
+
+
+class TestPromptCompletionConformance(FormatConformance):
+    format = "prompt_completion"
+
+
+class TestPreferenceConformance(FormatConformance):
+    format = "preference"
+
+
+class TestFeedbackConformance(FormatConformance):
+    format = "feedback"
+
+
+class TestRankedConformance(FormatConformance):
+    format = "ranked"
+
+
+class TestPromptOnlyConformance(FormatConformance):
+    format = "prompt_only"
+
+
+def _wrong_turns(record):
+    """ShareGPT with human and gpt swapped: the human turns are trained."""
+    swap = {"user": "assistant", "assistant": "user"}
+    messages = [
+        {**m, "role": swap.get(m["role"], m["role"])} for m in _sharegpt(record).answers[""]
+    ]
+    return align.Group(None, {"": messages}, fields={"": "conversations"})
+
+
+class WrongTurns:
+    @align.hookimpl
+    def align_register_formats(self, register):
+        fmt = BUILTIN["sharegpt"]
+        register(
+            align.DataFormat(
+                "wrong-turns",
+                "trains the human turns",
+                _wrong_turns,
+                shape="conversation",
+                columns=fmt.columns,
+                detect=fmt.detect,
+                samples=fmt.samples,
+                trained=fmt.trained,
+            )
+        )
+
+
+def test_a_format_that_trains_the_wrong_turns_fails_its_suite():
+    from align import demo
+
+    suite = FormatConformance()
+    with registered(WrongTurns(), only=True) as registry:
+        fmt = registry.formats["wrong-turns"].item
+        suite.format = "wrong-turns"
+        with pytest.raises(AssertionError) as failure:
+            suite.test_each_sequence_trains_on_the_declared_text(fmt, demo.build_tokenizer())
+    message = str(failure.value)
+    assert "sample 1, sequence 'sequence': the core trains on ['What is 1 + 2?']" in message
+    assert "the format declares ['1 + 2 = 3.']" in message
+    assert "[[What is 1 + 2?</s>]]" in message
+    suite.test_groups_are_of_the_declared_shape(fmt)  # the shape is right, the turns are not
+
+
+def test_a_format_whose_groups_are_not_its_shape_fails_its_suite():
+    def unpaired(record):
+        return align.Group(record.data["prompt"], {"": record.data["chosen"]})
+
+    fmt = align.DataFormat(
+        "half", "x", unpaired, shape="preference", columns=("prompt", "chosen"),
+        samples=({"prompt": "a", "chosen": "b"},), trained=(["b"],),
+    )  # fmt: skip
+    with pytest.raises(
+        AssertionError,
+        match=r"declares shape 'preference' .* answers ''; the shape has 'chosen_', 'rejected_'",
+    ):
+        FormatConformance().test_groups_are_of_the_declared_shape(fmt)
+
+
+def test_a_format_of_a_core_shape_may_not_bring_its_own_batch():
+    with pytest.raises(TypeError, match="shape 'preference' is the core's"):
+        align.DataFormat("p", "x", lambda r: None, shape="preference", batch=lambda *a: {})
+    with pytest.raises(TypeError, match="are batched differently"):
+        align.Objective("o", "x", shapes=("preference", "feedback"))
