@@ -70,6 +70,27 @@ RUN_FLAGS = [
 ]
 
 
+_warned = False
+
+
+def _registry() -> Any:
+    """The plugin registry, with a warning on stderr (once, from the first process of a node)
+    naming each plugin that failed to load and why: every command says it, not only
+    ``align plugins``."""
+    global _warned
+    registry = get_registry()
+    broken = [p for p in registry.plugins.values() if p.errors]
+    if broken and not _warned and os.environ.get("LOCAL_RANK", "0") == "0":
+        _warned = True
+        for info in broken:
+            more = f" (and {len(info.errors) - 1} more)" if len(info.errors) > 1 else ""
+            click.echo(
+                f"Warning: plugin {info.label} ({info.module}): {info.errors[0]}{more}", err=True
+            )
+        click.echo("Warning: `align plugins` lists every plugin and its errors.", err=True)
+    return registry
+
+
 def _option_for(name: str) -> Any:
     field = TrainConfig.model_fields[name]
     flag = "--" + name.replace("_", "-")
@@ -231,7 +252,7 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     from align.loop.launch import launch, needs_launch
 
     try:
-        registry = get_registry()
+        registry = _registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
         check_inputs(spec)  # before torch: a wrong flag or path costs a second, not a load
@@ -344,7 +365,7 @@ def objectives(as_json: bool) -> None:
     An objective that several plugins register is listed with the clash (``align run``
     refuses it), and the command then exits with status 1, as ``align plugins`` does.
     """
-    registry = get_registry()
+    registry = _registry()
     data, presets = [], []
     clashes = [{**c, "status": "clash", "distribution": None} for c in registry.objective_clashes()]
     for name, reg in sorted(registry.objectives.items()):
@@ -432,7 +453,7 @@ def formats(as_json: bool) -> None:
     (every objective that trains on its shape)."""
     from align.data.shapes import SHAPES
 
-    registry = get_registry()
+    registry = _registry()
 
     def feeds(shape: str) -> list[str]:
         names = []
@@ -477,7 +498,7 @@ def formats(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def rewards(as_json: bool) -> None:
     """List reward functions (for --reward) and generation backends (for --generator)."""
-    registry = get_registry()
+    registry = _registry()
     data = [
         {
             "name": name,
@@ -542,7 +563,7 @@ def inspect(config_file: str | None, sets: tuple[str, ...], count: int, **flags:
     trains on it, and special tokens. Takes align run's options (--objective, --model, --data,
     --max-length, --truncation, ...); with neither --model nor --data, the demo's."""
     try:
-        registry = get_registry()
+        registry = _registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
         check_inputs(spec)
@@ -563,7 +584,7 @@ def prepare(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> Non
     --data-workers, ...): a later align run with the same data options, model and ALIGN_CACHE
     maps the tokenised data instead of tokenising it, on every process."""
     try:
-        registry = get_registry()
+        registry = _registry()
         section_flags = _split_section_flags(flags)
         spec = resolve(registry, config_file, flags, list(sets), section_flags)
         check_inputs(spec)

@@ -442,11 +442,13 @@ def _resolve_rewards(
 def check_model_and_data(spec: RunSpec) -> None:
     """A model needs data and data a model; neither is the embedded demo."""
     cfg = spec.config
+    if cfg.model == "demo":  # the demo model, on the demo data unless --data gives other
+        return
     for given, missing in (("model", "data"), ("data", "model")):
         if getattr(cfg, given) is not None and getattr(cfg, missing) is None:
             raise ConfigError(
                 f"{_flag(missing)} is required when {spec.named(given)} is given (run without "
-                "both to train the embedded demo)"
+                "both to train the embedded demo, or give --model demo for the demo model)"
             )
 
 
@@ -466,5 +468,5 @@ def check_inputs(spec: RunSpec) -> None:
                 where = f"given by {spec.named(key)}"
                 raise DataError(f"no such file or directory ({where})", source=path)
     for key, role in (("model", "model"), ("ref_model", "reference model")):
-        if getattr(cfg, key):
+        if getattr(cfg, key) and not (key == "model" and cfg.model == "demo"):
             check_model_source(getattr(cfg, key), role, spec.named(key))

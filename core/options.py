@@ -14,7 +14,11 @@ class TrainConfig(Options):
     """The core's options, shared by every objective."""
 
     objective: str = Field("sft", description="Objective to train with (align objectives).")
-    model: str | None = Field(None, description="Hub id or local directory; none: the demo model.")
+    model: str | None = Field(
+        None,
+        description="Hub id or local directory; none or `demo`: the demo model (`--model demo "
+        "--data FILE` trains it on your data).",
+    )
     data: str | list[str | dict[str, Any]] | None = Field(
         None,
         description="Training data: a file, a saved dataset, a hub dataset id (org/name), or "

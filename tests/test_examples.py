@@ -1,5 +1,6 @@
 """The example plugins of examples/ (weighted_sft: a record field of its own; listwise: the
-core's ranked format; alpaca: a data format of its own; keyword_reward: a reward function)
+core's ranked format; alpaca: a data format of its own, which the first-party sft trains on;
+keyword_reward: a reward function)
 round-trip as wheels: built, installed into one fresh virtual environment beside the core,
 tested there with their own tests (the conformance suite included), and trained by `align run`,
 padded and packed alike (the reward by GRPO, from the environment the tests run in)."""
@@ -21,7 +22,7 @@ ROOT = Path(__file__).parent.parent
 EXAMPLES = {
     "weighted_sft": ("align-plugin-weighted-sft", "weighted-sft"),
     "listwise": ("align-plugin-listwise", "listwise"),
-    "alpaca": ("align-plugin-alpaca", "alpaca-sft"),
+    "alpaca": ("align-plugin-alpaca", None),  # a format: --objective sft reads it
     "keyword_reward": ("align-plugin-keyword-reward", None),  # a reward: --reward keyword
 }
 TIMEOUT = 600
@@ -43,7 +44,7 @@ DATA = {
         },
         {"prompt": "What is 7 + 30? ", "completions": ["No.", "37.", "37. ok"], "ranks": [3, 1, 2]},
     ],
-    "alpaca-sft": [
+    "alpaca": [
         {"instruction": "Add the two numbers.", "input": "1 + 2", "output": "1 + 2 = 3."},
         {"instruction": "Name a primary colour.", "output": "Blue."},
         {"instruction": "Add the two numbers.", "input": "10 + 20", "output": "30. ok"},
@@ -119,7 +120,6 @@ def test_weighted_sft_is_at_most_30_lines_of_python():
     [
         "weighted_sft/align_weighted_sft/__init__.py",
         "alpaca/align_alpaca/__init__.py",
-        "alpaca/align_alpaca/loss.py",
         "keyword_reward/align_keyword_reward/__init__.py",
     ],
 )
@@ -170,7 +170,6 @@ def started(venv, model_dir):
         ("weighted-sft", False): [*model, "--no-padding-free"],
         ("listwise", True): reference,
         ("listwise", False): [*reference, "--no-padding-free"],
-        ("alpaca-sft", True): model,
     }
     keyword = tmp / "keyword.jsonl"
     keyword.write_text("".join(json.dumps(r) + "\n" for r in DATA["keyword"]), encoding="utf-8")
@@ -179,6 +178,11 @@ def started(venv, model_dir):
     commands["grpo-keyword"] += ["--set", "num_generations=2", "--max-completion-length", "6"]
     commands["grpo-keyword"] += ["--batch-size", "2", "--max-steps", "2"]
     commands["grpo-keyword"] += ["--output-dir", str(tmp / "grpo-keyword")]
+    alpaca = tmp / "alpaca.jsonl"
+    alpaca.write_text("".join(json.dumps(r) + "\n" for r in DATA["alpaca"]), encoding="utf-8")
+    commands["sft-alpaca"] = [python, "-m", "align.cli", "run", "--objective", "sft", *model]
+    commands["sft-alpaca"] += ["--data", str(alpaca), "--batch-size", "2", "--max-steps", "2"]
+    commands["sft-alpaca"] += ["--output-dir", str(tmp / "sft-alpaca")]
     for (objective, packed), flags in runs.items():
         data = tmp / f"{objective}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in DATA[objective]), encoding="utf-8")
@@ -234,8 +238,11 @@ def test_the_examples_installed_pass_their_tests_and_train(started):
     assert info["config"]["reward"] == {"keyword": {"weight": 1.0}}
     assert info["data"]["train"]["ignored_columns"] == {}  # the reward reads keyword
 
-    info, _ = _run_of(started, "alpaca-sft", True)
-    assert info["data"]["train"]["examples"] == len(DATA["alpaca-sft"])
+    processes["sft-alpaca"].result()  # a third-party format in a first-party objective
+    info = json.loads((tmp / "sft-alpaca" / "run.json").read_text())
+    assert info["status"] == "completed" and info["provided_by"] == "align-plugin-sft"
+    assert info["data"]["train"]["examples"] == len(DATA["alpaca"])
+    assert info["data"]["train"]["format"] == "alpaca (detected from its columns)"
     for objective in ("weighted-sft", "listwise"):
         _, packed = _run_of(started, objective, True)
         _, padded = _run_of(started, objective, False)

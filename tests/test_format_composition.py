@@ -387,3 +387,17 @@ def test_a_format_of_a_core_shape_may_not_bring_its_own_batch():
         align.DataFormat("p", "x", lambda r: None, shape="preference", batch=lambda *a: {})
     with pytest.raises(TypeError, match="are batched differently"):
         align.Objective("o", "x", shapes=("preference", "feedback"))
+
+
+def test_the_demo_model_trains_on_your_own_data(tmp_path, files):
+    """`--model demo --data FILE`: the demo model and its defaults, your data in any format."""
+    sharegpt, _ = files
+    out = tmp_path / "demo-own"
+    args = ["run", "--model", "demo", "--data", str(sharegpt), "--max-steps", "2"]
+    result = CliRunner().invoke(cli, [*args, "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "run.json").read_text())
+    assert info["config"]["model"].endswith("tiny-llama-v3")
+    assert info["config"]["data"] == str(sharegpt) and info["config"]["eval_data"] is None
+    assert info["config"]["lr"] == 3e-3  # the demo's
+    assert info["data"]["train"]["format"] == "sharegpt (detected from its columns)"

@@ -267,6 +267,10 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
 
     echo = _cli(["run", "--objective", "echo", *common, "--output-dir", "o2"], env, tmp_path)
     assert echo.returncode == 0, echo.stderr
+    # Every command names the plugins with errors, not only `align plugins`.
+    for output in (echo.stderr, _cli(["formats"], env, tmp_path).stderr):
+        assert "Warning: plugin align-test-plugin-broken (" in output, output
+        assert "ModuleNotFoundError" in output and "`align plugins` lists every" in output
     first = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["echo_rows"] == 4  # a plugin's metric reached the run
     run_info = json.loads((tmp_path / "o2" / "run.json").read_text())

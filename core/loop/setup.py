@@ -33,15 +33,16 @@ from .rundir import RunLock
 def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     """The embedded demo: with neither --model nor --data, the demo model on the objective's
     demo data; ``--data demo`` is that data for a model of one's own (the SFT demo's result,
-    say, to train GRPO from). Either way the demo's hyperparameters fill the options the user
-    did not set, the eval split is the demo's unless given, and an on-policy objective is
+    say, to train GRPO from), and ``--model demo`` the demo model for data of one's own. Either
+    way the demo's hyperparameters fill the options the user did not set, the eval split is the demo's unless given, and an on-policy objective is
     rewarded by ``addition`` unless ``--reward`` says otherwise. ``--eval-data demo`` alone is
     the demo's eval split. Returns whether the demo model is used."""
     cfg = spec.config
     shapes = spec.objective.item.shapes
     fmt = next((s for s in shapes if demo.demo_data(s, "train").exists()), shapes[0])
-    demo_model = cfg.model is None and cfg.data is None
-    demo_data = demo_model or cfg.data == "demo"
+    whole_demo = (cfg.model is None and cfg.data is None) or (cfg.model == "demo" and not cfg.data)
+    demo_model = whole_demo or cfg.model == "demo"
+    demo_data = whole_demo or cfg.data == "demo"
     if (demo_data or cfg.eval_data == "demo") and not demo.demo_data(fmt, "train").exists():
         given = "" if demo_model else f"{spec.named('data' if demo_data else 'eval_data')} demo: "
         raise ConfigError(
@@ -49,14 +50,15 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
             "data, which has no demo data: give --model and --data"
         )
     updates: dict[str, Any] = {}
-    if demo_data:
+    if demo_data or demo_model:
         settings = {**demo.DEMO_SETTINGS}
         if spec.objective.item.on_policy:
             settings.update(demo.ON_POLICY_DEMO_SETTINGS)
         updates = {k: v for k, v in settings.items() if k not in cfg.model_fields_set}
+    if demo_data:
         updates["data"] = str(demo.demo_data(fmt, "train"))
-        if demo_model:
-            updates["model"] = str(demo.demo_model_path())
+    if demo_model:
+        updates["model"] = str(demo.demo_model_path())
     if cfg.eval_data == "demo" or (demo_data and cfg.eval_data is None):
         updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
     spec.config = cfg.model_copy(update=updates)

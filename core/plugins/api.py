@@ -383,7 +383,8 @@ class Reward:
     accepts (all of them if it takes ``**kwargs``): ``completions`` (the decoded completions,
     a string each, or ``[{"role": "assistant", "content": …}]`` for chat prompts),
     ``prompts`` (each completion's prompt, as the record gave it), ``completion_ids`` (token
-    ids), ``options`` (the reward's validated options), and the record fields the reward
+    ids), ``options`` (the reward's validated options), ``config`` (the run's core options:
+    ``max_completion_length``, ``temperature``, ``seed``, …), and the record fields the reward
     declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
     completion. It returns one finite number per completion (TRL's ``None`` for "cannot score"
     is not accepted): an exception, a wrong count or a value that is not a finite number stops

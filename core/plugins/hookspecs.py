@@ -35,8 +35,8 @@ def align_register_objectives(register):
 
 @hookspec
 def align_register_formats(register):
-    """Register data formats: call ``register(align.DataFormat(...))`` once for each. An
-    objective of any plugin may then name the format as its ``data_format``."""
+    """Register data formats: call ``register(align.DataFormat(...))`` once for each. The
+    format then feeds every objective, of any plugin, that trains on its ``shape``."""
 
 
 @hookspec
@@ -92,7 +92,10 @@ def align_build_batch(objective, examples, tokenizer, options, config, packed):
 def align_prepare_rollouts(objective, model, batches, options, reference, run):
     """On-policy objectives: every rollout batch of one round of sampling on this process (the
     step's micro-batches, a list), before any of them is trained on; return the list, changed
-    (GRPO adds its advantages, online DPO orders each pair), or None to keep it.
+    (GRPO adds its advantages, online DPO orders each pair), or None to keep it. It also runs
+    for every evaluation round (``--eval-data`` with an on-policy objective), on the eval
+    prompts' rollouts, one micro-batch at a time, which are scored but not trained on:
+    ``run.training`` is False then, and the model is in eval mode.
 
     ``model`` is the policy as the loss gets it (compute old log-probs with it under
     ``torch.no_grad()``); ``run.accelerator.gather`` collects a tensor from every process, for
@@ -106,8 +109,10 @@ def align_loss_counts(objective, batch, examples, options, config):
     """The number of loss units of each term in ``batch``, before its forward: a dict
     ``term -> count`` (ints or tensors), the counts ``align_compute_loss`` will return for it.
 
-    Not implemented: one term, ``loss``, counting the batch's examples (pairs of a preference
-    batch). The core totals each term over the step's micro-batches and all processes once, and
+    ``examples`` are the micro-batch's examples: records' groups (a pair of a preference batch
+    is one), and for a rollout batch of an on-policy objective its *prompts* (each with
+    ``num_generations`` completion rows in ``batch``). Not implemented: one term, ``loss``,
+    counting the examples. The core totals each term over the step's micro-batches and all processes once, and
     scales each micro-batch's loss by those totals before its backward, so gradient accumulation
     and N processes equal one large batch with any engine that owns the backward.
     """

@@ -307,7 +307,6 @@ class PluginRegistry:
     def _data_problem(self, objective: Objective) -> str | None:
         """Why an objective's shapes or extra fields cannot be used, or None."""
         from ..data.fields import column_names, reserved_problem
-
         from ..data.shapes import SHAPES
 
         if not self.formats_of(objective):
@@ -433,7 +432,8 @@ class PluginRegistry:
         elif dist:
             message += f" It is provided by {dist}: {install_hint(dist)}"
         elif broken:
-            message += " Some plugins failed to load; run `align plugins`."
+            names = ", ".join(f"{p.label} ({p.errors[0]})" for p in broken)
+            message += f" Plugins with errors: {names}; run `align plugins`."
         if os.environ.get(PLUGINS_ENV) is not None:
             message += f" ({PLUGINS_ENV}={os.environ[PLUGINS_ENV]!r} limits which plugins load.)"
         raise PluginError(message)
