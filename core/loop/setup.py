@@ -34,8 +34,9 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     """The embedded demo: with neither --model nor --data, the demo model on the objective's
     demo data; ``--data demo`` is that data for a model of one's own (the SFT demo's result,
     say, to train GRPO from), and ``--model demo`` the demo model for data of one's own. Either
-    way the demo's hyperparameters fill the options the user did not set, the eval split is the demo's unless given, and an on-policy objective is
-    rewarded by ``addition`` unless ``--reward`` says otherwise. ``--eval-data demo`` alone is
+    way the demo's hyperparameters fill the options the user did not set, the eval split is the
+    demo's unless given (with the demo data), and an on-policy objective is rewarded by
+    ``addition`` unless ``--reward`` says otherwise. ``--eval-data demo`` alone is
     the demo's eval split. Returns whether the demo model is used."""
     cfg = spec.config
     shapes = spec.objective.item.shapes

@@ -112,9 +112,10 @@ def align_loss_counts(objective, batch, examples, options, config):
     ``examples`` are the micro-batch's examples: records' groups (a pair of a preference batch
     is one), and for a rollout batch of an on-policy objective its *prompts* (each with
     ``num_generations`` completion rows in ``batch``). Not implemented: one term, ``loss``,
-    counting the examples. The core totals each term over the step's micro-batches and all processes once, and
-    scales each micro-batch's loss by those totals before its backward, so gradient accumulation
-    and N processes equal one large batch with any engine that owns the backward.
+    counting the examples. The core totals each term over the step's micro-batches and all
+    processes once, and scales each micro-batch's loss by those totals before its backward, so
+    gradient accumulation and N processes equal one large batch with any engine that owns the
+    backward.
     """
 
 
