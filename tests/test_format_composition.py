@@ -401,3 +401,17 @@ def test_the_demo_model_trains_on_your_own_data(tmp_path, files):
     assert info["config"]["data"] == str(sharegpt) and info["config"]["eval_data"] is None
     assert info["config"]["lr"] == 3e-3  # the demo's
     assert info["data"]["train"]["format"] == "sharegpt (detected from its columns)"
+
+
+def test_a_group_not_of_the_formats_shape_is_an_error_at_run_time(tokenizer):
+    fmt = align.DataFormat(
+        "half", "x", lambda r: align.Group(r.data["p"], {"": "a"}), shape="preference",
+        columns=("p",),
+    )  # fmt: skip
+    record = Record({"p": "q"}, "d.jsonl", "line 5")
+    with pytest.raises(align.DataError) as error:
+        tokenize_records([record], fmt, tokenizer, 64, "error", "t")
+    assert "d.jsonl, line 5: data format 'half' declares shape 'preference', but gave" in str(
+        error.value
+    )
+    assert "answers ''; the shape has 'chosen_', 'rejected_'" in str(error.value)

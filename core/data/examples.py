@@ -21,6 +21,7 @@ from ..plugins.api import DataFormat, Group
 from .fields import column_names, validate_columns
 from .formats import BUILTIN
 from .records import Record
+from .shapes import SHAPES
 from .tokenize import (
     Tokenized,
     TokenizeError,
@@ -201,6 +202,7 @@ class RecordTokenizer:
         self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
         self.fields = fields
         self.claimed = {*self.format.columns, *(column_names(fields) if fields else ())}
+        self.shape = SHAPES.get(self.format.shape)  # every group is checked against it
 
     def examples(self, record: Record, report: DataReport) -> list[dict[str, Any]]:
         """The record's examples; ``report`` counts the record and what happened to it."""
@@ -218,6 +220,14 @@ class RecordTokenizer:
                 raise DataError(
                     f"data format {fmt.name!r} returned {type(group).__name__}, expected "
                     "align.Group",
+                    source=record.source,
+                    location=record.location,
+                )
+            problem = self.shape.check(group) if self.shape is not None else None
+            if problem is not None:
+                raise DataError(
+                    f"data format {fmt.name!r} declares shape {fmt.shape!r}, but gave this "
+                    f"record a group with {problem} (a bug in the format's plugin)",
                     source=record.source,
                     location=record.location,
                 )
