@@ -224,10 +224,12 @@ def forward_logps(
     understood (:func:`align.model.head.why_not_from_hidden`) gets today's full logits instead.
 
     ``temperature``: the log-probs of ``logits / temperature``, the distribution an on-policy
-    objective sampled from (TRL's GRPO and online DPO score completions so); 0 (greedy) and 1
-    leave the logits as they are. ``entropy``: also the entropy of that distribution at every
-    trained position. ``inputs_embeds``: the model's input embeddings instead of the batch's
-    token ids (IFT's mixed embeddings); the targets still come from the batch.
+    objective sampled from (TRL's GRPO scores the policy, the old policy and the reference so:
+    pass ``run.config.temperature`` here and to the reference's ``sequence_logps`` or
+    ``token_logps``); 0 (greedy) and 1 leave the logits as they are. ``entropy``: also the
+    entropy of that distribution at every trained position. ``inputs_embeds``: the model's
+    input embeddings instead of the batch's token ids (IFT's mixed embeddings); the targets
+    still come from the batch.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
     the packed one (``align.packing``: ``position_ids``, the attention as

@@ -3,7 +3,10 @@
 A loss hook receives a ``Reference`` and calls ``reference.sequence_logps(batch, prefix)``: the
 reference model's ``logp(y|x)`` for every row of ``batch[prefix + "input_ids"]``, summed over
 completion tokens with the same masking as the policy's, without gradients and with dropout
-off. The same call works in every mode (``--reference``):
+off. An on-policy objective passes ``temperature=run.config.temperature`` to it (and to
+``token_logps``) as it does to ``align.forward_logps`` for the policy, so both are scored on the
+distribution the completions were sampled from. The same call works in every mode
+(``--reference``):
 
 - ``precomputed`` (the default): one no-grad pass over the data before training, cached on disk
   (``align.precompute``); no reference model is held during training and a step costs no
@@ -42,17 +45,30 @@ class Reference:
     mode: str = ""
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
-    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-        """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32."""
+    def sequence_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
+        """``logp_ref(y|x)`` for every row of ``batch`` (keys optionally prefixed), float32:
+        the sum over completion tokens of the log-probs of ``logits / temperature``, as
+        ``align.forward_logps(model, batch, prefix, temperature).sums`` scores the policy.
+
+        ``temperature`` (default 1, the model's own distribution; 0 is greedy sampling and
+        scores as 1): an on-policy objective scores the policy and the reference alike at
+        ``run.config.temperature``, the distribution its completions were sampled from, so
+        that the KL to the reference is exactly 0 at step 0 whatever the temperature. The
+        ``model`` and ``adapter`` modes score any temperature; a precomputed reference holds
+        sums at temperature 1 only and refuses another (on-policy objectives never use it:
+        their completions do not exist before training)."""
         raise NotImplementedError
 
     def token_logps(
         self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
     ) -> torch.Tensor:
         """Per-token reference log-probs in the batch's layout, the shape of
-        ``align.forward_logps(model, batch).logps`` (0 where no completion token is predicted):
-        for per-token penalties such as GRPO's KL. The ``model`` and ``adapter`` modes give
-        them; a precomputed reference holds sums only."""
+        ``align.forward_logps(model, batch, prefix, temperature).logps`` (0 where no completion
+        token is predicted): for per-token penalties such as GRPO's KL. ``temperature`` as for
+        :meth:`sequence_logps` (an on-policy objective passes ``run.config.temperature``). The
+        ``model`` and ``adapter`` modes give them; a precomputed reference holds sums only."""
         raise NotImplementedError(
             f"the {self.mode or 'precomputed'} reference gives per-sequence sums only; use "
             "--reference model or adapter"
@@ -75,9 +91,11 @@ class ModelReference(Reference):
         return cls(copy.deepcopy(model), time.time() - started)
 
     @torch.no_grad()
-    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def sequence_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
         with self.autocast():
-            return forward_logps(self.model, batch, prefix).sums
+            return forward_logps(self.model, batch, prefix, temperature).sums
 
     @torch.no_grad()
     def token_logps(
@@ -121,9 +139,11 @@ class AdapterReference(Reference):
             self.policy.set_adapter(trained)
 
     @torch.no_grad()
-    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def sequence_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
         with eval_mode(self.policy), self._reference_weights(), self.autocast():
-            return forward_logps(self.policy, batch, prefix).sums
+            return forward_logps(self.policy, batch, prefix, temperature).sums
 
     @torch.no_grad()
     def token_logps(

@@ -148,7 +148,18 @@ class PrecomputedReference(Reference):
     def __init__(self, table: DigestTable | dict[bytes, float]) -> None:
         self.table = DigestTable.from_dict(table) if isinstance(table, dict) else table
 
-    def sequence_logps(self, batch: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    def sequence_logps(
+        self, batch: dict[str, torch.Tensor], prefix: str = "", temperature: float = 1.0
+    ) -> torch.Tensor:
+        """The sums scored before training, at temperature 1: another ``temperature`` is an
+        error (only on-policy objectives score at the sampling temperature, and their
+        completions cannot be precomputed: they take a model or adapter reference)."""
+        if temperature not in (0, 1, None):
+            raise PluginError(
+                f"--reference precomputed holds log-probs at temperature 1 only, and this loss "
+                f"asks for temperature {temperature}: an objective that scores at the sampling "
+                "temperature is on-policy and needs --reference model or adapter"
+            )
         values = []
         for digest in batch_digests(batch, prefix):
             value = self.table.get(digest)

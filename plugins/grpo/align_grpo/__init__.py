@@ -92,7 +92,7 @@ def align_register_objectives(register):
             description="Group Relative Policy Optimization: samples completions for each "
             "prompt, scores them with reward functions and trains on group-relative "
             "advantages (GRPO, Dr. GRPO, DAPO and BNPO losses).",
-            data_format="prompt_only",
+            shapes=("prompt_only",),
             options=GRPOOptions,
             needs_reference=lambda options: options.beta > 0,
             sampling=lambda options: align.Sampling(

@@ -42,7 +42,7 @@ def align_register_objectives(register):
         align.Objective(
             name="kto",
             description="Kahneman-Tversky Optimization on prompt/completion/label feedback.",
-            data_format="feedback",
+            shapes=("feedback",),
             options=KTOOptions,
             needs_reference=True,
             derived_metrics=derived_metrics,

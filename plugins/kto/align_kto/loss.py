@@ -10,9 +10,14 @@ example and ``g = β(z0 − r)`` for an undesirable one, and
   slope-bounded, ``v(g) = (max(g,0)+ε)^α − ε^α`` for g ≥ 0 and
   ``−λ_KT·((max(−g,0)+ε)^α − ε^α)`` for g < 0 (α=0.88, λ_KT=2.25, ε=1e-3). Each branch sees
   a clamped one-sided input, never ``|g|``: the gradient of ``|g|`` at exactly 0 is 0, and at
-  step 1 every gain is exactly 0 (policy = reference, z0 = 0), so the run would never move.
-  At g = 0 the slope is the gain side's, ``dv/dg(0) = α·ε^(α−1) ≈ 2.016``; the step-1 loss is
-  0 (not 0.5·w as for ``logistic``),
+  step 1 every gain is 0 (policy = reference, z0 = 0), so the run would never move. The
+  slope jumps at 0 (2.016 above, 4.54 below), and at step 1 a gain is 0 only up to float
+  noise (a precomputed reference, another layout or a micro-batch of another size gives
+  ±1e-6 in float32, ±5e-4 in bf16): so within the dead band ``|g| ≤ ε`` the gradient is the
+  gain side's slope at 0, ``s0 = α·ε^(α−1) ≈ 2.016``, whatever the sign of g, and the
+  step-1 gradient is the same in every set-up. The value there stays ``v(g)``; ``s0`` lies
+  between the one-sided slopes found within ε of g (a Goldstein ε-subgradient). The step-1
+  loss is 0 up to that noise (not 0.5·w as for ``logistic``),
 
 where ``w`` is ``desirable_weight`` (λ_D) or ``undesirable_weight`` (λ_U); the loss is the mean
 over examples. Metrics: ``kl`` (z0), ``rewards/chosen`` and ``rewards/rejected`` (βr means over
@@ -29,6 +34,11 @@ import torch
 import align
 
 KT_ALPHA, KT_LAMBDA, KT_EPSILON = 0.88, 2.25, 1e-3
+# The dead band |g| <= KT_BAND around the kink at 0, where the gradient is the gain side's slope
+# at 0. Float noise makes a step-1 gain ±1e-6 (float32) to ±5e-4 (bf16) at β = 0.1 instead of
+# exactly 0; the band is the value function's own smoothing scale ε, above both.
+KT_BAND = KT_EPSILON
+KT_SLOPE_AT_ZERO = KT_ALPHA * KT_EPSILON ** (KT_ALPHA - 1)  # ≈ 2.016
 
 
 def kahneman_tversky_value(gain: torch.Tensor) -> torch.Tensor:
@@ -36,11 +46,15 @@ def kahneman_tversky_value(gain: torch.Tensor) -> torch.Tensor:
 
     ``clamp`` passes the gradient at its bound (``max(g,0)`` has slope 1 at g = 0), so at
     g = 0 the gain branch's slope α·ε^(α−1) applies; ``where`` zeroes the other branch's.
+    Within ``|g| ≤ KT_BAND`` the value is the same but the gradient is that slope at 0 for
+    either sign, so float noise around a gain of 0 (step 1) cannot pick the slope.
     """
     floor = KT_EPSILON**KT_ALPHA
     gains = (gain.clamp(min=0) + KT_EPSILON) ** KT_ALPHA - floor
     losses = (torch.neg(gain).clamp(min=0) + KT_EPSILON) ** KT_ALPHA - floor
-    return torch.where(gain >= 0, gains, -KT_LAMBDA * losses)
+    value = torch.where(gain >= 0, gains, -KT_LAMBDA * losses)
+    banded = value.detach() + KT_SLOPE_AT_ZERO * (gain - gain.detach())
+    return torch.where(gain.abs() <= KT_BAND, banded, value)
 
 
 def kto_example_losses(

@@ -93,13 +93,31 @@ def test_kahneman_tversky_slope_at_exactly_zero_is_the_gain_sides():
     assert gain.grad.item() == pytest.approx(-2.016, abs=1e-3)
 
 
-def test_kahneman_tversky_slopes_either_side_of_zero():
-    gains = torch.tensor([1e-9, -1e-9], dtype=torch.float64, requires_grad=True)
-    kto_example_losses(
-        gains / BETA, 0.0, LABELS[:2], BETA, 1.0, 1.0, "kahneman-tversky"
-    ).sum().backward()
+def _kt_value(g):
+    """The spec's slope-bounded value function, written out (float)."""
+    side = (abs(g) + 1e-3) ** 0.88 - 1e-3**0.88
+    return side if g >= 0 else -2.25 * side
+
+
+def test_kahneman_tversky_slopes_either_side_of_the_dead_band():
+    """Outside |g| ≤ ε = 1e-3 the slopes are the value function's own (λ_KT times steeper on
+    the loss side); inside it the gradient is the gain side's slope at 0 whatever the sign of
+    g, so float noise around a step-1 gain of 0 cannot pick it. The value is v(g) throughout."""
     slope = 0.88 * 1e-3 ** (0.88 - 1)
-    assert gains.grad.tolist() == pytest.approx([-slope, -2.25 * slope], rel=1e-5)
+    inside = [1e-9, -1e-9, 1e-6, -1e-6, 5e-4, -5e-4, 0.999e-3, -0.999e-3]
+    outside = [1.5e-3, -1.5e-3, 0.075, -0.075]
+    gains = torch.tensor(inside + outside, dtype=torch.float64, requires_grad=True)
+    labels = torch.ones(len(gains), dtype=torch.bool)
+    losses = kto_example_losses(gains / BETA, 0.0, labels, BETA, 1.0, 1.0, "kahneman-tversky")
+    assert losses.tolist() == pytest.approx([-_kt_value(g) for g in inside + outside], abs=1e-12)
+    losses.sum().backward()
+    one_sided = [-0.88 * (abs(g) + 1e-3) ** (0.88 - 1) * (1 if g >= 0 else 2.25) for g in outside]
+    assert gains.grad.tolist() == pytest.approx([-slope] * len(inside) + one_sided, rel=1e-9)
+    noisy = torch.tensor([3e-7, -3e-7, 0.0], requires_grad=True)  # float32 step-1 noise
+    kto_example_losses(
+        noisy / BETA, 0.0, labels[:3], BETA, 1.0, 1.0, "kahneman-tversky"
+    ).sum().backward()
+    assert torch.equal(noisy.grad, torch.full((3,), -slope, dtype=torch.float32))
 
 
 @pytest.mark.parametrize("weight", [1.0, 2.0])

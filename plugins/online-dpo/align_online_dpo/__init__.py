@@ -49,7 +49,7 @@ def align_register_objectives(register):
             name="online-dpo",
             description="Online DPO (OAIF): DPO on two sampled completions per prompt, the one "
             "the reward functions score higher chosen.",
-            data_format="prompt_only",
+            shapes=("prompt_only",),
             options=OnlineDPOOptions,
             needs_reference=True,
             packable=True,

@@ -27,7 +27,11 @@ from .pairs import KEYS, with_pairs
 def online_dpo_loss(
     model: Any, batch: dict[str, Any], reference: Any, options: Any
 ) -> align.LossOutput:
-    """One forward over the batch's sequences; the pair of each prompt picked by its rewards."""
+    """One forward over the batch's sequences; the pair of each prompt picked by its rewards.
+
+    Policy and reference are scored alike at temperature 1, not at the sampling temperature:
+    the DPO loss is about the model's own distribution, and TRL 1.16's ``OnlineDPOTrainer``
+    scores so (its ``_forward`` takes ``log_softmax`` of the raw logits)."""
     if not all(key in batch for key in KEYS):  # not seen by align_prepare_rollouts
         batch = with_pairs(batch, options.missing_eos_penalty)
     policy = align.forward_logps(model, batch)

@@ -52,7 +52,7 @@ def test_the_entry_point_registers_the_objective():
     assert found.plugin.version == "0.1.0"
     assert not found.plugin.errors
     objective = found.item
-    assert objective.data_format == "prompt_only"
+    assert objective.shapes == ("prompt_only",)
     assert objective.uses_reference(OnlineDPOOptions())
     assert objective.packable and objective.disable_dropout and objective.on_policy
     assert objective.options is OnlineDPOOptions
