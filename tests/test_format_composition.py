@@ -324,6 +324,14 @@ class TestPromptOnlyConformance(FormatConformance):
     format = "prompt_only"
 
 
+class TestShareGPTPreferenceConformance(FormatConformance):
+    format = "sharegpt_preference"
+
+
+class TestShareGPTFeedbackConformance(FormatConformance):
+    format = "sharegpt_feedback"
+
+
 def _wrong_turns(record):
     """ShareGPT with human and gpt swapped: the human turns are trained."""
     swap = {"user": "assistant", "assistant": "user"}
@@ -415,3 +423,134 @@ def test_a_group_not_of_the_formats_shape_is_an_error_at_run_time(tokenizer):
         error.value
     )
     assert "answers ''; the shape has 'chosen_', 'rejected_'" in str(error.value)
+
+
+# -- LLaMA-Factory's ShareGPT preference (ranking) and KTO records ------------------------------
+def _sharegpt_pairs() -> list[dict]:
+    rows = []
+    for i, (question, answer) in enumerate(TURNS * 2):
+        rows.append(
+            {
+                "conversations": [{"from": "human", "value": question}],
+                "chosen": {"from": "gpt", "value": answer},
+                "rejected": {"from": "gpt", "value": "No idea."},
+                **({"system": "You add numbers."} if i % 2 else {}),
+            }
+        )
+    return rows
+
+
+def _as_preference(row: dict) -> dict:
+    prompt = [{"role": "system", "content": row["system"]}] if row.get("system") else []
+    prompt += [{"role": ROLE[t["from"]], "content": t["value"]} for t in row["conversations"]]
+    return {
+        "prompt": prompt,
+        "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+        "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
+    }
+
+
+def test_sharegpt_preference_records_train_dpo_as_the_same_messages(
+    tmp_path, model_dir, write_jsonl
+):
+    """The most specific format wins: conversations+chosen+rejected over chosen+rejected."""
+    rows = _sharegpt_pairs()
+    sharegpt = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    messages = write_jsonl(tmp_path / "messages.jsonl", [_as_preference(r) for r in rows])
+    got, info = _step_one(tmp_path, model_dir, "dpo", sharegpt, "--reference", "model")
+    want, _ = _step_one(tmp_path, model_dir, "dpo", messages, "--reference", "model")
+    assert info["data"]["train"]["format"] == "sharegpt_preference (detected from its columns)"
+    for name in ("loss", "grad_norm"):
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
+
+
+def test_sharegpt_kto_records_train_kto_as_the_same_messages(tmp_path, model_dir, write_jsonl):
+    rows = [
+        {
+            "conversations": [
+                {"from": "human", "value": question},
+                {"from": "gpt", "value": answer if i % 2 else "No idea."},
+            ],
+            "kto_tag": bool(i % 2),
+        }
+        for i, (question, answer) in enumerate(TURNS * 2)
+    ]
+    feedback = [
+        {
+            "prompt": [{"role": "user", "content": r["conversations"][0]["value"]}],
+            "completion": [{"role": "assistant", "content": r["conversations"][1]["value"]}],
+            "label": r["kto_tag"],
+        }
+        for r in rows
+    ]
+    sharegpt = write_jsonl(tmp_path / "kto.jsonl", rows)
+    messages = write_jsonl(tmp_path / "messages.jsonl", feedback)
+    got, info = _step_one(tmp_path, model_dir, "kto", sharegpt, "--reference", "model")
+    want, _ = _step_one(tmp_path, model_dir, "kto", messages, "--reference", "model")
+    assert info["data"]["train"]["format"] == "sharegpt_feedback (detected from its columns)"
+    for name in ("loss", "grad_norm"):
+        assert got[name] == pytest.approx(want[name], rel=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            {
+                "conversations": [{"from": "human", "value": "q"}],
+                "chosen": {"from": "gpt", "value": "a"},
+            },
+            "field 'rejected': missing field",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+                "chosen": {"from": "gpt", "value": "a"},
+                "rejected": {"from": "gpt", "value": "b"},
+            },
+            "field 'conversations[1].from': the conversation before the answers ends with",
+        ),
+        (
+            {
+                "conversations": [{"from": "human", "value": "q"}],
+                "chosen": {"from": "human", "value": "a"},
+                "rejected": {"from": "gpt", "value": "b"},
+            },
+            "field 'chosen.from': the answer is the assistant's turn (gpt), got 'human'",
+        ),
+    ],
+)
+def test_sharegpt_preference_errors(row, message):
+    from align.data.formats import _sharegpt_preference
+
+    with pytest.raises(align.DataError) as error:
+        _sharegpt_preference(Record(row, "d.jsonl", "line 4"))
+    assert f"d.jsonl, line 4, {message}" in str(error.value)
+
+
+def test_sharegpt_kto_errors():
+    from align.data.formats import _sharegpt_feedback
+
+    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    for row, message in [
+        ({"conversations": turns, "kto_tag": "yes"}, "field 'kto_tag': expected a boolean"),
+        ({"conversations": turns[:1], "kto_tag": True}, "field 'conversations[0].from': the last"),
+    ]:
+        with pytest.raises(align.DataError) as error:
+            _sharegpt_feedback(Record(row, "d.jsonl", "line 2"))
+        assert f"d.jsonl, line 2, {message}" in str(error.value)
+
+
+def test_a_mixture_reads_each_source_in_its_own_format(tmp_path, model_dir, files):
+    sharegpt, messages = files
+    out = tmp_path / "mixed"
+    args = ["run", "--model", str(model_dir), "--data", f"{sharegpt}:4", "--data", str(messages)]
+    result = CliRunner().invoke(cli, [*args, "--max-steps", "1", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    train = json.loads((out / "run.json").read_text())["data"]["train"]
+    formats = [source["format"] for source in train["sources"]]
+    assert formats == [
+        "sharegpt (detected from its columns)",
+        "prompt_completion (detected from its columns)",
+    ]
+    assert train["examples"] == 4 + 8

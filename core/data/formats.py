@@ -187,12 +187,34 @@ SHAREGPT_ROLES = {
 }
 
 
+def _sharegpt_turn(record: Record, turn: Any, where: str) -> dict[str, str]:
+    """One ``{"from", "value"}`` turn as a chat message; errors name ``where`` in the record."""
+    from ..suggest import did_you_mean
+
+    if not isinstance(turn, dict):
+        raise record.error(
+            f'expected a turn {{"from": …, "value": …}}, got {type(turn).__name__}', where
+        )
+    for key in ("from", "value"):
+        if turn.get(key) is None:
+            raise record.error("missing field" if key not in turn else "is null", f"{where}.{key}")
+    tag, value = turn["from"], turn["value"]
+    role = SHAREGPT_ROLES.get(tag) if isinstance(tag, str) else None
+    if role is None:
+        raise record.error(
+            f"unknown role tag {tag!r}.{did_you_mean(str(tag), SHAREGPT_ROLES)} Tags: "
+            f"{', '.join(SHAREGPT_ROLES)}",
+            f"{where}.from",
+        )
+    if not isinstance(value, str):
+        raise record.error(f"expected a string, got {type(value).__name__}", f"{where}.value")
+    return {"role": role, "content": value}
+
+
 def sharegpt_messages(record: Record) -> list[dict[str, str]]:
     """A ShareGPT record's ``conversations`` (``from``/``value`` turns) and ``system`` as chat
     messages: the system prompt first (the ``system`` field, or a first ``system`` turn), then
     the turns, role tags mapped by :data:`SHAREGPT_ROLES`."""
-    from ..suggest import did_you_mean
-
     _require(record, "conversations")
     turns = record.data["conversations"]
     if not isinstance(turns, list) or not turns:
@@ -201,29 +223,12 @@ def sharegpt_messages(record: Record) -> list[dict[str, str]]:
         )
     messages = []
     for i, turn in enumerate(turns):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
+        message = _sharegpt_turn(record, turn, f"conversations[{i}]")
+        if message["role"] == "system" and i > 0:
             raise record.error(
-                f'expected a turn {{"from": …, "value": …}}, got {type(turn).__name__}', where
+                "a system turn comes first or not at all", f"conversations[{i}].from"
             )
-        for key in ("from", "value"):
-            if turn.get(key) is None:
-                raise record.error(
-                    "missing field" if key not in turn else "is null", f"{where}.{key}"
-                )
-        tag, value = turn["from"], turn["value"]
-        role = SHAREGPT_ROLES.get(tag) if isinstance(tag, str) else None
-        if role is None:
-            raise record.error(
-                f"unknown role tag {tag!r}.{did_you_mean(str(tag), SHAREGPT_ROLES)} Tags: "
-                f"{', '.join(SHAREGPT_ROLES)}",
-                f"{where}.from",
-            )
-        if not isinstance(value, str):
-            raise record.error(f"expected a string, got {type(value).__name__}", f"{where}.value")
-        if role == "system" and i > 0:
-            raise record.error("a system turn comes first or not at all", f"{where}.from")
-        messages.append({"role": role, "content": value})
+        messages.append(message)
     system = record.data.get("system")
     if system is not None and not isinstance(system, str):
         raise record.error(f"expected a string, got {type(system).__name__}", "system")
@@ -238,6 +243,56 @@ def sharegpt_messages(record: Record) -> list[dict[str, str]]:
 
 def _sharegpt(record: Record) -> Group:
     return Group(None, {"": sharegpt_messages(record)}, fields={"": "conversations"})
+
+
+def _sharegpt_prompt(record: Record) -> list[dict[str, str]]:
+    """The conversation before the answers of a preference or feedback record: it ends with a
+    turn the answer replies to (not the assistant's)."""
+    messages = sharegpt_messages(record)
+    if messages[-1]["role"] == "assistant":
+        last = len(record.data["conversations"]) - 1
+        raise record.error(
+            "the conversation before the answers ends with the assistant's turn; the answers "
+            "follow a human (or observation) turn",
+            f"conversations[{last}].from",
+        )
+    return messages
+
+
+def _sharegpt_answer(record: Record, name: str) -> list[dict[str, str]]:
+    _require(record, name)
+    message = _sharegpt_turn(record, record.data[name], name)
+    if message["role"] != "assistant":
+        raise record.error(
+            f"the answer is the assistant's turn (gpt), got {record.data[name]['from']!r}",
+            f"{name}.from",
+        )
+    return [message]
+
+
+def _sharegpt_preference(record: Record) -> Group:
+    _require(record, "conversations", "chosen", "rejected")
+    prompt = _sharegpt_prompt(record)
+    chosen = _sharegpt_answer(record, "chosen")
+    rejected = _sharegpt_answer(record, "rejected")
+    return Group(prompt, {"chosen_": chosen, "rejected_": rejected})
+
+
+def _sharegpt_feedback(record: Record) -> Group:
+    _require(record, "conversations", "kto_tag")
+    label = record.data["kto_tag"]
+    if not isinstance(label, bool):
+        raise record.error(f"expected a boolean (true = desirable), got {label!r}", "kto_tag")
+    messages = sharegpt_messages(record)
+    last = len(record.data["conversations"]) - 1
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise record.error(
+            "the last turn is the answer kto_tag labels: a gpt turn after the prompt",
+            f"conversations[{last}].from",
+        )
+    prompt = messages[:-1]
+    values = {"label": label, "prompt_id": prompt_id(prompt)}
+    return Group(prompt, {"": messages[-1:]}, values=values, fields={"": f"conversations[{last}]"})
 
 
 def _samples(kind: str) -> tuple[dict[str, Any], ...]:
@@ -293,6 +348,27 @@ def _samples(kind: str) -> tuple[dict[str, Any], ...]:
                 ]
             },
         )
+    if kind == "sharegpt_preference":
+        return tuple(
+            {
+                "conversations": [{"from": "human", "value": f"What is {a} + {b}?"}],
+                "chosen": {"from": "gpt", "value": f"{a} + {b} = {a + b}."},
+                "rejected": {"from": "gpt", "value": f"It is {a + b + 2}."},
+                **({"system": "You add numbers."} if a % 2 else {}),
+            }
+            for a, b in sums
+        )
+    if kind == "sharegpt_feedback":
+        return tuple(
+            {
+                "conversations": [
+                    {"from": "human", "value": f"What is {a} + {b}?"},
+                    {"from": "gpt", "value": f"{a + b}." if a % 2 else "No."},
+                ],
+                "kto_tag": a % 2 == 1,
+            }
+            for a, b in [(1, 2), (2, 20), (3, 4), (8, 30)]
+        )
     if kind == "prompt_only":
         return tuple(
             {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
@@ -323,6 +399,10 @@ def _trained(kind: str) -> tuple[list[Any], ...]:
         return tuple(
             [[t["value"] for t in s["conversations"] if t["from"] == "gpt"]] for s in samples
         )
+    if kind == "sharegpt_preference":
+        return tuple([s["chosen"]["value"], s["rejected"]["value"]] for s in samples)
+    if kind == "sharegpt_feedback":
+        return tuple([s["conversations"][-1]["value"]] for s in samples)
     return tuple([] for _ in samples)  # prompt_only: nothing is trained, completions are sampled
 
 
@@ -348,6 +428,28 @@ FORMATS: Sequence[DataFormat] = (
         detect=(("conversations",),),
         samples=_samples("sharegpt"),
         trained=_trained("sharegpt"),
+    ),
+    DataFormat(
+        "sharegpt_preference",
+        "ShareGPT preference records (LLaMA-Factory's ranking data): the conversations before "
+        "the answers, and chosen and rejected, each one gpt turn",
+        _sharegpt_preference,
+        shape="preference",
+        columns=("conversations", "system", "chosen", "rejected"),
+        detect=(("conversations", "chosen", "rejected"),),
+        samples=_samples("sharegpt_preference"),
+        trained=_trained("sharegpt_preference"),
+    ),
+    DataFormat(
+        "sharegpt_feedback",
+        "ShareGPT feedback records (LLaMA-Factory's KTO data): conversations whose last gpt "
+        "turn is the answer, and kto_tag (a boolean, true = desirable)",
+        _sharegpt_feedback,
+        shape="feedback",
+        columns=("conversations", "system", "kto_tag"),
+        detect=(("conversations", "kto_tag"),),
+        samples=_samples("sharegpt_feedback"),
+        trained=_trained("sharegpt_feedback"),
     ),
     DataFormat(
         "preference",

@@ -354,7 +354,9 @@ class PluginRegistry:
         self, objective: Objective, name: str | None, columns: Any, source: str
     ) -> Registered:
         """The format that reads a data source for an objective: ``name`` (``--format``), or
-        the one format of the objective's shapes whose identifying columns the source has.
+        the format of the objective's shapes whose identifying columns the source has (the most
+        specific one, when one format's identifying set holds another's); with none, the one
+        that has half or more of its columns, whose error then names the missing one.
         ``columns``: the source's columns (None: it has no records to tell by)."""
         from ..errors import ConfigError, DataError
 
@@ -385,13 +387,20 @@ class PluginRegistry:
         present = sorted(columns)
         matched = {n: r.item.detected_by(present) for n, r in feeding.items()}
         matched = {n: need for n, need in matched.items() if need is not None}
-        if len(matched) == 1:
-            return feeding[next(iter(matched))]
+        # The most specific match wins: sharegpt_preference's conversations+chosen+rejected
+        # over preference's chosen+rejected. Columns that fit two unrelated sets are ambiguous.
+        widest = [
+            n
+            for n, need in matched.items()
+            if all(set(other) < set(need) for m, other in matched.items() if m != n)
+        ]
+        if len(matched) == 1 or len(widest) == 1:
+            return feeding[widest[0] if widest else next(iter(matched))]
         if not matched:  # the format nearest the columns reads them and names what is missing
             overlap = {n: _overlap(r.item, present) for n, r in feeding.items()}
             best = max(overlap.values())
-            nearest = [n for n, count in overlap.items() if count == best]
-            if best > 0 and len(nearest) == 1:
+            nearest = [n for n, share in overlap.items() if share == best]
+            if best >= 0.5 and len(nearest) == 1:
                 return feeding[nearest[0]]
 
         def reads(fmt: DataFormat) -> str:
@@ -486,9 +495,11 @@ class PluginRegistry:
         return sorted(reqs)
 
 
-def _overlap(fmt: DataFormat, columns: list[str]) -> int:
-    """How many of one of the format's identifying column sets ``columns`` holds, at most."""
-    return max((len(set(need) & set(columns)) for need in fmt.detect), default=0)
+def _overlap(fmt: DataFormat, columns: list[str]) -> float:
+    """The largest share of one of the format's identifying column sets that ``columns``
+    holds: a record missing one of two columns is nearer that format than one holding one of
+    three."""
+    return max((len(set(need) & set(columns)) / len(need) for need in fmt.detect), default=0.0)
 
 
 def _name_problem(
