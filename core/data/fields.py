@@ -4,11 +4,16 @@ batches, one value per example."""
 
 from __future__ import annotations
 
+import math
 import re
+import types
+import typing
+from collections import abc
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from .records import Record
 
@@ -56,24 +61,258 @@ def reserved_problem(name: str, format_columns: Sequence[str]) -> str | None:
 def validate_columns(record: Record, schema: type[BaseModel]) -> dict[str, Any]:
     """The schema's columns of ``record``, validated: ``name -> value`` (defaults filled in).
 
-    Missing means absent, JSON null, or (CSV) an empty cell. A bad value raises DataError
+    Values are strict where the file has types: in JSON, Parquet and ``datasets`` records a
+    number (``int``/``float``, in a list or a nested object too) refuses a boolean (``true`` is
+    not 1) and a string (``"0.3"`` is not 0.3); CSV records (``record.from_text``), all text,
+    are converted as pydantic converts them. NaN and ±infinity are refused wherever a number
+    belongs, CSV's ``nan``/``inf`` too, unless the field allows them
+    (``Field(allow_inf_nan=True)``, or ``allow_inf_nan=True`` in the schema's own config). A
+    field with its own ``mode="before"``/``"wrap"``/``"plain"`` validator gets the value as
+    given, to convert as it says.
+
+    Missing means absent, or (CSV) an empty cell. JSON null: a field whose type admits None
+    gets None; a field with a default takes it (Arrow-backed datasets read a key a record
+    lacks as null); a required field is an error (``is null``). A bad value raises DataError
     ``train.jsonl, line 7, field 'weight': expected a number, got str 'heavy'``.
     """
     given = {}
-    for column in column_names(schema):
-        value = record.data.get(column)
-        if value is None or (record.from_text and value == ""):
+    for name, info in schema.model_fields.items():
+        column = info.alias or name
+        if column not in record.data:
             continue
+        value = record.data[column]
+        if record.from_text and value == "":
+            continue  # an empty CSV cell is missing
+        if value is None and not info.is_required() and not _admits_none(info.annotation):
+            continue  # null takes the default
         given[column] = value
+    strict = _first_strict_problem(schema, given, record.from_text)
     try:
         validated = schema.model_validate(given)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         where = _field(errors[0]["loc"])
-        # A union (``str | list``) reports one error per member: say what each would take.
-        same = [e for e in errors if _field(e["loc"]) == where]
-        raise record.error(_message(same), where) from None
+        if strict is None or _order(schema, errors[0]["loc"]) < strict[0]:
+            # A union (``str | list``) reports one error per member: say what each would take.
+            same = [e for e in errors if _field(e["loc"]) == where]
+            raise record.error(_message(same), where) from None
+    if strict is not None:
+        raise record.error(strict[2], strict[1])
     return validated.model_dump(by_alias=True)
+
+
+# -- strict values -------------------------------------------------------------------------------
+_NUMBERS = (int, float)
+_NOT_FINITE = "Input should be a finite number"  # pydantic's words, as options' errors say it
+# Members of a type that pydantic's lax mode gives no string to (bool takes "true").
+_NO_TEXT = (int, float, type(None), list, tuple, set, frozenset, dict)
+
+
+def _order(schema: type[BaseModel], loc: Sequence[Any]) -> int:
+    """The position in ``schema`` of the field an error is about (a model's own error: last)."""
+    columns = column_names(schema)
+    names = list(schema.model_fields)
+    if loc and loc[0] in columns:
+        return columns.index(loc[0])
+    if loc and loc[0] in names:
+        return names.index(loc[0])
+    return len(columns)
+
+
+def _first_strict_problem(
+    schema: type[BaseModel], given: dict[str, Any], from_text: bool
+) -> tuple[int, str, str] | None:
+    """The first field, in the schema's order, whose value is refused by the strict rules:
+    ``(its position, the field as named in errors, the message)``, or None."""
+    problem = _model_problem(schema, given, (), from_text)
+    if problem is None:
+        return None
+    loc, message = problem
+    return _order(schema, loc), _field(loc) or "", message
+
+
+def _model_problem(
+    schema: type[BaseModel], data: dict[str, Any], loc: tuple, from_text: bool
+) -> tuple[tuple, str] | None:
+    decorators = schema.__pydantic_decorators__
+    if any(d.info.mode in ("before", "wrap") for d in decorators.model_validators.values()):
+        return None  # the model converts its input itself
+    converted = _converted_fields(schema)
+    allow_nan = schema.model_config.get("allow_inf_nan") is True
+    for name, info in schema.model_fields.items():
+        key = info.alias if info.alias in data else name
+        if key not in data or name in converted:
+            continue
+        metadata = list(info.metadata)
+        problem = _problem(info.annotation, metadata, data[key], (*loc, key), from_text, allow_nan)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _converted_fields(schema: type[BaseModel]) -> set[str]:
+    """Fields with a validator of the schema's own that sees the raw value (``mode="before"``,
+    ``"wrap"`` or ``"plain"``): the value is theirs to convert. The base classes' boolean
+    check (:class:`align.Fields`) is not such a validator."""
+    from ..plugins.api import _NumberRules
+
+    ours = set(_NumberRules.__pydantic_decorators__.field_validators)
+    fields: set[str] = set()
+    for key, decorator in schema.__pydantic_decorators__.field_validators.items():
+        if key in ours or decorator.info.mode == "after":
+            continue
+        names = decorator.info.fields
+        fields.update(schema.model_fields if "*" in names else names)
+    return fields
+
+
+def _members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """A type's members, each with its metadata: a union's, each ``Annotated`` unwrapped (its
+    metadata, a ``Field(...)``'s included, added to the member's)."""
+    out: list[tuple[Any, list[Any]]] = []
+    stack = [(annotation, metadata)]
+    while stack:
+        member, meta = stack.pop()
+        origin = typing.get_origin(member)
+        if origin is typing.Annotated:
+            inner, *extra = typing.get_args(member)
+            flat = []
+            for item in extra:
+                flat += [item, *item.metadata] if isinstance(item, FieldInfo) else [item]
+            stack.append((inner, [*meta, *flat]))
+        elif origin in (typing.Union, types.UnionType):
+            stack += [(m, meta) for m in reversed(typing.get_args(member))]
+        else:
+            out.append((member, meta))
+    return out
+
+
+def _admits_none(annotation: Any) -> bool:
+    for member, _ in _members(annotation, []):
+        if member in (type(None), None, Any, object):
+            return True
+        if typing.get_origin(member) is typing.Literal and None in typing.get_args(member):
+            return True
+    return False
+
+
+def _converts(metadata: list[Any]) -> bool:
+    from pydantic.functional_validators import BeforeValidator, PlainValidator, WrapValidator
+
+    return any(isinstance(m, BeforeValidator | PlainValidator | WrapValidator) for m in metadata)
+
+
+def _allows_nan(metadata: list[Any], default: bool) -> bool:
+    for item in reversed(metadata):
+        allowed = getattr(item, "allow_inf_nan", None)
+        if allowed is not None:
+            return bool(allowed)
+    return default
+
+
+def _problem(
+    annotation: Any, metadata: list[Any], value: Any, loc: tuple, from_text: bool, allow_nan: bool
+) -> tuple[tuple, str] | None:
+    """Why ``value`` at ``loc`` breaks the strict rules for a field of this type, or None
+    (pydantic's own checks still follow)."""
+    if value is None:
+        return None
+    members = _members(annotation, metadata)
+    if any(_converts(meta) for _, meta in members):
+        return None
+    types_ = [m for m, _ in members]
+    if any(m in (Any, object) or isinstance(m, typing.TypeVar) for m in types_):
+        return None
+    numbers = [m for m in types_ if m in _NUMBERS]
+    if numbers:
+        kind = "a number" if float in numbers else "an integer"
+        number_meta = [meta for m, meta in members if m in _NUMBERS]
+        nan_ok = all(_allows_nan(meta, allow_nan) for meta in number_meta)
+        if isinstance(value, bool):
+            if bool not in types_ and not any(_literal_has(m, bool) for m in types_):
+                return loc, f"expected {kind}, got bool {value!r}"
+            return None
+        if isinstance(value, str):
+            if from_text:
+                if not nan_ok and float in numbers and not _finite_text(value):
+                    return loc, f"{_NOT_FINITE} (got str {_short(value)})"
+                return None
+            if all(_takes_no_text(m) for m in types_):
+                return loc, f"expected {kind}, got str {_short(value)}"
+            return None
+        if isinstance(value, float) and not math.isfinite(value) and not nan_ok:
+            return loc, f"{_NOT_FINITE} (got float {value!r})"
+        if isinstance(value, int | float):
+            return None
+    return _container_problem(members, value, loc, from_text, allow_nan)
+
+
+def _container_problem(
+    members: list[tuple[Any, list[Any]]], value: Any, loc: tuple, from_text: bool, allow_nan: bool
+) -> tuple[tuple, str] | None:
+    """The first problem inside a list or an object, when exactly one member of the type takes
+    it (else pydantic alone decides)."""
+    if isinstance(value, list | tuple):
+        sequences = [(m, meta) for m, meta in members if _origin(m) in _SEQUENCES]
+        if len(sequences) != 1:
+            return None
+        member, _ = sequences[0]
+        args = typing.get_args(member)
+        if _origin(member) is tuple and args and args[-1] is not Ellipsis:
+            items = list(zip(args, value, strict=False))
+        else:
+            items = [(args[0] if args else Any, item) for item in value]
+        for i, (item_type, item) in enumerate(items):
+            problem = _problem(item_type, [], item, (*loc, i), from_text, allow_nan)
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, dict):
+        mappings = [m for m, _ in members if _origin(m) in _MAPPINGS or _is_model(m)]
+        if len(mappings) != 1:
+            return None
+        member = mappings[0]
+        if _is_model(member):
+            return _model_problem(member, value, loc, from_text)
+        args = typing.get_args(member)
+        item_type = args[1] if len(args) == 2 else Any
+        for key, item in value.items():
+            problem = _problem(item_type, [], item, (*loc, key), from_text, allow_nan)
+            if problem is not None:
+                return problem
+    return None
+
+
+_SEQUENCES = (list, tuple, set, frozenset, abc.Sequence, abc.Set, abc.MutableSequence)
+_MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
+
+
+def _origin(member: Any) -> Any:
+    return typing.get_origin(member) or member
+
+
+def _is_model(member: Any) -> bool:
+    return isinstance(member, type) and issubclass(member, BaseModel)
+
+
+def _literal_has(member: Any, kind: type) -> bool:
+    return typing.get_origin(member) is typing.Literal and any(
+        isinstance(a, kind) for a in typing.get_args(member)
+    )
+
+
+def _takes_no_text(member: Any) -> bool:
+    """Whether pydantic's lax mode refuses every string for this member of a type."""
+    if typing.get_origin(member) is typing.Literal:
+        return not any(isinstance(a, str) for a in typing.get_args(member))
+    return _origin(member) in _NO_TEXT + _SEQUENCES + _MAPPINGS or _is_model(member)
+
+
+def _finite_text(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return True  # not a number at all: pydantic says so
 
 
 # Parts of an error's location that name a member of a union, not a field.
@@ -101,6 +340,11 @@ def _message(errors: list[dict[str, Any]]) -> str:
             is_type = kind.endswith(("_type", "_parsing")) or kind == prefix
             if kind.startswith(prefix) and is_type and words not in expected:
                 expected.append(words)
+    if value is None and all(e.get("input", 0) is None for e in errors):
+        if expected:
+            return f"is null (expected {' or '.join(expected)})"
+        text = errors[0]["msg"]
+        return f"is null ({text[:1].lower()}{text[1:]})"
     if len(expected) == len(errors):
         return f"expected {' or '.join(expected)}, {got}"
     return f"{errors[0]['msg']} ({got})"

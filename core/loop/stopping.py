@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -97,24 +98,135 @@ def nonfinite(loss: float, grad_norm: Any, scaler_handles_gradients: bool) -> st
     return None
 
 
+@dataclass
+class Offenders:
+    """The records a non-finite loss or gradient is put down to.
+
+    ``own``: records whose own loss (alone, in a batch of one) is not finite. ``together``:
+    records of micro-batches whose loss is not finite although no record's is alone (the
+    records together make it so). ``batch``: records named by their micro-batch, untried one by
+    one (``why``), or, for a bad gradient, every record of the step."""
+
+    what: str
+    own: list[str] = field(default_factory=list)
+    together: list[str] = field(default_factory=list)
+    batch: list[str] = field(default_factory=list)
+    why: str = ""
+
+    def records(self) -> list[str]:
+        return self.own + self.together + self.batch
+
+    def describe(self, source: str, limit: int = 20) -> str:
+        """``Records whose own loss is not finite: train.jsonl: line 3`` and the like."""
+        if self.what == "gradient":
+            return f"Examples in this step's batch: {source}: {_listed(self.batch, limit)}"
+        parts = []
+        if self.own:
+            parts.append(f"Records whose own loss is not finite: {source}: {_listed(self.own)}")
+        if self.together:
+            parts.append(
+                "Records of micro-batches with a non-finite loss, none of them non-finite "
+                f"alone (together they make it so): {source}: {_listed(self.together, limit)}"
+            )
+        if self.batch:
+            parts.append(
+                f"Records of the micro-batches with a non-finite loss ({self.why}): {source}: "
+                f"{_listed(self.batch, limit)}"
+            )
+        return "; ".join(parts) if parts else f"no record of {source} named"
+
+
+def _listed(where: list[str], limit: int = 20) -> str:
+    more = f" and {len(where) - limit} more" if len(where) > limit else ""
+    return ", ".join(where[:limit]) + more
+
+
+Probe = Callable[[list[dict[str, Any]]], bool]
+
+
 def offending_examples(
     group: Sequence[tuple[list[int], Any]],
     micro_losses: Sequence[torch.Tensor],
     what: str,
-    examples: list[dict[str, Any]],
+    examples: Any,
     accelerator: Any,
-) -> list[str]:
-    """Where the step's bad examples came from, over every process: those of micro-batches
-    whose loss is not finite; for a bad gradient, every example of the step. Collective."""
+    finite_alone: Probe | None = None,
+    why_not: str = "",
+) -> Offenders:
+    """Where the step's bad values came from, over every process. For a non-finite loss, each
+    example of a micro-batch whose loss is not finite is tried alone: ``finite_alone([example])``
+    (the step's batch building and loss, under ``torch.no_grad()``) tells whether its own loss
+    is finite; a micro-batch in which none is non-finite alone is named whole (``together``).
+    Without ``finite_alone`` (``why_not`` says why) the micro-batches are named. For a bad
+    gradient, every example of the step. Collective: every process calls this, and tries as
+    many examples as the process with the most to try (a forward under FSDP or ZeRO-3 gathers
+    weights from every process), the surplus on an example of its own, its result unused."""
     from accelerate.utils import gather_object
 
-    mine = []
-    for (indices, _batch), loss in zip(group, micro_losses, strict=True):
-        if what == "gradient" or not torch.isfinite(loss).all():
-            mine += [_describe(examples[i], i) for i in sorted(indices)]
+    found: list[tuple[str, str]] = []  # (kind, record)
+    why = why_not or "not tried one by one"
+    bad = [
+        sorted(indices)
+        for (indices, _batch), loss in zip(group, micro_losses, strict=True)
+        if what == "gradient" or not torch.isfinite(loss).all()
+    ]
+    if what == "gradient" or finite_alone is None:
+        found = [("batch", _describe(examples[i], i)) for indices in bad for i in indices]
+    else:
+        tries = sum(len(indices) for indices in bad)
+        most = _most(tries, accelerator)
+        with torch.no_grad(), _kept_rng(accelerator):
+            for indices in bad:
+                alone, failure = [], None
+                for i in indices:
+                    try:
+                        if not finite_alone([examples[i]]):
+                            alone.append(i)
+                    except Exception as exc:  # a loss that takes no batch of one
+                        failure = f"a batch of one failed: {type(exc).__name__}: {exc}"
+                if alone:
+                    found += [("own", _describe(examples[i], i)) for i in alone]
+                else:
+                    kind = "together" if failure is None else f"batch:{failure}"
+                    found += [(kind, _describe(examples[i], i)) for i in indices]
+            spare = group[0][0][0] if group and group[0][0] else None
+            for _ in range(most - tries):  # the forwards the other processes make
+                if spare is not None:
+                    with contextlib.suppress(Exception):
+                        finite_alone([examples[spare]])
     if accelerator.num_processes > 1:
-        mine = list(gather_object(mine))
-    return mine
+        found = list(gather_object(found))
+    out = Offenders(what)
+    for kind, record in found:
+        if kind == "own":
+            out.own.append(record)
+        elif kind == "together":
+            out.together.append(record)
+        else:
+            out.batch.append(record)
+            out.why = kind.partition(":")[2] or why
+    return out
+
+
+def _most(count: int, accelerator: Any) -> int:
+    """The largest ``count`` of any process."""
+    if accelerator.num_processes == 1:
+        return count
+    import torch.distributed as dist
+
+    value = torch.tensor([count], device=accelerator.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
+def _kept_rng(accelerator: Any) -> Any:
+    """Random state put back afterwards: trying examples again draws no dropout masks from the
+    run's generators."""
+    device = torch.device(getattr(accelerator, "device", "cpu"))
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.random.fork_rng(devices=[index])
 
 
 def _describe(example: dict[str, Any], index: int) -> str:
@@ -122,17 +234,15 @@ def _describe(example: dict[str, Any], index: int) -> str:
 
 
 def nonfinite_message(
-    step: int, what: str, value: Any, where: list[str], source: str, last_checkpoint: Any
+    step: int, what: str, value: Any, where: Offenders, source: str, last_checkpoint: Any
 ) -> str:
-    shown = ", ".join(where[:20]) + (f" and {len(where) - 20} more" if len(where) > 20 else "")
     keep = (
         f"The last good checkpoint is {last_checkpoint}; the weights were not updated."
         if last_checkpoint
         else "No checkpoint was written before it (--save-every N)."
     )
     return (
-        f"step {step}: the {what} is {value} (not finite). Examples in this step's "
-        f"{'micro-batches with a non-finite loss' if what == 'loss' else 'batch'}: "
-        f"{source}: {shown}. {keep} Check those records, lower --lr, or pass "
-        "--on-nonfinite skip to skip such steps and count them."
+        f"step {step}: the {what} is {value} (not finite). {where.describe(source)}. {keep} "
+        "Check those records, lower --lr, or pass --on-nonfinite skip to skip such steps and "
+        "count them."
     )

@@ -593,7 +593,15 @@ class Training:
         if bad:
             value = loss if bad == "loss" else float(grad_norm)
             examples = self.examples["train"]
-            where = offending_examples(group, micro_losses, bad, examples, accelerator)
+            where = offending_examples(
+                group,
+                micro_losses,
+                bad,
+                examples,
+                accelerator,
+                finite_alone=self._finite_alone if self.rollouts is None else None,
+                why_not="an on-policy micro-batch is not tried one by one",
+            )
             if cfg.on_nonfinite == "error" or applied_anyway:
                 self.progress.close()
                 self.finish("failed", failed_at_step=step, failure=f"non-finite {bad}")
@@ -606,7 +614,7 @@ class Training:
             self.optimizer.zero_grad(set_to_none=True)
             self._log(
                 f"step {step}: the {bad} is {value}; step skipped ({self.skipped_steps} so far). "
-                f"Examples: {cfg.data}: {', '.join(where[:20])}"
+                f"{where.describe(cfg.data)}"
             )
         else:
             self.optimizer.step()  # under DeepSpeed: nothing, the engine has stepped
@@ -617,6 +625,18 @@ class Training:
         self.run.step = step  # updates taken, as evaluation and checkpoints after this one see
         self.progress.update(1)
         self.progress.set_postfix(loss=format_value(loss))
+
+    def _finite_alone(self, examples: list[dict[str, Any]]) -> bool:
+        """Whether the loss of ``examples`` alone, batched and computed as a step does (the
+        caller holds ``torch.no_grad()``), is finite in every term."""
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(self.hooks.build_batch(examples), self.accelerator.device)
+        output, _ = self.compute(batch)
+        return all(
+            bool(torch.isfinite(torch.as_tensor(total)).all())
+            for total, _count in output.all_terms().values()
+        )
 
     def _sample_round(
         self, group: list[tuple[list[int], Any]], step: int, sums: MetricSums

@@ -91,7 +91,16 @@ class Fields(_NumberRules):
     from every record, validated as options are (a bad value, a NaN or a boolean where a number
     belongs included, is an error that names the file, the line and the field), and hands it to
     the loss as ``batch["weight"]``, one value per example. A field without a default is
-    required. JSON ``null``, and an empty CSV cell, count as missing.
+    required. Values are strict in JSON, JSON Lines, Parquet and ``datasets`` records: a number
+    field (``int``/``float``, in a list or a nested object too) refuses a boolean (``true`` is
+    not 1) and a string (``"0.3"`` is not 0.3); CSV cells, all text, are converted. NaN and
+    ±infinity are refused unless the field allows them: ``Field(1.0, allow_inf_nan=True)``, or
+    ``list[Annotated[float, Field(allow_inf_nan=True)]]`` for a list's items. A field with its
+    own ``mode="before"`` validator gets the value as the file has it. An absent column, and an
+    empty CSV cell, are missing (the default applies, else "missing field"). JSON ``null``: a
+    field whose type admits None (``float | None``) gets None; a field with a default takes its
+    default (Arrow-backed datasets read a key a record lacks as null); a required field is an
+    error, ``is null``.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -137,7 +146,8 @@ class DataFormat:
     trains on that shape, its groups checked against it and batched as the shape is; or a name
     of the plugin's own, which its objectives name and its ``batch`` builds.
     ``schema`` (a pydantic model, like :class:`Fields`) validates the columns before ``groups``
-    sees them, and ``record.data`` then holds the validated values, keyed by each field's alias
+    sees them, with the strict values of :class:`Fields` (a plain pydantic model too: NaN and
+    infinity refused unless allowed), and ``record.data`` then holds the validated values, keyed by each field's alias
     (the column's name in the data); without it, list the columns in ``columns`` and check them
     in ``groups``. Columns that neither the format nor the objective's fields read are reported
     (``ignored columns``).
@@ -387,7 +397,8 @@ class Reward:
     ``max_completion_length``, ``temperature``, ``seed``, …), and the record fields the reward
     declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
     completion. It returns one finite number per completion (TRL's ``None`` for "cannot score"
-    is not accepted): an exception, a wrong count or a value that is not a finite number stops
+    is not accepted): an exception, a wrong count or a value that is not a finite number (a boolean, a string or None included; numpy and
+    one-value torch numbers are numbers) stops
     the run with an error that names the reward and the record. Options are set with
     ``--set reward.NAME.KEY=VALUE`` or a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config
     file.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -210,31 +211,39 @@ class RewardSet:
         return values
 
     def _call(self, c: ChosenReward, arguments: dict[str, Any], records: list[str]) -> list[float]:
+        """The reward's values, checked: one finite number (int or float, a numpy or a one-value
+        torch number included; not a boolean, a string or None) per completion."""
         function = c.reward.function
         taken = _accepted(function, arguments)
         try:
-            result = list(function(**taken))
+            returned = function(**taken)
         except Exception as exc:
             where = self._first_failing(c, arguments, records)
             raise PluginError(
                 f"reward {c.name!r} ({c.label}) raised {type(exc).__name__}: {exc}{where}"
             ) from exc
         count = len(records)
-        if len(result) != count:
+        result = _values(returned)
+        if result is None or len(result) != count:
+            got = (
+                f"{type(returned).__name__} {_short(returned)}"
+                if result is None
+                else f"{len(result)} values"
+            )
             raise PluginError(
-                f"reward {c.name!r} ({c.label}) returned {len(result)} values for {count} "
-                "completions: it must return one float per completion"
+                f"reward {c.name!r} ({c.label}) returned {got} for {count} completions (of "
+                f"{self._where(_span(records))}): it must return a list of one number per "
+                "completion, in order"
             )
         out = []
         for value, record in zip(result, records, strict=True):
-            try:
-                number = float(value)
-            except (TypeError, ValueError):
-                number = math.nan
-            if not math.isfinite(number):
+            number = _number(value)
+            if number is None or not math.isfinite(number):
                 raise PluginError(
-                    f"reward {c.name!r} ({c.label}) returned {value!r} for a completion of "
-                    f"{self._where(record)}: rewards must be finite numbers"
+                    f"reward {c.name!r} ({c.label}) returned {_short(value)} "
+                    f"({type(value).__name__}) for a completion of {self._where(record)}: "
+                    "rewards must be finite numbers (int or float; not a boolean, a string or "
+                    "None)"
                 )
             out.append(number)
         return out
@@ -252,6 +261,50 @@ class RewardSet:
             except Exception:
                 return f" on a completion of {self._where(record)}"
         return ""
+
+
+def _values(returned: Any) -> list[Any] | None:
+    """A reward's returned values as a list (a list, a tuple, a numpy array or a torch tensor
+    of one dimension, any other iterable but a string or a mapping), or None."""
+    if isinstance(returned, str | bytes | dict) or returned is None:
+        return None
+    if getattr(returned, "ndim", 1) != 1:  # a 0-d array or tensor is one value, not a list
+        return None
+    try:
+        return list(returned)
+    except TypeError:
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (int, float, a numpy one, a one-value torch
+    tensor of a number dtype), else None: a boolean, a string or None is not a reward."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    kind = getattr(getattr(value, "dtype", None), "kind", None)  # numpy
+    if kind is not None and getattr(value, "ndim", 0) == 0:
+        return float(value) if kind in "iuf" else None
+    dtype = getattr(value, "dtype", None)  # torch
+    if dtype is not None and hasattr(value, "numel") and value.numel() == 1:
+        import torch
+
+        if not dtype.is_complex and dtype != torch.bool:
+            return float(value.item())
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _span(records: list[str], shown: int = 5) -> str:
+    """The records of a call's completions, each once: ``line 1, line 4 and 2 more``."""
+    distinct = list(dict.fromkeys(records))
+    more = f" and {len(distinct) - shown} more" if len(distinct) > shown else ""
+    return ", ".join(distinct[:shown]) + more if distinct else "no record"
 
 
 def _accepted(function: Any, arguments: dict[str, Any]) -> dict[str, Any]:
