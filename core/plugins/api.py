@@ -147,10 +147,10 @@ class DataFormat:
     of the plugin's own, which its objectives name and its ``batch`` builds.
     ``schema`` (a pydantic model, like :class:`Fields`) validates the columns before ``groups``
     sees them, with the strict values of :class:`Fields` (a plain pydantic model too: NaN and
-    infinity refused unless allowed), and ``record.data`` then holds the validated values, keyed by each field's alias
-    (the column's name in the data); without it, list the columns in ``columns`` and check them
-    in ``groups``. Columns that neither the format nor the objective's fields read are reported
-    (``ignored columns``).
+    infinity refused unless allowed), and ``record.data`` then holds the validated values,
+    keyed by each field's alias (the column's name in the data); without it, list the columns
+    in ``columns`` and check them in ``groups``. Columns that neither the format nor the
+    objective's fields read are reported (``ignored columns``).
     ``detect``: the column sets that identify the format's records, any one of which, all
     present in a file, makes the format a candidate when a run gives no ``--format`` (default:
     the schema's required fields, else every column in ``columns``).
@@ -397,8 +397,8 @@ class Reward:
     ``max_completion_length``, ``temperature``, ``seed``, …), and the record fields the reward
     declares in ``fields`` (an :class:`Fields` schema: ``answer: int``), one value per
     completion. It returns one finite number per completion (TRL's ``None`` for "cannot score"
-    is not accepted): an exception, a wrong count or a value that is not a finite number (a boolean, a string or None included; numpy and
-    one-value torch numbers are numbers) stops
+    is not accepted): an exception, a wrong count or a value that is not a finite number (a
+    boolean, a string or None included; numpy and one-value torch numbers are numbers) stops
     the run with an error that names the reward and the record. Options are set with
     ``--set reward.NAME.KEY=VALUE`` or a ``reward: {NAME: {KEY: VALUE}}`` mapping in the config
     file.
