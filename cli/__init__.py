@@ -210,9 +210,9 @@ def cli() -> None:
     align prepare --model M --data F   tokenise the data into the cache ahead of a run
     align plot RUN_DIR                 loss and metric curves of a run as a PNG
     align verify RUN_DIR               check a run's checkpoints and final/ byte for byte
-    align new-plugin NAME              start an objective plugin project
+    align new-plugin NAME              start a plugin project (--kind objective|reward|format)
     align objectives                   objectives installed, with their options
-    align formats                      data formats registered, with their columns
+    align formats                      data formats: shape, columns, objectives each feeds
     align rewards                      reward functions (--reward) and generators
     align plugins                      plugins installed, their versions, hooks and errors
     """
@@ -630,16 +630,27 @@ def verify(run_dir: str) -> None:
 @cli.command("new-plugin")
 @click.argument("name")
 @click.option("--dir", "directory", default=".", type=click.Path(file_okay=False), help="Parent.")
-def new_plugin(name: str, directory: str) -> None:
-    """Write a ready-to-install objective plugin project, align-plugin-NAME/.
+@click.option(
+    "--kind",
+    type=click.Choice(["objective", "reward", "format"]),
+    default="objective",
+    show_default=True,
+    help="What the plugin registers: objective (an objective and a starting loss, tested by "
+    "align.testing.ObjectiveConformance), reward (a reward function for on-policy objectives, "
+    "tested by RewardConformance) or format (a data format, tested by FormatConformance).",
+)
+def new_plugin(name: str, directory: str, kind: str) -> None:
+    """Write a ready-to-install plugin project, align-plugin-NAME/: an objective (the default),
+    a reward (--kind reward) or a data format (--kind format).
 
-    It holds a pyproject with the entry point and the core version bound, a module with the
-    objective and a starting loss, a README and a test that runs the align.testing suite.
+    It holds a pyproject with the entry point and the core version bound, a module that
+    registers the objective (with a starting loss), the reward or the format, a README and a
+    test that runs the align.testing conformance suite of its kind.
     """
     from align.plugins.scaffold import new_plugin as scaffold
 
     try:
-        root = scaffold(name, directory)
+        root = scaffold(name, directory, kind=kind)
     except AlignError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Wrote {root}. Next: pip install -e '{root}[test]' && python -m pytest {root}")

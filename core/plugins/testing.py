@@ -19,11 +19,22 @@ on padding-free batches; that importing the plugin module does not import torch;
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
 continued with ``--resume`` equals one that was not stopped.
 
+A failure says what differs, with numbers: each loss term's sums and counts in the two cases
+compared and the batches' layouts (sequences, rows); for micro-batches, whether the counts add
+up, whether the values are the means of each call's units (a loss that returns a mean), or
+else each example's loss alone in a micro-batch and in the whole batch, marking those that
+depend on the rest of their micro-batch (one baseline for the micro-batch instead of one per
+group); for packed batches, whether the examples' own losses add up to the padded or the packed
+sum, and whether a count follows the batch's rows.
+
 An on-policy objective (``Objective(sampling=…)``) is checked on rollout batches: the suite
 samples completions from the tiny model (each prompt's seeded by the prompt alone, so a prompt
 gets the same completions in any micro-batch or layout), scores them with a reward of its own
 (``conformance``: the share of even token ids in a completion, which differs between
 completions) and lets ``align_prepare_rollouts`` see every micro-batch of the step at once.
+One with a reference is also checked at step 0, where the policy is the reference, sampling at
+temperature 0.7: the KL the loss reports (a ``kl`` or ``…/kl`` metric) is 0 within 1e-6, and
+the policy (``align.forward_logps``) and the reference are scored at one temperature.
 
 Class attributes a test may set:
 
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -93,6 +105,7 @@ def reset_accelerate() -> None:
 hookimpl = pluggy.HookimplMarker("align")  # align.hookimpl (align/__init__ imports this module)
 SUITE_REWARD = "conformance"
 SUITE_COMPLETION_LENGTH = 8
+SUITE_TEMPERATURE = 0.7  # the on-policy KL check's sampling temperature (not 1: it must matter)
 
 
 def _even_share(completion_ids: Any) -> list[float]:
@@ -161,6 +174,170 @@ class _OneProcess:
         loss.backward()
 
 
+# -- what a message shows: numbers, counts, layouts ------------------------------------------------
+
+
+def _n(value: float) -> str:
+    """A number as a message shows it."""
+    return f"{value:.6g}"
+
+
+def _plus(values: list[float]) -> str:
+    return " + ".join(_n(v) for v in values)
+
+
+def _close(a: float, b: float, rel: float = 1e-5, abs_: float = 1e-6) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _allclose(a: Any, b: Any, rtol: float, atol: float) -> bool:
+    import torch
+
+    return torch.allclose(a, b, rtol=rtol, atol=atol)
+
+
+def _term_values(output: Any) -> dict[str, tuple[float, float]]:
+    """A loss's terms as numbers: ``name -> (sum, count)``."""
+    import torch
+
+    return {
+        name: (
+            float(torch.as_tensor(s).detach().double().sum()),
+            float(torch.as_tensor(c).detach().double().sum()),
+        )
+        for name, (s, c) in output.all_terms().items()
+    }
+
+
+def _label(example: dict[str, Any]) -> str:
+    """An example as a message names it: its record's place in the data file."""
+    return str(example.get("record", f"example {example.get('index')}"))
+
+
+def _sizes(parts: list[Any]) -> str:
+    return " and ".join(str(len(p.examples)) for p in parts)
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    """The rows of a batch's first sequences (``<prefix>input_ids``)."""
+    prefixes = sequence_prefixes(batch)
+    return int(batch[f"{prefixes[0]}input_ids"].shape[0]) if prefixes else 0
+
+
+def _layout(batch: dict[str, Any]) -> str:
+    """A batch's layout in words: each ``<prefix>input_ids``'s sequences, rows and width."""
+    from ..data.batching import sequence_token_counts
+    from ..data.packing import is_packed
+
+    parts = []
+    for prefix in sequence_prefixes(batch):
+        ids = batch[f"{prefix}input_ids"]
+        try:
+            sequences = len(sequence_token_counts(batch, prefix))
+        except (KeyError, TypeError):
+            sequences = int(ids.shape[0])
+        kind = "packed" if is_packed(batch, prefix) else "padded"
+        parts.append(
+            f"{prefix}input_ids {kind}, {_count(sequences, 'sequence')} in "
+            f"{_count(int(ids.shape[0]), 'row')} of {ids.shape[-1]}"
+        )
+    return ", ".join(parts) or "no <prefix>input_ids"
+
+
+def _grad_difference(grad: Any, other: Any) -> str:
+    difference = (other.double() - grad.double()).abs()
+    return (
+        f"max |difference| {difference.max().item():.3g}, where the gradient's largest entry "
+        f"is {grad.abs().max().item():.3g}"
+    )
+
+
+def _temperature_spy(method: Any, name: str, calls: list[tuple[str, Any]]) -> Any:
+    """``method`` (a reference's), recording ``(name, temperature)`` for every call."""
+    import inspect
+
+    signature = inspect.signature(method)
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            temperature = bound.arguments.get("temperature", 1.0)
+        except TypeError:
+            temperature = kwargs.get("temperature", 1.0)
+        calls.append((name, temperature))
+        return method(*args, **kwargs)
+
+    return spy
+
+
+def _mean_fit(name: str, one: Any, parts: list[Any], total: float, sums: list[float]) -> str | None:
+    """The message for term ``name`` when one batch's and the micro-batches' values are
+    those of a mean over each call's units (of the term, examples or rows), else None."""
+    count = one.terms[name][1]
+    candidates = (
+        ("units", count, [p.terms[name][1] for p in parts]),
+        ("examples", len(one.examples), [len(p.examples) for p in parts]),
+        ("rows", _rows(one.batch), [_rows(p.batch) for p in parts]),
+    )
+    for unit, n, ns in candidates:
+        whole, split = total * n, sum(s * k for s, k in zip(sums, ns, strict=True))
+        if not _close(whole, split, rel=1e-4):
+            continue
+        each = " and ".join(f"{_n(s)} for {_n(k)}" for s, k in zip(sums, ns, strict=True))
+        products = " + ".join(f"{_n(s)} × {_n(k)}" for s, k in zip(sums, ns, strict=True))
+        return (
+            f"term {name!r}: the values are the means of each call's {unit}: one batch "
+            f"returns {_n(total)} for {_n(n)} {unit}, the micro-batches {each}; as means they "
+            f"agree ({_n(total)} × {_n(n)} = {_n(whole)}, {products} = {_n(split)}), as sums "
+            f"they do not ({_n(total)} ≠ {_plus(sums)} = {_n(sum(sums))}). Does the loss hook "
+            "return a mean where the sum of its units is due? The core divides each term's sum "
+            "by its count over the whole step."
+        )
+    return None
+
+
+def _explain_grouping(name: str, one: Any, parts: list[Any], per_example: list[Any]) -> str:
+    """The message for term ``name`` when the micro-batches' sums do not add up to one
+    batch's: each example's value alone and in the whole batch."""
+    total, count = one.terms[name]
+    sums = [p.terms[name][0] for p in parts]
+    counts = [p.terms[name][1] for p in parts]
+    products = " + ".join(f"{_n(s)} × {_n(k)}" for s, k in zip(sums, counts, strict=True))
+    lines = [
+        f"term {name!r}: one batch sums to {_n(total)} over {_n(count)} units, the "
+        f"micro-batches to {_plus(sums)} = {_n(sum(sums))} over {_plus(counts)} units; nor "
+        f"are they means ({_n(total)} × {_n(count)} = {_n(total * count)}, {products} = "
+        f"{_n(sum(s * k for s, k in zip(sums, counts, strict=True)))}). Each example's sum "
+        "alone in a micro-batch, and in the whole batch (its sum less the other examples'):"
+    ]
+    differ = 0
+    for label, alone, in_batch in per_example:
+        a, b = alone.get(name, (math.nan,))[0], in_batch.get(name, math.nan)
+        same = _close(a, b)
+        differ += not same
+        lines.append(
+            f"    {label}: {_n(a)} alone, {_n(b)} in the batch{'' if same else '  <- differs'}"
+        )
+    if differ:
+        lines.append(
+            f"{differ} of {len(per_example)} examples' losses depend on the other examples of "
+            "their micro-batch: is a baseline, a normalisation or a mean taken over the whole "
+            "micro-batch where it belongs to each example's own group (a prompt's completions, "
+            "a pair)? The core splits a step into micro-batches as memory allows."
+        )
+    else:
+        lines.append(
+            "Each example's loss is the same alone as in the batch, yet they do not add up to "
+            "the batch's: does the loss add a term of the whole micro-batch?"
+        )
+    return "\n".join(lines)
+
+
 class ObjectiveConformance:
     """Subclass as ``TestSomething`` and set ``objective`` (and maybe ``plugin``, ``options``)."""
 
@@ -189,6 +366,12 @@ class ObjectiveConformance:
     @pytest.fixture
     def setup(self, registry: Any, model_dir: Path, tmp_path: Path) -> SimpleNamespace:
         """Spec, tokenizer, model, reference, run and tokenised examples for the objective."""
+        return self._setup(registry, model_dir, tmp_path)
+
+    def _setup(
+        self, registry: Any, model_dir: Path, tmp_path: Path, **flags: Any
+    ) -> SimpleNamespace:
+        """The ``setup`` fixture's objects, with core options ``flags`` added to the run's."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -212,6 +395,7 @@ class ObjectiveConformance:
             "max_length": self.max_length,
             "batch_size": 2,
             "output_dir": str(tmp_path / "run"),
+            **flags,
         }
         on_policy = registry.objective(self.objective).item.on_policy
         if on_policy:
@@ -388,44 +572,152 @@ class ObjectiveConformance:
                     f"align_loss_counts {given}"
                 )
 
-    def test_micro_batches_equal_one_batch(self, setup: SimpleNamespace) -> None:
-        """A step over uneven micro-batches (1 example, then the rest) has the loss and the
-        gradient of the step over one batch of all the examples: the loss hook returns sums
-        and the core divides. A loss that returns a mean fails here."""
+    def _step(self, setup: SimpleNamespace, split: list[list[dict[str, Any]]]) -> SimpleNamespace:
+        """One optimizer step's accumulation over the micro-batches ``split``: the step's loss,
+        the gradients, and each micro-batch's terms (``name -> (sum, count)``)."""
         import torch
 
         from ..loop.metrics import MetricSums
         from ..loop.step import accumulate_gradients
 
-        assert len(setup.examples) >= 3, "the suite needs at least 3 examples: set records"
-        results = []
-        for split in ([setup.examples], [setup.examples[:1], setup.examples[1:]]):
-            setup.model.zero_grad(set_to_none=True)
-            batches = self._batches(setup, split)
-            micro = [
-                (batch, setup.hooks.counts(batch, part))
-                for batch, part in zip(batches, split, strict=True)
-            ]
-            torch.manual_seed(0)
-            loss = accumulate_gradients(
-                setup.model,
-                micro,
-                lambda batch: self._loss(setup, batch),
-                setup.run.accelerator,
-                MetricSums(),
-            )
-            grads = {
-                n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
-            }
-            results.append((loss, grads))
-        (loss, grads), (split_loss, split_grads) = results
-        assert split_loss == pytest.approx(loss, rel=1e-5, abs=1e-6), (
-            "micro-batches give another loss than one batch: does the loss hook return a mean "
-            "where the sum of its units is due, or a count that is not the number of units?"
+        setup.model.zero_grad(set_to_none=True)
+        batches = self._batches(setup, split)
+        micro = [
+            (batch, setup.hooks.counts(batch, part))
+            for batch, part in zip(batches, split, strict=True)
+        ]
+        returned: list[dict[str, tuple[float, float]]] = []
+
+        def compute(batch: dict[str, Any]) -> Any:
+            output, extra = self._loss(setup, batch)
+            returned.append(_term_values(output))
+            return output, extra
+
+        torch.manual_seed(0)
+        loss = accumulate_gradients(
+            setup.model, micro, compute, setup.run.accelerator, MetricSums()
         )
-        assert split_grads.keys() == grads.keys()
-        for name, grad in grads.items():
-            assert torch.allclose(split_grads[name], grad, rtol=1e-4, atol=1e-6), name
+        grads = {n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None}
+        parts = [
+            SimpleNamespace(examples=part, batch=batch, terms=terms)
+            for part, (batch, _), terms in zip(split, micro, returned, strict=True)
+        ]
+        return SimpleNamespace(loss=loss, grads=grads, parts=parts)
+
+    def _terms_of(
+        self, setup: SimpleNamespace, split: list[list[dict[str, Any]]], packed: Any = None
+    ) -> list[dict[str, tuple[float, float]]]:
+        """Each micro-batch's terms, ``name -> (sum, count)``, without gradients."""
+        import torch
+
+        out = []
+        for batch in self._batches(setup, split, packed):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                output, _ = self._loss(setup, batch)
+            out.append(_term_values(output))
+        return out
+
+    def test_micro_batches_equal_one_batch(self, setup: SimpleNamespace) -> None:
+        """A step over uneven micro-batches (1 example, then the rest) has the loss and the
+        gradient of the step over one batch of all the examples: the loss hook returns sums
+        and the core divides. A loss that returns a mean, counts that do not add up, or an
+        example's loss that depends on the rest of its micro-batch (one baseline for the
+        micro-batch where each group needs its own) fail here; the message shows each term's
+        sums and counts, and which examples' losses change."""
+        assert len(setup.examples) >= 3, "the suite needs at least 3 examples: set records"
+        whole = self._step(setup, [setup.examples])
+        split = self._step(setup, [setup.examples[:1], setup.examples[1:]])
+        if split.loss != pytest.approx(whole.loss, rel=1e-5, abs=1e-6):
+            pytest.fail(self._explain_split(setup, whole, split))
+        only = sorted(whole.grads.keys() ^ split.grads.keys())
+        assert not only, (
+            f"the step over micro-batches and over one batch give gradients to different "
+            f"parameters: {only[:5]} (a part of the loss detached in one and not the other?)"
+        )
+        for name, grad in whole.grads.items():
+            other = split.grads[name]
+            if not _allclose(other, grad, rtol=1e-4, atol=1e-6):
+                pytest.fail(
+                    f"the step's loss is the same over micro-batches of "
+                    f"{_sizes(split.parts)} examples and over one batch ({_n(whole.loss)}), but "
+                    f"the gradient of {name} is not: {_grad_difference(grad, other)}. Is a part "
+                    "of the loss detached, or scaled by the micro-batch, in one and not the other?"
+                )
+
+    def _explain_split(
+        self, setup: SimpleNamespace, whole: SimpleNamespace, split: SimpleNamespace
+    ) -> str:
+        """Why the step over micro-batches differs from one batch, term by term, with numbers:
+        counts that do not add up, the totals of a mean, or examples whose loss depends on
+        the other examples of their micro-batch."""
+        (one,) = whole.parts
+        lines = [
+            f"micro-batches of {_sizes(split.parts)} examples give the step a loss of "
+            f"{_n(split.loss)}, one batch of all {len(one.examples)} {_n(whole.loss)} "
+            f"({_layout(one.batch)})."
+        ]
+        names = sorted(one.terms)
+        for part in split.parts:
+            if sorted(part.terms) != names:
+                return (
+                    f"{lines[0]} The loss of one batch has the terms {names}, that of a "
+                    f"micro-batch of {len(part.examples)} examples {sorted(part.terms)}."
+                )
+        per_example: list[Any] | None = None
+        for name in names:
+            total, count = one.terms[name]
+            sums = [p.terms[name][0] for p in split.parts]
+            counts = [p.terms[name][1] for p in split.parts]
+            if not _close(count, sum(counts), rel=1e-6):
+                lines.append(self._explain_counts(name, one, split.parts, count, counts))
+                continue
+            if _close(total, sum(sums)):
+                lines.append(
+                    f"term {name!r} agrees: sum {_n(total)} = {_plus(sums)} over {_n(count)} units."
+                )
+                continue
+            mean = _mean_fit(name, one, split.parts, total, sums)
+            if mean is not None:
+                lines.append(mean)
+                continue
+            if per_example is None:
+                per_example = self._per_example(setup, whole)
+            lines.append(_explain_grouping(name, one, split.parts, per_example))
+        return "\n".join(lines)
+
+    @staticmethod
+    def _explain_counts(
+        name: str, one: Any, parts: list[Any], count: float, counts: list[float]
+    ) -> str:
+        text = (
+            f"term {name!r}: its counts do not add up: {_n(count)} units in the whole batch, "
+            f"{_plus(counts)} = {_n(sum(counts))} in the micro-batches of {_sizes(parts)} "
+            "examples; a term's count is the number of its units (examples, pairs, tokens), "
+            "which add up however the examples are split."
+        )
+        rows = [_rows(one.batch), *(_rows(p.batch) for p in parts)]
+        if [count, *counts] == rows and rows[0] != len(one.examples):
+            text += (
+                f" These are the batches' rows ({_layout(one.batch)}; "
+                + "; ".join(_layout(p.batch) for p in parts)
+                + "): a packed row holds several sequences, so count the sequences "
+                "(len(align.sequence_token_counts(batch))) or their tokens, not the rows."
+            )
+        return text
+
+    def _per_example(self, setup: SimpleNamespace, whole: SimpleNamespace) -> list[Any]:
+        """For each example of the step, its terms alone in a micro-batch of its own, and
+        in the whole batch (the whole batch's sum less that of the other examples, all in the
+        same step)."""
+        (one,) = whole.parts
+        out = []
+        for i, example in enumerate(setup.examples):
+            others = [e for j, e in enumerate(setup.examples) if j != i]
+            alone, rest = self._terms_of(setup, [[example], others])
+            in_batch = {k: one.terms[k][0] - rest[k][0] for k in one.terms if k in rest}
+            out.append((_label(example), alone, in_batch))
+        return out
 
     def test_extra_padding_leaves_the_loss_unchanged(self, setup: SimpleNamespace) -> None:
         import torch
@@ -444,13 +736,30 @@ class ObjectiveConformance:
         with torch.no_grad():
             plain, _ = self._loss(setup, batch)
             more, _ = self._loss(setup, padded)
-        assert float(self._total(more)) == pytest.approx(
-            float(self._total(plain)), rel=1e-4, abs=1e-5
-        )
+        before, after = _term_values(plain), _term_values(more)
+        problems = []
+        for name in sorted(before.keys() | after.keys()):
+            if name not in before or name not in after:
+                problems.append(f"term {name!r} is only in the loss of one of them")
+                continue
+            (s, n), (ps, pn) = before[name], after[name]
+            if not _close(pn, n, rel=1e-6):
+                problems.append(f"term {name!r} counts {_n(n)} units, {_n(pn)} with the padding")
+            if not _close(ps, s, rel=1e-4, abs_=1e-5):
+                problems.append(f"term {name!r} sums to {_n(s)}, {_n(ps)} with the padding")
+        total, padded_total = float(self._total(plain)), float(self._total(more))
+        if problems or padded_total != pytest.approx(total, rel=1e-4, abs=1e-5):
+            pytest.fail(
+                f"5 more padding positions at the end of every row ({_layout(batch)}) change "
+                f"the loss from {_n(total)} to {_n(padded_total)}: "
+                + "; ".join(problems or ["the terms agree, the total does not"])
+                + ". The loss reads padding: take only positions where completion_mask (or "
+                "attention_mask) is 1, as align.forward_logps does, and count only them."
+            )
 
     def test_packed_batches_give_the_padded_loss(self, setup: SimpleNamespace) -> None:
         """A ``packable`` objective: the same loss, counts, metrics and gradients from the core's
-        padding-free batches as from padded ones."""
+        padding-free batches as from padded ones; the message compares the two layouts."""
         import torch
 
         if not setup.spec.objective.item.packable:
@@ -459,28 +768,151 @@ class ObjectiveConformance:
         for packed in (False, True):
             setup.model.zero_grad(set_to_none=True)
             torch.manual_seed(0)
-            output, extra = self._loss(setup, self._batch(setup, setup.examples, packed))
+            batch = self._batch(setup, setup.examples, packed)
+            output, extra = self._loss(setup, batch)
             self._total(output).backward()
             grads = {
                 n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
             }
             metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
-            terms = {
-                k: (float(torch.as_tensor(s).detach()), float(torch.as_tensor(c).sum()))
-                for k, (s, c) in output.all_terms().items()
-            }
-            results.append((terms, metrics, grads))
-        (terms, metrics, grads), (p_terms, p_metrics, p_grads) = results
-        assert p_terms.keys() == terms.keys()
+            results.append((_term_values(output), metrics, grads, _layout(batch), _rows(batch)))
+        (terms, metrics, grads, layout, rows), (p_terms, p_metrics, p_grads, p_layout, p_rows) = (
+            results
+        )
+        where = f"(padded: {layout}; packed: {p_layout})"
+        assert p_terms.keys() == terms.keys(), (
+            f"the loss has the terms {sorted(terms)} padded, {sorted(p_terms)} packed {where}"
+        )
+        problems = []
         for name, (total, n) in terms.items():
-            assert p_terms[name][0] == pytest.approx(total, rel=1e-5, abs=1e-5), name
-            assert p_terms[name][1] == n, name
-        assert p_metrics.keys() == metrics.keys()
+            p_total, p_n = p_terms[name]
+            if p_n != n:
+                problem = f"term {name!r} counts {_n(n)} units padded, {_n(p_n)} packed"
+                if (n, p_n) == (rows, p_rows) and rows != p_rows:
+                    problem += (
+                        " — the number of rows of each batch: a packed row holds several "
+                        "sequences, so count the sequences (len(align.sequence_token_counts("
+                        "batch))) or their tokens, not the rows"
+                    )
+                problems.append(problem)
+            if p_total != pytest.approx(total, rel=1e-5, abs=1e-5):
+                problems.append(
+                    f"term {name!r} sums to {_n(total)} padded, {_n(p_total)} packed"
+                    + self._explain_packed_sum(setup, name, total, p_total)
+                )
+        if problems:
+            pytest.fail(
+                f"packed batches give another loss than padded ones {where}: " + "; ".join(problems)
+            )
+        assert p_metrics.keys() == metrics.keys(), (
+            f"the metrics are {sorted(metrics)} padded, {sorted(p_metrics)} packed {where}"
+        )
         for name, (total, n) in metrics.items():
-            assert p_metrics[name] == pytest.approx((total, n), rel=1e-5, abs=1e-5), name
-        assert p_grads.keys() == grads.keys()
+            assert p_metrics[name] == pytest.approx((total, n), rel=1e-5, abs=1e-5), (
+                f"metric {name!r} is (sum {_n(total)}, count {_n(n)}) padded, (sum "
+                f"{_n(p_metrics[name][0])}, count {_n(p_metrics[name][1])}) packed {where}"
+            )
+        only = sorted(grads.keys() ^ p_grads.keys())
+        assert not only, f"only one layout gives a gradient to {only[:5]} {where}"
         for name, grad in grads.items():
-            assert torch.allclose(p_grads[name], grad, rtol=1e-4, atol=1e-5), name
+            assert _allclose(p_grads[name], grad, rtol=1e-4, atol=1e-5), (
+                f"the loss agrees, but the gradient of {name} does not "
+                f"{where}: {_grad_difference(grad, p_grads[name])}"
+            )
+
+    def _explain_packed_sum(
+        self, setup: SimpleNamespace, name: str, total: float, p_total: float
+    ) -> str:
+        """Whether the examples' own losses (each alone in a batch) add up to the padded or
+        the packed sum, and which examples differ between the layouts on their own."""
+        alone = [
+            (_label(e), *(self._terms_of(setup, [[e]], packed)[0].get(name, (math.nan,))[0]
+                          for packed in (False, True)))
+            for e in setup.examples
+        ]  # fmt: skip
+        padded_sum = sum(a for _, a, _ in alone)
+        text = f"; the examples alone sum to {_n(padded_sum)}"
+        if _close(padded_sum, total, rel=1e-5, abs_=1e-5) and not _close(
+            padded_sum, p_total, rel=1e-5, abs_=1e-5
+        ):
+            text += (
+                " as padded, not as packed: the packed loss is not the sum of its sequences' "
+                "— does it reduce over a row (a packed row holds several sequences, "
+                "align.forward_logps's logps are per row) where it should reduce per sequence "
+                "(align.forward_logps's sums and num_tokens, one per sequence)?"
+            )
+        differ = [
+            f"{label} {_n(a)} padded, {_n(b)} packed"
+            for label, a, b in alone
+            if not _close(a, b, rel=1e-5, abs_=1e-5)
+        ]
+        if differ:
+            text += "; alone in a batch, " + ", ".join(differ[:8])
+        return text
+
+    def test_kl_to_the_reference_is_0_at_step_0(
+        self, registry: Any, model_dir: Path, tmp_path: Path, monkeypatch: Any
+    ) -> None:
+        """An on-policy objective with a reference scores it as it scores the policy: at step
+        0, where the policy is the reference, the run sampling at temperature 0.7, the KL the
+        loss reports (a ``kl`` or ``…/kl`` metric) is 0, and the policy (``align.forward_logps``)
+        and the reference (``reference.sequence_logps``, ``token_logps``) are scored at the
+        same temperature: ``run.config.temperature``, the sampling distribution (TRL's GRPO),
+        or both at 1 (TRL's online DPO)."""
+        import importlib
+
+        import torch
+
+        from .api import Preset
+
+        item = registry.objective(self.objective).item
+        if isinstance(item, Preset):
+            item = registry.objective(item.objective).item
+        if not item.on_policy:
+            pytest.skip("the objective is not on-policy: it samples at no temperature")
+        setup = self._setup(registry, model_dir, tmp_path, temperature=SUITE_TEMPERATURE)
+        if setup.reference is None:
+            pytest.skip("the objective uses no reference with these options")
+        policy: list[tuple[str, Any]] = []
+        reference: list[tuple[str, Any]] = []
+        package = importlib.import_module(__name__.split(".")[0])  # align
+        spied = _temperature_spy(package.forward_logps, "align.forward_logps", policy)
+        monkeypatch.setattr(package, "forward_logps", spied)
+        for name in ("sequence_logps", "token_logps"):
+            method = getattr(setup.reference, name)
+            spied = _temperature_spy(method, f"reference.{name}", reference)
+            monkeypatch.setattr(setup.reference, name, spied)
+        batch = self._batch(setup, setup.examples)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            output, extra = self._loss(setup, batch)
+        problems = []
+        for name, (total, count) in {**output.metrics, **extra}.items():
+            if name == "kl" or name.endswith("/kl"):
+                total, count = float(total), float(count)
+                value = total / count if count else total
+                if abs(value) > 1e-6:
+                    problems.append(
+                        f"metric {name!r} is {value:.3g} (sum {_n(total)} over {_n(count)})"
+                    )
+        at: dict[float, set[str]] = {}  # temperature -> what was scored at it
+        for name, t in policy + reference:
+            at.setdefault(1.0 if t == 0 else float(t), set()).add(name)  # 0: greedy, as 1
+        if policy and reference and len(at) > 1:
+            problems.append(
+                "the policy and the reference are scored at different temperatures: "
+                + ", ".join(f"{t} ({', '.join(sorted(names))})" for t, names in sorted(at.items()))
+            )
+        if problems:
+            pytest.fail(
+                f"at step 0, where the policy is the reference and the run samples at "
+                f"temperature {SUITE_TEMPERATURE}: " + "; ".join(problems) + ". Score the "
+                "policy and the reference alike: both at run.config.temperature, the "
+                "distribution the completions were sampled from (align.forward_logps(model, "
+                "batch, temperature=…), reference.sequence_logps(batch, temperature=…)), as "
+                "TRL's GRPO does, or both at 1, as its online DPO does; the KL to the reference "
+                "is then 0 at step 0."
+            )
 
     def test_metrics_are_scalar_sum_count_pairs(self, setup: SimpleNamespace) -> None:
         import torch

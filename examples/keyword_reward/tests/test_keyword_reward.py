@@ -2,6 +2,7 @@
 
 import align
 import align_keyword_reward as plugin
+from align.testing import RewardConformance
 
 
 def test_the_reward_reads_plain_and_chat_completions():
@@ -15,3 +16,10 @@ def test_it_registers_with_its_field():
     (reward,) = got
     assert isinstance(reward, align.Reward) and reward.name == "keyword"
     assert list(reward.fields.model_fields) == ["keyword"]
+
+
+class TestKeywordConformance(RewardConformance):
+    """One value per completion, real and finite, the same under one seed and in two halves."""
+
+    reward = "keyword"
+    plugin = plugin
