@@ -70,22 +70,21 @@ RUN_FLAGS = [
 ]
 
 
-_warned = False
-
-
 def _registry() -> Any:
-    """The plugin registry, with a warning on stderr (once, from the first process of a node)
-    naming each plugin that failed to load and why: every command says it, not only
-    ``align plugins``."""
-    global _warned
+    """The plugin registry, with a warning on stderr (from the first process of a node) naming
+    each plugin that failed to load (import, core version, registration, hooks) and why: every
+    command says it, not only ``align plugins``."""
     registry = get_registry()
-    broken = [p for p in registry.plugins.values() if p.errors]
-    if broken and not _warned and os.environ.get("LOCAL_RANK", "0") == "0":
-        _warned = True
-        for info in broken:
+    failed = [
+        p for p in registry.plugins.values() if p.errors and not registry.pm.is_registered(p.obj)
+    ]
+    if failed and os.environ.get("LOCAL_RANK", "0") == "0":
+        for info in failed:
             more = f" (and {len(info.errors) - 1} more)" if len(info.errors) > 1 else ""
             click.echo(
-                f"Warning: plugin {info.label} ({info.module}): {info.errors[0]}{more}", err=True
+                f"Warning: plugin {info.label} ({info.module}) is not loaded: {info.errors[0]}"
+                f"{more}",
+                err=True,
             )
         click.echo("Warning: `align plugins` lists every plugin and its errors.", err=True)
     return registry

@@ -270,6 +270,7 @@ def test_installed_distributions(installed_plugins, tmp_path, model_dir, write_j
     # Every command names the plugins with errors, not only `align plugins`.
     for output in (echo.stderr, _cli(["formats"], env, tmp_path).stderr):
         assert "Warning: plugin align-test-plugin-broken (" in output, output
+        assert "is not loaded: " in output and "align-test-plugin-clash" not in output
         assert "ModuleNotFoundError" in output and "`align plugins` lists every" in output
     first = json.loads((tmp_path / "o2" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["echo_rows"] == 4  # a plugin's metric reached the run
