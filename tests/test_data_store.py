@@ -574,3 +574,29 @@ def test_a_bad_record_stops_both_processes_with_its_message(tmp_path, model_dir,
     assert result.returncode != 0
     message = f"{data}, line 4, field 'completion': expected a string, got int"
     assert result.stderr.count(message) >= 1 and "Traceback" not in result.stderr
+
+
+def test_the_worker_pool_stops_although_the_run_handles_sigterm():
+    """A run turns SIGTERM into "stop after this step"; its forked workers must not inherit
+    that, or the pool's terminate() waits for ever on a busy worker (a streaming run hung so
+    when its stream was closed)."""
+    import signal
+    import threading
+    import time
+
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        pool = build.worker_pool(2)
+        busy = [pool.apply_async(time.sleep, (30,)) for _ in range(2)]
+        time.sleep(1.0)  # both workers are in their task
+        stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+        stopper.start()
+        stopper.join(10)
+        if stopper.is_alive():  # kill them, or the test process would wait too
+            for process in pool._pool:
+                os.kill(process.pid, signal.SIGKILL)
+            stopper.join(10)
+            pytest.fail("the pool's terminate() did not stop its workers within 10 s")
+        assert not any(result.ready() and result.successful() for result in busy)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

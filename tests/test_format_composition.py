@@ -300,36 +300,10 @@ def test_implicit_prompt_errors(row, message):
 
 
 # -- FormatConformance -----------------------------------------------------------------------------
-class TestShareGPTConformance(FormatConformance):
-    format = "sharegpt"
-
-
-class TestPromptCompletionConformance(FormatConformance):
-    format = "prompt_completion"
-
-
-class TestPreferenceConformance(FormatConformance):
-    format = "preference"
-
-
-class TestFeedbackConformance(FormatConformance):
-    format = "feedback"
-
-
-class TestRankedConformance(FormatConformance):
-    format = "ranked"
-
-
-class TestPromptOnlyConformance(FormatConformance):
-    format = "prompt_only"
-
-
-class TestShareGPTPreferenceConformance(FormatConformance):
-    format = "sharegpt_preference"
-
-
-class TestShareGPTFeedbackConformance(FormatConformance):
-    format = "sharegpt_feedback"
+# Every core format runs the suite a plugin's format runs: TestSharegptConformance, …
+for _name in BUILTIN:
+    _suite = f"Test{_name.title().replace('_', '')}Conformance"
+    globals()[_suite] = type(_suite, (FormatConformance,), {"format": _name})
 
 
 def _wrong_turns(record):

@@ -74,7 +74,7 @@ def test_a_new_format_plugin_installs_and_passes_the_format_suite(tmp_path):
     test = (project / "tests" / "test_align_qa_pairs.py").read_text()
     assert "class TestQaPairs(FormatConformance):" in test and 'format = "qa-pairs"' in test
     output = install_and_test(tmp_path, project)
-    assert "5 passed" in output
+    assert "6 passed" in output
 
 
 def test_the_kinds_and_an_unknown_kind():

@@ -229,8 +229,16 @@ def worker_pool(workers: int) -> Any:
 
 def _exit_with_parent(parent: int) -> None:
     import gc
+    import signal
     import threading
     import time
+
+    # A fork inherits the run's handlers, which turn SIGTERM into "stop after this step": the
+    # pool's terminate() would then wait forever for a worker that never stops. A worker dies
+    # on SIGTERM, and leaves SIGINT (Ctrl-C reaches the whole process group) to the parent,
+    # which stops the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     # Tokenising makes no reference cycles, only short-lived lists and dicts: the cyclic
     # collector would walk them thousands of times for nothing (5% of a worker's time).

@@ -16,7 +16,7 @@ the shape the format declares; each sequence trains on exactly the text ``traine
 the sample (so a mask on the wrong turns, or on the prompt, fails); the sample's columns identify
 the format (``detect``) when ``--format`` is not given; a sample missing one of those columns is
 an ``align.DataError`` naming the line, not a traceback; the examples make the shape's padded
-and packed batches.
+and packed batches; importing the plugin does not import torch.
 
 Class attributes a test may set: ``format`` (required), ``plugin`` (a module or object with
 hookimpls, tested without installing it), ``records`` and ``trained`` (instead of the format's
@@ -212,6 +212,14 @@ class FormatConformance:
                         f"sample {number} without its column {column!r} was read without an "
                         "error: a required column missing must be an align.DataError"
                     )
+
+    def test_importing_the_plugin_does_not_import_torch(self, registry: Any) -> None:
+        from .testing import assert_imports_without_torch
+
+        info = registry.formats[self.format].plugin
+        if info.name == "align-core":
+            pytest.skip("a core format")
+        assert_imports_without_torch(info, "the functions that need it")
 
     def test_the_examples_make_the_shapes_batches(self, fmt: DataFormat, tokenizer: Any) -> None:
         from ..data.formats import default_batch

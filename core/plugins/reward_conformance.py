@@ -43,18 +43,16 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
-import subprocess
 import sys
 from collections.abc import Iterator
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
 
 from . import registry as plugin_registry
-from .testing import registered
+from .testing import assert_imports_without_torch, registered
 
 SAMPLE_PROMPTS: list[Any] = [
     "What is 7 + 12?",
@@ -456,19 +454,4 @@ class RewardConformance:
             )
 
     def test_importing_the_plugin_does_not_import_torch(self, registry: Any) -> None:
-        info = registry.rewards[self.reward].plugin
-        obj = info.obj
-        if obj is None:
-            module = info.module
-        else:
-            module = obj.__name__ if isinstance(obj, ModuleType) else type(obj).__module__
-        code = f"import sys\nimport {module}\nsys.exit(3 if 'torch' in sys.modules else 0)"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        result = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env
-        )
-        assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
-        assert result.returncode == 0, (
-            f"importing {module} imports torch, which every align command then waits for: "
-            "import it inside the reward function"
-        )
+        assert_imports_without_torch(registry.rewards[self.reward].plugin, "the reward function")

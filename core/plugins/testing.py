@@ -92,6 +92,24 @@ def registered(*extra: Any, only: bool = False) -> Iterator[plugin_registry.Plug
             plugin_registry.reset_registry(saved)
 
 
+def assert_imports_without_torch(info: Any, where: str) -> None:
+    """Importing a plugin's module (``info``: its ``PluginInfo``) in a fresh interpreter leaves
+    torch unimported: every align command loads every plugin, and would wait for torch."""
+    obj = info.obj
+    if obj is None:
+        module = info.module
+    else:
+        module = obj.__name__ if isinstance(obj, ModuleType) else type(obj).__module__
+    code = f"import sys\nimport {module}\nsys.exit(3 if 'torch' in sys.modules else 0)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
+    assert result.returncode == 0, (
+        f"importing {module} imports torch, which every align command then waits for: "
+        f"import it inside {where}"
+    )
+
+
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide state; give the next in-process run a clean one."""
     if "accelerate.state" in sys.modules:
@@ -924,16 +942,7 @@ class ObjectiveConformance:
                 assert torch.as_tensor(part).numel() == 1, f"{name}: not a scalar"
 
     def test_importing_the_plugin_does_not_import_torch(self, registry: Any) -> None:
-        info = registry.objective(self.objective).plugin
-        obj = info.obj
-        module = obj.__name__ if isinstance(obj, ModuleType) else type(obj).__module__
-        code = f"import sys\nimport {module}\nsys.exit(3 if 'torch' in sys.modules else 0)"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        result = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env
-        )
-        assert result.returncode != 1, f"cannot import {module}: {result.stderr[-500:]}"
-        assert result.returncode == 0, f"importing {module} imports torch; import it in hooks"
+        assert_imports_without_torch(registry.objective(self.objective).plugin, "its hooks")
 
     def _align_run(self, setup: SimpleNamespace, out: Path, *extra: str) -> str:
         """``align run`` of this objective on the sample data, in-process; its output."""
