@@ -268,7 +268,7 @@ def test_unknown_shapes_format_clashes_and_reserved_fields_are_plugin_errors():
     assert "data format 'shared' is registered more than once: Refused, AlsoShared" in text
     assert "'reads-shared': no registered data format yields its shapes (shared)" in text
     assert "(formats registered more than once: shared)" in text
-    assert "field 'prompt' is a column of the objective's data format" in text
+    assert "field 'prompt' is a column of data format 'prompt_completion'" in text
     assert not {"typo", "reads-shared", "clash"} & set(registry.objectives)
     assert "mine" in registry.objectives  # the core's preference format feeds it
     assert "shared" not in registry.formats

@@ -112,7 +112,9 @@ def test_format_is_picked_checked_against_the_shape_and_detected(tmp_path, model
     assert "formats that feed it: preference" in result.output
     result = CliRunner().invoke(cli, [*base, "--objective", "dpo"])
     assert result.exit_code == 1
-    assert "no data format of objective 'dpo' (preference) reads these records'" in result.output
+    assert (
+        "no data format of objective 'dpo' (preference) reads the first record's" in result.output
+    )
     assert "columns conversations, system" in result.output
     assert "preference reads chosen+rejected" in result.output
 
@@ -133,16 +135,81 @@ class OtherConversations:
         )
 
 
-def test_an_ambiguous_file_lists_the_candidates(tmp_path, model_dir, files):
+def test_a_plugin_format_does_not_change_how_core_data_is_read(tmp_path, model_dir, files):
+    """Installing a format that fits the same columns leaves the core's in charge, and says so."""
     sharegpt, _ = files
     args = ["inspect", "--model", str(model_dir), "--data", str(sharegpt), "-n", "1"]
     with registered(OtherConversations()):
         result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        assert (
+            "format sharegpt (detected from its columns; they also fit conversations-v2: pick "
+            "one with --format)"
+        ) in result.output
+        chosen = CliRunner().invoke(cli, [*args, "--format", "conversations-v2"])
+        assert "format conversations-v2 (--format)" in chosen.output
+
+
+class QuestionAnswer:
+    """Two plugin formats of one shape that read the same columns: their files are ambiguous."""
+
+    @align.hookimpl
+    def align_register_formats(self, register):
+        for name in ("qa-one", "qa-two"):
+            register(
+                align.DataFormat(
+                    name,
+                    "x",
+                    lambda r: align.Group(r.data["question"], {"": r.data["answer"]}),
+                    shape="prompt_completion",
+                    columns=("question", "answer"),
+                )
+            )
+
+
+def test_an_ambiguous_file_lists_the_candidates(tmp_path, model_dir, write_jsonl):
+    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "1 + 1? ", "answer": "2."}] * 2)
+    args = ["inspect", "--model", str(model_dir), "--data", str(data), "-n", "1"]
+    with registered(QuestionAnswer()):
+        result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1
-        assert "fit several data formats of objective 'sft'" in result.output
-        assert "conversations-v2 (conversations), sharegpt (conversations)" in result.output
+        assert "first record's columns answer, question fit several data formats" in result.output
+        assert "qa-one (question+answer), qa-two (question+answer)" in result.output
         assert "pick one with --format NAME" in result.output
-        assert CliRunner().invoke(cli, [*args, "--format", "sharegpt"]).exit_code == 0
+        assert CliRunner().invoke(cli, [*args, "--format", "qa-two"]).exit_code == 0
+
+
+def test_null_columns_do_not_decide_the_format(tmp_path, model_dir, write_jsonl):
+    """Parquet files and hub datasets give every record every column, null where it has none:
+    a null `conversations` does not make a DPO file ShareGPT's."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "1 + 1? ", "chosen": "2.", "rejected": "3.", "conversations": None}] * 4
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    args = ["inspect", "--objective", "dpo", "--model", str(model_dir), "--data", str(path)]
+    result = CliRunner().invoke(cli, [*args, "-n", "1"])
+    assert result.exit_code == 0, result.output
+    assert "format preference (detected from its columns)" in result.output
+
+
+def test_a_mixture_source_may_name_its_own_format(tmp_path, model_dir, files):
+    sharegpt, messages = files
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"data:\n  - path: {sharegpt}\n    format: sharegpt\n  - path: {messages}\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "own-format"
+    args = ["run", "--model", str(model_dir), "--config", str(config), "--max-steps", "1"]
+    result = CliRunner().invoke(cli, [*args, "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    sources = json.loads((out / "run.json").read_text())["data"]["train"]["sources"]
+    assert [s["format"] for s in sources] == [
+        "sharegpt (the source)",
+        "prompt_completion (detected from its columns)",
+    ]
 
 
 def test_a_missing_column_is_named_by_the_nearest_format(tmp_path, model_dir, write_jsonl):
@@ -528,3 +595,28 @@ def test_a_mixture_reads_each_source_in_its_own_format(tmp_path, model_dir, file
         "prompt_completion (detected from its columns)",
     ]
     assert train["examples"] == 4 + 8
+
+
+def test_an_objective_written_for_data_format_is_told_the_new_spelling():
+    with pytest.raises(TypeError, match=r"data_format= is replaced by shapes=.*shapes=\(\"pref"):
+        align.Objective("old", "x", data_format="preference")
+
+
+class SystemField(align.Fields):
+    system: str = ""  # a column sharegpt reads, not the objective's default format
+
+
+def test_a_field_named_like_another_formats_column_registers():
+    class Plugin:
+        @align.hookimpl
+        def align_register_objectives(self, register):
+            register(align.Objective("sys-sft", "x", fields=SystemField))
+
+    with registered(Plugin(), only=True) as registry:
+        assert "sys-sft" in registry.objectives
+
+
+def test_role_and_content_turns_are_pointed_to_the_messages_column():
+    row = {"conversations": [{"role": "user", "content": "q"}]}
+    with pytest.raises(align.DataError, match="are chat messages .*conversations=messages"):
+        _sharegpt(Record(row, "d.jsonl", "line 1"))

@@ -206,7 +206,10 @@ def test_json_parquet_and_datasets_records_are_strict(tmp_path, write_jsonl):
     jsonl = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(align.DataError) as info:
         [validate_columns(r, Weight) for r in read_records(jsonl)]
-    assert str(info.value) == f"{jsonl}, line 2, field 'weight': expected a number, got str '0.3'"
+    assert str(info.value) == (
+        f"{jsonl}, line 2, field 'weight': expected a number, got str '0.3' (a number in quotes "
+        "is text here: write it without quotes)"
+    )
 
     parquet = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist([{"weight": False}, {"weight": True}]), parquet)

@@ -49,10 +49,13 @@ def column_names(schema: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in schema.model_fields.items()]
 
 
-def reserved_problem(name: str, format_columns: Sequence[str]) -> str | None:
-    """Why an extra field cannot be called ``name``, or None."""
+def reserved_problem(
+    name: str, format_columns: Sequence[str], format_name: str = "the objective's"
+) -> str | None:
+    """Why an extra field cannot be called ``name`` (a column the data format reads, or a key
+    of the core's batches), or None."""
     if name in format_columns:
-        return f"field {name!r} is a column of the objective's data format"
+        return f"field {name!r} is a column of data format {format_name!r}, which reads the data"
     if name in RESERVED or name.endswith(RESERVED_SUFFIXES):
         return f"field {name!r} is a name the core's batches use"
     return None
@@ -238,7 +241,13 @@ def _problem(
                     return loc, f"{_NOT_FINITE} (got str {_short(value)})"
                 return None
             if all(_takes_no_text(m) for m in types_):
-                return loc, f"expected {kind}, got str {_short(value)}"
+                hint = ""
+                try:
+                    float(value)
+                    hint = " (a number in quotes is text here: write it without quotes)"
+                except ValueError:
+                    pass
+                return loc, f"expected {kind}, got str {_short(value)}{hint}"
             return None
         if isinstance(value, float) and not math.isfinite(value) and not nan_ok:
             return loc, f"{_NOT_FINITE} (got float {value!r})"

@@ -195,6 +195,12 @@ def _sharegpt_turn(record: Record, turn: Any, where: str) -> dict[str, str]:
         raise record.error(
             f'expected a turn {{"from": …, "value": …}}, got {type(turn).__name__}', where
         )
+    if "from" not in turn and "role" in turn:
+        raise record.error(
+            'missing field: a ShareGPT turn is {"from", "value"}; turns of role and content '
+            "are chat messages (the messages column: --data-columns conversations=messages)",
+            f"{where}.from",
+        )
     for key in ("from", "value"):
         if turn.get(key) is None:
             raise record.error("missing field" if key not in turn else "is null", f"{where}.{key}")

@@ -49,6 +49,7 @@ class DataSource:
     columns: dict[str, str] = field(default_factory=dict)  # source column → format column
     fraction: float | None = None  # in a mixture: this share of the source's examples
     samples: int | None = None  # in a mixture: this many of the source's examples
+    format: str | None = None  # in a mixture: this source's data format (else --format's)
 
     @property
     def from_hub(self) -> bool:
@@ -138,18 +139,16 @@ class DataSource:
             yield rename_columns(record, self.columns) if self.columns else record
 
     def column_names(self, streaming: bool = False) -> list[str] | None:
-        """The data's columns, as the column mapping renames them, which tell its format: a
-        hub dataset's (or, ``streaming``, its first record's), else the first record's keys.
-        None when there is no record to tell by (reading the data then says why)."""
-        if self.from_hub and not streaming:
-            names = list(self.load().column_names)
-            return [self.columns.get(name, name) for name in names]
+        """The columns that tell the data's format: those its first record holds a value for
+        (not null: Parquet files and hub datasets give a record every column of the file, null
+        where it has none), as the column mapping renames them. None when there is no record to
+        tell by (reading the data then says why)."""
         try:
             found = self.stream_records() if streaming else self.records()
             first = next(iter(found), None)
         except DataError:
             return None
-        return None if first is None else list(first.data)
+        return None if first is None else [k for k, v in first.data.items() if v is not None]
 
     def stream_fingerprint(self) -> str:
         """What identifies streamed data without reading it all: a local file's size and a
@@ -174,7 +173,7 @@ def _one_line(exc: Exception) -> str:
 
 # -- mixtures ----------------------------------------------------------------------------------
 _WEIGHT = re.compile(r"^(?P<name>.+):(?P<weight>\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)$")
-SOURCE_KEYS = ("path", "weight", "samples", "split", "subset", "revision", "columns")
+SOURCE_KEYS = ("path", "weight", "samples", "split", "subset", "revision", "columns", "format")
 
 
 def parse_sources(
@@ -183,7 +182,7 @@ def parse_sources(
     """A split's data as the options give it: one source (a path or hub id), or a mixture, a
     list whose items are ``path``, ``path:0.3`` (that share of its examples), ``path:5000``
     (that many) or, in YAML, a mapping with ``path`` and ``weight`` or ``samples``, and the
-    source's own ``split``, ``subset``, ``revision`` or ``columns``."""
+    source's own ``split``, ``subset``, ``revision``, ``columns`` or ``format``."""
     from ..errors import ConfigError
 
     items = value if isinstance(value, list) else [value]
@@ -220,6 +219,7 @@ def parse_sources(
                 dict(item.get("columns") or columns),
                 None if weight is None else float(weight),
                 samples,
+                item.get("format"),
             )
         )
     return sources

@@ -90,7 +90,6 @@ def build_examples(
             sources, fingerprints, built, parts, contributed, strict=True
         ):
             report.add(b.report)
-            report.format = ", ".join(dict.fromkeys(filter(None, [report.format, b.report.format])))
             share = {"weight": source.fraction} if source.fraction is not None else {}
             share.update({"samples": source.samples} if source.samples is not None else {})
             report.sources.append(
@@ -103,6 +102,7 @@ def build_examples(
                     "contributed": count,
                 }
             )
+        report.format = ", ".join(dict.fromkeys(b.report.format for b in built if b.report.format))
     else:
         examples = parts[0]
     examples = hooks.prepare_dataset(examples, split, cfg)
@@ -219,11 +219,11 @@ def streaming_batches(hooks: ObjectiveHooks, cfg: Any, state: Any) -> Any:
     from ..data.streaming import StreamingBatches
 
     [source] = data_sources(cfg)["train"]
-    fmt, _, _ = hooks.format_for(source, streaming=True)
+    fmt, _, chosen = hooks.format_for(source, streaming=True)
     tokenise = RecordTokenizer(fmt, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this node's training processes
     workers = cfg.data_workers or max(1, build.default_workers() // max(1, local))
-    return StreamingBatches(
+    stream = StreamingBatches(
         source,
         tokenise,
         cfg.batch_size,
@@ -233,3 +233,5 @@ def streaming_batches(hooks: ObjectiveHooks, cfg: Any, state: Any) -> Any:
         cfg.shuffle_buffer,
         workers,
     )
+    stream.report.format = chosen
+    return stream

@@ -247,7 +247,7 @@ class Training:
     def _read_data(self) -> None:
         """The tokenizer, then every split's examples (every record checked) and reports."""
         if self.used_demo:
-            self._log(f"No --model and --data: training the embedded demo ({self.cfg.model}).")
+            self._log(f"Training the embedded demo model ({self.cfg.model}) on {self.cfg.data}.")
         self.tokenizer = load_tokenizer(self.cfg)
         self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
         self.examples: dict[str, Examples] = {}
@@ -261,7 +261,7 @@ class Training:
             self._log(
                 f"data train: streaming {self.stream.source.label}, tokenised as training reads "
                 f"it ({self.stream.workers} worker(s), a shuffle buffer of "
-                f"{self.cfg.shuffle_buffer} records)"
+                f"{self.cfg.shuffle_buffer} records); format {self.stream.report.format}"
             )
         for split, sources in self.sources.items():
             if sources is not None and not (split == "train" and self.stream is not None):

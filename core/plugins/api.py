@@ -247,6 +247,7 @@ class Objective:
     disable_dropout: bool = False
     fields: type[Fields] | None = None
     sampling: Callable[[Any], Sampling] | None = None
+    data_format: str | None = None  # replaced by shapes: refused with the way to write it
 
     def uses_reference(self, options: Any) -> bool:
         """Whether the loss gets reference log-probs with these options."""
@@ -261,6 +262,15 @@ class Objective:
     def __post_init__(self) -> None:
         from ..data.shapes import SHAPES
 
+        if self.data_format is not None:
+            shape = {"prompt_completion": '"prompt_completion", "conversation"'}.get(
+                self.data_format, f'"{self.data_format}"'
+            )
+            raise TypeError(
+                f"objective {self.name!r}: data_format= is replaced by shapes=, the shapes of "
+                f"data the objective trains on, which any format of those shapes feeds: write "
+                f"shapes=({shape},) (a plugin's own format: its DataFormat(shape=…))"
+            )
         if isinstance(self.shapes, str):
             object.__setattr__(self, "shapes", (self.shapes,))
         if not self.shapes or not all(isinstance(s, str) and s for s in self.shapes):

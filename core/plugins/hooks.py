@@ -24,6 +24,8 @@ class ObjectiveHooks:
         # The batch is the shape's: any format of the objective's shapes gives the same one.
         self.data_format = registry.data_format(self.objective)
         self.format_name = getattr(spec.config, "format", None)
+        named = getattr(spec, "named", None)
+        self.format_given = named("format") if callable(named) else "--format"
         rewards = getattr(spec, "rewards", [])
         self.fields = merged_fields([self.objective.fields, *(c.reward.fields for c in rewards)])
         fields = self.fields
@@ -31,25 +33,33 @@ class ObjectiveHooks:
         self.packed = self.objective.packable and spec.config.padding_free
 
     def format_for(self, source: Any, streaming: bool = False) -> tuple[DataFormat, str, str]:
-        """The data format that reads ``source`` (an ``align.data.sources.DataSource``):
-        ``--format``, or detected from its columns. Returns the format, its origin (plugin and
-        version, part of the data cache's key) and how it was chosen, for the report."""
+        """The data format that reads ``source`` (an ``align.data.sources.DataSource``): the
+        source's own ``format`` (a mixture's YAML), ``--format``, or detected from its first
+        record's columns. Returns the format, its origin (plugin and version, part of the data
+        cache's key) and how it was chosen, for the report."""
         from ..data.fields import reserved_problem
 
-        columns = None if self.format_name else source.column_names(streaming)
-        registered = self.registry.choose_format(
-            self.objective, self.format_name, columns, source.label
+        name = getattr(source, "format", None) or self.format_name
+        given = f"data source {source.label}: format" if source.format else self.format_given
+        columns = None if name else source.column_names(streaming)
+        registered, also = self.registry.choose_format(
+            self.objective, name, columns, source.label, given
         )
         fmt, origin = registered.item, registered.plugin
-        for name in self.field_names:
-            problem = reserved_problem(name, fmt.columns)
+        for field in self.field_names:
+            problem = reserved_problem(field, fmt.columns, fmt.name)
             if problem:
-                raise PluginError(
-                    f"objective {self.objective.name!r}: {problem} ({fmt.name!r}, which reads "
-                    f"{source.label})"
+                raise PluginError(f"objective {self.objective.name!r}: {problem}")
+        if name:
+            chosen = f"{fmt.name} ({'the source' if source.format else self.format_given})"
+        else:
+            chosen = f"{fmt.name} (detected from its columns)"
+            if also:
+                chosen = (
+                    f"{fmt.name} (detected from its columns; they also fit "
+                    f"{', '.join(also)}: pick one with --format)"
                 )
-        chosen = "--format" if self.format_name else "detected from its columns"
-        return fmt, f"{origin.label} {origin.version}", f"{fmt.name} ({chosen})"
+        return fmt, f"{origin.label} {origin.version}", chosen
 
     def _call(self, hook: str, **kwargs: Any) -> Any:
         return self.registry.call_objective_hook(

@@ -319,14 +319,9 @@ class PluginRegistry:
                 f"objective {objective.name!r}: no registered data format yields its shapes "
                 f"({', '.join(objective.shapes)}).{hint} Shapes: {', '.join(sorted(known))}"
             )
-        core_columns = [
-            column
-            for r in self.formats_of(objective).values()
-            if r.plugin.name == CORE_DISTRIBUTION
-            for column in r.item.columns
-        ]
+        default = self.data_format(objective)  # its demo's and its suite's samples' format
         for name in column_names(objective.fields) if objective.fields is not None else ():
-            problem = reserved_problem(name, core_columns)
+            problem = reserved_problem(name, default.columns, default.name)
             if problem:
                 return f"objective {objective.name!r}: {problem}"
         return None
@@ -351,74 +346,96 @@ class PluginRegistry:
         raise PluginError(self._data_problem(objective) or f"objective {objective.name!r}")
 
     def choose_format(
-        self, objective: Objective, name: str | None, columns: Any, source: str
-    ) -> Registered:
-        """The format that reads a data source for an objective: ``name`` (``--format``), or
-        the format of the objective's shapes whose identifying columns the source has (the most
-        specific one, when one format's identifying set holds another's); with none, the one
-        that has half or more of its columns, whose error then names the missing one.
-        ``columns``: the source's columns (None: it has no records to tell by)."""
+        self, objective: Objective, name: str | None, columns: Any, source: str, given: str = ""
+    ) -> tuple[Registered, list[str]]:
+        """The format that reads a data source for an objective, and the other formats its
+        columns also fit (a plugin's, which a core format wins over): ``name`` (``--format``,
+        which ``given`` names in errors), or the format of the objective's shapes whose
+        identifying columns the source's first record holds. One format's identifying set that
+        holds another's wins when its extra columns are ones the other does not read
+        (``conversations+chosen+rejected`` over ``chosen+rejected``); among the rest, one core
+        format wins over plugins' (a plugin installed later does not change how a file is
+        read); else the columns are ambiguous. With no match, the one format holding half or
+        more of an identifying set reads the file, and its error names the missing column.
+        ``columns``: the first record's columns that hold a value (None: no record to tell by).
+        """
         from ..errors import ConfigError, DataError
 
         feeding = self.formats_of(objective)
         shapes = " or ".join(objective.shapes)
         if name is not None:
+            given = given or "--format"
             if name in self.format_clashes:
                 raise ConfigError(
-                    f"--format {name}: data format {name!r} is registered more than once "
+                    f"{given} {name}: data format {name!r} is registered more than once "
                     f"({', '.join(self.format_clashes[name])}); uninstall one of them"
                 )
             registered = self.formats.get(name)
             if registered is None:
                 raise ConfigError(
-                    f"--format {name}: unknown data format.{did_you_mean(name, self.formats)} "
+                    f"{given} {name}: unknown data format.{did_you_mean(name, self.formats)} "
                     f"Formats: {', '.join(sorted(self.formats))} (align formats)"
                 )
             if name not in feeding:
                 raise ConfigError(
-                    f"--format {name}: format {name!r} yields {registered.item.shape} records, "
+                    f"{given} {name}: format {name!r} yields {registered.item.shape} records, "
                     f"and objective {objective.name!r} trains on {shapes}; formats that feed it: "
                     f"{', '.join(feeding)}"
                 )
-            return registered
+            return registered, []
         if columns is None:
             default = self.data_format(objective)
-            return next(r for r in feeding.values() if r.item is default)
+            return next(r for r in feeding.values() if r.item is default), []
         present = sorted(columns)
         matched = {n: r.item.detected_by(present) for n, r in feeding.items()}
         matched = {n: need for n, need in matched.items() if need is not None}
-        # The most specific match wins: sharegpt_preference's conversations+chosen+rejected
-        # over preference's chosen+rejected. Columns that fit two unrelated sets are ambiguous.
-        widest = [
-            n
-            for n, need in matched.items()
-            if all(set(other) < set(need) for m, other in matched.items() if m != n)
-        ]
-        if len(matched) == 1 or len(widest) == 1:
-            return feeding[widest[0] if widest else next(iter(matched))]
+
+        def holds(n: str, m: str) -> bool:
+            """Whether n's match is more specific than m's, by columns m does not read."""
+            wider, other = set(matched[n]), set(matched[m])
+            return other < wider and not (wider - other) & set(feeding[m].item.columns)
+
+        widest = [n for n in matched if all(holds(n, m) for m in matched if m != n)]
+        if widest:
+            return feeding[widest[0]], []
+        if len(matched) > 1:
+            core = [n for n in matched if feeding[n].plugin.name == CORE_DISTRIBUTION]
+            if len(core) == 1:
+                return feeding[core[0]], [n for n in matched if n != core[0]]
         if not matched:  # the format nearest the columns reads them and names what is missing
             overlap = {n: _overlap(r.item, present) for n, r in feeding.items()}
             best = max(overlap.values())
             nearest = [n for n, share in overlap.items() if share == best]
             if best >= 0.5 and len(nearest) == 1:
-                return feeding[nearest[0]]
+                return feeding[nearest[0]], []
 
         def reads(fmt: DataFormat) -> str:
             return " | ".join("+".join(need) for need in fmt.detect) or "(no columns declared)"
 
-        where = f"columns {', '.join(present) or '(none)'}"
+        where = f"first record's columns {', '.join(present) or '(none)'}"
         if not matched:
             options = "; ".join(f"{n} reads {reads(r.item)}" for n, r in feeding.items())
+            others = [
+                f"{n} ({r.item.shape})"
+                for n, r in sorted(self.formats.items())
+                if n not in feeding and r.item.detected_by(present) is not None
+            ]
+            hint = (
+                f" These columns fit {', '.join(others)}, for objectives of that shape "
+                "(align formats)."
+                if others
+                else ""
+            )
             raise DataError(
-                f"no data format of objective {objective.name!r} ({shapes}) reads these "
-                f"records' {where}: {options}. Rename columns with --data-columns "
-                "(`question=prompt`), or pick a format with --format",
+                f"no data format of objective {objective.name!r} ({shapes}) reads the {where}: "
+                f"{options}.{hint} Rename columns with --data-columns (`question=prompt`), or "
+                "pick a format with --format",
                 source=source,
             )
         fits = ", ".join(f"{n} ({'+'.join(need)})" for n, need in matched.items())
         raise DataError(
-            f"the records' {where} fit several data formats of objective "
-            f"{objective.name!r}: {fits}; pick one with --format NAME",
+            f"the {where} fit several data formats of objective {objective.name!r}: {fits}; "
+            "pick one with --format NAME",
             source=source,
         )
 
