@@ -620,3 +620,49 @@ def test_role_and_content_turns_are_pointed_to_the_messages_column():
     row = {"conversations": [{"role": "user", "content": "q"}]}
     with pytest.raises(align.DataError, match="are chat messages .*conversations=messages"):
         _sharegpt(Record(row, "d.jsonl", "line 1"))
+
+
+class WeightedPairs:
+    """A plugin format that fits prompt+completion+weight files, as the core's does."""
+
+    @align.hookimpl
+    def align_register_formats(self, register):
+        register(
+            align.DataFormat(
+                "weighted-pc",
+                "x",
+                lambda r: align.Group(r.data["prompt"], {"": r.data["completion"]}),
+                shape="prompt_completion",
+                columns=("prompt", "completion", "weight"),
+            )
+        )
+
+
+def test_a_resumed_run_reads_its_data_in_the_format_it_started_with(
+    tmp_path, model_dir, write_jsonl, sft_rows, crash_copy
+):
+    """A plugin installed since cannot change how a core file is read (the core's format wins
+    over one that fits more of its columns), and a run resumed with another --format is
+    refused; with the same formats, --format may be given."""
+    rows = [{**row, "weight": 1.0} for row in sft_rows]
+    data = write_jsonl(tmp_path / "w.jsonl", rows)
+    done = tmp_path / "done"
+    args = ["run", "--model", str(model_dir), "--data", str(data), "--max-steps", "2"]
+    args += ["--batch-size", "4", "--save-every", "1"]
+    result = CliRunner().invoke(cli, [*args, "--output-dir", str(done)])
+    assert result.exit_code == 0, result.output
+    stopped = tmp_path / "stopped"
+    crash_copy(done, stopped, 1, 1)
+    resume = [*args, "--output-dir", str(stopped), "--resume"]
+    with registered(WeightedPairs()):
+        result = CliRunner().invoke(cli, resume)
+        assert result.exit_code == 0, result.output
+        assert "they also fit weighted-pc: pick one with --format" in result.output
+        crash_copy(done, stopped.with_name("again"), 1, 1)
+        other = [*args, "--output-dir", str(stopped.with_name("again")), "--resume"]
+        result = CliRunner().invoke(cli, [*other, "--format", "weighted-pc"])
+    assert result.exit_code == 1
+    assert "the train data was read as prompt_completion (detected" in result.output
+    assert "and now as weighted-pc (--format)" in result.output
+    result = CliRunner().invoke(cli, [*other, "--format", "prompt_completion"])
+    assert result.exit_code == 0, result.output

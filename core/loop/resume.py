@@ -67,6 +67,7 @@ MAY_CHANGE_ON_RESUME = {
     "eval_data_split",
     "data_workers",  # the examples are the same whoever tokenises them
     "data_cache",
+    "format",  # the formats that read the data are compared instead (check_same_format)
 }
 
 
@@ -451,6 +452,27 @@ def check_same_run(
             "to train differently."
         )
     return changed
+
+
+def format_names(text: str) -> list[str]:
+    """The format names of a data report's ``format`` (``sharegpt (detected from its
+    columns), prompt_completion (--format)``)."""
+    import re
+
+    return re.findall(r"(?:^|\), )([\w.-]+) \(", text or "")
+
+
+def check_same_format(previous: dict[str, Any], reports: dict[str, Any]) -> None:
+    """A resumed run reads its data in the formats it started with: a format plugin installed
+    or removed since could otherwise read the same files another way."""
+    for split, report in reports.items():
+        old = previous.get("data", {}).get(split, {}).get("format")
+        if old and report.format and format_names(old) != format_names(report.format):
+            raise ConfigError(
+                f"--resume: the {split} data was read as {old}, and now as {report.format} "
+                "(a data format plugin installed or removed since?): give --format "
+                f"{format_names(old)[0]}, or start a new run (another --output-dir)"
+            )
 
 
 def check_same_engine(previous: dict[str, Any], engine: str) -> None:

@@ -272,6 +272,8 @@ class Training:
                 for source, built in zip(sources, self.stores[split], strict=True):
                     named = f" ({source.label})" if len(sources) > 1 else ""
                     self._log(f"data {split}{named}: {built.summary()}")
+        if self.previous is not None:
+            resume.check_same_format(self.previous, self.reports)
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when

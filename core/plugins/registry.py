@@ -351,11 +351,11 @@ class PluginRegistry:
         """The format that reads a data source for an objective, and the other formats its
         columns also fit (a plugin's, which a core format wins over): ``name`` (``--format``,
         which ``given`` names in errors), or the format of the objective's shapes whose
-        identifying columns the source's first record holds. One format's identifying set that
-        holds another's wins when its extra columns are ones the other does not read
-        (``conversations+chosen+rejected`` over ``chosen+rejected``); among the rest, one core
-        format wins over plugins' (a plugin installed later does not change how a file is
-        read); else the columns are ambiguous. With no match, the one format holding half or
+        identifying columns the source's first record holds. Core formats that fit win over
+        plugins' (a plugin installed later does not change how a file is read); among those
+        left, one whose identifying set holds each other's by columns the other does not read
+        wins (``conversations+chosen+rejected`` over ``chosen+rejected``); else the columns
+        are ambiguous. With no match, the one format holding half or
         more of an identifying set reads the file, and its error names the missing column.
         ``columns``: the first record's columns that hold a value (None: no record to tell by).
         """
@@ -395,13 +395,16 @@ class PluginRegistry:
             wider, other = set(matched[n]), set(matched[m])
             return other < wider and not (wider - other) & set(feeding[m].item.columns)
 
-        widest = [n for n in matched if all(holds(n, m) for m in matched if m != n)]
+        # A core format that fits wins over every plugin's: installing a plugin never changes
+        # how a file is read (the plugins' that also fit are named, for --format).
+        core = {
+            n: need for n, need in matched.items() if feeding[n].plugin.name == CORE_DISTRIBUTION
+        }
+        also = [n for n in matched if n not in core] if core else []
+        candidates = core or matched
+        widest = [n for n in candidates if all(holds(n, m) for m in candidates if m != n)]
         if widest:
-            return feeding[widest[0]], []
-        if len(matched) > 1:
-            core = [n for n in matched if feeding[n].plugin.name == CORE_DISTRIBUTION]
-            if len(core) == 1:
-                return feeding[core[0]], [n for n in matched if n != core[0]]
+            return feeding[widest[0]], also
         if not matched:  # the format nearest the columns reads them and names what is missing
             overlap = {n: _overlap(r.item, present) for n, r in feeding.items()}
             best = max(overlap.values())
@@ -432,7 +435,7 @@ class PluginRegistry:
                 "pick a format with --format",
                 source=source,
             )
-        fits = ", ".join(f"{n} ({'+'.join(need)})" for n, need in matched.items())
+        fits = ", ".join(f"{n} ({'+'.join(need)})" for n, need in candidates.items())
         raise DataError(
             f"the {where} fit several data formats of objective {objective.name!r}: {fits}; "
             "pick one with --format NAME",
