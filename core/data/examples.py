@@ -204,18 +204,16 @@ class RecordTokenizer:
         self.claimed = {*self.format.columns, *(column_names(fields) if fields else ())}
         self.shape = SHAPES.get(self.format.shape)  # every group is checked against it
 
-    def examples(self, record: Record, report: DataReport) -> list[dict[str, Any]]:
-        """The record's examples; ``report`` counts the record and what happened to it."""
+    def groups(self, record: Record) -> tuple[Record, list[Group]]:
+        """The record with its format's columns validated, and the groups the format makes of
+        it, each an ``align.Group`` of the format's shape (else a DataError naming the record)."""
         fmt = self.format
-        report.records += 1
-        report.ignored_columns.update(c for c in record.data if c not in self.claimed)
-        extra = validate_columns(record, self.fields) if self.fields is not None else {}
         if fmt.schema is not None:
             validated = validate_columns(record, fmt.schema)
             record = dataclasses.replace(record, data={**record.data, **validated})
         built = fmt.groups(record)
-        examples = []
-        for group in built if isinstance(built, list) else [built]:
+        groups = built if isinstance(built, list) else [built]
+        for group in groups:
             if not isinstance(group, Group):
                 raise DataError(
                     f"data format {fmt.name!r} returned {type(group).__name__}, expected "
@@ -231,6 +229,17 @@ class RecordTokenizer:
                     source=record.source,
                     location=record.location,
                 )
+        return record, groups
+
+    def examples(self, record: Record, report: DataReport) -> list[dict[str, Any]]:
+        """The record's examples; ``report`` counts the record and what happened to it."""
+        fmt = self.format
+        report.records += 1
+        report.ignored_columns.update(c for c in record.data if c not in self.claimed)
+        extra = validate_columns(record, self.fields) if self.fields is not None else {}
+        record, groups = self.groups(record)
+        examples = []
+        for group in groups:
             example = tokenize_group(self.tokenizer, record, group)
             taken = sorted(extra.keys() & example.keys())
             if taken:

@@ -33,7 +33,7 @@ import pytest
 from ..data.batching import sequence_prefixes
 from ..data.shapes import SHAPES
 from ..errors import DataError
-from .api import DataFormat, Group
+from .api import DataFormat
 
 
 def trained_runs(tokenizer: Any, ids: list[int], mask: list[int]) -> list[str]:
@@ -116,18 +116,6 @@ class FormatConformance:
 
         return Record(dict(row), "samples", f"sample {number}")
 
-    def _groups(self, fmt: DataFormat, row: dict[str, Any], number: int) -> list[Group]:
-        import dataclasses
-
-        from ..data.fields import validate_columns
-
-        record = self._record(row, number)
-        if fmt.schema is not None:
-            validated = validate_columns(record, fmt.schema)
-            record = dataclasses.replace(record, data={**record.data, **validated})
-        built = fmt.groups(record)
-        return built if isinstance(built, list) else [built]
-
     def _examples(self, fmt: DataFormat, tokenizer: Any, row: dict[str, Any], number: int) -> list:
         from ..data.examples import DataReport, RecordTokenizer
 
@@ -135,19 +123,20 @@ class FormatConformance:
         return tokenise.examples(self._record(row, number), DataReport(split="samples"))
 
     def test_groups_are_of_the_declared_shape(self, fmt: DataFormat) -> None:
+        from ..data.examples import RecordTokenizer
+
         records, _ = self._samples(fmt)
         shape = SHAPES.get(fmt.shape)
+        what = f" ({shape.description})" if shape is not None else ""
+        check = RecordTokenizer(fmt, None, 1_000_000, "error")  # as a run checks each record
         for number, row in enumerate(records, start=1):
-            for i, group in enumerate(self._groups(fmt, row, number)):
-                assert isinstance(group, Group), (
-                    f"sample {number}: groups returned {type(group).__name__}, expected align.Group"
-                )
-                problem = shape.check(group) if shape is not None else None
-                assert problem is None, (
-                    f"sample {number}, group {i}: format {fmt.name!r} declares shape "
-                    f"{fmt.shape!r} ({shape.description if shape else ''}), but the group has "
-                    f"{problem}: {group!r}"
-                )
+            try:
+                check.groups(self._record(row, number))
+            except DataError as error:
+                raise AssertionError(
+                    f"sample {number}: format {fmt.name!r} declares shape {fmt.shape!r}{what}, "
+                    f"and the core refuses its groups: {error}"
+                ) from None
 
     def test_each_sequence_trains_on_the_declared_text(
         self, fmt: DataFormat, tokenizer: Any
