@@ -59,6 +59,24 @@ def untied_model_dir(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def poisoned_model_dir(untied_model_dir, tmp_path_factory):
+    """The untied model with a NaN input embedding for "~": a sequence holding it has a NaN
+    loss, and the others are untouched."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("poisoned")
+    tokenizer = AutoTokenizer.from_pretrained(untied_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
+    (tilde,) = tokenizer("~", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tilde] = float("nan")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model_dir):
     from transformers import AutoTokenizer
 

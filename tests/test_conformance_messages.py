@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from test_testing import MEAN_PLUGIN  # a token mean where a sum is due
 
 SUITE = """
 import {module}
@@ -56,26 +57,6 @@ def align_compute_loss(model, batch):
     out = align.forward_logps(model, batch)
     per_row = -(out.logps * out.mask).sum(-1) / out.mask.sum(-1)  # a packed row: several
     return align.LossOutput(loss=per_row.sum(), count=batch["input_ids"].shape[0])
-"""
-
-MEAN_PLUGIN = """
-import align
-
-
-@align.hookimpl
-def align_register_objectives(register):
-    register(align.Objective(name="mean", description="a token mean where a sum is due"))
-
-
-@align.hookimpl
-def align_loss_counts(batch):
-    return {"loss": align.sequence_token_counts(batch).sum()}
-
-
-@align.hookimpl
-def align_compute_loss(model, batch):
-    out = align.forward_logps(model, batch)
-    return align.LossOutput(loss=-out.sums.sum() / out.num_tokens.sum(), count=out.num_tokens.sum())
 """
 
 PADDING_PLUGIN = """

@@ -150,23 +150,6 @@ def test_the_message_names_the_records(what):
 
 
 # -- over processes ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def poisoned_model_dir(untied_model_dir, tmp_path_factory):
-    """The untied model with a NaN input embedding for "~": a sequence holding it has a NaN
-    loss, and the others are untouched."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("poisoned")
-    tokenizer = AutoTokenizer.from_pretrained(untied_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
-    (tilde,) = tokenizer("~", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        model.get_input_embeddings().weight[tilde] = float("nan")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.scale_out
 @pytest.mark.xdist_group("torchrun")
 def test_two_processes_name_the_record_and_try_as_many_each(

@@ -308,23 +308,6 @@ def test_restoring_a_model_saved_in_another_layout(tmp_path):
 
 
 # -- non-finite values ------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def poisoned_model_dir(untied_model_dir, tmp_path_factory):
-    """The untied model with a NaN input embedding for "~": a sequence holding it has a NaN
-    loss, and the others are untouched."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tmp_path_factory.mktemp("poisoned")
-    tokenizer = AutoTokenizer.from_pretrained(untied_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(untied_model_dir)
-    (tilde,) = tokenizer("~", add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        model.get_input_embeddings().weight[tilde] = float("nan")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def _poisoned_data(write_jsonl, tmp_path, sft_rows):
     rows = list(sft_rows)
     rows[2] = {"prompt": "What is ~? ", "completion": "A tilde."}  # line 3
