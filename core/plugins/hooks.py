@@ -23,9 +23,8 @@ class ObjectiveHooks:
         self.config = spec.config
         # The batch is the shape's: any format of the objective's shapes gives the same one.
         self.data_format = registry.data_format(self.objective)
-        self.format_name = getattr(spec.config, "format", None)
-        named = getattr(spec, "named", None)
-        self.format_given = named("format") if callable(named) else "--format"
+        self.format_name = spec.config.format
+        self.format_given = spec.named("format")  # --format, or format (run.yaml)
         rewards = getattr(spec, "rewards", [])
         self.fields = merged_fields([self.objective.fields, *(c.reward.fields for c in rewards)])
         fields = self.fields
@@ -39,7 +38,7 @@ class ObjectiveHooks:
         cache's key) and how it was chosen, for the report."""
         from ..data.fields import reserved_problem
 
-        name = getattr(source, "format", None) or self.format_name
+        name = source.format or self.format_name
         given = f"data source {source.label}: format" if source.format else self.format_given
         columns = None if name else source.column_names(streaming)
         registered, also = self.registry.choose_format(
