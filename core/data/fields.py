@@ -169,9 +169,10 @@ def _converted_fields(schema: type[BaseModel]) -> set[str]:
     return fields
 
 
-def _members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]]:
+def type_members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]]:
     """A type's members, each with its metadata: a union's, each ``Annotated`` unwrapped (its
-    metadata, a ``Field(...)``'s included, added to the member's)."""
+    metadata, a ``Field(...)``'s included, added to the member's). :class:`align.Options`
+    reads it too, to tell a number field."""
     out: list[tuple[Any, list[Any]]] = []
     stack = [(annotation, metadata)]
     while stack:
@@ -191,7 +192,7 @@ def _members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]
 
 
 def _admits_none(annotation: Any) -> bool:
-    for member, _ in _members(annotation, []):
+    for member, _ in type_members(annotation, []):
         if member in (type(None), None, Any, object):
             return True
         if typing.get_origin(member) is typing.Literal and None in typing.get_args(member):
@@ -220,7 +221,7 @@ def _problem(
     (pydantic's own checks still follow)."""
     if value is None:
         return None
-    members = _members(annotation, metadata)
+    members = type_members(annotation, metadata)
     if any(_converts(meta) for _, meta in members):
         return None
     types_ = [m for m, _ in members]

@@ -3,8 +3,6 @@ declares (options, extra record fields) and what its loss returns."""
 
 from __future__ import annotations
 
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,16 +15,9 @@ def _number_kind(annotation: Any) -> str | None:
     """What a field of this type expects when it takes numbers but not booleans: ``"an
     integer"`` (``int``, ``int | None``), ``"a number"`` (any ``float``), else None (a
     ``bool``, ``bool | int``, ``Any``, a string, a list: not a number field)."""
-    members, leaves = [annotation], set()
-    while members:
-        member = members.pop()
-        origin = typing.get_origin(member)
-        if origin is typing.Annotated:
-            members.append(typing.get_args(member)[0])
-        elif origin in (typing.Union, types.UnionType):
-            members.extend(typing.get_args(member))
-        else:
-            leaves.add(member)
+    from ..data.fields import type_members
+
+    leaves = {member for member, _ in type_members(annotation, [])}
     if bool in leaves or Any in leaves:
         return None
     if float in leaves:
