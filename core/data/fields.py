@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import math
 import re
-import types
 import typing
 from collections import abc
 from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
 
+from ..plugins.api import type_members
 from .records import Record
 
 # What a pydantic error type expects, in the words of the core's other data errors.
@@ -167,28 +166,6 @@ def _converted_fields(schema: type[BaseModel]) -> set[str]:
         names = decorator.info.fields
         fields.update(schema.model_fields if "*" in names else names)
     return fields
-
-
-def type_members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]]:
-    """A type's members, each with its metadata: a union's, each ``Annotated`` unwrapped (its
-    metadata, a ``Field(...)``'s included, added to the member's). :class:`align.Options`
-    reads it too, to tell a number field."""
-    out: list[tuple[Any, list[Any]]] = []
-    stack = [(annotation, metadata)]
-    while stack:
-        member, meta = stack.pop()
-        origin = typing.get_origin(member)
-        if origin is typing.Annotated:
-            inner, *extra = typing.get_args(member)
-            flat = []
-            for item in extra:
-                flat += [item, *item.metadata] if isinstance(item, FieldInfo) else [item]
-            stack.append((inner, [*meta, *flat]))
-        elif origin in (typing.Union, types.UnionType):
-            stack += [(m, meta) for m in reversed(typing.get_args(member))]
-        else:
-            out.append((member, meta))
-    return out
 
 
 def _admits_none(annotation: Any) -> bool:

@@ -3,20 +3,43 @@ declares (options, extra record fields) and what its loss returns."""
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
+
+
+def type_members(annotation: Any, metadata: list[Any]) -> list[tuple[Any, list[Any]]]:
+    """A type's members, each with its metadata: a union's, each ``Annotated`` unwrapped (its
+    metadata, a ``Field(...)``'s included, added to the member's). :class:`align.Options`
+    reads it too, to tell a number field."""
+    out: list[tuple[Any, list[Any]]] = []
+    stack = [(annotation, metadata)]
+    while stack:
+        member, meta = stack.pop()
+        origin = typing.get_origin(member)
+        if origin is typing.Annotated:
+            inner, *extra = typing.get_args(member)
+            flat = []
+            for item in extra:
+                flat += [item, *item.metadata] if isinstance(item, FieldInfo) else [item]
+            stack.append((inner, [*meta, *flat]))
+        elif origin in (typing.Union, types.UnionType):
+            stack += [(m, meta) for m in reversed(typing.get_args(member))]
+        else:
+            out.append((member, meta))
+    return out
 
 
 def _number_kind(annotation: Any) -> str | None:
     """What a field of this type expects when it takes numbers but not booleans: ``"an
     integer"`` (``int``, ``int | None``), ``"a number"`` (any ``float``), else None (a
     ``bool``, ``bool | int``, ``Any``, a string, a list: not a number field)."""
-    from ..data.fields import type_members
-
     leaves = {member for member, _ in type_members(annotation, [])}
     if bool in leaves or Any in leaves:
         return None
