@@ -1,0 +1,190 @@
+"""What ``align run``, ``align inspect`` and ``align prepare`` share: the core options' flags,
+the flags plugin sections add, and the plugin registry with its load warnings."""
+
+from __future__ import annotations
+
+import os
+import typing
+from typing import Any
+
+import click
+
+from align.config import TrainConfig
+from align.options import SAMPLING_KEYS
+from align.plugins import FIRST_PARTY_FLAGS, get_registry, install_hint
+from align.plugins.api import option_keys
+
+# Core options that get a flag of their own; every other core option is set in the YAML file.
+RUN_FLAGS = [
+    "objective",
+    "model",
+    "data",
+    "eval_data",
+    "data_split",
+    "eval_data_split",
+    "data_subset",
+    "data_revision",
+    "data_columns",
+    "format",
+    "data_workers",
+    "data_cache",
+    "streaming",
+    "shuffle_buffer",
+    "output_dir",
+    "max_steps",
+    "epochs",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "lr_scheduler",
+    "warmup_steps",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "seed",
+    "max_length",
+    "truncation",
+    "precision",
+    "gradient_checkpointing",
+    "disable_dropout",
+    "group_by_length",
+    "padding_free",
+    "save_every",
+    "keep_last",
+    "resume",
+    "eval_every",
+    "log_every",
+    "trust_remote_code",
+    "reference",
+    "ref_model",
+    "eval_deviation",
+    "eval_on_start",
+    *SAMPLING_KEYS,  # on-policy objectives: --reward, --temperature, …
+    "overwrite",
+    "on_nonfinite",
+    "num_processes",
+]
+
+
+def load_registry() -> Any:
+    """The plugin registry, with a warning on stderr (from the first process of a node) naming
+    each plugin that failed to load (import, core version, registration, hooks) and why: every
+    command says it, not only ``align plugins``."""
+    registry = get_registry()
+    failed = [
+        p for p in registry.plugins.values() if p.errors and not registry.pm.is_registered(p.obj)
+    ]
+    if failed and os.environ.get("LOCAL_RANK", "0") == "0":
+        for info in failed:
+            more = f" (and {len(info.errors) - 1} more)" if len(info.errors) > 1 else ""
+            click.echo(
+                f"Warning: plugin {info.label} ({info.module}) is not loaded: {info.errors[0]}"
+                f"{more}",
+                err=True,
+            )
+        click.echo("Warning: `align plugins` lists every plugin and its errors.", err=True)
+    return registry
+
+
+def _option_for(name: str) -> Any:
+    field = TrainConfig.model_fields[name]
+    flag = "--" + name.replace("_", "-")
+    annotation = field.annotation
+    args = [t for t in typing.get_args(annotation) if t is not type(None)]
+    base = args[0] if args and typing.get_origin(annotation) is not typing.Literal else annotation
+    default = f" [default: {field.default}]" if field.default is not None else ""
+    help_text = (field.description or "") + default
+    if name == "rewards":  # --reward NAME[=WEIGHT], repeatable
+        return click.option(
+            "--reward",
+            name,
+            multiple=True,
+            metavar="NAME[=WEIGHT]",
+            callback=lambda _ctx, _param, value: list(value) or None,
+            help=field.description,
+        )
+    if name in ("data", "eval_data"):  # repeatable: several sources make a mixture
+        return click.option(
+            flag,
+            name,
+            multiple=True,
+            metavar="PATH[:SHARE]",
+            callback=lambda _ctx, _param, value: (
+                (list(value) if len(value) > 1 else value[0]) if value else None
+            ),
+            help=field.description,
+        )
+    if name == "resume":  # --resume alone means the latest checkpoint
+        return click.option(
+            flag,
+            name,
+            is_flag=False,
+            flag_value="latest",
+            default=None,
+            metavar="[PATH]",
+            help=help_text,
+        )
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if typing.get_origin(annotation) is typing.Literal:
+        return click.option(
+            flag, name, type=click.Choice(typing.get_args(annotation)), default=None, help=help_text
+        )
+    return click.option(
+        flag, name, type={int: int, float: float}.get(base, str), default=None, help=help_text
+    )
+
+
+def run_options(func: Any) -> Any:
+    for name in reversed(RUN_FLAGS):
+        func = _option_for(name)(func)
+    return func
+
+
+SECTION_FLAG = "section__"  # prefix of the parameter names of plugin sections' flags
+
+
+class RunCommand(click.Command):
+    """``align run``, with the flags installed plugins' sections declare (``--lora``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["align.args"] = list(args)  # what --num-processes passes on to each process
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            dist = FIRST_PARTY_FLAGS.get(exc.option_name)
+            if dist:
+                exc.message += f" ({exc.option_name} is added by {dist}: {install_hint(dist)})"
+            raise
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = [*self.params, *self._section_params()]
+        help_option = self.get_help_option(ctx)
+        return [*params, help_option] if help_option is not None else params
+
+    @staticmethod
+    def _section_params() -> list[click.Option]:
+        params = []
+        for name, registered in sorted(get_registry().sections.items()):
+            section = registered.item
+            keys = option_keys(section.options)
+            for flag, key in section.flags.items():
+                field = section.options.model_fields[keys[key]]
+                dest = f"{SECTION_FLAG}{name}__{key}"
+                text = f"{field.description or ''} (sets {name}.{key}; {registered.plugin.label})"
+                if field.annotation is bool:
+                    params.append(click.Option([f"--{flag}", dest], is_flag=True, help=text))
+                else:
+                    params.append(click.Option([f"--{flag}", dest], metavar="VALUE", help=text))
+        return params
+
+
+def split_section_flags(flags: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Take the section flags out of ``flags``: ``{section: {key: value}}`` of those given."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dest in [d for d in flags if d.startswith(SECTION_FLAG)]:
+        value = flags.pop(dest)
+        if value is not None and value is not False:
+            name, key = dest[len(SECTION_FLAG) :].split("__", 1)
+            sections.setdefault(name, {})[key] = value
+    return sections
