@@ -111,7 +111,7 @@ def test_system_message_and_commands(tmp_path, model_dir, monkeypatch):
     record = Recorder(monkeypatch)
     result = _cli(
         "chat", model_dir, "--system", "Add numbers.", "--temperature", 0,
-        "--max-new-tokens", 3, input="hi\n/system\nhi\n/nope\n/help\n",
+        "--max-new-tokens", 3, input="hi\n/system\nhi\n/nope\n/help\nclear\nexit\nhi\n",
     )  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     system = {"role": "system", "content": "Add numbers."}
@@ -121,7 +121,9 @@ def test_system_message_and_commands(tmp_path, model_dir, monkeypatch):
     assert record.prompts[1] == _template_ids(tokenizer, [user, reply, user])
     assert "No system message." in result.output
     assert "Unknown command /nope. Commands: /clear" in result.output
-    assert result.output.rstrip().endswith("You:")  # the end of input quits
+    assert "History cleared." in result.output  # `clear` and `exit` as LLaMA-Factory has them
+    assert result.output.count("Assistant: ") == 2 and result.output.rstrip().endswith("exit")
+    assert _cli("chat", model_dir, input="hi\n").output.rstrip().endswith("You:")  # Ctrl-D
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat(model_dir):
@@ -429,3 +431,63 @@ def test_the_model_context_bounds_prompts_and_replies(tmp_path, model_dir, write
         result.output
     )
     assert result.output.count("Assistant: ") == 2
+
+
+HUB_RUNNER = textwrap.dedent(
+    """
+    import json, sys
+    from align.cli import cli
+
+    codes = []
+    for args in json.loads(sys.argv[1]):
+        try:
+            cli(args)
+        except SystemExit as exc:
+            codes.append(exc.code)
+    print(json.dumps(codes))
+    """
+)
+
+
+def _cache_repo(cache, repo_id, files_from):
+    """A hub cache entry for ``repo_id`` holding the files of a directory, as a download
+    leaves it (hub unreachable: HF_HUB_OFFLINE)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(files_from, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+def test_hub_ids_from_the_cache(tmp_path, model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    cache = tmp_path / "hub"
+    _cache_repo(cache, "align-test/tiny", model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        tmp_path / "adapter"
+    )
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(
+        json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "align-test/tiny"})
+    )
+    _cache_repo(cache, "align-test/tiny-lora", tmp_path / "adapter")
+    common = ["--prompt", PROMPT, "--max-new-tokens", "2", "--raw"]
+    commands = [
+        ["generate", "align-test/tiny", *common, "-o", str(tmp_path / "model.jsonl")],
+        ["generate", "align-test/tiny-lora", *common, "-o", str(tmp_path / "adapter.jsonl")],
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_RUNNER, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0 and json.loads(done.stdout) == [0, 0], done.stderr
+    assert "Model: align-test/tiny\n" in done.stderr
+    lora = "Model: align-test/tiny-lora (from the hub cache): a LoRA adapter on align-test/tiny"
+    assert lora in done.stderr
+    assert (tmp_path / "model.jsonl").exists() and (tmp_path / "adapter.jsonl").exists()

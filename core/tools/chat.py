@@ -444,6 +444,7 @@ class Conversation:
         self.messages.clear()
 
 
+BARE_COMMANDS = ("exit", "quit", "clear")
 COMMANDS = "/clear (forget the conversation), /system TEXT (set the system message; /system alone removes it), /exit or Ctrl-D (quit), /help"  # noqa: E501
 
 
@@ -474,6 +475,8 @@ def chat_loop(
         text = line.strip()
         if not text:
             continue
+        if text in BARE_COMMANDS:  # LLaMA-Factory's chat takes these without the slash
+            text = "/" + text
         if text.startswith("/"):
             command, _, rest = text.partition(" ")
             if command in ("/exit", "/quit"):
