@@ -62,9 +62,9 @@ class Recorder:
         self.prompts, self.completions = [], []
         stream = tools.Completer.stream
 
-        def recorded(completer, prompt, on_text):
+        def recorded(completer, prompt, on_text, on_start=None):
             self.prompts.append(list(prompt))
-            completion = stream(completer, prompt, on_text)
+            completion = stream(completer, prompt, on_text, on_start)
             self.completions.append(completion)
             return completion
 
@@ -124,6 +124,21 @@ def test_system_message_and_commands(tmp_path, model_dir, monkeypatch):
     assert "History cleared." in result.output  # `clear` and `exit` as LLaMA-Factory has them
     assert result.output.count("Assistant: ") == 2 and result.output.rstrip().endswith("exit")
     assert _cli("chat", model_dir, input="hi\n").output.rstrip().endswith("You:")  # Ctrl-D
+
+
+def test_a_template_that_refuses_a_message_is_named_and_the_chat_goes_on(tmp_path, model_dir):
+    strict = tmp_path / "no-system"
+    shutil.copytree(model_dir, strict)
+    template = strict / "chat_template.jinja"
+    refusal = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('No system role') }}"
+    template.write_text(refusal + "{% endif %}" + template.read_text())
+    result = _cli(
+        "chat", strict, "--system", "Be brief.", "--max-new-tokens", 2,
+        input="hi\n/system\nhi\n",
+    )  # fmt: skip
+    refused = "You: hi\nError: cannot render the conversation: the chat template failed: No system"
+    assert refused in result.output
+    assert result.output.count("Assistant: ") == 1 and result.output.count("Error") == 1
 
 
 def test_ctrl_c_stops_the_reply_not_the_chat(model_dir):
@@ -430,7 +445,7 @@ def test_the_model_context_bounds_prompts_and_replies(tmp_path, model_dir, write
     assert "fills the model's context of 128 tokens (/clear starts a new conversation)" in (
         result.output
     )
-    assert result.output.count("Assistant: ") == 2
+    assert result.output.count("Assistant: ") == 1  # the chat goes on
 
 
 HUB_RUNNER = textwrap.dedent(

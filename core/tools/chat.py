@@ -337,10 +337,16 @@ class Completer:
             self._completion(row[:limit], limit) for row, limit in zip(rows, limits, strict=True)
         ]
 
-    def stream(self, prompt: list[int], on_text: Callable[[str], None]) -> Completion:
-        """Generate a completion of ``prompt``, handing its text to ``on_text`` as it comes.
-        Ctrl-C (KeyboardInterrupt) stops it after the token being generated: the completion
-        so far comes back with ``stopped`` set."""
+    def stream(
+        self,
+        prompt: list[int],
+        on_text: Callable[[str], None],
+        on_start: Callable[[], None] | None = None,
+    ) -> Completion:
+        """Generate a completion of ``prompt``, handing its text to ``on_text`` as it comes
+        (``on_start()`` first, once the prompt is known to fit the context). Ctrl-C
+        (KeyboardInterrupt) stops it after the token being generated: the completion so far
+        comes back with ``stopped`` set."""
         import torch
         from transformers import StoppingCriteriaList, TextIteratorStreamer
 
@@ -369,6 +375,8 @@ class Completer:
                 outcome["error"] = exc
                 streamer.end()
 
+        if on_start is not None:
+            on_start()
         thread = threading.Thread(target=work, name="align-chat-generate", daemon=True)
         thread.start()
         try:
@@ -376,14 +384,23 @@ class Completer:
                 on_text(text)
         except KeyboardInterrupt:
             stop.set()
-        while thread.is_alive():
-            try:
-                thread.join()
-            except KeyboardInterrupt:  # a second Ctrl-C while the last token is computed
-                stop.set()
+        except BaseException:  # on_text failed (a closed pipe): generation stops too
+            stop.set()
+            _join(thread, stop)
+            raise
+        _join(thread, stop)
         if "error" in outcome:
             raise outcome["error"]
         return self._completion(outcome["ids"][0, len(prompt) :].tolist(), limit, stop.is_set())
+
+
+def _join(thread: threading.Thread, stop: threading.Event) -> None:
+    """Wait for the generating thread; a second Ctrl-C meanwhile only stops it again."""
+    while thread.is_alive():
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            stop.set()
 
 
 def ending_note(completion: Completion, completer: Completer) -> str | None:
@@ -424,15 +441,18 @@ class Conversation:
 
         try:
             return tokenize_prompt(self.completer.loaded.tokenizer, self.prompt(text), "messages")
-        except TokenizeError as exc:
+        except TokenizeError as exc:  # a template's raise_exception (no system role, say)
             raise ConfigError(f"cannot render the conversation: {exc}") from None
-        except Exception as exc:  # a chat template's own raise_exception (no system role, …)
-            raise ConfigError(f"the chat template refused the conversation: {exc}") from None
 
-    def reply(self, text: str, on_text: Callable[[str], None]) -> Completion:
-        """Stream the reply to ``text``; it and the reply join the history unless Ctrl-C
-        stopped it."""
-        completion = self.completer.stream(self.prompt_ids(text), on_text)
+    def reply(
+        self,
+        text: str,
+        on_text: Callable[[str], None],
+        on_start: Callable[[], None] | None = None,
+    ) -> Completion:
+        """Stream the reply to ``text`` (``on_start()`` once it is rendered and fits the
+        context); it and the reply join the history unless Ctrl-C stopped it."""
+        completion = self.completer.stream(self.prompt_ids(text), on_text, on_start)
         if self.templated and not completion.stopped:
             self.messages += [
                 {"role": "user", "content": text},
@@ -496,12 +516,11 @@ def chat_loop(
             else:
                 write(f"Unknown command {command}. Commands: {COMMANDS}.\n")
             continue
-        write("Assistant: ")
         try:
-            completion = conversation.reply(text, write)
+            completion = conversation.reply(text, write, lambda: write("Assistant: "))
         except (ConfigError, ContextFull) as exc:
             hint = " (/clear starts a new conversation)" if isinstance(exc, ContextFull) else ""
-            write(f"\nError: {exc}{hint}\n")
+            write(f"Error: {exc}{hint}\n")
             continue
         note = ending_note(completion, conversation.completer)
         if completion.stopped:

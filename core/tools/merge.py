@@ -62,26 +62,23 @@ def merge_adapter(
     return target
 
 
-def adapter_base(adapter: str | Path) -> str:
-    """The base model an adapter directory names (its ``base_model_name_or_path``)."""
-    config = _adapter_config(adapter)
-    if not config.base_model_name_or_path:
-        raise ConfigError(
-            f"{adapter}: the adapter names no base model (base_model_name_or_path in "
-            "adapter_config.json); align merge takes it as --base"
-        )
-    return config.base_model_name_or_path
-
-
-def _adapter_config(adapter: str | Path) -> Any:
+def adapter_base(adapter: str | Path, base: str | None = None) -> str:
+    """``base`` if given, else the base model an adapter directory names (its
+    ``base_model_name_or_path``); the directory is checked to be a PEFT adapter either way."""
     try:
         from peft import PeftConfig
     except ImportError:
         raise ConfigError("LoRA adapters need peft: pip install peft") from None
     try:
-        return PeftConfig.from_pretrained(str(adapter))
+        config = PeftConfig.from_pretrained(str(adapter))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{adapter} is not a PEFT adapter directory: {exc}") from None
+    if not (base or config.base_model_name_or_path):
+        raise ConfigError(
+            f"{adapter}: the adapter names no base model (base_model_name_or_path in "
+            "adapter_config.json); align merge takes it as --base"
+        )
+    return base or config.base_model_name_or_path
 
 
 def load_with_adapter(
@@ -94,9 +91,9 @@ def load_with_adapter(
     loaded onto it (a ``PeftModel``, not merged), and the base's name. ``extra`` goes to the
     base's ``from_pretrained`` (``dtype``, …). Pickled adapter weights that hold code are
     refused; an adapter whose shapes do not fit the base is named with it."""
+    base = adapter_base(adapter, base)
     from peft import PeftModel
 
-    base = base or adapter_base(adapter)
     model = load_causal_lm(base, trust_remote_code, role="base model", **extra)
     try:
         return PeftModel.from_pretrained(model, str(adapter)), base
