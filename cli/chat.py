@@ -4,12 +4,14 @@ command runs."""
 from __future__ import annotations
 
 import sys
+import typing
 from collections import Counter
 from typing import Any
 
 import click
 
 from align.errors import AlignError
+from align.options import TrainConfig
 
 from .options import _option_for
 
@@ -53,7 +55,7 @@ def model_options(func: Any) -> Any:
         *(_run_flag(name) for name in SAMPLING_FLAGS),
         click.option(
             "--precision",
-            type=click.Choice(["no", "bf16", "fp16"]),
+            type=click.Choice(typing.get_args(TrainConfig.model_fields["precision"].annotation)),
             default="no",
             show_default=True,
             help="Precision the weights are loaded in: no (float32), bf16 or fp16.",
