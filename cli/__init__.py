@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 
+from .chat import chat, generate
 from .listing import formats, objectives, plugins, rewards
 from .options import RUN_FLAGS
 from .run import inspect, prepare, run
@@ -23,6 +24,8 @@ def cli() -> None:
     align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto, orpo
     align run --objective grpo         GRPO on the demo's sums, rewarded by --reward addition
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
+    align chat RUN_DIR                 chat with a trained model (streamed, its chat template)
+    align generate RUN_DIR --prompt T  complete prompts (or --data FILE) to stdout or --output
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
     align inspect --objective dpo      the first examples, token by token, with loss masks
     align prepare --model M --data F   tokenise the data into the cache ahead of a run
@@ -36,7 +39,20 @@ def cli() -> None:
     """
 
 
-for command in (run, plugins, objectives, formats, rewards, merge, inspect, prepare, plot, verify):
+for command in (
+    run,
+    plugins,
+    objectives,
+    formats,
+    rewards,
+    chat,
+    generate,
+    merge,
+    inspect,
+    prepare,
+    plot,
+    verify,
+):
     cli.add_command(command)
 cli.add_command(new_plugin, "new-plugin")
 

@@ -35,13 +35,35 @@ def cut_at_eos(ids: list[int], eos: set[int]) -> list[int]:
     return ids
 
 
+def generation_config(request: GenerationRequest) -> Any:
+    """The ``GenerationConfig`` of a request's settings (its prompts aside): ``temperature`` 0
+    decodes greedily, and the model's own ``generation_config`` sampling values do not apply."""
+    from transformers import GenerationConfig
+
+    sample = request.temperature > 0
+    settings: dict[str, Any] = {
+        "max_new_tokens": request.max_new_tokens,
+        "do_sample": sample,
+        "pad_token_id": request.pad_token_id,
+        "eos_token_id": request.eos_token_ids,
+        "repetition_penalty": request.repetition_penalty,
+        "use_cache": True,
+    }
+    if sample:
+        settings.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        if request.min_p is not None:
+            settings["min_p"] = request.min_p
+    else:
+        settings.update(temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(**settings)
+
+
 def transformers_generate(request: GenerationRequest) -> list[list[int]]:
     """``model.generate`` on the left-padded prompts, each repeated ``num_generations`` times;
     ``temperature`` 0 decodes greedily. Each prompt but its last token is run once, and
     ``generate`` continues from that cache repeated for the prompt's copies (where the model's
     cache allows): the same samples as without it, less prefill."""
     import torch
-    from transformers import GenerationConfig
 
     from .sampler import left_padded, prompt_cache
 
@@ -58,27 +80,12 @@ def transformers_generate(request: GenerationRequest) -> list[list[int]]:
             if own_cache
             else prompt_cache(model, input_ids, attention_mask, request.num_generations)
         )
-    sample = request.temperature > 0
-    settings: dict[str, Any] = {
-        "max_new_tokens": request.max_new_tokens,
-        "do_sample": sample,
-        "pad_token_id": request.pad_token_id,
-        "eos_token_id": request.eos_token_ids,
-        "repetition_penalty": request.repetition_penalty,
-        "use_cache": True,
-    }
-    if sample:
-        settings.update(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
-        if request.min_p is not None:
-            settings["min_p"] = request.min_p
-    else:
-        settings.update(temperature=None, top_p=None, top_k=None)
     # Each prompt repeated once per generation, as TRL does: greedy decoding takes no
     # num_return_sequences, and sampling draws the same way either way.
     output = model.generate(
         input_ids=input_ids.repeat_interleave(request.num_generations, dim=0),
         attention_mask=attention_mask.repeat_interleave(request.num_generations, dim=0),
-        generation_config=GenerationConfig(**settings),
+        generation_config=generation_config(request),
         **({} if cache is None else {"cache": cache}),
     )
     eos = set(request.eos_token_ids)

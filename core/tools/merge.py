@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,10 +36,6 @@ def merge_adapter(
     """Load ``base`` (default: the adapter's ``base_model_name_or_path``) with the adapter,
     merge in float32, and write the model (safetensors, in the base's stored dtype) and the
     tokenizer to ``output`` atomically. ``output`` may not be the adapter's or base's folder."""
-    try:
-        from peft import PeftConfig, PeftModel
-    except ImportError:
-        raise ConfigError("align merge needs peft: pip install peft") from None
     from transformers import AutoTokenizer
 
     target = Path(output).resolve()
@@ -49,23 +46,9 @@ def merge_adapter(
         raise ConfigError(f"--output {output}: give a directory of its own")
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"{target} exists and is not empty; pass --overwrite to replace it")
-    try:
-        config = PeftConfig.from_pretrained(adapter)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{adapter} is not a PEFT adapter directory: {exc}") from None
-    base = base or config.base_model_name_or_path
-    if not base:
-        raise ConfigError(f"{adapter}: the adapter names no base model; pass --base")
-    model = load_causal_lm(base, trust_remote_code, role="base model")
+    model, base = load_with_adapter(adapter, base, trust_remote_code)
     stored = _stored_dtype(base, trust_remote_code)
-    try:
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except pickle.UnpicklingError:
-        raise refused(adapter_weights(adapter)) from None
-    except RuntimeError as exc:  # shapes that do not match the base model
-        raise ConfigError(
-            f"adapter {adapter} does not fit base model {base!r}: {str(exc).splitlines()[0]}"
-        ) from None
+    merged = model.merge_and_unload()
     if stored is not None:  # merged in float32, saved in the base's own precision
         merged = merged.to(stored)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
@@ -77,6 +60,49 @@ def merge_adapter(
     tokenizer.save_pretrained(tmp)
     replace_dir(tmp, target)
     return target
+
+
+def adapter_base(adapter: str | Path, base: str | None = None) -> str:
+    """``base`` if given, else the base model an adapter directory names (its
+    ``base_model_name_or_path``); the directory is checked to be a PEFT adapter either way."""
+    try:
+        from peft import PeftConfig
+    except ImportError:
+        raise ConfigError("LoRA adapters need peft: pip install peft") from None
+    try:
+        config = PeftConfig.from_pretrained(str(adapter))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{adapter} is not a PEFT adapter directory: {exc}") from None
+    if not (base or config.base_model_name_or_path):
+        raise ConfigError(
+            f"{adapter}: the adapter names no base model (base_model_name_or_path in "
+            "adapter_config.json); align merge takes it as --base"
+        )
+    return base or config.base_model_name_or_path
+
+
+def load_with_adapter(
+    adapter: str | Path,
+    base: str | None = None,
+    trust_remote_code: bool = False,
+    **extra: Any,
+) -> tuple[Any, str]:
+    """The base model (default: the adapter's ``base_model_name_or_path``) with the adapter
+    loaded onto it (a ``PeftModel``, not merged), and the base's name. ``extra`` goes to the
+    base's ``from_pretrained`` (``dtype``, …). Pickled adapter weights that hold code are
+    refused; an adapter whose shapes do not fit the base is named with it."""
+    base = adapter_base(adapter, base)
+    from peft import PeftModel
+
+    model = load_causal_lm(base, trust_remote_code, role="base model", **extra)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter)), base
+    except pickle.UnpicklingError:
+        raise refused(adapter_weights(adapter)) from None
+    except RuntimeError as exc:  # shapes that do not match the base model
+        raise ConfigError(
+            f"adapter {adapter} does not fit base model {base!r}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def adapter_weights(adapter: str | Path) -> Path:
