@@ -11,7 +11,6 @@ and any plugin may add metrics or prepare the model.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from ..rollout.engine import RolloutEngine
 from ..run import Run
-from . import failures, resume, rundir, zero
+from . import failures, resume, rundir, trackers, zero
 from .checkpoint import save_model_dir, write_json
 from .data import (
     build_examples,
@@ -216,9 +215,16 @@ class Training:
             self.changed = resume.check_same_run(
                 self.previous, spec.as_dict(), self.digests["train"], state.num_processes
             )
-        self.tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+        names = trackers.chosen(self.cfg.report_to)
+        trackers.check_available(names, spec.named("report_to"))
+        previous_trackers = (self.previous or {}).get("trackers")
+        config = trackers.tracked_config(
+            spec.as_dict(), self.registry.requirements(), _library_versions()
+        )
         self.accelerator = Accelerator(
-            mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
+            mixed_precision=self.cfg.precision,
+            log_with=trackers.build(names, self.out, previous_trackers, config) or None,
+            project_dir=self.out,
         )
         fsdp_on_cpu(self.accelerator)
         for note in self.output.notes:  # damaged checkpoints --resume skipped
@@ -518,11 +524,11 @@ class Training:
                     )
                 )
             write_json(out / "run.json", self.run_info)
-        if self.tracker:
-            config = self.cfg.model_dump().items()
-            accelerator.init_trackers(
-                "logs", config={k: v for k, v in config if isinstance(v, int | float | str | bool)}
-            )
+        if accelerator.log_with:  # after --overwrite cleared the old run's logs/
+            started = trackers.start(accelerator, self.first_step)  # {} off the main process
+            if accelerator.is_main_process:  # kept: a tracker left out now may come back
+                self.run_info["trackers"] = {**self.run_info.get("trackers", {}), **started}
+                write_json(out / "run.json", self.run_info)
         self.metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
         objective = self.spec.objective
         self._log(
