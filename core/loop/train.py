@@ -11,6 +11,7 @@ and any plugin may add metrics or prepare the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -50,7 +51,7 @@ from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from ..rollout.engine import RolloutEngine
 from ..run import Run
-from . import failures, resume, rundir, trackers, zero
+from . import failures, hub, model_card, resume, rundir, trackers, zero
 from .checkpoint import save_model_dir, write_json
 from .data import (
     build_examples,
@@ -118,6 +119,10 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             f"{name} came during the last step or the final save; the run completed.",
         )
     log(run.accelerator, run.summary())
+    push_to = spec.config.push_to_hub
+    if push_to and run.accelerator.is_main_process:  # the run is complete: a failure loses nothing
+        url = hub.push_final(run.out, push_to, spec.config.hub_private, run.run_info)
+        log(run.accelerator, f"Pushed final/ to the hub: {url}")
     return run.out
 
 
@@ -217,6 +222,7 @@ class Training:
             )
         names = trackers.chosen(self.cfg.report_to)
         trackers.check_available(names, spec.named("report_to"))
+        hub.check_push(self.cfg.push_to_hub, spec.named("push_to_hub"))
         previous_trackers = (self.previous or {}).get("trackers")
         config = trackers.tracked_config(
             spec.as_dict(), self.registry.requirements(), _library_versions()
@@ -811,11 +817,32 @@ class Training:
         self.progress.close()
         final = {"step": self.total_steps}
         target = self.out / "final"
+        card = self._model_card() if self.accelerator.is_main_process else None
         try:
-            save_model_dir(self.accelerator, self.model, self.tokenizer, target, final)
+            save_model_dir(self.accelerator, self.model, self.tokenizer, target, final, card)
         except Exception as exc:
             raise self._write_failure(exc, "the final model", self.out) from None
         self.finish("completed")
+
+    def _model_card(self) -> Any:
+        """What writes final/README.md, the hub's model card (:mod:`.model_card`)."""
+        cfg, objective = self.cfg, self.spec.objective
+        sources = [s.name for split in self.sources.values() if split for s in split]
+        return functools.partial(
+            model_card.write_card,
+            name=self.out.name,
+            objective=objective.item.name,
+            provided_by=objective.plugin.label,
+            preset=self.spec.preset,
+            model=None if self.used_demo else cfg.model,
+            datasets=sources,
+            config=self.spec.as_dict(),
+            requirements=self.registry.requirements(),
+            versions=_library_versions(),
+            metrics=self.metrics_log.last,
+            steps=self.total_steps,
+            load_from=cfg.push_to_hub or str(self.out.resolve() / "final"),
+        )
 
     def fail(self, exc: BaseException) -> BaseException:
         """Record a failure in run.json (status ``failed`` and the reason; ``interrupted`` for a
