@@ -329,7 +329,7 @@ def test_a_tracker_that_cannot_start_fails_the_run_in_words(
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")  # MLflow 3 refuses its file store without it
     out = tmp_path / "run"
     args = _args(tmp_path, model_dir, write_jsonl, sft_rows, "--max-steps", "2")
-    result = _run(*args, "--report-to", "mlflow", "--output-dir", out, expect=1)
+    result = _run(*args, "--report-to", "tensorboard,mlflow", "--output-dir", out, expect=1)
     assert "--report-to mlflow: the tracker did not start: " in result.output
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "failed" and "did not start" in info["failure"]

@@ -8,7 +8,7 @@ tracker's identity (``trackers``) and the resumed run passes it back: wandb's ru
 (``resume="allow"``), MLflow's run id, Trackio's project and run name (``resume="allow"``),
 TensorBoard's directory (``logs/``, with a session-start event at the resumed step, which makes
 TensorBoard drop what a killed run logged after its checkpoint). Only the main process starts
-trackers and logs to them (Accelerate's trackers do nothing on the others).
+trackers and logs to them (as Accelerate does).
 
 Where a tracker keeps its data is its own setting, as with TRL: ``WANDB_DIR`` / ``WANDB_MODE``
 / ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``, ``TRACKIO_DIR`` /
@@ -162,12 +162,15 @@ def _scalar(value: Any) -> Any:
 
 
 class _Started:
-    """A tracker that says which tracker could not start, and stores the run's config."""
+    """A tracker that says which tracker could not start. Accelerate starts, logs to and
+    finishes trackers on the main process only (``Accelerator.init_trackers`` and ``log`` do
+    nothing on the others), so these methods run there."""
 
     name: str
     first_step = 1
+    started = False
 
-    def start(self) -> None:  # super().start runs on the main process only
+    def start(self) -> None:
         try:
             super().start()  # type: ignore[misc]
         except Exception as exc:
@@ -175,6 +178,11 @@ class _Started:
             raise TrackerError(
                 f"--report-to {self.name}: the tracker did not start: {message}"
             ) from exc
+        self.started = True
+
+    def finish(self) -> None:
+        if self.started:  # a run failing as one of its trackers starts finishes the others
+            super().finish()  # type: ignore[misc]
 
 
 class TensorBoard(_Started, TensorBoardTracker):
@@ -186,10 +194,6 @@ class TensorBoard(_Started, TensorBoardTracker):
 
     def start(self) -> None:
         super().start()
-        from accelerate.state import PartialState
-
-        if not PartialState().is_main_process:
-            return
         if self.first_step > 1:  # events after the checkpoint (a killed run's) are dropped
             from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
@@ -210,10 +214,6 @@ class WandB(_Started, WandBTracker):
         self.config = config
 
     def start(self) -> None:
-        from accelerate.state import PartialState
-
-        if not PartialState().is_main_process:
-            return
         if not any(os.environ.get(v) for v in ("WANDB_QUIET", "WANDB_SILENT")):
             import wandb
 
@@ -236,9 +236,7 @@ class MLflow(_Started, MLflowTracker):
 
     def start(self) -> None:
         super().start()
-        from accelerate.state import PartialState
-
-        if PartialState().is_main_process and self.run_id is None:
+        if self.run_id is None:
             self.store_init_configuration(self.config)
 
     def identity(self) -> dict[str, Any]:
@@ -246,35 +244,31 @@ class MLflow(_Started, MLflowTracker):
 
 
 class Trackio(_Started, TrackioTracker):
-    """Trackio's run, resumed by project and name. Its own lines on the console (several per
+    """Trackio's run, resumed by project and name; the config given to ``trackio.init`` (a
+    resumed session's replaces the one before). Its own lines on the console (several per
     start and finish) become one: where the run is and how to see it."""
 
     def start(self) -> None:
-        from accelerate.state import PartialState
-
         with _quiet():
             super().start()
-        if PartialState().is_main_process:
-            from trackio.utils import TRACKIO_DIR
+        from trackio.utils import TRACKIO_DIR
 
-            project = self.run_name
-            print(
-                f"trackio: run {self.run.name!r} of project {project!r} in {TRACKIO_DIR}; "
-                f'`trackio show --project "{project}"` opens its dashboard',
-                file=sys.stderr,
-                flush=True,
-            )
+        project = self.run_name
+        print(
+            f"trackio: run {self.run.name!r} of project {project!r} in {TRACKIO_DIR}; "
+            f'`trackio show --project "{project}"` opens its dashboard',
+            file=sys.stderr,
+            flush=True,
+        )
 
     def finish(self) -> None:
-        from accelerate.state import PartialState
-
         with _quiet():
             super().finish()
-        if PartialState().is_main_process:  # else trackio finishes it again at exit, aloud
-            from trackio import context_vars
+        from trackio import context_vars
 
-            if context_vars.current_run.get() is self.run:
-                context_vars.current_run.set(None)
+        run = getattr(self, "run", None)
+        if run is not None and context_vars.current_run.get() is run:  # else at exit, aloud
+            context_vars.current_run.set(None)
 
     def identity(self) -> dict[str, Any]:
         return {"project": self.run_name, "name": self.run.name}
