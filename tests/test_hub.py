@@ -54,7 +54,7 @@ def test_final_is_uploaded_once_the_run_completed(args, tmp_path, monkeypatch):
     assert calls[0][2]["private"] is True and calls[0][2]["exist_ok"] is True
     upload = calls[1][2]
     assert upload["folder_path"] == out / "final"
-    assert upload["commit_message"] == "align: sft run run (1 steps)"
+    assert upload["commit_message"] == "align: sft run run (1 step)"
     assert "Pushed final/ to the hub: https://huggingface.co/me/tiny/commit/abc" in result.output
     info = json.loads((out / "run.json").read_text())
     assert info["hub"]["commit"] == "https://huggingface.co/me/tiny/commit/abc"

@@ -55,7 +55,7 @@ def push_final(out: Path, repo: str, private: bool, run_info: dict[str, Any]) ->
         raise _failed(out, repo, run_info, f"{final} is damaged: {'; '.join(problems)}", later)
     steps = run_info.get("total_steps")
     message = f"align: {run_info.get('objective')} run {out.name}" + (
-        f" ({steps} steps)" if steps else ""
+        f" ({steps} step{'s' if steps != 1 else ''})" if steps else ""
     )
     api = HfApi()
     try:
