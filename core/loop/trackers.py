@@ -108,15 +108,8 @@ def build(
             trackers.append(TensorBoard(LOGS, out, config=config))
         elif name == "wandb":
             project = before.get("project") or os.environ.get("WANDB_PROJECT") or PROJECT
-            trackers.append(
-                WandB(
-                    project,
-                    config=config,
-                    name=run_name,
-                    id=before.get("id") or _new_wandb_id(),
-                    resume="allow",
-                )
-            )
+            resumed = {"id": before["id"], "resume": "allow"} if before.get("id") else {}
+            trackers.append(WandB(project, config=config, name=run_name, **resumed))
         elif name == "mlflow":
             experiment = (
                 before.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or PROJECT
@@ -147,14 +140,6 @@ def start(accelerator: Any, first_step: int) -> dict[str, dict[str, Any]]:
     if not accelerator.is_main_process:
         return {}
     return {tracker.name: tracker.identity() for tracker in accelerator.trackers}
-
-
-def _new_wandb_id() -> str:
-    import secrets
-    import string
-
-    alphabet = string.ascii_lowercase + string.digits
-    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def _scalar(value: Any) -> Any:
