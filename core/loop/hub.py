@@ -1,7 +1,7 @@
 """``--push-to-hub REPO``: upload ``final/`` (for LoRA the adapter, which is what it holds) to
 a hub model repository once the run has completed.
 
-The repository id is checked when the options are read; the token and the hub's reachability
+The repository id is checked when the options are read, the token and ``HF_HUB_OFFLINE``
 before training (:func:`check_push`), so a run is not spent on a push that cannot happen. The
 upload itself comes after ``final/`` is complete and checked against its manifest, from the
 main process. A failed upload loses nothing: the run stays completed, ``run.json`` records the

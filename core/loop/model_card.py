@@ -23,7 +23,7 @@ ADAPTER_FILE = "adapter_config.json"
 
 
 def base_model_id(model: str | None) -> str | None:
-    """The starting model's hub id; None for a local directory (or the demo, None)."""
+    """The starting model's hub id; None for a local directory, or for the demo (None)."""
     if not model or Path(model).exists():
         return None
     return model
