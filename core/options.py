@@ -8,6 +8,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from .plugins.api import Options
+from .suggest import did_you_mean
+
+# --report-to's trackers (Accelerate's), and the two words that are not one.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
 
 
 class TrainConfig(Options):
@@ -149,6 +153,19 @@ class TrainConfig(Options):
         None, ge=1, description="Evaluate every N steps (and at the end)."
     )
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    report_to: list[str] = Field(
+        "tensorboard",
+        validate_default=True,
+        description="Experiment trackers that get the metrics, the resolved config and the "
+        "versions, comma-separated: tensorboard (logs/ in the run directory), wandb, mlflow, "
+        "trackio; `all` (every one installed) or `none`.",
+    )
+    push_to_hub: str | None = Field(
+        None,
+        description="Upload final/ (the adapter for LoRA) to this hub model repository "
+        "(user/name) once the run completes; created if missing.",
+    )
+    hub_private: bool = Field(False, description="--push-to-hub: create the repository private.")
     trust_remote_code: bool = Field(False, description="Run model code from the hub (unsafe).")
     reference: Literal["precomputed", "model", "adapter"] = Field(
         "precomputed",
@@ -214,6 +231,43 @@ class TrainConfig(Options):
                 raise ValueError(f"expected SOURCE=COLUMN pairs separated by commas, got {pair!r}")
             mapping[source] = target
         return mapping
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, value: Any) -> Any:
+        """``--report-to wandb,mlflow``, or a YAML list (or comma string)."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value
+        names = [str(name).strip().lower() for name in value if str(name).strip()]
+        for name in names:
+            if name not in (*TRACKERS, "all", "none"):
+                hint = did_you_mean(name, (*TRACKERS, "all", "none"))
+                raise ValueError(
+                    f"unknown tracker {name!r}.{hint} Trackers: {', '.join(TRACKERS)}, all, none"
+                )
+        if len(names) > 1 and "none" in names:
+            raise ValueError("'none' turns every tracker off: give it alone")
+        return list(dict.fromkeys(names)) or ["none"]
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, value: Any) -> Any:
+        """A hub repository id (``user/name``), checked before training: a typo costs a
+        second, not a run."""
+        if value is None:
+            return value
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            raise ValueError(
+                "not a hub repository id: expected NAME or USER/NAME (letters, digits, '-', "
+                "'_' and '.'; at most 96 characters)"
+            ) from None
+        return value
 
     @field_validator("resume", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,16 @@ def _without_aliases(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_model_dir(
-    accelerator: Any, model: Any, tokenizer: Any, target: Path, state: dict[str, Any] | None = None
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    target: Path,
+    state: dict[str, Any] | None = None,
+    before_seal: Callable[[Path], None] | None = None,
 ) -> None:
-    """Save model and tokenizer to ``target`` atomically; every process calls it."""
+    """Save model and tokenizer to ``target`` atomically; every process calls it.
+    ``before_seal`` (the main process's) adds files to the directory before its manifest is
+    written: the model card."""
     tmp = temporary_sibling(target)
     with removed_on_failure(tmp, accelerator.is_main_process):
         if accelerator.is_main_process:
@@ -93,6 +100,8 @@ def save_model_dir(
         if accelerator.is_main_process:
             if state is not None:
                 write_json(tmp / "trainer_state.json", state)
+            if before_seal is not None:
+                before_seal(tmp)
             replace_dir(tmp, target)
     accelerator.wait_for_everyone()
 

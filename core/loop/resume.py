@@ -69,6 +69,9 @@ MAY_CHANGE_ON_RESUME = {
     "data_workers",  # the examples are the same whoever tokenises them
     "data_cache",
     "format",  # the formats that read the data are compared instead (check_same_format)
+    "report_to",  # trackers watch the run; a new one starts at the resumed step
+    "push_to_hub",
+    "hub_private",
 }
 
 

@@ -11,7 +11,7 @@ and any plugin may add metrics or prepare the model.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import functools
 import json
 import math
 import os
@@ -51,7 +51,7 @@ from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
 from ..rollout.engine import RolloutEngine
 from ..run import Run
-from . import failures, resume, rundir, zero
+from . import failures, hub, model_card, resume, rundir, trackers, zero
 from .checkpoint import save_model_dir, write_json
 from .checkpoint_schedule import CheckpointSchedule
 from .data import (
@@ -120,6 +120,10 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             f"{name} came during the last step or the final save; the run completed.",
         )
     log(run.accelerator, run.summary())
+    push_to = spec.config.push_to_hub
+    if push_to and run.accelerator.is_main_process:  # the run is complete: a failure loses nothing
+        url = hub.push_final(run.out, push_to, spec.config.hub_private, run.run_info)
+        log(run.accelerator, f"Pushed final/ to the hub: {url}")
     return run.out
 
 
@@ -218,9 +222,17 @@ class Training:
             self.changed = resume.check_same_run(
                 self.previous, spec.as_dict(), self.digests["train"], state.num_processes
             )
-        self.tracker = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+        names = trackers.chosen(self.cfg.report_to)
+        trackers.check_available(names, spec.named("report_to"))
+        hub.check_push(self.cfg.push_to_hub, spec.named("push_to_hub"))
+        previous_trackers = (self.previous or {}).get("trackers")
+        config = trackers.tracked_config(
+            spec.as_dict(), self.registry.requirements(), _library_versions()
+        )
         self.accelerator = Accelerator(
-            mixed_precision=self.cfg.precision, log_with=self.tracker, project_dir=self.out
+            mixed_precision=self.cfg.precision,
+            log_with=trackers.build(names, self.out, previous_trackers, config) or None,
+            project_dir=self.out,
         )
         fsdp_on_cpu(self.accelerator)
         for note in self.output.notes:  # damaged checkpoints --resume skipped
@@ -523,11 +535,11 @@ class Training:
                     )
                 )
             write_json(out / "run.json", self.run_info)
-        if self.tracker:
-            config = self.cfg.model_dump().items()
-            accelerator.init_trackers(
-                "logs", config={k: v for k, v in config if isinstance(v, int | float | str | bool)}
-            )
+        if accelerator.log_with:  # after --overwrite cleared the old run's logs/
+            started = trackers.start(accelerator, self.first_step)  # {} off the main process
+            if accelerator.is_main_process:  # kept: a tracker left out now may come back
+                self.run_info["trackers"] = {**self.run_info.get("trackers", {}), **started}
+                write_json(out / "run.json", self.run_info)
         self.metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
         objective = self.spec.objective
         self._log(
@@ -810,11 +822,32 @@ class Training:
         self.progress.close()
         final = {"step": self.total_steps}
         target = self.out / "final"
+        card = self._model_card() if self.accelerator.is_main_process else None
         try:
-            save_model_dir(self.accelerator, self.model, self.tokenizer, target, final)
+            save_model_dir(self.accelerator, self.model, self.tokenizer, target, final, card)
         except Exception as exc:
             raise self._write_failure(exc, "the final model", self.out) from None
         self.finish("completed")
+
+    def _model_card(self) -> Any:
+        """What writes final/README.md, the hub's model card (:mod:`.model_card`)."""
+        cfg, objective = self.cfg, self.spec.objective
+        sources = [s.name for split in self.sources.values() if split for s in split]
+        return functools.partial(
+            model_card.write_card,
+            name=self.out.name,
+            objective=objective.item.name,
+            provided_by=objective.plugin.label,
+            preset=self.spec.preset,
+            model=None if self.used_demo else cfg.model,
+            datasets=sources,
+            config=self.spec.as_dict(),
+            requirements=self.registry.requirements(),
+            versions=_library_versions(),
+            metrics=self.metrics_log.last,
+            steps=self.total_steps,
+            load_from=cfg.push_to_hub or str(self.out.resolve() / "final"),
+        )
 
     def fail(self, exc: BaseException) -> BaseException:
         """Record a failure in run.json (status ``failed`` and the reason; ``interrupted`` for a
