@@ -100,6 +100,8 @@ ALIASES = {
         Alias("eval_steps", "eval_every", _STEPS),
         Alias("resume_from_checkpoint", "resume"),
         Alias("overwrite_output_dir", "overwrite"),
+        Alias("hub_model_id", "push_to_hub"),  # TRL: push_to_hub=True with hub_model_id=REPO
+        Alias("hub_private_repo", "hub_private"),
     )
 }
 

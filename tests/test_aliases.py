@@ -41,6 +41,8 @@ CASES = {
     "eval_steps": (["3"], ["--eval-every", "3"], 3),
     "resume_from_checkpoint": ([], ["--resume"], True),
     "overwrite_output_dir": ([], ["--overwrite"], True),
+    "hub_model_id": (["me/model"], ["--push-to-hub", "me/model"], "me/model"),
+    "hub_private_repo": ([], ["--hub-private"], True),
 }
 
 
