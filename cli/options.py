@@ -63,6 +63,7 @@ RUN_FLAGS = [
     "overwrite",
     "on_nonfinite",
     "num_processes",
+    "verbose",
 ]
 
 

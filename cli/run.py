@@ -39,7 +39,9 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     With neither --model nor --data, trains the built-in tiny model on the objective's demo
     data, with demo defaults (lr 3e-3, batch 16, 4 epochs, cosine) for options you do not
     set. --batch-size is per process; --max-steps wins over --epochs. Output goes to
-    --output-dir (default runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and
+    --output-dir (default runs/<objective>-<time>/, runs/dpo-lora-<time>/ for --objective dpo
+    --lora): metrics.jsonl, run.json, train.log (what the run printed, and the internal
+    details --verbose prints), final/ and
     checkpoints/step-N/ (every --save-every N steps, and on SIGINT/SIGTERM, which then stop
     the run). --resume continues an interrupted run from its newest intact checkpoint (each
     checkpoint's files are checked against its manifest), exactly as if it had not stopped; one

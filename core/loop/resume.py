@@ -68,6 +68,7 @@ MAY_CHANGE_ON_RESUME = {
     "data_workers",  # the examples are the same whoever tokenises them
     "data_cache",
     "format",  # the formats that read the data are compared instead (check_same_format)
+    "verbose",
 }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
+from ..console import RUN_LOGGER
 from ..data.batching import is_packed_batch, sequence_prefixes
 from ..data.build import Built
 from ..data.examples import DataReport
@@ -60,6 +62,7 @@ from .data import (
     shared_fingerprints,
     streaming_batches,
 )
+from .describe import parameter_counts, run_name, run_title, trainable_share
 from .failures import RunFailed
 from .launch import (
     check_world_size,
@@ -70,6 +73,8 @@ from .launch import (
 )
 from .manifest import manifest_size
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
+from .quiet import quiet_third_party
+from .runlog import LOG_FILE, RunLog
 from .setup import (
     OutputDir,
     apply_demo_defaults,
@@ -92,8 +97,9 @@ from .stopping import (
 
 
 def log(accelerator: Any, message: str) -> None:
+    """A line for the user, from the main process: the console and the run's train.log."""
     if accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
+        logging.getLogger(RUN_LOGGER).info(message)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -101,6 +107,13 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     """Run training for a resolved spec (or continue it, ``--resume``); return the output
     directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
     run = Training(spec, registry)  # set-up: everything that can be refused, then the model
+    try:
+        return _train(run)
+    finally:
+        run.runlog.close()
+
+
+def _train(run: Training) -> Path:
     try:
         signals = run.run_steps()
     except RunStopped:  # recorded in run.json already
@@ -130,6 +143,8 @@ class Training:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        quiet_third_party()
+        self.runlog = RunLog(spec.config.verbose)
         self.started = time.time()
         self.spec, self.registry = spec, registry
         self.output: OutputDir | None = None
@@ -145,6 +160,7 @@ class Training:
             self._set_up_batches_and_optimizer()
         except BaseException:
             self.release()
+            self.runlog.close()
             raise
 
     def run_steps(self) -> StopSignals:
@@ -197,7 +213,9 @@ class Training:
         cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
         state = PartialState(cpu=cpu, **zero.process_group_backend(cpu))  # as Accelerator
         check_world_size(cfg.num_processes, state)
-        self.output = shared_output_dir(cfg, cfg.objective, state)
+        if not state.is_main_process:
+            self.runlog.mute()
+        self.output = shared_output_dir(cfg, run_name(spec, self.registry), state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
         self.sources = data_sources(cfg)
@@ -271,7 +289,7 @@ class Training:
                 self._log(f"data {self.reports[split].summary()}")
                 for source, built in zip(sources, self.stores[split], strict=True):
                     named = f" ({source.label})" if len(sources) > 1 else ""
-                    self._log(f"data {split}{named}: {built.summary()}")
+                    self.runlog.detail(f"data {split}{named}: {built.summary()}")
         if self.previous is not None:
             resume.check_same_format(self.previous, self.reports)
 
@@ -297,9 +315,10 @@ class Training:
         if cfg.disable_dropout:
             zeroed = dropout.disable_dropout(self.model)
             if zeroed:
-                self._log(f"disable_dropout: {zeroed} dropout probabilities set to 0")
+                self.runlog.detail(f"disable_dropout: {zeroed} dropout probabilities set to 0")
         reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
-        self._log(describe_head(self.model) if reason is None else f"log-probs: {reason}")
+        self.runlog.detail(describe_head(self.model) if reason is None else f"log-probs: {reason}")
+        self.parameters = parameter_counts(self.model)  # before FSDP or ZeRO-3 shards them
 
     def _choose_packed_attention(self) -> tuple[bool, bool]:
         """On CUDA, packed batches go to a kernel that builds no dense ``T × T`` mask
@@ -322,12 +341,12 @@ class Training:
             if reason:
                 switch_attention(self.model, current)
         if reason:
-            self._log(f"packed attention: {current}, not {wanted}: {reason}")
+            self.runlog.detail(f"packed attention: {current}, not {wanted}: {reason}")
             return shared, False
         options = packing_options(wanted)
         set_default_layout(**options)
         note = f", rows filled to {options['row_tokens']} tokens" if options["row_tokens"] else ""
-        self._log(f"packed attention: {wanted}{note}")
+        self.runlog.detail(f"packed attention: {wanted}{note}")
         return shared, wanted != current
 
     def _set_up_reference(self) -> None:
@@ -444,6 +463,7 @@ class Training:
             self.sums.add_totals(self.trainer_state.get("pending_metrics", {}))
         self.last_checkpoint = self.checkpoint
         self.round: list[tuple[list[int], dict[str, Any]]] | None = None  # on-policy rollouts
+        self.reward: float | None = None  # the latest round's mean reward, for the progress bar
         if self.checkpoint is not None and self.rollouts is not None:
             from accelerate.utils import send_to_device
 
@@ -517,19 +537,25 @@ class Training:
                         else ""
                     )
                 )
+            owns = self.run_info.get("owns")  # a list, or None (the run then claims nothing)
+            if isinstance(owns, list) and LOG_FILE not in owns and not (out / LOG_FILE).exists():
+                owns.append(LOG_FILE)  # a run resumed from before train.log was written
             write_json(out / "run.json", self.run_info)
+            if isinstance(owns, list) and LOG_FILE in owns:  # a resumed run appends
+                self.runlog.open_file(out / LOG_FILE)
         if self.tracker:
             config = self.cfg.model_dump().items()
             accelerator.init_trackers(
                 "logs", config={k: v for k, v in config if isinstance(v, int | float | str | bool)}
             )
         self.metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
-        objective = self.spec.objective
+        objective, title = self.spec.objective, run_title(self.spec, self.registry)
         self._log(
-            f"Training {objective.item.name} ({objective.plugin.label}) for "
+            f"Training {title} ({objective.plugin.label}) for "
             f"{self.total_steps} steps on {accelerator.num_processes} process(es), "
             f"{engine(accelerator)}; output: {out}"
         )
+        self._log(trainable_share(*self.parameters))
         from tqdm.auto import tqdm
 
         from ..console import tolerant
@@ -537,7 +563,7 @@ class Training:
         self.progress = tqdm(
             total=self.total_steps,
             initial=start,
-            desc=objective.item.name,
+            desc=title,
             disable=not accelerator.is_main_process,
             file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
         )
@@ -625,8 +651,12 @@ class Training:
             self.sums.add("grad_norm", grad_norm, 1)
         self.scheduler.step()
         self.run.step = step  # updates taken, as evaluation and checkpoints after this one see
-        self.progress.update(1)
-        self.progress.set_postfix(loss=format_value(loss))
+        self.reward = step_sums.reduce().get("reward", self.reward)  # a reused round keeps it
+        postfix = {"loss": format_value(loss)}
+        if self.reward is not None:  # on-policy: the round's mean reward (TRL's `reward`)
+            postfix["reward"] = format_value(self.reward)
+        self.progress.set_postfix(postfix, refresh=False)
+        self.progress.update(1)  # one refresh, with the new postfix
 
     def _finite_alone(self, examples: list[dict[str, Any]]) -> bool:
         """Whether the loss of ``examples`` alone, batched and computed as a step does (the
@@ -674,6 +704,7 @@ class Training:
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
         self.metrics_log.write(row)
+        self.runlog.record(f"step {step}: {headline(row)}")
 
     def evaluation_due(self, step: int) -> bool:
         every = self.cfg.eval_every
@@ -714,6 +745,7 @@ class Training:
         if not self.progress.disable:  # enabled on the main process only
             line = f"eval step {step}: {headline(values, 'eval_')}"
             self.progress.write(line, file=self.progress.fp)
+            self.runlog.record(line)
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.cfg.save_every
@@ -794,12 +826,13 @@ class Training:
         """A signal came: the checkpoint is written; record the stop and raise RunStopped."""
         self.progress.close()
         self.finish("interrupted", stopped_at_step=step)
-        raise RunStopped(
+        message = (
             f"{signal.Signals(signum).name}: stopped after step {step} of {self.total_steps}; "
             f"checkpoint {self.last_checkpoint}. Resume with the same command and --resume "
-            f"(--output-dir {self.out}).",
-            exit_code=128 + signum,
+            f"(--output-dir {self.out})."
         )
+        self.runlog.record(message)
+        raise RunStopped(message, exit_code=128 + signum)
 
     def save_final(self) -> None:
         self.progress.close()
@@ -840,6 +873,7 @@ class Training:
             failed_at_step=self.at_step,
             seconds=round(time.time() - self.started, 1),
         )
+        self.runlog.record(f"{status} at step {self.at_step}: {reason}")
         try:
             write_json(self.out / "run.json", self.run_info)
         except OSError as write_error:  # a full disk: the user is told in words all the same
@@ -888,8 +922,9 @@ class Training:
             write_json(self.out / "run.json", self.run_info)
 
     def summary(self) -> str:
+        adapter = (self.out / "final" / "adapter_config.json").is_file()  # PEFT's save
         return run_summary(
-            time.time() - self.started, self.total_steps, self.out, self.metrics_log.last
+            time.time() - self.started, self.total_steps, self.out, self.metrics_log.last, adapter
         )
 
     def _log(self, message: str) -> None:
@@ -958,13 +993,16 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def run_summary(seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]]) -> str:
+def run_summary(
+    seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]], adapter: bool = False
+) -> str:
     """The line a run ends with: time and steps, the last logged training loss, the final
-    evaluation, and where the model and metrics are."""
+    evaluation, and where the model (or the ``adapter``) and metrics are."""
     text = f"Done in {seconds:.1f}s, {steps} steps."
     train_row, eval_row = last.get("train", {}), last.get("eval")
     if "loss" in train_row:
         text += f" Train loss {format_value(train_row['loss'])} (step {train_row['step']})."
     if eval_row is not None:
         text += f" Eval (step {eval_row['step']}): {headline(eval_row, 'eval_')}."
-    return f"{text} Model: {out / 'final'}; metrics: {out / 'metrics.jsonl'}"
+    what = "Adapter" if adapter else "Model"
+    return f"{text} {what}: {out / 'final'}; metrics: {out / 'metrics.jsonl'}"

@@ -68,6 +68,7 @@ def align_register_sections(register):
             options=LoraOptions,
             flags={"lora": "enabled", "adapter": "adapter", "load-in-4bit": "load_in_4bit"},
             load_kwargs=load_kwargs,
+            label="LoRA",
         )
     )
 
