@@ -78,3 +78,23 @@ def test_the_trainable_share_reads_as_a_count():
     )
     assert trainable_share(908_000, 908_000) == "trainable: 908K of 908K parameters (100%)"
     assert trainable_share(12, 7_000_000_000) == "trainable: 12 of 7B parameters (0.0000%)"
+
+
+@pytest.mark.parametrize(
+    "flags, sections, title, name",
+    [
+        ({"objective": "sft"}, {}, "sft", "sft"),
+        ({"objective": "lora-sft"}, {}, "lora-sft", "lora-sft"),
+        ({"objective": "dpo"}, {"lora": {"enabled": True}}, "dpo + LoRA", "dpo-lora"),
+        ({"objective": "dpo"}, {"lora": {"adapter": "runs/a/final"}}, "dpo + LoRA", "dpo-lora"),
+        ({"objective": "kto"}, {"lora": {"enabled": False}}, "kto", "kto"),
+    ],
+)
+def test_a_run_is_named_after_its_preset_or_the_sections_switched_on(flags, sections, title, name):
+    from align.config import resolve
+    from align.loop.describe import run_name, run_title
+    from align.plugins import get_registry
+
+    registry = get_registry()
+    spec = resolve(registry, flags=flags, section_flags=sections)
+    assert (run_title(spec, registry), run_name(spec, registry)) == (title, name)

@@ -1,8 +1,8 @@
 """How a run names what it trains: its folder, the banner's title, the trainable parameters.
 
 A preset is called by its name (``lora-sft``); a plain objective by its own, with each plugin
-section switched on by its ``enabled`` option added (``dpo + LoRA`` in the banner, ``dpo-lora``
-in the default folder name).
+section switched on added (``dpo + LoRA`` in the banner, ``dpo-lora`` in the default folder
+name): see :class:`align.plugins.api.Section`'s ``active`` and ``label``.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ from ..config import RunSpec
 
 
 def sections_on(spec: RunSpec, registry: Any) -> list[tuple[str, str]]:
-    """``(name, label)`` of each section whose ``enabled`` option is on and that a preset the
-    run names does not switch on already (its name says so)."""
+    """``(name, label)`` of each section switched on, but for those the run's preset switches
+    on (its name says so)."""
     preset = registry.objectives[spec.preset].item if spec.preset else None
     named = set(preset.sections) if preset is not None else set()
     found = []
     for name, options in spec.sections.items():
-        if getattr(options, "enabled", False) is True and name not in named:
-            registered = registry.sections.get(name)
-            label = registered.item.label if registered is not None else ""
-            found.append((name, label or name))
+        section = registry.sections[name].item
+        on = section.active(options) if section.active else getattr(options, "enabled", False)
+        if on is True and name not in named:
+            found.append((name, section.label or name))
     return found
 
 
