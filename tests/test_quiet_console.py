@@ -10,7 +10,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from align.cli import cli
@@ -97,22 +96,23 @@ def test_a_lora_run_shows_no_is_gradient_checkpointing_warning(tmp_path, base, r
     assert not [w for w in recwarn if "is_gradient_checkpointing" in str(w.message)]
 
 
-def test_a_default_run_prints_no_deepspeed_notice(tmp_path):
-    """The demo run as a user starts it, with DeepSpeed installed (the test extras)."""
+def test_a_run_prints_no_deepspeed_notice(tmp_path, base):
+    """A run as a user starts it, with DeepSpeed installed (the test extras): saving the model,
+    Accelerate imports DeepSpeed, which logs the notice on stdout where it finds no GPU."""
     pytest.importorskip("deepspeed")
-    if not torch.cuda.is_available():  # DeepSpeed prints the notice where it finds no GPU
-        probe = "from deepspeed.accelerator import get_accelerator; get_accelerator()"
-        alone = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-        assert DEEPSPEED_NOTICE in alone.stdout + alone.stderr  # what align drops
-    command = [sys.executable, "-m", "align.cli", "run", "--max-steps", "1"]
-    command += ["--output-dir", str(tmp_path / "demo")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "align.cli", "run", *map(str, base)]
+    done = subprocess.run(
+        [*command, "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     printed = done.stdout + done.stderr
     assert DEEPSPEED_NOTICE not in printed
     assert "Warning" not in printed and "warn(" not in printed, printed
     assert LOG_PROBS not in printed
-    assert LOG_PROBS in (tmp_path / "demo" / LOG_FILE).read_text()
+    assert LOG_PROBS in (tmp_path / "out" / LOG_FILE).read_text()
 
 
 # -- internal details: train.log, and the console with --verbose ----------------------------------
@@ -145,6 +145,16 @@ def test_a_resumed_run_appends_to_its_log(tmp_path, base):
     _run(*args, "--resume")
     log = (out / LOG_FILE).read_text()
     assert log.count("Training sft (") == 2 and "Resuming at step 2 of 4" in log
+
+
+def test_the_reason_a_run_stopped_is_in_its_log(tmp_path, poisoned_model_dir, write_jsonl):
+    rows = [{"prompt": "What is ~? ", "completion": "A tilde."}]  # a NaN loss at step 1
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = tmp_path / "out"
+    result = _run("--model", poisoned_model_dir, "--data", data, "--output-dir", out, expect=1)
+    log = (out / LOG_FILE).read_text()
+    assert "step 1: the loss is nan (not finite)" in result.output
+    assert "step 1: the loss is nan (not finite)" in log
 
 
 # -- the reward on the progress bar ---------------------------------------------------------------

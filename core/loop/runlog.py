@@ -37,6 +37,15 @@ class _Console(logging.Handler):
             print(self.format(record), file=tolerant(sys.stderr), flush=True)
 
 
+class _File(logging.FileHandler):
+    """``train.log``: a copy of what the run printed. A line that cannot be written (a full
+    disk) is dropped without a traceback; the checkpoint or model that cannot be written either
+    says so in words."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+
 class RunLog:
     """The ``align.run`` logger's handlers for one run; :meth:`close` removes them."""
 
@@ -49,7 +58,7 @@ class RunLog:
             stale.close()
         self.console = _Console(logging.DEBUG if verbose else logging.INFO)
         self.pending = MemoryHandler(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1)
-        self.file: logging.FileHandler | None = None
+        self.file: _File | None = None
         self.logger.addHandler(self.console)
         self.logger.addHandler(self.pending)
 
@@ -71,7 +80,7 @@ class RunLog:
         """Start writing ``path`` (appending), with the lines logged so far."""
         if self.file is not None or self.pending not in self.logger.handlers:
             return
-        self.file = logging.FileHandler(path, mode="a", encoding="utf-8")
+        self.file = _File(path, mode="a", encoding="utf-8")
         self.file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         self.pending.setTarget(self.file)
         self.pending.flush()

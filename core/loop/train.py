@@ -116,7 +116,8 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
 def _train(run: Training) -> Path:
     try:
         signals = run.run_steps()
-    except RunStopped:  # recorded in run.json already
+    except RunStopped as stopped:  # recorded in run.json already
+        run.runlog.record(str(stopped))  # the command line prints it
         raise
     except BaseException as exc:  # every other failure is recorded too: never left "running"
         error = run.fail(exc)
@@ -826,13 +827,12 @@ class Training:
         """A signal came: the checkpoint is written; record the stop and raise RunStopped."""
         self.progress.close()
         self.finish("interrupted", stopped_at_step=step)
-        message = (
+        raise RunStopped(
             f"{signal.Signals(signum).name}: stopped after step {step} of {self.total_steps}; "
             f"checkpoint {self.last_checkpoint}. Resume with the same command and --resume "
-            f"(--output-dir {self.out})."
+            f"(--output-dir {self.out}).",
+            exit_code=128 + signum,
         )
-        self.runlog.record(message)
-        raise RunStopped(message, exit_code=128 + signum)
 
     def save_final(self) -> None:
         self.progress.close()
