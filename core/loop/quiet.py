@@ -5,10 +5,10 @@ record still shows (``warnings.filters`` gains only the entries below). Applied 
 every run's set-up, from the command line or the Python API.
 
 - DeepSpeed's ``Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
-  to detect it.``: logged (on stdout) by ``deepspeed.accelerator.real_accelerator`` the first
-  time anything asks for DeepSpeed's accelerator, which Accelerate does whenever DeepSpeed is
-  installed (unwrapping the model to save it imports ``deepspeed``). On a machine without a GPU
-  it says nothing: Accelerate, not DeepSpeed, chose the CPU, and the banner names the engine.
+  to detect it.``: logged (on stdout) by ``deepspeed.accelerator.real_accelerator`` when
+  ``deepspeed`` is imported on a machine where it finds no GPU; Accelerate imports it whenever
+  it is installed (the test extras install it), to unwrap the model it saves. It says nothing
+  to the user: Accelerate, not DeepSpeed, chose the device, and the banner names the engine.
   Dropped by a filter on DeepSpeed's ``DeepSpeed`` logger (``$DS_ACCELERATOR=cpu`` would silence
   it too, but would also stop DeepSpeed from finding an XPU, NPU or MPS device).
 - transformers' ``FutureWarning: `is_gradient_checkpointing` is deprecated``: raised in
