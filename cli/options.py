@@ -4,11 +4,13 @@ the flags plugin sections add, and the plugin registry with its load warnings.""
 from __future__ import annotations
 
 import os
+import textwrap
 import typing
 from typing import Any
 
 import click
 
+from align.aliases import ALIASES, help_rows, suggestion
 from align.config import TrainConfig
 from align.options import SAMPLING_KEYS
 from align.plugins import FIRST_PARTY_FLAGS, get_registry, install_hint
@@ -50,6 +52,7 @@ RUN_FLAGS = [
     "group_by_length",
     "padding_free",
     "save_every",
+    "save_minutes",
     "keep_last",
     "resume",
     "eval_every",
@@ -136,9 +139,30 @@ def _option_for(name: str) -> Any:
     )
 
 
+def _alias_option(name: str) -> Any:
+    """A TRL/transformers name's flag (``--learning-rate``): hidden from the option list (the
+    help's section of them lists it); its value reaches ``resolve`` under the TRL name, which
+    converts it."""
+    alias = ALIASES[name]
+    field = TrainConfig.model_fields[alias.key]
+    if name == "resume_from_checkpoint":  # alone: the latest checkpoint, as --resume
+        return click.option(
+            alias.flag, name, is_flag=False, flag_value="latest", default=None, hidden=True
+        )
+    if field.annotation is bool or alias.key == "precision":  # --bf16: set, or not given
+        callback = lambda _ctx, _param, value: value or None  # noqa: E731
+        return click.option(alias.flag, name, is_flag=True, callback=callback, hidden=True)
+    base = {int: int, float: float}.get(field.annotation, str)
+    if alias.convert is not None and base is int:  # 2.0 accepted, 2.5 refused by name
+        base = float
+    return click.option(alias.flag, name, type=base, default=None, hidden=True)
+
+
 def run_options(func: Any) -> Any:
     for name in reversed(RUN_FLAGS):
         func = _option_for(name)(func)
+    for name in reversed(ALIASES):  # TRL's names, hidden: RunCommand's help lists them
+        func = _alias_option(name)(func)
     return func
 
 
@@ -156,7 +180,33 @@ class RunCommand(click.Command):
             dist = FIRST_PARTY_FLAGS.get(exc.option_name)
             if dist:
                 exc.message += f" ({exc.option_name} is added by {dist}: {install_hint(dist)})"
+            elif exc.option_name.startswith("--"):  # TRL's names first, then click's guess
+                flags = [o[2:] for p in self.get_params(ctx) for o in p.opts if o[:2] == "--"]
+                name = exc.option_name[2:].replace("-", "_")
+                found = suggestion(name, [f.replace("-", "_") for f in flags], flags=True)
+                if found:
+                    exc.message = f"No such option: {exc.option_name}.{found}"
+                    exc.possibilities = None
             raise
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The TRL/transformers names accepted, after the options: one section, from the table
+        in ``align.aliases``."""
+        super().format_epilog(ctx, formatter)
+        rows = help_rows(set(RUN_FLAGS))
+        with formatter.section("TRL/transformers names (also as run.yaml keys, with underscores)"):
+            formatter.write_dl(rows[:-2])
+            for term, text in rows[-2:]:  # lists of flags: wrapped between flags, not at dashes
+                lines = textwrap.wrap(
+                    text,
+                    width=max(formatter.width - formatter.current_indent - 4, 40),
+                    break_on_hyphens=False,
+                )
+                formatter.write_text(f"{term}:")
+                formatter.indent()
+                for line in lines:
+                    formatter.write(f"{'':>{formatter.current_indent}}{line}\n")
+                formatter.dedent()
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
         params = [*self.params, *self._section_params()]

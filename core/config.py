@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from .aliases import ALIASES, suggestion, translate
 from .data.sources import is_hub_id, parse_sources
 from .errors import ConfigError, DataError, PluginError
 from .model.loading import check_model_source
@@ -27,30 +28,8 @@ from .suggest import did_you_mean
 Sources = dict[str, str]  # option key → where its value came from: run.yaml, --lr, --set k=v
 
 
-# transformers/TRL TrainingArguments names users bring along, and the core option for each.
-TRAINING_ARGUMENT_NAMES = {
-    "learning_rate": "lr",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "num_train_epochs": "epochs",
-    "lr_scheduler_type": "lr_scheduler",
-    "max_seq_length": "max_length",
-    "logging_steps": "log_every",
-    "save_steps": "save_every",
-    "save_total_limit": "keep_last",
-    "eval_steps": "eval_every",
-    "resume_from_checkpoint": "resume",
-    "model_name_or_path": "model",
-    "bf16": "precision",
-    "fp16": "precision",
-    "overwrite_output_dir": "overwrite",
-}
-
-
 def _core_hint(key: str, allowed: set[str]) -> str:
-    if key in TRAINING_ARGUMENT_NAMES:
-        return f" Did you mean {TRAINING_ARGUMENT_NAMES[key]!r}?"
-    return did_you_mean(key, allowed)
+    return suggestion(key, sorted(allowed))
 
 
 class RunSpec:
@@ -75,6 +54,7 @@ class RunSpec:
         self.preset = preset
         self.sources = sources or {}  # core option → the file or flag that set it
         self.rewards = rewards or []  # on-policy objectives: align.rollout.rewards.ChosenReward
+        self.demo_note: str | None = None  # the demo's settings the run took, in words
 
     def named(self, key: str) -> str:
         """A core option as a message names it: ``--data``, or ``data (run.yaml)``."""
@@ -261,11 +241,13 @@ def resolve(
     file_values = load_yaml(config_file) if config_file else {}
     where_file = str(config_file)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    core, core_sources = _merged(
-        ({k: v for k, v in file_values.items() if k in CORE_KEYS}, where_file),
-        (flags, {k: _flag(k) for k in flags}),
+    file_core = {k: v for k, v in file_values.items() if k in CORE_KEYS or k in ALIASES}
+    core, core_sources = _merged(  # TRL's names (learning_rate, --bf16) as align's
+        translate(file_core, dict.fromkeys(file_core, where_file)),
+        translate(flags, {k: _flag(k) for k in flags}),
     )
     config = _validate(TrainConfig, core, core_sources)
+    _check_checkpoint_interval(core_sources)
 
     try:
         registered = registry.objective(config.objective)
@@ -287,7 +269,7 @@ def resolve(
             raise ConfigError(f"preset {preset.name!r} sets section {name!r}, which no plugin has")
     sections = {name: r.item for name, r in registry.sections.items()}
     set_values = _parse_set_items(sets or [])
-    allowed = CORE_KEYS | set(registry.objectives) | set(sections) | {REWARD_SECTION}
+    allowed = CORE_KEYS | set(ALIASES) | set(registry.objectives) | set(sections) | {REWARD_SECTION}
     for key in file_values:
         if key not in allowed:
             raise ConfigError(
@@ -298,9 +280,10 @@ def resolve(
 
     top_level, top_sources = set_values.get(None, ({}, {}))
     for key in top_level:
-        if key in CORE_KEYS:
+        if key in CORE_KEYS or key in ALIASES:
             raise ConfigError(
-                f"{top_sources[key]}: {key!r} is a core option; use {_flag(key)} or a "
+                f"{top_sources[key]}: {key!r} is a core option; use "
+                f"{_flag(ALIASES[key].key if key in ALIASES else key)} or a "
                 "top-level key in the config file"
             )
     for section, (_, section_sources) in set_values.items():
@@ -356,6 +339,16 @@ def resolve(
 
 
 REWARD_SECTION = "reward"  # --set reward.NAME.KEY=VALUE; in YAML, reward: {NAME: {KEY: VALUE}}
+
+
+def _check_checkpoint_interval(sources: Sources) -> None:
+    """A checkpoint interval in steps or in minutes, not both."""
+    if "save_every" in sources and "save_minutes" in sources:
+        raise ConfigError(
+            f"{_named('save_every', sources)} and {_named('save_minutes', sources)}: "
+            "checkpoint every N steps or every M minutes; give one (--save-every 0 turns "
+            "checkpoints off)"
+        )
 
 
 def _check_sampling(config: TrainConfig, objective: Any, sources: Sources) -> None:

@@ -112,10 +112,22 @@ class TrainConfig(Options):
         "pair's prompt computed once (objectives that support it: sft, minorsft, dpo, kto, orpo).",
     )
     save_every: int | None = Field(
-        None, ge=1, description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data)."
+        None,
+        ge=0,
+        description="Checkpoint every N steps (model, optimizer, scheduler, RNG, data); 0: "
+        "never. Default: every --save-minutes of training, the newest 2 kept.",
+    )
+    save_minutes: float = Field(
+        10.0,
+        gt=0,
+        description="Without --save-every: checkpoint every M minutes of training, at a step "
+        "boundary all processes agree on (not after the last step: final/ is written then).",
     )
     keep_last: int | None = Field(
-        None, ge=1, description="Keep only the newest K checkpoints (default: all)."
+        None,
+        ge=1,
+        description="Keep only the newest K checkpoints (default: 2 with checkpoints every "
+        "--save-minutes; all with --save-every N).",
     )
     resume: str | None = Field(
         None,

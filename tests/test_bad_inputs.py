@@ -77,7 +77,10 @@ def test_a_prompt_longer_than_max_length_is_counted_or_refused(tmp_path, model_d
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("unknown_key.yaml", ": unknown key 'learning_rate'. Did you mean 'lr'?"),
+        (
+            "unknown_key.yaml",
+            ": unknown key 'learning_rat'. Did you mean 'learning_rate' (align's 'lr')?",
+        ),
         (
             "unknown_option.yaml",
             ": options of objective 'sft': unknown option 'normalisation'. "

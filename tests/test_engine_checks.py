@@ -167,8 +167,10 @@ def test_elastic_runs_need_checkpoints_and_one_node(tmp_path, monkeypatch):
     from align.loop.setup import prepare_output_dir
 
     _elastic_env(monkeypatch, 0)
-    with pytest.raises(ConfigError, match="give --output-dir and --save-every N"):
-        prepare_output_dir(_options(tmp_path / "a", save_every=None), "sft")
+    with pytest.raises(ConfigError, match="give --output-dir, and leave checkpoints on"):
+        prepare_output_dir(_options(tmp_path / "a", save_every=0), "sft")
+    with pytest.raises(ConfigError, match="give --output-dir, and leave checkpoints on"):
+        prepare_output_dir(_options(tmp_path, output_dir=None, save_every=None), "sft")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="with several nodes"):
         prepare_output_dir(_options(tmp_path / "b"), "sft")

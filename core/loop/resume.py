@@ -57,6 +57,7 @@ MAY_CHANGE_ON_RESUME = {
     "overwrite",
     "output_dir",
     "save_every",
+    "save_minutes",
     "keep_last",
     "eval_every",
     "log_every",
@@ -259,10 +260,11 @@ def check_elastic(cfg: Any) -> None:
             "on one node only (a healthy node's workers are restarted without counting it, so "
             "the nodes would disagree on the attempt); use --max-restarts 0 and --resume"
         )
-    if not cfg.output_dir or not cfg.save_every:
+    if not cfg.output_dir or cfg.save_every == 0:
         raise ConfigError(
             "torchrun --max-restarts restarts failed workers, which then continue the run from "
-            "its newest checkpoint: give --output-dir and --save-every N"
+            "its newest checkpoint: give --output-dir, and leave checkpoints on (not "
+            "--save-every 0)"
         )
 
 

@@ -56,6 +56,7 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
         if spec.objective.item.on_policy:
             settings.update(demo.ON_POLICY_DEMO_SETTINGS)
         updates = {k: v for k, v in settings.items() if k not in cfg.model_fields_set}
+        spec.demo_note = demo_defaults_note(updates, demo_model, demo_data)
     if demo_data:
         updates["data"] = str(demo.demo_data(fmt, "train"))
     if demo_model:
@@ -68,6 +69,31 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     if not demo_model:
         check_model_and_data(spec)
     return demo_model
+
+
+def demo_defaults_note(settings: dict[str, Any], demo_model: bool, demo_data: bool) -> str:
+    """The line a run prints first naming the demo's ``settings`` it took, which the user did
+    not set, and for which part of the demo (the whole, its model on the user's data, or its
+    data for the user's model): the general defaults apply once both are the user's."""
+    what = (
+        "the demo"
+        if demo_model and demo_data
+        else "the demo model on your data"
+        if demo_model
+        else "the demo data"
+    )
+    values = ", ".join(f"--{key.replace('_', '-')} {_shown(v)}" for key, v in settings.items())
+    return f"Demo defaults for {what} (options you set win): {values or 'none left'}"
+
+
+def _shown(value: Any) -> str:
+    """3e-3 rather than 0.003; booleans as on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and 0 < abs(value) < 0.01:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{float(mantissa):g}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _demo_rewards(spec: RunSpec, registry: Any) -> None:

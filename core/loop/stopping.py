@@ -239,7 +239,8 @@ def nonfinite_message(
     keep = (
         f"The last good checkpoint is {last_checkpoint}; the weights were not updated."
         if last_checkpoint
-        else "No checkpoint was written before it (--save-every N)."
+        else "No checkpoint was written before it (every --save-minutes, 10 by default, or "
+        "--save-every N steps)."
     )
     return (
         f"step {step}: the {what} is {value} (not finite). {where.describe(source)}. {keep} "

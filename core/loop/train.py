@@ -55,6 +55,7 @@ from ..rollout.engine import RolloutEngine
 from ..run import Run
 from . import failures, resume, rundir, zero
 from .checkpoint import save_model_dir, write_json
+from .checkpoint_schedule import CheckpointSchedule
 from .data import (
     build_examples,
     check_streaming,
@@ -173,6 +174,7 @@ class Training:
             # From run.json's "running" on, a signal stops the run after a step, with a
             # checkpoint (one during start() waits for the first step).
             self.start()  # run.json and metrics.jsonl: new, or the interrupted run's, continued
+            self.saves.restart()  # the time-based interval counts training time
             self.at_step = self.first_step - 1
             if self.trainer_state.get("eval_pending") and self.eval_loader is not None:
                 self.evaluate(self.first_step - 1)  # owed by a run stopped before evaluating
@@ -261,12 +263,15 @@ class Training:
                 "under FSDP yet (each process would generate with a shard); use data-parallel "
                 "processes (--num-processes N)"
             )
+        self.saves = CheckpointSchedule(self.cfg)
         set_seed(self.cfg.seed)
 
     def _read_data(self) -> None:
         """The tokenizer, then every split's examples (every record checked) and reports."""
         if self.used_demo:
             self._log(f"Training the embedded demo model ({self.cfg.model}) on {self.cfg.data}.")
+        if self.spec.demo_note:
+            self._log(self.spec.demo_note)
         self.tokenizer = load_tokenizer(self.cfg)
         self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
         self.examples: dict[str, Examples] = {}
@@ -749,8 +754,7 @@ class Training:
             self.runlog.record(line)
 
     def checkpoint_due(self, step: int) -> bool:
-        every = self.cfg.save_every
-        return step != self.total_steps and bool(every) and step % every == 0
+        return self.saves.due(step, self.total_steps, self.accelerator)
 
     def save_checkpoint(self, step: int, eval_pending: bool) -> None:
         """Weights, optimizer, schedule, RNG and this run's counters, written atomically."""
@@ -763,8 +767,9 @@ class Training:
         except Exception as exc:
             raise self._write_failure(exc, f"checkpoint {target.name}", target.parent) from None
         if accelerator.is_main_process:
-            resume.remove_old_checkpoints(self.out, self.cfg.keep_last, target)
+            resume.remove_old_checkpoints(self.out, self.saves.keep_last, target)
         self.last_checkpoint = target
+        self.saves.restart()
 
     def _write_checkpoint(self, target: Path, step: int, eval_pending: bool) -> None:
         accelerator = self.accelerator
