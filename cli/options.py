@@ -69,6 +69,7 @@ RUN_FLAGS = [
     "overwrite",
     "on_nonfinite",
     "num_processes",
+    "verbose",
 ]
 
 

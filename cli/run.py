@@ -40,16 +40,17 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
     data, with demo defaults (lr 3e-3, batch 16, 4 epochs, max length 64, cosine) for options
     you do not set; the run's first lines name those it takes. --batch-size is per process;
     --max-steps wins over --epochs. Output goes to --output-dir (default
-    runs/<objective>-<time>/): metrics.jsonl, run.json, final/ and checkpoints/step-N/ (by
-    default every 10 minutes of training, the newest two kept; every --save-every N steps
-    instead, all kept unless --keep-last; none with --save-every 0; and on SIGINT/SIGTERM,
-    which then stop the run). --resume continues an interrupted run from its newest intact
-    checkpoint (each checkpoint's files are checked against its manifest), exactly as if it had
-    not stopped; one run at a time writes a directory, and align writes only into a new or
-    empty one or its own run's; --num-processes N trains data-parallel on N processes. Flags
-    that plugins add (such as --lora) set options of their sections. TRL's and transformers' names
-    (--learning-rate, --per-device-train-batch-size, --bf16, ...) are accepted too: the list
-    ends this help.
+    runs/<objective>-<time>/, runs/dpo-lora-<time>/ for --objective dpo --lora): metrics.jsonl,
+    run.json, train.log (what the run printed, and the internal details --verbose prints),
+    final/ and checkpoints/step-N/ (by default every 10 minutes of training, the newest two
+    kept; every --save-every N steps instead, all kept unless --keep-last; none with
+    --save-every 0; and on SIGINT/SIGTERM, which then stop the run). --resume continues an
+    interrupted run from its newest intact checkpoint (each checkpoint's files are checked
+    against its manifest), exactly as if it had not stopped; one run at a time writes a
+    directory, and align writes only into a new or empty one or its own run's; --num-processes
+    N trains data-parallel on N processes. Flags that plugins add (such as --lora) set options
+    of their sections. TRL's and transformers' names (--learning-rate,
+    --per-device-train-batch-size, --bf16, ...) are accepted too: the list ends this help.
     """
     from align.loop.launch import launch, needs_launch
 

@@ -12,10 +12,15 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
+
+# The logger of a run's own lines (align.loop.runlog.RunLog routes them to the console and the
+# run's train.log); a module outside the loop logs an internal detail with :func:`detail`.
+RUN_LOGGER = "align.run"
 
 
 class ConsoleStream:
@@ -69,6 +74,12 @@ def echo(message: str) -> None:
     print(message, file=stream, flush=True)
     if stream.failed:
         settle()
+
+
+def detail(message: str) -> None:
+    """An internal detail of the run in progress: its ``train.log``, and the console with
+    ``--verbose`` (nowhere outside a run)."""
+    logging.getLogger(RUN_LOGGER).debug(message)
 
 
 @functools.cache

@@ -202,6 +202,11 @@ class TrainConfig(Options):
     repetition_penalty: float = Field(
         1.0, gt=0, description="On-policy objectives: repetition penalty (1: none)."
     )
+    verbose: bool = Field(
+        False,
+        description="Print the run's internal details too (how log-probs are computed, the "
+        "attention kernel, cache paths); they are always in RUN_DIR/train.log.",
+    )
     eval_deviation: bool = Field(
         False,
         description="Log eval_deviation, the mean per-token log-ratio to the reference (the "

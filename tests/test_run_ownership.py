@@ -72,7 +72,8 @@ def test_an_empty_folder_is_used_and_overwrite_deletes_only_what_the_run_wrote(t
     _run(*base, "--output-dir", out)
     info = json.loads((out / "run.json").read_text())
     assert info["written_by"].startswith("align-core ")
-    assert set(info["owns"]) == {"run.json", "metrics.jsonl", "final", "checkpoints", "logs", LOCK}
+    entries = {"run.json", "metrics.jsonl", "train.log", "final", "checkpoints", "logs", LOCK}
+    assert set(info["owns"]) == entries
     (out / "notes.txt").write_text("added by the user after the run")
     old_final = (out / "final" / "model.safetensors").stat().st_mtime_ns
     _run(*base, "--output-dir", out, "--overwrite")

@@ -72,6 +72,7 @@ MAY_CHANGE_ON_RESUME = {
     "report_to",  # trackers watch the run; a new one starts at the resumed step
     "push_to_hub",
     "hub_private",
+    "verbose",
 }
 
 

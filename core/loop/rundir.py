@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .runlog import LOG_FILE
 
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
 LOCK = ".align-lock"
 WRITTEN_BY = "align-core"
 # The entries of a run directory that a run writes (the lock file too).
-RUN_ENTRIES = ("run.json", "metrics.jsonl", "final", "checkpoints", "logs", LOCK)
+RUN_ENTRIES = ("run.json", "metrics.jsonl", LOG_FILE, "final", "checkpoints", "logs", LOCK)
 STOPPING_WAIT_ENV = "ALIGN_LOCK_WAIT"  # seconds --resume waits for a stopping run (default 900)
 
 

@@ -143,7 +143,7 @@ RUNS = Path("runs")  # where runs go without --output-dir
 _created_dirs: ContextVar[list[Path] | None] = ContextVar("created_dirs", default=None)
 
 
-def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
+def prepare_output_dir(cfg: Any, name: str) -> OutputDir:
     """Create or check the run directory and take its lock: refuse a non-empty directory that
     holds no align run, one that holds another run (unless ``--overwrite``), one another run
     is writing, or one that is not writable; for ``--resume``, find the checkpoint. Workers that
@@ -156,7 +156,7 @@ def prepare_output_dir(cfg: Any, objective: str) -> OutputDir:
     elif cfg.output_dir:
         out = Path(cfg.output_dir)
     else:
-        out = _claim_run_dir(objective)
+        out = _claim_run_dir(name)
     rundir.check_claimable(out)  # before anything is written there
     _check_writable(out)
     continuing = bool(cfg.resume) or resume.restart_count() > 0
@@ -191,10 +191,11 @@ def _decide(cfg: Any, out: Path, lock: RunLock) -> OutputDir:
     return OutputDir(out, replaces_run=record is not None, lock=lock, owns=owns)
 
 
-def _claim_run_dir(objective: str) -> Path:
-    """``runs/<objective>-<time>``, created here and so this run's alone: runs started in the
-    same second (a sweep started with ``&``, a job array) take ``-2``, ``-3``, …"""
-    name = f"{objective}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def _claim_run_dir(run_name: str) -> Path:
+    """``runs/<run name>-<time>`` (``sft-…``, ``lora-sft-…``, ``dpo-lora-…``: see
+    :func:`align.loop.describe.run_name`), created here and so this run's alone: runs started
+    in the same second (a sweep started with ``&``, a job array) take ``-2``, ``-3``, …"""
+    name = f"{run_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     out, number = RUNS / name, 1
     try:
         _make_dirs(RUNS)
@@ -274,7 +275,7 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {exc.strerror}") from None
 
 
-def shared_output_dir(cfg: Any, objective: str, state: Any) -> OutputDir:
+def shared_output_dir(cfg: Any, name: str, state: Any) -> OutputDir:
     """Prepare the output directory on the main process only and share it (or the error)."""
     from accelerate.utils import broadcast_object_list
 
@@ -282,7 +283,7 @@ def shared_output_dir(cfg: Any, objective: str, state: Any) -> OutputDir:
     mine = None
     if state.is_main_process:
         try:
-            mine = prepare_output_dir(cfg, objective)
+            mine = prepare_output_dir(cfg, name)
             result[0] = dataclasses.replace(mine, lock=None)  # the lock stays with its holder
         except (ConfigError, OSError) as exc:  # every process must hear of it, or they wait
             result[1] = str(exc) if isinstance(exc, ConfigError) else f"output directory: {exc}"

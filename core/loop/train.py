@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import shutil
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
+from ..console import RUN_LOGGER
 from ..data.batching import is_packed_batch, sequence_prefixes
 from ..data.build import Built
 from ..data.examples import DataReport
@@ -61,6 +63,7 @@ from .data import (
     shared_fingerprints,
     streaming_batches,
 )
+from .describe import parameter_counts, run_name, run_title, trainable_share
 from .failures import RunFailed
 from .launch import (
     check_world_size,
@@ -71,6 +74,8 @@ from .launch import (
 )
 from .manifest import manifest_size
 from .metrics import MetricsLog, MetricSums, format_value, headline, means
+from .quiet import quiet_third_party
+from .runlog import LOG_FILE, RunLog
 from .setup import (
     OutputDir,
     apply_demo_defaults,
@@ -93,8 +98,9 @@ from .stopping import (
 
 
 def log(accelerator: Any, message: str) -> None:
+    """A line for the user, from the main process: the console and the run's train.log."""
     if accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
+        logging.getLogger(RUN_LOGGER).info(message)
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -103,8 +109,16 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
     run = Training(spec, registry)  # set-up: everything that can be refused, then the model
     try:
+        return _train(run)
+    finally:
+        run.runlog.close()
+
+
+def _train(run: Training) -> Path:
+    try:
         signals = run.run_steps()
-    except RunStopped:  # recorded in run.json already
+    except RunStopped as stopped:  # recorded in run.json already
+        run.runlog.record(str(stopped))  # the command line prints it
         raise
     except BaseException as exc:  # every other failure is recorded too: never left "running"
         error = run.fail(exc)
@@ -120,9 +134,9 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
             f"{name} came during the last step or the final save; the run completed.",
         )
     log(run.accelerator, run.summary())
-    push_to = spec.config.push_to_hub
+    push_to = run.spec.config.push_to_hub
     if push_to and run.accelerator.is_main_process:  # the run is complete: a failure loses nothing
-        url = hub.push_final(run.out, push_to, spec.config.hub_private, run.run_info)
+        url = hub.push_final(run.out, push_to, run.spec.config.hub_private, run.run_info)
         log(run.accelerator, f"Pushed final/ to the hub: {url}")
     return run.out
 
@@ -135,6 +149,8 @@ class Training:
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
+        quiet_third_party()
+        self.runlog = RunLog(spec.config.verbose)
         self.started = time.time()
         self.spec, self.registry = spec, registry
         self.output: OutputDir | None = None
@@ -150,6 +166,7 @@ class Training:
             self._set_up_batches_and_optimizer()
         except BaseException:
             self.release()
+            self.runlog.close()
             raise
 
     def run_steps(self) -> StopSignals:
@@ -203,7 +220,9 @@ class Training:
         cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
         state = PartialState(cpu=cpu, **zero.process_group_backend(cpu))  # as Accelerator
         check_world_size(cfg.num_processes, state)
-        self.output = shared_output_dir(cfg, cfg.objective, state)
+        if not state.is_main_process:
+            self.runlog.mute()
+        self.output = shared_output_dir(cfg, run_name(spec, self.registry), state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
         self.sources = data_sources(cfg)
@@ -288,7 +307,7 @@ class Training:
                 self._log(f"data {self.reports[split].summary()}")
                 for source, built in zip(sources, self.stores[split], strict=True):
                     named = f" ({source.label})" if len(sources) > 1 else ""
-                    self._log(f"data {split}{named}: {built.summary()}")
+                    self.runlog.detail(f"data {split}{named}: {built.summary()}")
         if self.previous is not None:
             resume.check_same_format(self.previous, self.reports)
 
@@ -314,9 +333,10 @@ class Training:
         if cfg.disable_dropout:
             zeroed = dropout.disable_dropout(self.model)
             if zeroed:
-                self._log(f"disable_dropout: {zeroed} dropout probabilities set to 0")
+                self.runlog.detail(f"disable_dropout: {zeroed} dropout probabilities set to 0")
         reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
-        self._log(describe_head(self.model) if reason is None else f"log-probs: {reason}")
+        self.runlog.detail(describe_head(self.model) if reason is None else f"log-probs: {reason}")
+        self.parameters = parameter_counts(self.model)  # before FSDP or ZeRO-3 shards them
 
     def _choose_packed_attention(self) -> tuple[bool, bool]:
         """On CUDA, packed batches go to a kernel that builds no dense ``T × T`` mask
@@ -339,12 +359,12 @@ class Training:
             if reason:
                 switch_attention(self.model, current)
         if reason:
-            self._log(f"packed attention: {current}, not {wanted}: {reason}")
+            self.runlog.detail(f"packed attention: {current}, not {wanted}: {reason}")
             return shared, False
         options = packing_options(wanted)
         set_default_layout(**options)
         note = f", rows filled to {options['row_tokens']} tokens" if options["row_tokens"] else ""
-        self._log(f"packed attention: {wanted}{note}")
+        self.runlog.detail(f"packed attention: {wanted}{note}")
         return shared, wanted != current
 
     def _set_up_reference(self) -> None:
@@ -461,6 +481,7 @@ class Training:
             self.sums.add_totals(self.trainer_state.get("pending_metrics", {}))
         self.last_checkpoint = self.checkpoint
         self.round: list[tuple[list[int], dict[str, Any]]] | None = None  # on-policy rollouts
+        self.reward: float | None = None  # the latest round's mean reward, for the progress bar
         if self.checkpoint is not None and self.rollouts is not None:
             from accelerate.utils import send_to_device
 
@@ -534,19 +555,25 @@ class Training:
                         else ""
                     )
                 )
+            owns = self.run_info.get("owns")  # a list, or None (the run then claims nothing)
+            if isinstance(owns, list) and LOG_FILE not in owns and not (out / LOG_FILE).exists():
+                owns.append(LOG_FILE)  # a run resumed from before train.log was written
             write_json(out / "run.json", self.run_info)
+            if isinstance(owns, list) and LOG_FILE in owns:  # a resumed run appends
+                self.runlog.open_file(out / LOG_FILE)
         if accelerator.log_with:  # after --overwrite cleared the old run's logs/
             started = trackers.start(accelerator, self.first_step)  # {} off the main process
             if accelerator.is_main_process:  # kept: a tracker left out now may come back
                 self.run_info["trackers"] = {**self.run_info.get("trackers", {}), **started}
                 write_json(out / "run.json", self.run_info)
         self.metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
-        objective = self.spec.objective
+        objective, title = self.spec.objective, run_title(self.spec, self.registry)
         self._log(
-            f"Training {objective.item.name} ({objective.plugin.label}) for "
+            f"Training {title} ({objective.plugin.label}) for "
             f"{self.total_steps} steps on {accelerator.num_processes} process(es), "
             f"{engine(accelerator)}; output: {out}"
         )
+        self._log(trainable_share(*self.parameters))
         from tqdm.auto import tqdm
 
         from ..console import tolerant
@@ -554,7 +581,7 @@ class Training:
         self.progress = tqdm(
             total=self.total_steps,
             initial=start,
-            desc=objective.item.name,
+            desc=title,
             disable=not accelerator.is_main_process,
             file=tolerant(sys.stderr),  # a stop must not fail on a closed pipe (`| tee`)
         )
@@ -642,8 +669,12 @@ class Training:
             self.sums.add("grad_norm", grad_norm, 1)
         self.scheduler.step()
         self.run.step = step  # updates taken, as evaluation and checkpoints after this one see
-        self.progress.update(1)
-        self.progress.set_postfix(loss=format_value(loss))
+        self.reward = step_sums.reduce().get("reward", self.reward)  # a reused round keeps it
+        postfix = {"loss": format_value(loss)}
+        if self.reward is not None:  # on-policy: the round's mean reward (TRL's `reward`)
+            postfix["reward"] = format_value(self.reward)
+        self.progress.set_postfix(postfix, refresh=False)
+        self.progress.update(1)  # one refresh, with the new postfix
 
     def _finite_alone(self, examples: list[dict[str, Any]]) -> bool:
         """Whether the loss of ``examples`` alone, batched and computed as a step does (the
@@ -691,6 +722,7 @@ class Training:
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
         self.metrics_log.write(row)
+        self.runlog.record(f"step {step}: {headline(row)}")
 
     def evaluation_due(self, step: int) -> bool:
         every = self.cfg.eval_every
@@ -731,6 +763,7 @@ class Training:
         if not self.progress.disable:  # enabled on the main process only
             line = f"eval step {step}: {headline(values, 'eval_')}"
             self.progress.write(line, file=self.progress.fp)
+            self.runlog.record(line)
 
     def checkpoint_due(self, step: int) -> bool:
         return self.saves.due(step, self.total_steps, self.accelerator)
@@ -878,6 +911,7 @@ class Training:
             failed_at_step=self.at_step,
             seconds=round(time.time() - self.started, 1),
         )
+        self.runlog.record(f"{status} at step {self.at_step}: {reason}")
         try:
             write_json(self.out / "run.json", self.run_info)
         except OSError as write_error:  # a full disk: the user is told in words all the same
@@ -926,8 +960,9 @@ class Training:
             write_json(self.out / "run.json", self.run_info)
 
     def summary(self) -> str:
+        adapter = (self.out / "final" / "adapter_config.json").is_file()  # PEFT's save
         return run_summary(
-            time.time() - self.started, self.total_steps, self.out, self.metrics_log.last
+            time.time() - self.started, self.total_steps, self.out, self.metrics_log.last, adapter
         )
 
     def _log(self, message: str) -> None:
@@ -996,13 +1031,16 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def run_summary(seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]]) -> str:
+def run_summary(
+    seconds: float, steps: int, out: Path, last: dict[str, dict[str, Any]], adapter: bool = False
+) -> str:
     """The line a run ends with: time and steps, the last logged training loss, the final
-    evaluation, and where the model and metrics are."""
+    evaluation, and where the model (or the ``adapter``) and metrics are."""
     text = f"Done in {seconds:.1f}s, {steps} steps."
     train_row, eval_row = last.get("train", {}), last.get("eval")
     if "loss" in train_row:
         text += f" Train loss {format_value(train_row['loss'])} (step {train_row['step']})."
     if eval_row is not None:
         text += f" Eval (step {eval_row['step']}): {headline(eval_row, 'eval_')}."
-    return f"{text} Model: {out / 'final'}; metrics: {out / 'metrics.jsonl'}"
+    what = "Adapter" if adapter else "Model"
+    return f"{text} {what}: {out / 'final'}; metrics: {out / 'metrics.jsonl'}"

@@ -310,7 +310,10 @@ class Section:
     ``flags`` maps command-line flags to options of the section: ``{"lora": "enabled"}`` makes
     ``align run --lora`` set ``lora.enabled=true`` (a boolean option is a switch, any other takes
     a value). ``load_kwargs(options, device)`` returns extra ``from_pretrained`` arguments for
-    loading the policy (a quantisation config, say), or an empty dict.
+    loading the policy (a quantisation config, say), or an empty dict. ``active(options)`` says
+    whether the section is switched on (default: its options' ``enabled`` switch, if any); a run
+    it is on in is named after it: ``label`` in the banner (``dpo + LoRA``; default: its name),
+    its name in the default run folder (``runs/dpo-lora-<time>``).
     """
 
     name: str
@@ -318,6 +321,8 @@ class Section:
     options: type[Options] = NoOptions
     flags: dict[str, str] = field(default_factory=dict)
     load_kwargs: Callable[[Any, Any], dict[str, Any]] | None = None
+    label: str = ""
+    active: Callable[[Any], bool] | None = None
 
     def __post_init__(self) -> None:
         keys = option_keys(self.options)

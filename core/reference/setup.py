@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..config import RunSpec
+from ..console import detail
 from ..errors import ConfigError
 from ..model.probe import why_not_packable
 from .models import (
@@ -128,7 +129,7 @@ def make_reference(
             if not report.cache_hit:
                 info["splits"][split]["packed"] = report.packed
             if accelerator.is_main_process:
-                print(f"reference {report.summary()}", file=sys.stderr, flush=True)
+                detail(f"reference {report.summary()}")
         if cfg.ref_model and loaded:
             loaded.clear()  # the only reference to the --ref-model: free it before training
             gc.collect()

@@ -53,6 +53,11 @@ class LoraOptions(align.Options):
         return value
 
 
+def active(options: LoraOptions) -> bool:
+    """An adapter trains: --lora, or --adapter or --load-in-4bit (each implies it)."""
+    return options.enabled or bool(options.adapter) or options.load_in_4bit
+
+
 def load_kwargs(options: LoraOptions, device) -> dict:
     from .quantization import quantized_load_kwargs
 
@@ -68,6 +73,8 @@ def align_register_sections(register):
             options=LoraOptions,
             flags={"lora": "enabled", "adapter": "adapter", "load-in-4bit": "load_in_4bit"},
             load_kwargs=load_kwargs,
+            label="LoRA",
+            active=active,
         )
     )
 
@@ -88,7 +95,7 @@ def align_register_objectives(register):
 @align.hookimpl
 def align_prepare_model(model, config, sections):
     options = sections.get("lora")
-    if options is None or not (options.enabled or options.adapter or options.load_in_4bit):
+    if options is None or not active(options):
         return None
     from .adapter import add_adapter
 
