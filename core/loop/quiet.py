@@ -2,7 +2,8 @@
 
 Each entry names one message of one library, matched exactly; every other warning and log
 record still shows (``warnings.filters`` gains only the entries below). Applied at the start of
-every run's set-up, from the command line or the Python API.
+every run's set-up, from the command line or the Python API, and when ``align chat`` or
+``align generate`` loads a model.
 
 - DeepSpeed's ``Setting accelerator to CPU. If you have GPU or other accelerator, we were unable
   to detect it.``: logged (on stdout) by ``deepspeed.accelerator.real_accelerator`` when

@@ -201,9 +201,11 @@ def load(
     import torch
     import transformers
 
+    from ..loop.quiet import quiet_third_party
     from ..model.loading import load_causal_lm
     from .merge import load_with_adapter
 
+    quiet_third_party()  # PEFT's is_gradient_checkpointing FutureWarning on adapters
     if precision not in PRECISIONS:
         raise ConfigError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     dtype = getattr(torch, PRECISIONS[precision])
