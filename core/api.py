@@ -192,11 +192,11 @@ def resolve_call(
         else:
             known = {*CORE_KEYS, *TRAINING_ARGUMENT_NAMES, *objective_keys, *sections}
             known |= {*ARGUMENTS, "options"}
-            what = f"objective {target!r}'s options" if target else "objective options"
+            what = f"the options of objective {target!r}" if target else "objective options"
+            listed = f" ({', '.join(sorted(sections))})" if sections else ""
             raise ConfigError(
                 f"{API_SOURCE}: unknown option {key!r}.{did_you_mean(key, known)} It takes core "
-                f"options (align run --help), {what} and plugin sections"
-                f"{' (' + ', '.join(sorted(sections)) + ')' if sections else ''}."
+                f"options (align run --help), {what} and plugin sections{listed}."
             )
     if objective_values:
         if target is None:  # an unknown objective: resolve names it
