@@ -54,6 +54,7 @@ _LAZY = {
     "ListExamples": "data.store",
     "train": "api",
     "TrainResult": "api",
+    "RunStopped": "loop.stopping",
 }
 
 

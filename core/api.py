@@ -12,9 +12,10 @@ run starts, not with ``align``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def train(
     ``options={…}``) and plugin sections (``lora=True`` or ``lora={"enabled": True, "r": 8}``).
 
     Raises :class:`align.ConfigError`, :class:`align.DataError` or :class:`align.PluginError`
-    for bad input, ``align.loop.stopping.RunStopped`` when Ctrl-C (SIGINT) or SIGTERM stopped
+    for bad input, ``align.RunStopped`` when Ctrl-C (SIGINT) or SIGTERM stopped
     the run after a step and saved a checkpoint."""
     registry = load_registry()
     spec = resolve_call(
@@ -109,7 +110,8 @@ def train(
         )
     check_inputs(spec)
     try:
-        return run(spec, registry)
+        with _process_state_kept():
+            return run(spec, registry)
     except RunStopped as exc:
         if exc.run_dir is None:
             raise
@@ -140,6 +142,30 @@ def run(spec: RunSpec, registry: PluginRegistry) -> TrainResult:
         model=model,
         tokenizer=training.tokenizer,
     )
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """A run leaves the process as it found it, for the next call in the same notebook:
+    Accelerate's process-wide state is reset after it (else a second run with another
+    ``precision`` is refused: "AcceleratorState has already been initialized"), and the
+    transformers progress bars a run turns off are turned on again. Under a launcher
+    (``WORLD_SIZE``) the state is the launcher's and stays."""
+    from transformers.utils import logging as transformers_logging
+
+    from .plugins.testing import reset_accelerate
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    launched = "WORLD_SIZE" in os.environ
+    if not launched:
+        reset_accelerate()
+    try:
+        yield
+    finally:
+        if not launched:
+            reset_accelerate()
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_registry() -> PluginRegistry:

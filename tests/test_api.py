@@ -408,3 +408,39 @@ def test_ctrl_c_stops_with_a_checkpoint_and_resume_finishes(model_dir, sft_rows,
     result = align.train("sft", model=model_dir, data=sft_rows, output_dir="o", resume=True, **TINY)
     assert result.metrics["step"] == 2
     assert json.loads((result.run_dir / "run.json").read_text())["status"] == "completed"
+
+
+# -- the documentation's example -------------------------------------------------------------
+def _reward_example(path):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / path).read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (block,) = [b for b in blocks if "def contains_keyword" in b and "align.train(" in b]
+    return block
+
+
+def test_the_documented_reward_function_runs_as_written(capsys):
+    """CONTRIBUTING's plain-function reward is docs/python-api.md's, and it trains as shown
+    (offline, on the demo model)."""
+    code = _reward_example("CONTRIBUTING.md")
+    assert code == _reward_example("docs/python-api.md")
+    namespace = {}
+    exec(compile(code, "CONTRIBUTING.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.metrics["step"] == 1 and "rewards/length/mean" in result.metrics
+    value = result.metrics["rewards/contains_keyword/mean"]
+    assert capsys.readouterr().out.splitlines()[-1] == str(value)
+    assert align.RunStopped is RunStopped
+
+
+def test_runs_in_one_process_start_afresh(model_dir, sft_rows):
+    """A notebook trains again in the same process: another precision is not refused by
+    Accelerate's process-wide state, and transformers' progress bars come back on."""
+    from transformers.utils import logging as transformers_logging
+
+    align.train("sft", model=model_dir, data=sft_rows, **TINY)
+    assert transformers_logging.is_progress_bar_enabled()
+    again = align.train("sft", model=model_dir, data=sft_rows, precision="bf16", **TINY)
+    assert json.loads((again.run_dir / "run.json").read_text())["config"]["precision"] == "bf16"
