@@ -440,7 +440,23 @@ def test_runs_in_one_process_start_afresh(model_dir, sft_rows):
     Accelerate's process-wide state, and transformers' progress bars come back on."""
     from transformers.utils import logging as transformers_logging
 
+    transformers_logging.enable_progress_bar()  # as in a fresh notebook (other tests' CLI runs)
     align.train("sft", model=model_dir, data=sft_rows, **TINY)
     assert transformers_logging.is_progress_bar_enabled()
     again = align.train("sft", model=model_dir, data=sft_rows, precision="bf16", **TINY)
     assert json.loads((again.run_dir / "run.json").read_text())["config"]["precision"] == "bf16"
+
+
+def test_an_untyped_column_takes_the_type_a_registered_reward_declares(model_dir):
+    """``answer`` unannotated here, a float for ``addition``: one field, validated as a float."""
+    seen = []
+
+    def echo(completions, answer, **kwargs):
+        seen.extend(answer)
+        return [0.0] * len(completions)
+
+    align.train("grpo", model=model_dir, data=PROMPTS, rewards=[echo, "addition"], **GRPO)
+    assert seen and all(isinstance(a, float) for a in seen)
+    bad = [*PROMPTS[:3], {**PROMPTS[3], "answer": "seven"}]
+    with pytest.raises(align.DataError, match=r"data\[3\], field 'answer': expected a number"):
+        align.train("grpo", model=model_dir, data=bad, rewards=[echo, "addition"], **GRPO)
