@@ -135,13 +135,17 @@ def run(spec: RunSpec, registry: PluginRegistry) -> TrainResult:
     last = training.metrics_log.last
     model = training.accelerator.unwrap_model(training.model, keep_fp32_wrapper=False)
     model.eval()
-    return TrainResult(
+    result = TrainResult(
         run_dir=training.out,
         final_dir=training.out / "final",
         metrics={**last.get("eval", {}), **last.get("train", {})},
         model=model,
         tokenizer=training.tokenizer,
     )
+    accelerator = training.accelerator
+    del training  # the optimizer's state, a reference model: freed now, not at the next run
+    accelerator.free_memory()
+    return result
 
 
 @contextlib.contextmanager

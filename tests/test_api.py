@@ -460,3 +460,23 @@ def test_an_untyped_column_takes_the_type_a_registered_reward_declares(model_dir
     bad = [*PROMPTS[:3], {**PROMPTS[3], "answer": "seven"}]
     with pytest.raises(align.DataError, match=r"data\[3\], field 'answer': expected a number"):
         align.train("grpo", model=model_dir, data=bad, rewards=[echo, "addition"], **GRPO)
+
+
+def test_a_model_objects_precomputed_reference_is_keyed_by_its_weights(model_dir):
+    """No files name a model object's weights: the reference log-probs' cache key hashes them,
+    so the same weights find the cache and changed ones (equal name_or_path) do not."""
+    from transformers import AutoModelForCausalLM
+
+    def reference_cache(model, out):
+        result = align.train("dpo", model=model, data=PAIRS, output_dir=out, **TINY)
+        info = json.loads((result.run_dir / "run.json").read_text())["reference"]
+        return info["splits"]["train"]
+
+    first = reference_cache(AutoModelForCausalLM.from_pretrained(model_dir), "a")
+    same = reference_cache(AutoModelForCausalLM.from_pretrained(model_dir), "b")
+    changed = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        changed.lm_head.weight.mul_(1.5)
+    other = reference_cache(changed, "c")
+    assert not first["cache_hit"] and same["cache_hit"] and same["cache"] == first["cache"]
+    assert not other["cache_hit"] and other["cache"] != first["cache"]
