@@ -44,12 +44,12 @@ ARGUMENTS = ("objective", "model", "tokenizer", "data", "eval_data", "rewards", 
 class TrainResult:
     """What a finished run gives back.
 
-    ``run_dir``: the run's directory (run.json, metrics.jsonl, checkpoints); ``final_dir``: the
-    saved model (``run_dir / "final"``, an adapter with LoRA); ``metrics``: the last logged
-    training row (``loss``, ``step``, …) and the final evaluation's ``eval_*`` values;
-    ``model``: the trained model in memory, unwrapped (a PEFT model with its adapter for
-    LoRA), in eval mode, on the device it trained on; ``tokenizer``: the tokenizer it trained
-    with (a pad token set, right padding)."""
+    ``run_dir``: the run's directory, absolute (run.json, metrics.jsonl, checkpoints);
+    ``final_dir``: the saved model (``run_dir / "final"``, an adapter with LoRA); ``metrics``:
+    the last logged training row (``loss``, ``step``, …) and the final evaluation's
+    ``eval_*`` values; ``model``: the trained model in memory, unwrapped (a PEFT model with its
+    adapter for LoRA), in eval mode, on the device it trained on; ``tokenizer``: the tokenizer
+    it trained with (a pad token set, right padding)."""
 
     run_dir: Path
     final_dir: Path
@@ -99,7 +99,6 @@ def train(
         kwargs=kwargs,
     )
     from .loop.launch import needs_launch
-    from .loop.stopping import RunStopped
 
     if needs_launch(spec.config.num_processes):
         raise ConfigError(
@@ -108,7 +107,9 @@ def train(
             "itself with `torchrun --nproc_per_node N` or `accelerate launch` (each process "
             "then calls align.train), or use `align run --num-processes N`."
         )
-    check_inputs(spec)
+    check_inputs(spec)  # a missing path: refused before torch is imported
+    from .loop.stopping import RunStopped
+
     try:
         with _process_state_kept():
             return run(spec, registry)
@@ -135,9 +136,10 @@ def run(spec: RunSpec, registry: PluginRegistry) -> TrainResult:
     last = training.metrics_log.last
     model = training.accelerator.unwrap_model(training.model, keep_fp32_wrapper=False)
     model.eval()
+    out = training.out.absolute()  # still right after the caller changes directory
     result = TrainResult(
-        run_dir=training.out,
-        final_dir=training.out / "final",
+        run_dir=out,
+        final_dir=out / "final",
         metrics={**last.get("eval", {}), **last.get("train", {})},
         model=model,
         tokenizer=training.tokenizer,
@@ -242,6 +244,12 @@ def resolve_call(
         raise ConfigError(
             f"{API_SOURCE}: the model object has no name_or_path to load its tokenizer from: "
             "give tokenizer= (a tokenizer object or its directory)"
+        )
+    if (model is None) != (data is None) and values.get("model") != "demo":
+        given_one, missing = ("model", "data") if data is None else ("data", "model")
+        raise ConfigError(
+            f"{API_SOURCE}: {missing} is required when {given_one} is given (leave both out to "
+            "train the embedded demo, or give model='demo' for the demo model)"
         )
     for key, value in (("data", data), ("eval_data", eval_data)):
         if value is not None:

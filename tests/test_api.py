@@ -58,7 +58,7 @@ def test_a_data_file_trains_and_returns_the_run(model_dir, tmp_path, write_jsonl
     data = write_jsonl(tmp_path / "train.jsonl", sft_rows)
     result = align.train("sft", model=str(model_dir), data=data, output_dir="out", **TINY)
     assert isinstance(result, align.TrainResult)
-    assert result.run_dir == tmp_path / "out" or result.run_dir.resolve() == tmp_path / "out"
+    assert result.run_dir.is_absolute() and result.run_dir.resolve() == (tmp_path / "out").resolve()
     assert result.final_dir == result.run_dir / "final" and result.final_dir.is_dir()
     last = _rows(result.run_dir)[-1]
     assert result.metrics["step"] == 2 and result.metrics["loss"] == last["loss"]
@@ -271,6 +271,10 @@ def test_input_errors_raise_and_name_what_was_given(model_dir, sft_rows):
             model=model_dir,
             data=datasets.DatasetDict(train=datasets.Dataset.from_list(sft_rows)),
         )
+    with pytest.raises(align.ConfigError, match=r"^align.train: data is required when model"):
+        align.train("sft", model=model_dir)
+    with pytest.raises(align.ConfigError, match=r"model is required when data is given"):
+        align.train("sft", data=sft_rows)
     with pytest.raises(align.ConfigError, match=r"model must be a hub id"):
         align.train("sft", model=object(), data=sft_rows)
     with pytest.raises(align.ConfigError, match=r"reward_weights has 1 weights for 2 rewards"):
@@ -287,15 +291,19 @@ def test_input_errors_raise_and_name_what_was_given(model_dir, sft_rows):
 def test_option_errors_come_before_torch_is_imported(model_dir, tmp_path):
     code = (
         "import sys, align\n"
-        "try:\n"
-        f"    align.train('dpo', model={str(model_dir)!r}, data=[{{'prompt': 'a'}}], betta=1)\n"
-        "except align.ConfigError as exc:\n"
-        "    print(type(exc).__name__, 'torch' in sys.modules)\n"
+        "for kwargs in ({'betta': 1}, {'data': 'missing.jsonl'}, {'num_processes': 2}):\n"
+        "    try:\n"
+        f"        align.train('dpo', **{{'model': {str(model_dir)!r}, 'data': [{{}}], **kwargs}})\n"
+        "    except align.AlignError as exc:\n"
+        "        print(type(exc).__name__, 'torch' in sys.modules)\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
     )
-    assert done.stdout.split() == ["ConfigError", "False"], done.stderr
+    assert done.stdout.split() == ["ConfigError", "False", "DataError", "False"] + [
+        "ConfigError",
+        "False",
+    ], done.stderr
 
 
 # -- one code path with the CLI --------------------------------------------------------------
