@@ -488,3 +488,45 @@ def test_a_model_objects_precomputed_reference_is_keyed_by_its_weights(model_dir
     other = reference_cache(changed, "c")
     assert not first["cache_hit"] and same["cache_hit"] and same["cache"] == first["cache"]
     assert not other["cache_hit"] and other["cache"] != first["cache"]
+
+
+def test_a_model_object_run_resumes_exactly(model_dir, sft_rows, monkeypatch):
+    """Stopped after step 1 and resumed with the model as loaded, a run given a model object
+    ends with the weights of the run that was not stopped."""
+    from transformers import AutoModelForCausalLM
+
+    import align.loop.train as loop
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(model_dir)
+
+    whole = align.train("sft", model=load(), data=sft_rows, output_dir="whole", **TINY)
+    step = loop.Training.train_step
+
+    def interrupted(self, number):
+        if number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, number)
+
+    monkeypatch.setattr(loop.Training, "train_step", interrupted)
+    with pytest.raises(RunStopped):
+        align.train("sft", model=load(), data=sft_rows, output_dir="o", **TINY)
+    monkeypatch.setattr(loop.Training, "train_step", step)
+    with pytest.raises(align.ConfigError, match=r"in_memory: was"):  # not the run it continues
+        align.train("sft", model=model_dir, data=sft_rows, output_dir="o", resume=True, **TINY)
+    resumed = align.train("sft", model=load(), data=sft_rows, output_dir="o", resume=True, **TINY)
+    assert resumed.metrics["loss"] == whole.metrics["loss"]
+    assert not _changed(_weights(whole.model), resumed.model)
+
+
+def test_lora_on_a_model_object_returns_the_model_with_its_adapter(model_dir, sft_rows):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = align.train("sft", model=model, data=sft_rows, lora={"enabled": True, "r": 4}, **TINY)
+    assert hasattr(result.model, "peft_config") and result.model.peft_config["default"].r == 4
+    trained = [n for n, p in result.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert (result.final_dir / "adapter_model.safetensors").is_file()
+    switch = align.train("sft", model=model_dir, data=sft_rows, lora=True, output_dir="s", **TINY)
+    assert hasattr(switch.model, "peft_config")
