@@ -4,13 +4,13 @@ arguments, the same checks of what it returns (one finite number per completion)
 errors naming the reward and the record.
 
 The function is called with the arguments it names, as TRL calls its ``reward_funcs``:
-``prompts``, ``completions``, ``completion_ids``, ``config`` (the run's core options), and
-record columns. A column is read when the function names it as a parameter (``def f(
-completions, answer, **kwargs)``): every record must then have it (a parameter with a default
-makes it optional), checked like an objective's fields, and its annotation, when it is
-``list[T]`` or ``Sequence[T]``, types each value (``answer: list[float]``). A function that
-takes only ``**kwargs`` gets no columns: align keeps and validates the columns a reward names,
-where TRL hands every column of the dataset over.
+``prompts``, ``completions``, ``completion_ids``, ``config`` (the run's core options),
+``options`` (empty: a function has none), and record columns. A column is read when the
+function names it as a parameter (``def f(completions, answer, **kwargs)``): every record must
+then have it (a parameter with a default makes it optional), checked like an objective's
+fields, and its annotation, when it is ``list[T]`` or ``Sequence[T]``, types each value
+(``answer: list[float]``). A function that takes only ``**kwargs`` gets no columns: align keeps
+and validates the columns a reward names, where TRL hands every column of the dataset over.
 """
 
 from __future__ import annotations
