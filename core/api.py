@@ -245,8 +245,13 @@ def resolve_call(
             f"{API_SOURCE}: the model object has no name_or_path to load its tokenizer from: "
             "give tokenizer= (a tokenizer object or its directory)"
         )
-    if (model is None) != (data is None) and values.get("model") != "demo":
-        given_one, missing = ("model", "data") if data is None else ("data", "model")
+    aliased = {TRAINING_ARGUMENT_NAMES.get(key) for key in kwargs}  # model_name_or_path=…
+    has_model, has_data = (
+        model is not None or "model" in aliased,
+        data is not None or "data" in aliased,
+    )
+    if has_model != has_data and values.get("model") != "demo":
+        given_one, missing = ("model", "data") if has_model else ("data", "model")
         raise ConfigError(
             f"{API_SOURCE}: {missing} is required when {given_one} is given (leave both out to "
             "train the embedded demo, or give model='demo' for the demo model)"
@@ -258,7 +263,7 @@ def resolve_call(
     spec = resolve_options(registry, values)
     spec.given = given
     if callables:
-        spec.rewards = _with_functions(spec, callables, rewards)
+        spec.rewards = _with_functions(spec, callables)
     return spec
 
 
@@ -399,7 +404,7 @@ def _rewards(rewards: Any, weights: Any, values: dict[str, Any]) -> dict[int, An
     return functions
 
 
-def _with_functions(spec: RunSpec, functions: dict[int, Any], rewards: Any) -> list[Any]:
+def _with_functions(spec: RunSpec, functions: dict[int, Any]) -> list[Any]:
     """The run's rewards in the order given: the registered ones as resolve chose them, the
     functions as :class:`align.Reward` s of their own."""
     from .plugins.api import NoOptions
