@@ -63,11 +63,10 @@ def run(config_file: str | None, sets: tuple[str, ...], **flags: Any) -> None:
             args = click.get_current_context().meta["align.args"]
             with tolerant_console():
                 sys.exit(launch(spec.config.num_processes, args))
-        from align.loop.setup import removed_if_unstarted
-        from align.loop.train import train
+        from align.api import run as run_spec  # align.train's way to the same run
 
-        with tolerant_console(), removed_if_unstarted():
-            train(spec, registry)
+        with tolerant_console():
+            run_spec(spec, registry)
         if "WORLD_SIZE" in os.environ:
             _exit_worker()
     except AlignError as exc:

@@ -1,7 +1,8 @@
 """align: an extensible fine-tuning framework. Objectives are plugins; this is the core.
 
 Plugins import only from here. Names that need torch are loaded on first use, so importing
-``align`` (and therefore loading every plugin) stays cheap.
+``align`` (and therefore loading every plugin) stays cheap. ``align.train`` is the Python API
+(:mod:`align.api`): it imports torch when a run starts.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ _LAZY = {
     "MetricSums": "loop.metrics",
     "Examples": "data.store",
     "ListExamples": "data.store",
+    "train": "api",
+    "TrainResult": "api",
+    "RunStopped": "loop.stopping",
 }
 
 

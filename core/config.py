@@ -10,6 +10,8 @@ the source of the value it refuses: the file, the flag (``--lr``) or the ``--set
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from .aliases import ALIASES, suggestion, translate
+from .data.memory import InMemoryData
 from .data.sources import is_hub_id, parse_sources
 from .errors import ConfigError, DataError, PluginError
 from .model.loading import check_model_source
@@ -26,10 +29,40 @@ from .plugins.registry import FIRST_PARTY_SECTIONS, PluginRegistry, Registered, 
 from .suggest import did_you_mean
 
 Sources = dict[str, str]  # option key → where its value came from: run.yaml, --lr, --set k=v
+API_SOURCE = "align.train"  # how errors name a value given to align.train
 
 
 def _core_hint(key: str, allowed: set[str]) -> str:
     return suggestion(key, sorted(allowed))
+
+
+@dataclass
+class Given:
+    """What ``align.train`` was handed as objects rather than paths (the CLI hands none): the
+    model and tokenizer (``config.model`` then holds the model's ``name_or_path``), and data in
+    memory by the label ``config.data``/``config.eval_data`` names it with."""
+
+    model: Any = None
+    tokenizer: Any = None
+    data: dict[str, InMemoryData] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What run.json's config records of them: each object's class and ``name_or_path``,
+        each split's records as described (their content is in ``data``'s sha256)."""
+        out: dict[str, Any] = {}
+        for key in ("model", "tokenizer"):
+            value = getattr(self, key)
+            if isinstance(value, str):  # a tokenizer's own directory or hub id
+                out[key] = value
+            elif value is not None:
+                cls = type(value)
+                out[key] = {
+                    "class": f"{cls.__module__}.{cls.__qualname__}",
+                    "name_or_path": getattr(value, "name_or_path", None) or None,
+                }
+        for label, data in self.data.items():
+            out[label] = data.description
+        return out
 
 
 class RunSpec:
@@ -55,6 +88,7 @@ class RunSpec:
         self.sources = sources or {}  # core option → the file or flag that set it
         self.rewards = rewards or []  # on-policy objectives: align.rollout.rewards.ChosenReward
         self.demo_note: str | None = None  # the demo's settings the run took, in words
+        self.given = Given()  # objects align.train was handed instead of paths
 
     def named(self, key: str) -> str:
         """A core option as a message names it: ``--data``, or ``data (run.yaml)``."""
@@ -65,6 +99,8 @@ class RunSpec:
         out[self.objective.item.name] = self.options.model_dump(by_alias=True)
         for name, section in self.sections.items():
             out[name] = section.model_dump(by_alias=True)
+        if self.given.as_dict():
+            out["in_memory"] = self.given.as_dict()
         if self.rewards:
             out["reward"] = {
                 c.name: {"weight": c.weight, **c.options.model_dump(by_alias=True)}
@@ -226,7 +262,7 @@ def _merged(*layers: tuple[dict[str, Any], Sources | str]) -> tuple[dict[str, An
 
 def resolve(
     registry: PluginRegistry,
-    config_file: str | None = None,
+    config_file: str | Path | Mapping[str, Any] | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     section_flags: dict[str, dict[str, Any]] | None = None,
@@ -237,9 +273,14 @@ def resolve(
     ``{"lora": {"enabled": True}}``); they rank with ``--set``. A preset objective resolves to
     the objective it names, its defaults ranking below everything the user gives. An error
     names the source of the value it refuses: the file, the flag or the ``--set`` item.
+    ``config_file`` may also be the mapping a file would hold: ``align.train``'s arguments,
+    which errors name as ``align.train``.
     """
-    file_values = load_yaml(config_file) if config_file else {}
-    where_file = str(config_file)
+    if isinstance(config_file, Mapping):
+        file_values, where_file = dict(config_file), API_SOURCE
+    else:
+        file_values = load_yaml(config_file) if config_file else {}
+        where_file = str(config_file)
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     file_core = {k: v for k, v in file_values.items() if k in CORE_KEYS or k in ALIASES}
     core, core_sources = _merged(  # TRL's names (learning_rate, --bf16) as align's
@@ -455,11 +496,15 @@ def check_inputs(spec: RunSpec) -> None:
         value = getattr(cfg, key)
         if not value or value == "demo":  # demo: the bundled data
             continue
-        for source in parse_sources(value, "train", None, None, {}):
+        for source in parse_sources(value, "train", None, None, {}, spec.given.data):
+            if source.in_memory is not None:
+                continue
             path = source.name  # org/name: a dataset on the hub (loaded with the data)
             if not Path(path).exists() and not is_hub_id(path):
                 where = f"given by {spec.named(key)}"
                 raise DataError(f"no such file or directory ({where})", source=path)
     for key, role in (("model", "model"), ("ref_model", "reference model")):
+        if key == "model" and spec.given.model is not None:
+            continue  # loaded already
         if getattr(cfg, key) and not (key == "model" and cfg.model == "demo"):
             check_model_source(getattr(cfg, key), role, spec.named(key))

@@ -27,6 +27,8 @@ class DataError(AlignError):
         field: str | None = None,
     ) -> None:
         where = [str(part) for part in (source, location) if part is not None]
+        if source is not None and location is not None and location.startswith("["):
+            where = [f"{source}{location}"]  # a record given in memory, as Python indexes it
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(f"{', '.join(where)}: {message}" if where else message)

@@ -37,7 +37,9 @@ def test_the_core_is_laid_out_in_sub_packages():
     top = {p.name for p in CORE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert top == PACKAGES
     flat = sorted(p.stem for p in CORE.glob("*.py"))
-    assert len(flat) <= 12, flat  # the rest lives in the sub-packages
+    # the public surface (align.train, options, aliases, errors, the plugin-facing shims) and the
+    # run's configuration; the rest lives in the sub-packages
+    assert len(flat) <= 13, flat
 
 
 def test_no_import_circles():

@@ -344,7 +344,8 @@ def _short(value: Any) -> str:
 
 def merged_fields(schemas: Sequence[type[BaseModel] | None]) -> type[BaseModel] | None:
     """One schema of every field the objective and the run's rewards read; a field two of
-    them declare with different types is an error."""
+    them declare with different types is an error. A field of any type (a reward function's
+    unannotated column) takes the type another declares."""
     from pydantic import create_model
 
     from ..errors import ConfigError
@@ -355,6 +356,11 @@ def merged_fields(schemas: Sequence[type[BaseModel] | None]) -> type[BaseModel] 
     definitions: dict[str, Any] = {}
     for schema in present:
         for name, info in schema.model_fields.items():
+            if name in definitions and info.annotation is Any:
+                continue
+            if name in definitions and definitions[name][0] is Any:
+                definitions[name] = (info.annotation, info)
+                continue
             if name in definitions and definitions[name][0] != info.annotation:
                 raise ConfigError(
                     f"record field {name!r} is declared as {definitions[name][0]} and as "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
+from .memory import InMemoryData
 from .records import (
     Record,
     count_records,
@@ -50,9 +51,13 @@ class DataSource:
     fraction: float | None = None  # in a mixture: this share of the source's examples
     samples: int | None = None  # in a mixture: this many of the source's examples
     format: str | None = None  # in a mixture: this source's data format (else --format's)
+    # Records given in memory (align.train): ``name`` is then their label, not a path.
+    in_memory: InMemoryData | None = field(default=None, compare=False, repr=False)
 
     @property
     def from_hub(self) -> bool:
+        if self.in_memory is not None:
+            return False
         return is_hub_id(self.name) or is_dataset_repository(Path(self.name))
 
     @property
@@ -69,7 +74,10 @@ class DataSource:
 
     def fingerprint(self) -> str:
         """The data's identity: a local file's or repository's bytes (sha256), or the hub
-        dataset's fingerprint, which ``datasets`` derives from its files' hashes and revision."""
+        dataset's fingerprint, which ``datasets`` derives from its files' hashes and revision;
+        records in memory: see :mod:`align.data.memory`."""
+        if self.in_memory is not None:
+            return self.in_memory.fingerprint()
         if not is_hub_id(self.name):
             digest = fingerprint(self.name)
             if self.from_hub:  # one repository holds several subsets and splits
@@ -92,11 +100,16 @@ class DataSource:
         return loaded
 
     def count(self) -> int | None:
+        if self.in_memory is not None:
+            return len(self.in_memory)
         return len(self.load()) if self.from_hub else count_records(self.name)
 
     def records(self) -> Iterator[Record]:
         """The records, renamed through the column mapping."""
-        found = self._hub_records() if self.from_hub else iter_records(self.name)
+        if self.in_memory is not None:
+            found = self.in_memory.records()
+        else:
+            found = self._hub_records() if self.from_hub else iter_records(self.name)
         if not self.columns:
             yield from found
             return
@@ -108,7 +121,8 @@ class DataSource:
         lines (the workers parse them), any other source as records."""
         from .build import CHUNK, record_chunks
 
-        if not self.from_hub and Path(self.name).suffix.lower() == ".jsonl":
+        jsonl = Path(self.name).suffix.lower() == ".jsonl"
+        if self.in_memory is None and not self.from_hub and jsonl:
             if not Path(self.name).exists():
                 raise DataError("no such file or directory", source=self.name)
             return jsonl_chunks(self.name, CHUNK, self.columns)
@@ -117,8 +131,10 @@ class DataSource:
     def stream_records(self) -> Iterator[Record]:
         """The records read as they are consumed, for ``--streaming``: a local file through
         align's readers, a hub dataset as a ``datasets`` IterableDataset (nothing downloaded
-        ahead)."""
-        if self.from_hub:
+        ahead); records in memory as they are."""
+        if self.in_memory is not None:
+            found = self.in_memory.records()
+        elif self.from_hub:
             import datasets
 
             try:
@@ -152,7 +168,10 @@ class DataSource:
 
     def stream_fingerprint(self) -> str:
         """What identifies streamed data without reading it all: a local file's size and a
-        hash of samples of its bytes; a hub dataset's name, subset, split and revision."""
+        hash of samples of its bytes; a hub dataset's name, subset, split and revision; records
+        in memory, their fingerprint."""
+        if self.in_memory is not None:
+            return "stream:" + self.in_memory.fingerprint()
         if is_hub_id(self.name):
             return f"stream:{self.name}:{self.subset}:{self.split}:{self.revision}"
         path = Path(self.name)
@@ -177,17 +196,26 @@ SOURCE_KEYS = ("path", "weight", "samples", "split", "subset", "revision", "colu
 
 
 def parse_sources(
-    value: Any, split: str, subset: str | None, revision: str | None, columns: dict[str, str]
+    value: Any,
+    split: str,
+    subset: str | None,
+    revision: str | None,
+    columns: dict[str, str],
+    in_memory: dict[str, InMemoryData] | None = None,
 ) -> list[DataSource]:
     """A split's data as the options give it: one source (a path or hub id), or a mixture, a
     list whose items are ``path``, ``path:0.3`` (that share of its examples), ``path:5000``
     (that many) or, in YAML, a mapping with ``path`` and ``weight`` or ``samples``, and the
-    source's own ``split``, ``subset``, ``revision``, ``columns`` or ``format``."""
+    source's own ``split``, ``subset``, ``revision``, ``columns`` or ``format``. A name that
+    ``in_memory`` holds is records given in memory (``align.train``), under that label."""
     from ..errors import ConfigError
 
     items = value if isinstance(value, list) else [value]
     sources = []
     for item in items:
+        if isinstance(item, str) and item in (in_memory or {}):
+            sources.append(DataSource(item, columns=dict(columns), in_memory=in_memory[item]))
+            continue
         if isinstance(item, str):
             sources.append(_from_text(item, split, subset, revision, columns))
             continue

@@ -13,21 +13,25 @@ from typing import Any
 
 from ..data.build import Built
 from ..data.examples import DataReport, RecordTokenizer
+from ..data.memory import InMemoryData
 from ..data.sources import DataSource, is_mixture, parse_sources
 from ..data.store import Examples, StoredExamples
 from ..errors import AlignError, ConfigError
 from ..plugins.hooks import ObjectiveHooks
 
 
-def data_sources(cfg: Any) -> dict[str, list[DataSource] | None]:
+def data_sources(
+    cfg: Any, in_memory: dict[str, InMemoryData] | None = None
+) -> dict[str, list[DataSource] | None]:
     """Each split's data as the options give it: one source (a file, or a hub dataset and its
-    split), or a mixture of several."""
+    split, or records ``in_memory`` holds under the name the option gives), or a mixture of
+    several."""
     columns = dict(cfg.data_columns or {})
 
     def sources(value: Any, split: str) -> list[DataSource] | None:
         if not value:
             return None
-        return parse_sources(value, split, cfg.data_subset, cfg.data_revision, columns)
+        return parse_sources(value, split, cfg.data_subset, cfg.data_revision, columns, in_memory)
 
     return {
         "train": sources(cfg.data, cfg.data_split),
@@ -179,7 +183,7 @@ def check_streaming(spec: Any, hooks: ObjectiveHooks) -> None:
     import warnings
 
     cfg, objective = spec.config, spec.objective.item
-    sources = data_sources(cfg)["train"]
+    sources = data_sources(cfg, spec.given.data)["train"]
     problems = []
     if cfg.max_steps is None:
         problems.append("give --max-steps (a stream has no known length)")
@@ -213,12 +217,17 @@ def check_streaming(spec: Any, hooks: ObjectiveHooks) -> None:
         raise ConfigError("--streaming: " + "; ".join(problems))
 
 
-def streaming_batches(hooks: ObjectiveHooks, cfg: Any, state: Any) -> Any:
+def streaming_batches(
+    hooks: ObjectiveHooks,
+    cfg: Any,
+    state: Any,
+    in_memory: dict[str, InMemoryData] | None = None,
+) -> Any:
     """The training split's micro-batches, streamed."""
     from ..data import build
     from ..data.streaming import StreamingBatches
 
-    [source] = data_sources(cfg)["train"]
+    [source] = data_sources(cfg, in_memory)["train"]
     fmt, _, chosen = hooks.format_for(source, streaming=True)
     tokenise = RecordTokenizer(fmt, hooks.tokenizer, cfg.max_length, cfg.truncation, hooks.fields)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this node's training processes

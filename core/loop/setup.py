@@ -295,19 +295,30 @@ def shared_output_dir(cfg: Any, name: str, state: Any) -> OutputDir:
 
 
 # -- tokenizer, data and model --------------------------------------------------------------------
-def load_tokenizer(cfg: Any) -> Any:
-    """The model's tokenizer, with a pad token (EOS when it has none) and right padding."""
+def load_tokenizer(cfg: Any, given: Any = None) -> Any:
+    """The model's tokenizer, with a pad token (EOS when it has none) and right padding.
+
+    ``given`` (``align.train(tokenizer=…)``): a directory or hub id to load it from instead
+    of the model's, or a tokenizer object, copied (the copy gets the pad token and padding
+    side; the caller's object is left as it was), nothing read from disk."""
     from transformers import AutoTokenizer
 
     from ..model.loading import check_model_source
 
-    check_model_source(cfg.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            cfg.model, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load model {cfg.model!r}: {exc}") from None
+    if given is not None and not isinstance(given, str):
+        import copy
+
+        tokenizer = copy.deepcopy(given)
+    else:
+        source = given or cfg.model
+        check_model_source(source, "tokenizer" if given else "model")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                source, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, ValueError) as exc:
+            what = "tokenizer" if given else "model"
+            raise ConfigError(f"cannot load {what} {source!r}: {exc}") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError(
@@ -318,11 +329,22 @@ def load_tokenizer(cfg: Any) -> Any:
     return tokenizer
 
 
-def load_model(cfg: Any, **load_kwargs: Any) -> Any:
+def load_model(cfg: Any, given: Any = None, **load_kwargs: Any) -> Any:
     """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
 
-    ``load_kwargs`` come from plugin sections (a quantisation config, say)."""
-    model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
+    ``load_kwargs`` come from plugin sections (a quantisation config, say). ``given``
+    (``align.train(model=…)``): that model, trained in place as TRL's trainers do, nothing read
+    from disk; a section that must load the model its own way is refused for it."""
+    if given is not None:
+        if load_kwargs:
+            raise ConfigError(
+                f"the model was given as an object, but a plugin section loads the model with "
+                f"its own settings ({', '.join(sorted(load_kwargs))}): give model as a path or "
+                "hub id, or load it with those settings yourself"
+            )
+        model = given
+    else:
+        model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x

@@ -10,6 +10,7 @@ import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +19,13 @@ from ..errors import AlignError
 
 
 class RunStopped(AlignError):
-    """The run stopped before its last step; ``exit_code`` is what the process exits with."""
+    """The run stopped before its last step; ``exit_code`` is what the process exits with,
+    ``run_dir`` the run's directory (when a signal stopped it with a checkpoint)."""
 
-    def __init__(self, message: str, exit_code: int = 1) -> None:
+    def __init__(self, message: str, exit_code: int = 1, run_dir: Path | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.run_dir = run_dir
 
 
 class StopSignals:

@@ -107,6 +107,11 @@ def log(accelerator: Any, message: str) -> None:
 def train(spec: RunSpec, registry: PluginRegistry) -> Path:
     """Run training for a resolved spec (or continue it, ``--resume``); return the output
     directory. Raises :class:`RunStopped` when a signal or a non-finite value stops it."""
+    return run_training(spec, registry).out
+
+
+def run_training(spec: RunSpec, registry: PluginRegistry) -> Training:
+    """As :func:`train`; return the finished run (its model, tokenizer and last metrics)."""
     run = Training(spec, registry)  # set-up: everything that can be refused, then the model
     try:
         return _train(run)
@@ -114,7 +119,7 @@ def train(spec: RunSpec, registry: PluginRegistry) -> Path:
         run.runlog.close()
 
 
-def _train(run: Training) -> Path:
+def _train(run: Training) -> Training:
     try:
         signals = run.run_steps()
     except RunStopped as stopped:  # recorded in run.json already
@@ -138,7 +143,7 @@ def _train(run: Training) -> Path:
     if push_to and run.accelerator.is_main_process:  # the run is complete: a failure loses nothing
         url = hub.push_final(run.out, push_to, run.spec.config.hub_private, run.run_info)
         log(run.accelerator, f"Pushed final/ to the hub: {url}")
-    return run.out
+    return run
 
 
 class Training:
@@ -225,7 +230,7 @@ class Training:
         self.output = shared_output_dir(cfg, run_name(spec, self.registry), state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
         self.splits = {"train": cfg.data, "eval": cfg.eval_data}
-        self.sources = data_sources(cfg)
+        self.sources = data_sources(cfg, spec.given.data)
         self.fingerprints = shared_fingerprints(self.sources, state, cfg.streaming)
         self.digests = {
             split: mixture_fingerprint(self.sources[split], found)
@@ -284,7 +289,7 @@ class Training:
             self._log(f"Training the embedded demo model ({self.cfg.model}) on {self.cfg.data}.")
         if self.spec.demo_note:
             self._log(self.spec.demo_note)
-        self.tokenizer = load_tokenizer(self.cfg)
+        self.tokenizer = load_tokenizer(self.cfg, self.spec.given.tokenizer)
         self.hooks = ObjectiveHooks(self.registry, self.spec, self.tokenizer)
         self.examples: dict[str, Examples] = {}
         self.reports: dict[str, DataReport] = {}
@@ -292,7 +297,9 @@ class Training:
         self.stream = None
         if self.cfg.streaming:
             check_streaming(self.spec, self.hooks)
-            self.stream = streaming_batches(self.hooks, self.cfg, self.accelerator)
+            self.stream = streaming_batches(
+                self.hooks, self.cfg, self.accelerator, self.spec.given.data
+            )
             self.examples["train"], self.reports["train"] = self.stream.examples, self.stream.report
             self._log(
                 f"data train: streaming {self.stream.source.label}, tokenised as training reads "
@@ -320,7 +327,7 @@ class Training:
             if registered.item.load_kwargs is not None:
                 device = self.accelerator.device
                 load_kwargs.update(registered.item.load_kwargs(spec.sections[name], device))
-        model = load_model(cfg, **load_kwargs)
+        model = load_model(cfg, spec.given.model, **load_kwargs)
         self.starting_copy = copy_starting_model(spec, model)
         self.model = self.registry.chain_hook(
             "align_prepare_model",
@@ -849,6 +856,7 @@ class Training:
             f"checkpoint {self.last_checkpoint}. Resume with the same command and --resume "
             f"(--output-dir {self.out}).",
             exit_code=128 + signum,
+            run_dir=self.out,
         )
 
     def save_final(self) -> None:

@@ -159,7 +159,10 @@ def _scorer_identity(spec: RunSpec, policy: Any) -> dict[str, Any]:
 
     cfg = spec.config
     try:
-        model = model_identity(cfg.ref_model or cfg.model)
+        if spec.given.model is not None and not cfg.ref_model:  # align.train(model=object)
+            model = {"in_memory": weights_digest(policy)}
+        else:
+            model = model_identity(cfg.ref_model or cfg.model)
     except (OSError, TypeError, ValueError) as exc:
         what = "reference model" if cfg.ref_model else "model"
         raise ConfigError(f"cannot load {what} {cfg.ref_model or cfg.model!r}: {exc}") from None
@@ -173,6 +176,18 @@ def _scorer_identity(spec: RunSpec, policy: Any) -> dict[str, Any]:
     if not cfg.ref_model:  # the policy scores itself, after the preparing plugins
         identity["prepared"] = prepared_model_fingerprint(policy)
     return identity
+
+
+def weights_digest(model: Any) -> str:
+    """A sha256 of every parameter's and buffer's name, shape, dtype and bytes: a model handed
+    over in memory has no files to identify it by, and may differ from any it was loaded from."""
+    digest = hashlib.sha256()
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if not tensor.is_meta and tensor.numel():
+            data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
+            digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def prepared_model_fingerprint(model: Any) -> str:

@@ -249,6 +249,8 @@ class RewardSet:
         return out
 
     def _where(self, record: str) -> str:
+        if self.data and record.startswith("["):  # a record given in memory: data[3]
+            return f"{self.data}{record}"
         return f"{self.data}, {record}" if self.data else record
 
     def _first_failing(self, c: ChosenReward, arguments: dict[str, Any], records: list[str]) -> str:
