@@ -18,6 +18,7 @@ from click.testing import CliRunner
 import align
 from align.cli import cli
 from align.data.memory import InMemoryData
+from align.errors import ConfigError
 from align.loop.stopping import RunStopped
 
 PAIRS = [
@@ -531,3 +532,22 @@ def test_lora_on_a_model_object_returns_the_model_with_its_adapter(model_dir, sf
     assert (result.final_dir / "adapter_model.safetensors").is_file()
     switch = align.train("sft", model=model_dir, data=sft_rows, lora=True, output_dir="s", **TINY)
     assert hasattr(switch.model, "peft_config")
+
+
+def test_trl_names_are_keywords_too_and_run_json_records_aligns(model_dir, sft_rows):
+    """TRL's learning_rate= and per_device_train_batch_size= are align.train keywords, as they
+    are flags of align run, recorded under align's names."""
+    result = align.train(
+        "sft",
+        model_name_or_path=model_dir,
+        data=sft_rows,
+        learning_rate=1e-3,
+        per_device_train_batch_size=2,
+        output_dir="trl-names",
+        max_steps=1,
+    )
+    config = json.loads((result.run_dir / "run.json").read_text())["config"]
+    assert (config["lr"], config["batch_size"]) == (1e-3, 2)
+    assert "learning_rate" not in config and "per_device_train_batch_size" not in config
+    with pytest.raises(ConfigError, match="learning_rate"):
+        align.train("sft", model=model_dir, data=sft_rows, lr=1e-3, learning_rate=1e-3)
