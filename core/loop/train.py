@@ -621,7 +621,7 @@ class Training:
         else:
             self.optimizer.step()  # under DeepSpeed: nothing, the engine has stepped
             self.optimizer.zero_grad(set_to_none=True)
-            self.sums.add_totals(step_sums.totals())
+            self.sums.merge(step_sums)
             self.sums.add("grad_norm", grad_norm, 1)
         self.scheduler.step()
         self.run.step = step  # updates taken, as evaluation and checkpoints after this one see

@@ -6,7 +6,9 @@ so a resumed run samples what the uninterrupted one would have), decodes them, s
 with the run's rewards, lays them out (:mod:`.batch`) and lets the objective's
 ``align_prepare_rollouts`` finish them (GRPO's advantages). The round's metrics are TRL's:
 ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std``, ``completions/mean_length``,
-``min_length``, ``max_length``, ``clipped_ratio`` and ``mean_terminated_length``.
+``min_length``, ``max_length``, ``clipped_ratio``, ``mean_terminated_length``,
+``min_terminated_length`` and ``max_terminated_length`` (those of the completions that ended
+in EOS; 0 when none did, as TRL).
 """
 
 from __future__ import annotations
@@ -158,6 +160,8 @@ class RolloutEngine:
             "completions/mean_terminated_length": (
                 statistics.fmean(terminated) if terminated else 0.0
             ),
+            "completions/min_terminated_length": float(min(terminated, default=0)),
+            "completions/max_terminated_length": float(max(terminated, default=0)),
         }
         for name in names:
             values[f"rewards/{name}/mean"] = statistics.fmean(local[name])
