@@ -170,6 +170,12 @@ class MetricSums:
 
 TERM_PREFIX = "loss/"  # a multi-term loss's terms, as metrics
 
+# Logged cumulatively over the run (totals over every process, not means): TRL's num_tokens,
+# each sequence's real tokens in full (prompt included, once per sequence; an on-policy round's
+# prompts and completions once per round, as TRL's GRPO counts them), and the positions the
+# training forwards computed (a prompt a packed batch shares once; a reused round every time).
+TOKEN_COUNTS = ("num_tokens", "num_tokens_computed")
+
 
 def with_total_loss(values: dict[str, float]) -> dict[str, float]:
     """``loss`` of a multi-term loss: the sum of its terms' means (each ``Σsum / Σcount``)."""
