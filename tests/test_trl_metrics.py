@@ -330,3 +330,30 @@ def test_a_run_logs_the_metrics_and_both_token_counts(tmp_path, model_dir, write
     computed = [r["num_tokens_computed"] for r in packed]
     assert computed[0] < packed[0]["num_tokens"]  # each pair's prompt once
     assert [r["num_tokens_computed"] for r in padded] == [r["num_tokens"] for r in padded]
+
+
+def test_head_entropy_and_mean_logits_equal_the_full_logits():
+    """Several chunks of rows, each in several cache-sized blocks (a 50,000-token vocabulary:
+    5 rows a block), with Gemma's softcap and a temperature: the full logits' entropy and mean."""
+    from align.model.head import hidden_target_logps
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50_000, bias=True)
+    hidden = torch.randn(23, 16) * 3
+    targets = torch.randint(0, 50_000, (23,))
+    for softcap, temperature in ((None, 1.0), (2.0, 0.7)):
+        out = hidden_target_logps(
+            hidden, targets, head, softcap=softcap, temperature=temperature, entropy=True,
+            mean_logits=True, chunk_rows=7,
+        )  # fmt: skip
+        with torch.no_grad():
+            logits = head(hidden)
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
+            logits = logits / temperature
+            logp = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(out.entropy, -(logp.exp() * logp).sum(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.mean_logits, logits.mean(-1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.logps, logp.gather(-1, targets[:, None])[:, 0])
+    empty = hidden_target_logps(hidden[:0], targets[:0], head, entropy=True, mean_logits=True)
+    assert empty.entropy.shape == empty.mean_logits.shape == (0,)
