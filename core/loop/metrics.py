@@ -61,13 +61,18 @@ class MetricSums:
         self.add_all(extra)
 
     def add_extreme(self, name: str, extreme: Extreme) -> None:
-        """One micro-batch's minimum or maximum of ``extreme.values`` (NaN left out)."""
+        """One micro-batch's minimum or maximum of ``extreme.values`` (NaN left out; NaN when
+        all are), on the values' device and without waiting for it."""
         values = _float64(extreme.values).flatten()
-        values = values[~values.isnan()]
-        if values.numel():
-            local = values.amin() if extreme.kind == "min" else values.amax()
-        else:
+        if not values.numel():
             local = values.new_tensor(float("nan"))
+        else:
+            missing = values.isnan()
+            if extreme.kind == "min":
+                local = values.masked_fill(missing, float("inf")).amin()
+            else:
+                local = values.masked_fill(missing, float("-inf")).amax()
+            local = torch.where(missing.all(), float("nan"), local)
         kind, extremes = self._extremes.setdefault(name, (extreme.kind, []))
         if kind != extreme.kind:
             raise TypeError(f"metric {name!r} was a {kind}imum and is now a {extreme.kind}imum")
