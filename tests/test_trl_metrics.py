@@ -357,3 +357,59 @@ def test_head_entropy_and_mean_logits_equal_the_full_logits():
         torch.testing.assert_close(out.logps, logp.gather(-1, targets[:, None])[:, 0])
     empty = hidden_target_logps(hidden[:0], targets[:0], head, entropy=True, mean_logits=True)
     assert empty.entropy.shape == empty.mean_logits.shape == (0,)
+
+
+def test_an_on_policy_run_counts_a_round_once(tmp_path, model_dir, write_jsonl):
+    """A round trained on for two steps: num_tokens (TRL's GRPO: prompts and completions of
+    each round, a prompt once per completion) grows at the round's first step only, the same
+    packed and padded; num_tokens_computed grows at every step, by less when packed."""
+    from click.testing import CliRunner
+    from reinforce_plugin import FixedCompletions, Reinforce
+
+    from align.cli import cli
+    from align.testing import registered
+
+    prompts = [
+        {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": a + b}
+        for a, b in [(1, 2), (10, 20), (3, 4), (7, 30)]
+    ]
+    data = write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    logged = {}
+    for layout in ("--padding-free", "--no-padding-free"):
+        out = tmp_path / layout
+        args = ["run", "--objective", "reinforce", "--model", str(model_dir), "--data", str(data)]
+        args += ["--reward", "addition", "--generator", "fixed", "--max-completion-length", "8"]
+        args += ["--batch-size", "2", "--max-steps", "4", "--output-dir", str(out), layout]
+        with registered(Reinforce(generations=3, reuse=2), FixedCompletions(), only=True):
+            result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        text = (out / "metrics.jsonl").read_text().splitlines()
+        logged[layout] = [json.loads(line) for line in text]
+    packed, padded = logged["--padding-free"], logged["--no-padding-free"]
+    tokens = [r["num_tokens"] for r in padded]
+    assert [r["num_tokens"] for r in packed] == tokens
+    assert tokens[0] == tokens[1] < tokens[2] == tokens[3]  # rounds at steps 1 and 3
+    computed = [r["num_tokens_computed"] for r in padded]
+    assert computed == [tokens[0], 2 * tokens[0], tokens[2] + tokens[0], 2 * tokens[2]]
+    assert [r["num_tokens_computed"] for r in packed][1] < computed[1]
+
+
+def test_terminated_lengths_are_0_when_no_completion_ended_in_eos():
+    """As TRL: no terminated completion in the round, min and max terminated lengths 0."""
+    from types import SimpleNamespace
+
+    from align.plugins.testing import _OneProcess
+    from align.rollout.engine import RolloutEngine
+
+    engine = SimpleNamespace(rewards={"train": SimpleNamespace(names=[])})
+    batch = {
+        "rewards": torch.tensor([1.0, 0.0]),
+        "completion_lengths": torch.tensor([8, 8]),
+        "truncated": torch.tensor([True, True]),
+    }
+    sums = MetricSums()
+    RolloutEngine._round_metrics(engine, [batch], sums, _OneProcess())
+    values = sums.reduce()
+    assert values["completions/min_terminated_length"] == 0
+    assert values["completions/max_terminated_length"] == 0
+    assert values["completions/clipped_ratio"] == 1

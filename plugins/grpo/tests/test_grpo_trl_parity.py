@@ -242,8 +242,9 @@ def test_advantages_loss_gradients_and_metrics_equal_trl(case, model_dir, tmp_pa
 
 
 def test_round_metrics_equal_trl(model_dir, tmp_path):
-    """The core's completion-length metrics of a round, terminated lengths included, are
-    TRL's on the same completions (two truncated at prompt 0 and 2, one EOS alone)."""
+    """The core's completion-length metrics of a round, terminated lengths included, and its
+    token count are TRL's on the same completions (three truncated, one EOS alone)."""
+    from align.data.batching import count_sequence_tokens
     from align.rollout.engine import RolloutEngine
 
     trainer, _model, outputs, tokenizer = _trl(model_dir, tmp_path, _case("dapo"))
@@ -259,6 +260,9 @@ def test_round_metrics_equal_trl(model_dir, tmp_path):
         assert "completions/max_terminated_length" in names
         for name in names:
             assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-6), (packed, name)
+        # TRL's num_tokens: every completion's prompt and completion tokens
+        tokens = sum(float(count_sequence_tokens(b)) for b in batches)
+        assert tokens == trl_metrics["num_tokens"], packed
     terminated = [len(ids) for ids in COMPLETIONS if ids[-1] == EOS]
     assert trl_metrics["completions/min_terminated_length"] == min(terminated) == 1
     assert trl_metrics["completions/max_terminated_length"] == max(terminated) == 5
