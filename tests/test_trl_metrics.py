@@ -236,11 +236,7 @@ BATCHES = {"sft": _sft_batch, "dpo": _dpo_batch, "kto": _kto_batch}
 def test_token_metrics_equal_full_logits_and_trl(objective, model, model_dir, tmp_path):
     completions, chosen, names = CASES[objective]
     sequences = [_scored(PROMPTS[i % 4], c) for i, c in enumerate(completions)]
-    expected = _expected(model, sequences, chosen)
-    if objective == "sft":  # SFT's accuracy is over every sequence
-        expected["mean_token_accuracy"] = _expected(model, sequences, [True] * 4)[
-            "mean_token_accuracy"
-        ]
+    expected = _expected(model, sequences, chosen)  # SFT: every sequence is "chosen"
     trl_metrics = _trl_metrics(objective, model, model_dir, tmp_path)
     for packed in (False, True):
         got = _align_metrics(objective, model, model_dir, BATCHES[objective](packed))
