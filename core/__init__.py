@@ -25,6 +25,7 @@ from .data.tokenize import (
 from .errors import AlignError, ConfigError, DataError, PluginError
 from .plugins.api import (
     DataFormat,
+    Extreme,
     Fields,
     GenerationRequest,
     Generator,
@@ -66,6 +67,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DataFormat",
+    "Extreme",
     "Fields",
     "GenerationRequest",
     "Generator",

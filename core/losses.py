@@ -16,6 +16,8 @@ With ``Δ = logπθ(y|x) − logπref(y|x)`` (sums over completion tokens) and `
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -72,3 +74,30 @@ def preference_metrics(
         "logps/chosen": (chosen.sum(), pairs),
         "logps/rejected": (rejected.sum(), pairs),
     }
+
+
+@torch.no_grad()
+def token_metrics(policy: Any, chosen: torch.Tensor) -> dict[str, tuple[torch.Tensor, Any]]:
+    """TRL's per-token metrics of DPO and KTO as ``(sum, count)`` pairs over completion tokens:
+    ``entropy`` (the policy's, every completion token), ``logits/chosen`` and
+    ``logits/rejected`` (the mean over the vocabulary of the logits at each completion token,
+    then over the tokens of the chosen or desirable sequences, and of the others).
+
+    ``policy``: :func:`align.forward_logps`'s result, asked for ``entropy`` and
+    ``mean_logits``; ``chosen``: one boolean per sequence, in the batch's order."""
+    tokens = policy.num_tokens
+    logits = policy.per_sequence(policy.mean_logits)
+    chosen = chosen.to(tokens.device).bool()
+    return {
+        "entropy": (policy.entropy.sum(), tokens.sum()),
+        "logits/chosen": (logits[chosen].sum(), tokens[chosen].sum()),
+        "logits/rejected": (logits[~chosen].sum(), tokens[~chosen].sum()),
+    }
+
+
+@torch.no_grad()
+def token_accuracy(policy: Any, rows: Any = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL's ``mean_token_accuracy`` as ``(sum, count)``: the completion tokens whose argmax
+    prediction is the target, over those of the sequences ``rows`` selects (all by default)."""
+    correct = policy.per_sequence(((policy.predictions == policy.targets) * policy.mask).float())
+    return correct[rows].sum(), policy.num_tokens[rows].sum()

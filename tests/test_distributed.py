@@ -172,7 +172,14 @@ def test_kto_reference_point_spans_processes(tmp_path, model_dir, write_jsonl, m
     assert len(one) == len(two) == 6
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"learning_rate", "grad_norm", "step", "epoch", "num_tokens"}:
+        for key in a.keys() - {
+            "learning_rate",
+            "grad_norm",
+            "step",
+            "epoch",
+            "num_tokens",
+            "num_tokens_computed",
+        }:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert any(r.get("kl", 0) > 0 for r in one)  # z0 moves off its clamp, so it is compared
     for name in ("one", "two"):
@@ -210,7 +217,13 @@ def test_dpo_on_two_processes_equals_one_process(tmp_path, model_dir, write_json
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 2, 3, 4, 4]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"learning_rate", "step", "epoch", "num_tokens"}:
+        for key in a.keys() - {
+            "learning_rate",
+            "step",
+            "epoch",
+            "num_tokens",
+            "num_tokens_computed",
+        }:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert one[-2]["rewards/margins"] > 0  # the policy moved, so the comparison means something
     _assert_same_final_weights(tmp_path)
@@ -339,7 +352,14 @@ def test_orpo_on_two_processes_equals_one_large_batch(tmp_path, model_dir, write
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"learning_rate", "step", "epoch", "num_tokens", "grad_norm"}:
+        for key in a.keys() - {
+            "learning_rate",
+            "step",
+            "epoch",
+            "num_tokens",
+            "num_tokens_computed",
+            "grad_norm",
+        }:
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
     assert {"loss/nll", "loss/odds_ratio", "nll_loss"} <= one[0].keys()
@@ -385,7 +405,7 @@ def test_an_on_policy_round_on_two_processes_equals_one_process(
     assert len(one) == len(two) == 2
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
-        for key in a.keys() - {"num_tokens"}:
+        for key in a.keys() - {"num_tokens", "num_tokens_computed"}:
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
     assert one[0]["reward_std"] > 0
     _assert_same_final_weights(tmp_path)

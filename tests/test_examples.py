@@ -248,7 +248,7 @@ def test_the_examples_installed_pass_their_tests_and_train(started):
         _, padded = _run_of(started, objective, False)
         assert packed[1].keys() == padded[1].keys()
         for name, value in packed[1].items():
-            if name != "num_tokens":  # real input tokens: a packed group holds its prompt once
+            if name != "num_tokens_computed":  # a packed group computes its prompt once
                 expected = pytest.approx(padded[1][name], rel=1e-5, abs=1e-5)
                 assert value == expected, f"{objective}: {name} at step 1"
         assert packed[2]["loss"] == pytest.approx(padded[2]["loss"], rel=1e-3), objective

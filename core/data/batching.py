@@ -92,7 +92,9 @@ def sequence_token_counts(batch: dict[str, Any], prefix: str = "") -> Any:
 
 
 def count_tokens(batch: dict[str, Any]) -> Any:
-    """The real (non-padding) input tokens of a padded or packed batch, all sequences."""
+    """The real (non-padding) input positions of a padded or packed batch, all sequences: the
+    tokens the model's forward computed, a prompt that a packed batch shares once
+    (``num_tokens_computed``)."""
     from .packing import is_packed
 
     total = 0
@@ -100,6 +102,49 @@ def count_tokens(batch: dict[str, Any]) -> Any:
         key = "token_mask" if is_packed(batch, prefix) else "attention_mask"
         total = total + batch[f"{prefix}{key}"].sum()
     return total
+
+
+def count_sequence_tokens(batch: dict[str, Any]) -> Any:
+    """TRL's ``num_tokens`` of a batch: the real tokens of each of its sequences, prompt
+    included, a prompt that a packed batch shares counted once per sequence (as in a padded
+    batch). Only the main sequences (``input_ids``) when the batch has them: a plugin's extra
+    sequences (KTO's mismatched pairs, TRL's KL batch) are not counted, as in TRL."""
+    from .packing import is_packed
+
+    prefixes = sequence_prefixes(batch)
+    total = 0
+    for prefix in [""] if "" in prefixes else prefixes:
+        if is_packed(batch, prefix):
+            total = total + _packed_sequence_tokens(batch, prefix)
+        else:
+            total = total + batch[f"{prefix}attention_mask"].sum()
+    return total
+
+
+def _packed_sequence_tokens(batch: dict[str, Any], prefix: str) -> Any:
+    """The tokens of a packed batch's sequences, each in full. A group with a shared prompt
+    of ``p`` positions has one branch per sequence, whose positions continue from ``p``: each
+    branch adds ``p`` (its first position id), and the prompt's own ``p`` positions are then
+    counted by their branches instead. No host synchronisation (no indexing by a mask)."""
+    import torch
+
+    from .packing import NO_PROMPT
+
+    real = batch[f"{prefix}token_mask"].flatten().bool()
+    block = batch[f"{prefix}attention_block"].flatten()
+    prompt = batch[f"{prefix}attention_prompt_block"].flatten()
+    positions = batch[f"{prefix}position_ids"].flatten()
+    branch = real & (prompt != NO_PROMPT)
+    size = block.numel() + 1  # block ids are below the number of positions; the last: none
+    never = torch.iinfo(positions.dtype).max
+    first = torch.full((size,), never, dtype=positions.dtype, device=positions.device)
+    first = first.scatter_reduce(0, block, torch.where(branch, positions, never), "amin")
+    shared = torch.where(first < never, first, 0).sum()
+    is_prompt = torch.zeros(size, dtype=torch.bool, device=block.device)
+    is_prompt = is_prompt.scatter(0, torch.where(branch, prompt, size - 1), True)
+    is_prompt[-1] = False
+    prompt_positions = (is_prompt[block] & real).sum()
+    return real.sum() + shared - prompt_positions
 
 
 def is_packed_batch(batch: dict[str, Any]) -> bool:

@@ -1,7 +1,10 @@
 """Metrics as sums and counts, reduced over micro-batches and processes as Σsum / Σcount.
 
 A mean of per-process (or per-micro-batch) means is wrong for token means and for uneven class
-counts, so plugins return ``(sum, count)`` pairs and only the final division happens here.
+counts, so plugins return ``(sum, count)`` pairs and only the final division happens here. A
+minimum or maximum (``align.Extreme``, TRL's ``clip_ratio/low_min``) is kept per micro-batch
+until the report, where each micro-batch's extreme is taken over every process and their mean
+becomes a ``(sum, count)`` pair like the others.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+
+from ..plugins.api import Extreme
 
 
 def _float64(value: Any) -> torch.Tensor:
@@ -30,6 +35,8 @@ class MetricSums:
 
     def __init__(self) -> None:
         self._totals: dict[str, list[torch.Tensor]] = {}
+        # name -> (kind, one local extreme per micro-batch; NaN where it had no values)
+        self._extremes: dict[str, tuple[str, list[torch.Tensor]]] = {}
 
     def add(self, name: str, value: Any, count: Any) -> None:
         value = _float64(value).sum()
@@ -53,32 +60,107 @@ class MetricSums:
         self.add_all(output.metrics)
         self.add_all(extra)
 
-    def add_all(self, metrics: Mapping[str, tuple[Any, Any]], prefix: str = "") -> None:
+    def add_extreme(self, name: str, extreme: Extreme) -> None:
+        """One micro-batch's minimum or maximum of ``extreme.values`` (NaN left out; NaN when
+        all are), on the values' device and without waiting for it."""
+        values = _float64(extreme.values).flatten()
+        if not values.numel():
+            local = values.new_tensor(float("nan"))
+        else:
+            missing = values.isnan()
+            if extreme.kind == "min":
+                local = values.masked_fill(missing, float("inf")).amin()
+            else:
+                local = values.masked_fill(missing, float("-inf")).amax()
+            local = torch.where(missing.all(), float("nan"), local)
+        kind, extremes = self._extremes.setdefault(name, (extreme.kind, []))
+        if kind != extreme.kind:
+            raise TypeError(f"metric {name!r} was a {kind}imum and is now a {extreme.kind}imum")
+        extremes.append(local)
+
+    def add_all(self, metrics: Mapping[str, Any], prefix: str = "") -> None:
         for name, pair in metrics.items():
+            if isinstance(pair, Extreme):
+                self.add_extreme(prefix + name, pair)
+                continue
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
-                raise TypeError(f"metric {name!r} must be a (sum, count) pair, got {pair!r}")
+                raise TypeError(
+                    f"metric {name!r} must be a (sum, count) pair or an align.Extreme, got {pair!r}"
+                )
             self.add(prefix + name, *pair)
+
+    def merge(self, other: MetricSums) -> None:
+        """Add another's sums and micro-batch extremes (a step's, once it is known to be
+        good), before any reduction over processes."""
+        for name, (value, count) in other._totals.items():
+            self.add(name, value, count)
+        for name, (kind, extremes) in other._extremes.items():
+            for local in extremes:
+                self.add_extreme(name, Extreme(local, kind))  # type: ignore[arg-type]
 
     def reduce(self, accelerator: Any = None) -> dict[str, float]:
         """Σsum/Σcount over every process; a metric whose total count is 0 is left out."""
         return means(self.totals(accelerator))
 
     def totals(self, accelerator: Any = None) -> dict[str, tuple[float, float]]:
-        """``name -> (Σsum, Σcount)`` over every process (every process must call this)."""
+        """``name -> (Σsum, Σcount)`` over every process (every process must call this); an
+        extreme's pair is the sum and number of its micro-batches' extremes over every
+        process."""
         names = sorted(self._totals)
-        if accelerator is not None and accelerator.num_processes > 1:
+        extremes = {n: (kind, len(v)) for n, (kind, v) in self._extremes.items()}
+        distributed = accelerator is not None and accelerator.num_processes > 1
+        if distributed:
             from accelerate.utils import gather_object
 
-            names = sorted({n for group in gather_object([names]) for n in group})
-        if not names:
+            gathered = gather_object([(names, extremes)])
+            names = sorted({n for group, _ in gathered for n in group})
+            extremes = {}
+            for _, group in gathered:
+                for name, (kind, length) in group.items():
+                    extremes[name] = (kind, max(length, extremes.get(name, (kind, 0))[1]))
+        out: dict[str, tuple[float, float]] = {}
+        if names:
+            zero = torch.zeros((), dtype=torch.float64)
+            stacked = torch.stack(
+                [torch.stack([t.cpu() for t in self._totals.get(n, [zero, zero])]) for n in names]
+            )
+            if distributed:
+                device = accelerator.device
+                stacked = accelerator.reduce(stacked.to(device), reduction="sum").cpu()
+            out = {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}
+        for name, (value, count) in self._reduced_extremes(extremes, accelerator).items():
+            before = out.get(name, (0.0, 0.0))
+            out[name] = (before[0] + value, before[1] + count)
+        return out
+
+    def _reduced_extremes(
+        self, extremes: Mapping[str, tuple[str, int]], accelerator: Any
+    ) -> dict[str, tuple[float, float]]:
+        """``name -> (sum, count)`` of each micro-batch's extreme over every process (the
+        ``i``-th micro-batches of the processes make one micro-batch: they run in step)."""
+        if not extremes:
             return {}
-        zero = torch.zeros((), dtype=torch.float64)
-        stacked = torch.stack(
-            [torch.stack([t.cpu() for t in self._totals.get(n, [zero, zero])]) for n in names]
-        )
+        names = sorted(extremes)
+        width = max(length for _, length in extremes.values())
+        local = torch.full((len(names), width), float("nan"), dtype=torch.float64)
+        for row, name in enumerate(names):
+            values = self._extremes.get(name, ("min", []))[1]
+            if values:
+                local[row, : len(values)] = torch.stack([v.cpu() for v in values])
+        every = local.unsqueeze(0)
         if accelerator is not None and accelerator.num_processes > 1:
-            stacked = accelerator.reduce(stacked.to(accelerator.device), reduction="sum").cpu()
-        return {n: (s, c) for n, (s, c) in zip(names, stacked.tolist(), strict=True)}
+            gathered = accelerator.gather(local.to(accelerator.device)).cpu()
+            every = gathered.view(accelerator.num_processes, len(names), width)
+        missing = every.isnan()
+        low = every.masked_fill(missing, float("inf")).amin(0)
+        high = every.masked_fill(missing, float("-inf")).amax(0)
+        seen = ~missing.all(0)
+        out = {}
+        for row, name in enumerate(names):
+            chosen = low[row] if extremes[name][0] == "min" else high[row]
+            kept = chosen[seen[row]]
+            out[name] = (float(kept.sum()), float(kept.numel()))
+        return out
 
     def add_totals(self, totals: Mapping[str, tuple[Any, Any]]) -> None:
         """Add ``name -> (sum, count)`` totals: another's ``totals()`` (a step's, once it is
@@ -88,9 +170,16 @@ class MetricSums:
 
     def clear(self) -> None:
         self._totals.clear()
+        self._extremes.clear()
 
 
 TERM_PREFIX = "loss/"  # a multi-term loss's terms, as metrics
+
+# Logged cumulatively over the run (totals over every process, not means): TRL's num_tokens,
+# each sequence's real tokens in full (prompt included, once per sequence; an on-policy round's
+# prompts and completions once per round, as TRL's GRPO counts them), and the positions the
+# training forwards computed (a prompt a packed batch shares once; a reused round every time).
+TOKEN_COUNTS = ("num_tokens", "num_tokens_computed")
 
 
 def with_total_loss(values: dict[str, float]) -> dict[str, float]:

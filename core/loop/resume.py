@@ -401,7 +401,8 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
             f"{path}: checkpoint format {state.get('format')!r}, this "
             f"align-core writes format {FORMAT}"
         )
-    for key, kind in (("step", int), ("num_tokens", (int, float)), ("skipped_steps", int)):
+    counts = (("step", int), ("num_tokens", (int, float)), ("num_tokens_computed", (int, float)))
+    for key, kind in (*counts, ("skipped_steps", int)):
         value = state.get(key, 0)
         if isinstance(value, bool) or not isinstance(value, kind) or value < 0:
             raise ConfigError(f"{path}: {key} is {value!r}, not a count; the checkpoint is damaged")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..data.batching import count_tokens
+from ..data.batching import count_sequence_tokens, count_tokens
 from ..errors import PluginError
 from ..plugins.api import LossOutput
 from . import zero
@@ -64,10 +64,15 @@ def accumulate_gradients(
     sums: MetricSums,
     losses: list[torch.Tensor] | None = None,
     allow_empty: bool = False,
+    count_read_tokens: bool = True,
 ) -> float:
     """Backward every micro-batch, its loss scaled so the accumulated gradient is that of one
     large batch, and return that batch's loss. ``losses``, when given, receives each micro-batch's
-    scaled loss. Nothing is copied off the device between the first and the last backward."""
+    scaled loss. Nothing is copied off the device between the first and the last backward.
+
+    Token counts: ``num_tokens_computed``, the positions the forwards ran; ``num_tokens``
+    (unless ``count_read_tokens`` is False: an on-policy round counts its own once), TRL's,
+    each sequence's tokens in full."""
     names, totals = step_totals(micro_batches, accelerator, allow_empty)
     deepspeed = zero.is_deepspeed(accelerator)
     scale = {
@@ -102,7 +107,9 @@ def accumulate_gradients(
             [torch.as_tensor(terms[n][1], device=device).detach().double().sum() for n in names]
         )
         sums.add_output(output, extra)
-        sums.add("num_tokens", count_tokens(batch), 1)
+        sums.add("num_tokens_computed", count_tokens(batch), 1)
+        if count_read_tokens:
+            sums.add("num_tokens", count_sequence_tokens(batch), 1)
     after = torch.cat([term_sums, returned])
     if accelerator.num_processes > 1:
         after = accelerator.reduce(after.to(accelerator.device), reduction="sum")

@@ -73,7 +73,7 @@ from .launch import (
     join_restarted_attempt,
 )
 from .manifest import manifest_size
-from .metrics import MetricsLog, MetricSums, format_value, headline, means
+from .metrics import TOKEN_COUNTS, MetricsLog, MetricSums, format_value, headline, means
 from .quiet import quiet_third_party
 from .runlog import LOG_FILE, RunLog
 from .setup import (
@@ -482,7 +482,7 @@ class Training:
             step=self.first_step - 1,
         )
         self.sums = MetricSums()
-        self.num_tokens = float(self.trainer_state.get("num_tokens", 0.0))
+        self.token_counts = {n: float(self.trainer_state.get(n, 0.0)) for n in TOKEN_COUNTS}
         self.skipped_steps = int(self.trainer_state.get("skipped_steps", 0))
         if accelerator.is_main_process:  # the interrupted run's totals, reduced over processes
             self.sums.add_totals(self.trainer_state.get("pending_metrics", {}))
@@ -630,6 +630,7 @@ class Training:
             step_sums,
             micro_losses,
             allow_empty=self.rollouts is not None,
+            count_read_tokens=self.rollouts is None,
         )
         applied = False
         if self.deepspeed:  # the engine clips and updates now, or skips a non-finite gradient
@@ -672,7 +673,7 @@ class Training:
         else:
             self.optimizer.step()  # under DeepSpeed: nothing, the engine has stepped
             self.optimizer.zero_grad(set_to_none=True)
-            self.sums.add_totals(step_sums.totals())
+            self.sums.merge(step_sums)
             self.sums.add("grad_norm", grad_norm, 1)
         self.scheduler.step()
         self.run.step = step  # updates taken, as evaluation and checkpoints after this one see
@@ -718,13 +719,14 @@ class Training:
         """The metrics since the last log, reduced over processes: one metrics.jsonl row."""
         totals = self.sums.totals(self.accelerator)
         self.sums.clear()
-        self.num_tokens += totals.pop("num_tokens", (0.0, 0.0))[0]
+        for name in TOKEN_COUNTS:  # cumulative over the run, over every process
+            self.token_counts[name] += totals.pop(name, (0.0, 0.0))[0]
         row = {
             "step": step,
             "epoch": round(step / self.steps_per_epoch, 4),
             "learning_rate": self.learning_rate,
             **self.hooks.derive(means(totals)),
-            "num_tokens": int(self.num_tokens),
+            **{name: int(count) for name, count in self.token_counts.items()},
         }
         if self.skipped_steps:
             row["skipped_steps"] = self.skipped_steps
@@ -811,7 +813,7 @@ class Training:
                 "epoch": round(step / self.steps_per_epoch, 4),
                 "data_position": position,
                 "pending_metrics": self.sums.totals(accelerator),
-                "num_tokens": self.num_tokens,
+                **self.token_counts,
                 "skipped_steps": self.skipped_steps,
                 "num_processes": accelerator.num_processes,
                 "reference": resume.reference_state(self.reference_info),

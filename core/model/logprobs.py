@@ -34,8 +34,9 @@ class TokenLogps:
 
     ``logps``, ``mask``, ``targets`` and ``predictions`` (the model's argmax token, −1 where no
     trained token is predicted) have one entry per predicting position (``[B, L-1]`` in a
-    padded batch, ``[R, T]`` in a packed one); ``entropy`` too, when asked for (float32, no
-    gradient, 0 where untrained). ``logits`` are the model's logits and ``predicting_logits``
+    padded batch, ``[R, T]`` in a packed one); ``entropy`` and ``mean_logits`` (the mean over
+    the vocabulary of the scored logits) too, when asked for (float32, no gradient, 0 where
+    untrained). ``logits`` are the model's logits and ``predicting_logits``
     the ones aligned with ``targets``: computed on first use when the log-probs came from the
     hidden states (the full vocabulary at every position, with gradients: avoid them at real
     vocabulary sizes). ``sums`` and ``num_tokens`` have one value per sequence, in the order
@@ -53,11 +54,12 @@ class TokenLogps:
         predictions: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
         full_logits: Callable[[], torch.Tensor] | None = None,
+        mean_logits: torch.Tensor | None = None,
     ) -> None:
         self.logps, self.mask, self.targets = logps, mask, targets
         self.sequence = sequence  # packed: the sequence of each position
         self.num_sequences = num_sequences
-        self.entropy = entropy
+        self.entropy, self.mean_logits = entropy, mean_logits
         self._logits, self._full_logits, self._predictions = logits, full_logits, predictions
 
     @property
@@ -187,6 +189,19 @@ def entropy_at(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def mean_logits_at(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean over the vocabulary of ``logits`` (float32) where ``mask`` is set, 0 elsewhere,
+    in float32 chunks of positions."""
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    positions = mask.bool().nonzero(as_tuple=True)
+    step = max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    for start in range(0, positions[0].numel(), step):
+        chunk = tuple(p[start : start + step] for p in positions)
+        out[chunk] = logits[chunk].float().mean(-1)
+    return out
+
+
 def _model_inputs(batch: dict[str, Any], prefix: str, model: Any, inputs_embeds: Any) -> dict:
     """The keyword arguments of the model's forward for ``batch``, either layout (a packed
     batch's attention in the form the model's attention implementation takes it:
@@ -215,6 +230,7 @@ def forward_logps(
     temperature: float = 1.0,
     entropy: bool = False,
     inputs_embeds: torch.Tensor | None = None,
+    mean_logits: bool = False,
 ) -> TokenLogps:
     """Run the model on ``batch`` (keys optionally prefixed) and return its token log-probs.
 
@@ -227,9 +243,11 @@ def forward_logps(
     objective sampled from (TRL's GRPO scores the policy, the old policy and the reference so:
     pass ``run.config.temperature`` here and to the reference's ``sequence_logps`` or
     ``token_logps``); 0 (greedy) and 1 leave the logits as they are. ``entropy``: also the
-    entropy of that distribution at every trained position. ``inputs_embeds``: the model's
-    input embeddings instead of the batch's token ids (IFT's mixed embeddings); the targets
-    still come from the batch.
+    entropy of that distribution at every trained position; ``mean_logits``: also the mean over
+    the vocabulary of those logits there (TRL's ``logits/*`` metrics); both are computed from
+    the chunks of logits the log-probs are made from, under no gradient. ``inputs_embeds``: the
+    model's input embeddings instead of the batch's token ids (IFT's mixed embeddings); the
+    targets still come from the batch.
 
     Works on the padded layout (``input_ids``, ``attention_mask``, ``completion_mask``) and on
     the packed one (``align.packing``: ``position_ids``, the attention as
@@ -248,7 +266,8 @@ def forward_logps(
     )
     head = output_head(model)
     if isinstance(head, str):
-        return _from_logits(model, inputs, batch, prefix, temperature, entropy, packed)
+        stats = {"entropy": entropy, "mean_logits": mean_logits}
+        return _from_logits(model, inputs, batch, prefix, temperature, stats, packed)
     state: dict[str, Any] = {}
 
     def compute(hidden: torch.Tensor) -> HeadLogps:
@@ -264,6 +283,7 @@ def forward_logps(
             softcap=head.softcap,
             temperature=temperature,
             entropy=entropy,
+            mean_logits=mean_logits,
         )
 
     with head_replaced(head.module, compute) as results:
@@ -287,16 +307,19 @@ def forward_logps(
     logps = torch.zeros(shape, dtype=torch.float32, device=device).index_put(where, rows.logps)
     predictions = torch.full(shape, -1, dtype=torch.long, device=device)
     predictions[where] = rows.predictions
-    entropies = None
-    if rows.entropy is not None:
-        entropies = torch.zeros(shape, dtype=torch.float32, device=device)
-        entropies[where] = rows.entropy
+
+    def spread(values: torch.Tensor | None) -> torch.Tensor | None:
+        if values is None:
+            return None
+        return torch.zeros(shape, dtype=torch.float32, device=device).index_put(where, values)
+
     return TokenLogps(
         logps=logps,
         mask=trained.float(),
         targets=targets,
         predictions=predictions,
-        entropy=entropies,
+        entropy=spread(rows.entropy),
+        mean_logits=spread(rows.mean_logits),
         full_logits=full_logits,
         **packed,
     )
@@ -338,7 +361,7 @@ def _from_logits(
     batch: dict[str, Any],
     prefix: str,
     temperature: float,
-    entropy: bool,
+    stats: dict[str, bool],
     packed: dict[str, Any],
 ) -> TokenLogps:
     """The full-logits path, for a model whose head :mod:`align.model.head` does not
@@ -357,6 +380,7 @@ def _from_logits(
         mask=mask,
         logits=logits,
         targets=targets,
-        entropy=entropy_at(predicting, mask) if entropy else None,
+        entropy=entropy_at(predicting, mask) if stats["entropy"] else None,
+        mean_logits=mean_logits_at(predicting, mask) if stats["mean_logits"] else None,
         **packed,
     )

@@ -7,7 +7,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 from pydantic.fields import FieldInfo
@@ -357,7 +357,7 @@ class LossOutput:
     the run's loss is ``Σ_terms Σsum / Σcount``, each term totalled over the accumulated batch
     and all processes. The counts must equal those ``align_loss_counts`` gave for the batch
     (the core scales the loss by them before the backward). ``metrics``: ``name -> (sum,
-    count)``.
+    count)``, or ``name -> Extreme(values, "min")`` for a minimum or maximum.
     """
 
     loss: Any = None
@@ -378,6 +378,22 @@ class LossOutput:
     def all_terms(self) -> dict[str, tuple[Any, Any]]:
         """Every term as ``name -> (sum, count)``; a single-term loss is ``{"loss": …}``."""
         return dict(self.terms) if self.terms else {"loss": (self.loss, self.count)}
+
+
+@dataclass(frozen=True)
+class Extreme:
+    """A metric that is a minimum or a maximum, as TRL's ``clip_ratio/low_min``: the smallest
+    (``kind="min"``) or largest (``"max"``) of a micro-batch's ``values`` (one per sequence,
+    say) over every process, NaN values left out, then the mean of those extremes over the
+    micro-batches since the last log (a micro-batch whose values are all NaN adds none).
+    Give it as a ``LossOutput`` metric's value in place of a ``(sum, count)`` pair."""
+
+    values: Any
+    kind: Literal["min", "max"]
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("min", "max"):
+            raise TypeError(f"Extreme kind must be 'min' or 'max', not {self.kind!r}")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ from ..data.batching import sequence_prefixes
 from ..data.formats import BUILTIN
 from ..model import dropout
 from . import registry as plugin_registry
-from .api import Generator, Reward
+from .api import Extreme, Generator, Reward
 from .registry import PLUGINS_ENV
 
 # The first-party formats' sample records (a registered format's are its ``samples``).
@@ -193,6 +193,22 @@ class _OneProcess:
 
 
 # -- what a message shows: numbers, counts, layouts ------------------------------------------------
+
+
+def _metric_pair(name: str, value: Any) -> tuple[float, float]:
+    """A metric as ``(sum, count)``; an :class:`align.Extreme` as ``(extreme, 1)`` (NaN values
+    left out; ``(0, 0)`` when all are NaN)."""
+    import torch
+
+    if isinstance(value, Extreme):
+        values = torch.as_tensor(value.values).detach().double().flatten()
+        values = values[~values.isnan()]
+        if not values.numel():
+            return 0.0, 0.0
+        return float(values.amin() if value.kind == "min" else values.amax()), 1.0
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        pytest.fail(f"metric {name!r} is {value!r}: not a (sum, count) pair or an align.Extreme")
+    return float(value[0]), float(value[1])
 
 
 def _n(value: float) -> str:
@@ -792,7 +808,8 @@ class ObjectiveConformance:
             grads = {
                 n: p.grad.clone() for n, p in setup.model.named_parameters() if p.grad is not None
             }
-            metrics = {k: (float(s), float(c)) for k, (s, c) in {**output.metrics, **extra}.items()}
+            everything = {**output.metrics, **extra}
+            metrics = {k: _metric_pair(k, v) for k, v in everything.items()}
             results.append((_term_values(output), metrics, grads, _layout(batch), _rows(batch)))
         (terms, metrics, grads, layout, rows), (p_terms, p_metrics, p_grads, p_layout, p_rows) = (
             results
@@ -905,9 +922,9 @@ class ObjectiveConformance:
         with torch.no_grad():
             output, extra = self._loss(setup, batch)
         problems = []
-        for name, (total, count) in {**output.metrics, **extra}.items():
+        for name, value in {**output.metrics, **extra}.items():
             if name == "kl" or name.endswith("/kl"):
-                total, count = float(total), float(count)
+                total, count = _metric_pair(name, value)
                 value = total / count if count else total
                 if abs(value) > 1e-6:
                     problems.append(
@@ -937,6 +954,9 @@ class ObjectiveConformance:
 
         output, extra = self._loss(setup, self._batch(setup, setup.examples))
         for name, pair in {**output.metrics, **extra}.items():
+            if isinstance(pair, Extreme):
+                assert torch.as_tensor(pair.values).dim() <= 1, f"{name}: values not 1-D"
+                continue
             assert isinstance(pair, tuple | list) and len(pair) == 2, f"{name}: not (sum, count)"
             for part in pair:
                 assert torch.as_tensor(part).numel() == 1, f"{name}: not a scalar"

@@ -6,7 +6,10 @@ so a resumed run samples what the uninterrupted one would have), decodes them, s
 with the run's rewards, lays them out (:mod:`.batch`) and lets the objective's
 ``align_prepare_rollouts`` finish them (GRPO's advantages). The round's metrics are TRL's:
 ``reward``, ``reward_std``, ``rewards/<name>/mean`` and ``/std``, ``completions/mean_length``,
-``min_length``, ``max_length``, ``clipped_ratio`` and ``mean_terminated_length``.
+``min_length``, ``max_length``, ``clipped_ratio``, ``mean_terminated_length``,
+``min_terminated_length`` and ``max_terminated_length`` (those of the completions that ended
+in EOS; 0 when none did, as TRL), and for a training round ``num_tokens``, its prompts' and
+completions' tokens (a prompt once per completion).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..data.batching import count_sequence_tokens
 from ..errors import PluginError
 from ..plugins.api import GenerationRequest
 from .batch import add_fields, add_rewards, rollout_batch
@@ -65,6 +69,8 @@ class RolloutEngine:
             )
             batches.append(self._micro_batch(model, examples, seed, split, accelerator))
         self._round_metrics(batches, metrics, accelerator)
+        if split == "train":  # TRL's num_tokens: each round's prompts and completions, once
+            metrics.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
         return self.hooks.prepare_rollouts(model, batches, reference, run)
 
     def _micro_batch(
@@ -158,6 +164,8 @@ class RolloutEngine:
             "completions/mean_terminated_length": (
                 statistics.fmean(terminated) if terminated else 0.0
             ),
+            "completions/min_terminated_length": float(min(terminated, default=0)),
+            "completions/max_terminated_length": float(max(terminated, default=0)),
         }
         for name in names:
             values[f"rewards/{name}/mean"] = statistics.fmean(local[name])

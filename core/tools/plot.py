@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-SKIP = {"step", "epoch", "num_tokens"}
+SKIP = {"step", "epoch", "num_tokens", "num_tokens_computed"}
 LOG_SCALE_SPAN = 100  # the loss axis is logarithmic when its positive values span 2 decades
 
 

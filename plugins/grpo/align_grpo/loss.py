@@ -37,8 +37,10 @@ while still counting as a sequence (as in TRL).
 Metrics, TRL's names, ``(sum, count)`` over the completion tokens in the loss: ``kl`` (β > 0), the
 k3 estimate; ``entropy``, the policy's per-token entropy; ``clip_ratio/low_mean`` (ρ < 1−ε with
 Â < 0), ``clip_ratio/high_mean`` (ρ > 1+ε_high with Â > 0) and ``clip_ratio/region_mean``
-(either); and over completions ``frac_reward_zero_std``, those whose group (or round, for
-``scale_rewards="batch"``) scored alike.
+(either); ``clip_ratio/low_min`` and ``clip_ratio/high_max``, the smallest share of low-clipped
+and the largest share of high-clipped tokens of any sequence of the micro-batch on any process
+(``align.Extreme``); and over completions ``frac_reward_zero_std``, those whose group (or round,
+for ``scale_rewards="batch"``) scored alike.
 """
 
 from __future__ import annotations
@@ -146,6 +148,14 @@ def grpo_loss(
         metrics["clip_ratio/low_mean"] = ((low * mask).sum(), tokens)
         metrics["clip_ratio/high_mean"] = ((high * mask).sum(), tokens)
         metrics["clip_ratio/region_mean"] = (((low | high) * mask).sum(), tokens)
+        # each sequence's share of clipped tokens (NaN for one with no tokens in the loss)
+        lengths = policy.per_sequence(mask)
+        metrics["clip_ratio/low_min"] = align.Extreme(
+            policy.per_sequence(low * mask) / lengths, "min"
+        )
+        metrics["clip_ratio/high_max"] = align.Extreme(
+            policy.per_sequence(high * mask) / lengths, "max"
+        )
     if "zero_std" in batch:
         metrics["frac_reward_zero_std"] = (batch["zero_std"].sum(), sequences)
     return align.LossOutput(loss=loss, count=count, metrics=metrics)

@@ -230,7 +230,14 @@ def test_clipped_objective_with_reused_rollouts_by_hand(loss_type, masked):
     assert (out.loss / out.count).item() == pytest.approx(_by_hand(loss_type, masked), abs=1e-6)
 
     tokens = 9 if masked else 11
-    metrics = {name: (float(s), float(c)) for name, (s, c) in out.metrics.items()}
+    extremes = {k: v for k, v in out.metrics.items() if isinstance(v, align.Extreme)}
+    assert sorted(extremes) == ["clip_ratio/high_max", "clip_ratio/low_min"]
+    sums = align.MetricSums()
+    sums.add_all(extremes)
+    # per sequence: low-clipped shares 0, 1, 1/2, 0, 0, 0; high-clipped 1/2, then 0
+    assert sums.reduce() == {"clip_ratio/low_min": 0.0, "clip_ratio/high_max": 0.5}
+    pairs = {k: v for k, v in out.metrics.items() if k not in extremes}
+    metrics = {name: (float(s), float(c)) for name, (s, c) in pairs.items()}
     assert metrics["clip_ratio/low_mean"] == (1.0 if masked else 2.0, tokens)  # ρ=0.5, 0.7
     assert metrics["clip_ratio/high_mean"] == (1.0, tokens)  # ρ=1.5; ρ=2.0 has Â=0
     assert metrics["clip_ratio/region_mean"] == (2.0 if masked else 3.0, tokens)

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from align.demo import build_demo_model
+from align.loop.metrics import MetricSums
 from align.plugins.testing import _OneProcess
 from align.reference.models import ModelReference
 from align.rollout.batch import add_rewards, rollout_batch
@@ -217,14 +218,18 @@ def test_advantages_loss_gradients_and_metrics_equal_trl(case, model_dir, tmp_pa
         loss.backward()
         for ours, theirs in zip(_gradients(model), trl_grads, strict=True):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
-        metrics = {name: float(s) / float(c) for name, (s, c) in out.metrics.items()}
+        sums = MetricSums()
+        sums.add_all(out.metrics)
+        metrics = sums.reduce()
         names = ["entropy", "clip_ratio/low_mean", "clip_ratio/high_mean"]
         names += ["clip_ratio/region_mean", "frac_reward_zero_std"] + ["kl"] * (beta > 0)
+        names += ["clip_ratio/low_min", "clip_ratio/high_max"]
         for name in names:
             assert abs(metrics[name] - trl_metrics[name]) < TOLERANCE, (packed, name)
         assert ("kl" in metrics) == (beta > 0)
     if iterations > 1:
         assert trl_metrics["clip_ratio/region_mean"] > 0  # the clip was exercised
+        assert trl_metrics["clip_ratio/high_max"] > 0 or trl_metrics["clip_ratio/low_min"] > 0
 
     if loss_type != "bnpo":  # TRL's bnpo is a mean per micro-batch, by design
         total = count = 0.0
@@ -234,3 +239,30 @@ def test_advantages_loss_gradients_and_metrics_equal_trl(case, model_dir, tmp_pa
             )
             total, count = total + out.loss.item(), count + float(out.count)
         assert abs(total / count - trl_loss.item()) < TOLERANCE
+
+
+def test_round_metrics_equal_trl(model_dir, tmp_path):
+    """The core's completion-length metrics of a round, terminated lengths included, and its
+    token count are TRL's on the same completions (three truncated, one EOS alone)."""
+    from align.data.batching import count_sequence_tokens
+    from align.rollout.engine import RolloutEngine
+
+    trainer, _model, outputs, tokenizer = _trl(model_dir, tmp_path, _case("dapo"))
+    trl_metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    for packed in (False, True):
+        sums = MetricSums()
+        engine = SimpleNamespace(rewards={"train": SimpleNamespace(names=["length"])})
+        batches = _align_batches(outputs, tokenizer, packed, splits=(2, 1))
+        RolloutEngine._round_metrics(engine, batches, sums, _OneProcess())
+        ours = sums.reduce()
+        names = [n for n in trl_metrics if n.startswith("completions/")]
+        assert "completions/min_terminated_length" in names
+        assert "completions/max_terminated_length" in names
+        for name in names:
+            assert ours[name] == pytest.approx(trl_metrics[name], abs=1e-6), (packed, name)
+        # TRL's num_tokens: every completion's prompt and completion tokens
+        tokens = sum(float(count_sequence_tokens(b)) for b in batches)
+        assert tokens == trl_metrics["num_tokens"], packed
+    terminated = [len(ids) for ids in COMPLETIONS if ids[-1] == EOS]
+    assert trl_metrics["completions/min_terminated_length"] == min(terminated) == 1
+    assert trl_metrics["completions/max_terminated_length"] == max(terminated) == 5

@@ -21,7 +21,9 @@ example and ``g = β(z0 − r)`` for an undesirable one, and
 
 where ``w`` is ``desirable_weight`` (λ_D) or ``undesirable_weight`` (λ_U); the loss is the mean
 over examples. Metrics: ``kl`` (z0), ``rewards/chosen`` and ``rewards/rejected`` (βr means over
-desirable and undesirable examples), ``logps/chosen`` and ``logps/rejected``, reduced as sums
+desirable and undesirable examples), ``logps/chosen`` and ``logps/rejected``, and TRL's token
+metrics ``entropy``, ``logits/chosen`` and ``logits/rejected`` (:func:`align.losses.token_metrics`,
+over the completion tokens of the trained examples, not the mismatched pairs), reduced as sums
 and counts so a micro-batch without one class gives no NaN.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 import torch
 
 import align
+from align.losses import token_metrics
 
 KT_ALPHA, KT_LAMBDA, KT_EPSILON = 0.88, 2.25, 1e-3
 # The dead band |g| <= KT_BAND around the kink at 0, where the gradient is the gain side's slope
@@ -94,7 +97,8 @@ def kto_loss(
     with torch.no_grad():
         mismatched = align.forward_logps(model, batch, "mismatched_").sums
     z0 = reference_point(mismatched, reference.sequence_logps(batch, "mismatched_"), accelerator)
-    policy = align.forward_logps(model, batch).sums
+    out = align.forward_logps(model, batch, entropy=True, mean_logits=True)
+    policy = out.sums
     rewards = policy - reference.sequence_logps(batch)
     desirable = batch["labels"].bool()
     losses = kto_example_losses(
@@ -118,5 +122,6 @@ def kto_loss(
             "rewards/rejected": (scaled[~desirable].sum(), n_undesirable),
             "logps/chosen": (logps[desirable].sum(), n_desirable),
             "logps/rejected": (logps[~desirable].sum(), n_undesirable),
+            **token_metrics(out, desirable),
         },
     )

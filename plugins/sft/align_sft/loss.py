@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import align
+from align.losses import token_accuracy
 
 
 def sft_counts(batch: dict[str, Any], normalization: str) -> dict[str, Any]:
@@ -21,14 +22,15 @@ def sft_counts(batch: dict[str, Any], normalization: str) -> dict[str, Any]:
 
 
 def sft_loss(model: Any, batch: dict[str, Any], normalization: str) -> align.LossOutput:
-    out = align.forward_logps(model, batch)
+    out = align.forward_logps(model, batch, entropy=True)
     nll = -out.sums
     tokens = out.num_tokens
     if normalization == "token":
         loss, count = nll.sum(), tokens.sum()
     else:
         loss, count = (nll / tokens.clamp(min=1)).sum(), (tokens > 0).sum()
-    correct = ((out.predictions == out.targets) * out.mask).sum()
-    return align.LossOutput(
-        loss=loss, count=count, metrics={"mean_token_accuracy": (correct, tokens.sum())}
-    )
+    metrics = {
+        "mean_token_accuracy": token_accuracy(out),
+        "entropy": (out.entropy.sum(), tokens.sum()),
+    }
+    return align.LossOutput(loss=loss, count=count, metrics=metrics)
