@@ -146,7 +146,8 @@ def run(spec: RunSpec, registry: PluginRegistry) -> TrainResult:
     )
     accelerator = training.accelerator
     del training  # the optimizer's state, a reference model: freed now, not at the next run
-    accelerator.free_memory()
+    if "WORLD_SIZE" not in os.environ:  # a launcher's worker exits now; its process group is
+        accelerator.free_memory()  # torn down, which DeepSpeed's engine.destroy() would need
     return result
 
 

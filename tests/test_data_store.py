@@ -494,7 +494,7 @@ def test_no_data_cache_tokenises_into_a_temporary_directory_removed_after_the_ru
         "--output-dir", tmp_path / "run",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "not cached (data_cache off)" in result.output
+    assert "not cached (data_cache off)" in (tmp_path / "run" / "train.log").read_text()
     assert not (tmp_path / "cache" / "data").exists()
     assert not any(p.name.startswith("align-data-") for p in (tmp_path / "tmp").iterdir())
 
