@@ -12,19 +12,12 @@ import click
 
 from align.errors import AlignError
 from align.options import TrainConfig
+from align.tools.chat import SAMPLING_OPTIONS
 
 from .options import _option_for
 
-# The sampling flags: align run's on-policy options (their help, defaults and ranges).
-SAMPLING_FLAGS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "max_completion_length",
-    "seed",
-)
+# The sampling flags are align run's on-policy options (their help, defaults and ranges).
+SAMPLING_FLAGS = SAMPLING_OPTIONS
 ALIASES = {"max_completion_length": "--max-new-tokens"}  # transformers' and LLaMA-Factory's name
 HELP = {"seed": "Seed for sampling (torch is seeded once, at the start)."}
 

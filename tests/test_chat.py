@@ -19,6 +19,7 @@ import time
 
 import torch
 from click.testing import CliRunner
+from test_cli_errors import RUNNER  # runs command lines in one process, noting torch imports
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.cli import cli
@@ -285,27 +286,6 @@ def test_a_tokenizer_without_chat_template_continues_plain_text(tmp_path, model_
     assert "--system needs a tokenizer with a chat template" in refused.output
     noted = _cli("generate", plain, "--prompt", "What is", "--max-new-tokens", 2)
     assert "no chat template; --prompt texts are continued as plain text" in noted.output
-
-
-# Runs each command line in one process and reports its exit code and stderr, and whether
-# torch or transformers were imported.
-RUNNER = textwrap.dedent(
-    """
-    import contextlib, io, json, sys
-    from align.cli import cli
-
-    results = []
-    for args in json.loads(sys.argv[1]):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                cli(args)
-            except SystemExit as exc:
-                results.append([exc.code, err.getvalue()])
-    heavy = sorted({"torch", "transformers"} & set(sys.modules))
-    print(json.dumps({"results": results, "heavy": heavy}))
-    """
-)
 
 
 def test_bad_arguments_are_named_before_torch_is_imported(tmp_path):

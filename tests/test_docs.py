@@ -1,5 +1,10 @@
-"""README, CONTRIBUTING.md and --help stay true: every option, flag and hook is documented."""
+"""README, the docs site, CONTRIBUTING.md and --help stay true: every option, flag and hook is
+documented, the site builds with no broken link, and README stays a front page."""
 
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -10,17 +15,43 @@ from align.plugins import hookspecs, install_hint
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 CONTRIBUTING = (ROOT / "CONTRIBUTING.md").read_text()
 
 
-def test_readme_documents_every_core_option_and_flag():
+def test_configuration_page_documents_every_core_option_and_flag():
     for key in TrainConfig.model_fields:
-        assert f"`{key}`" in README, key
+        assert f"`{key}`" in CONFIGURATION, key
     help_text = CliRunner().invoke(cli, ["run", "--help"]).output
     for name in RUN_FLAGS:
         flag = "--reward" if name == "rewards" else "--" + name.replace("_", "-")  # repeatable
-        assert f"`{flag}`" in README, flag
+        assert f"`{flag}`" in CONFIGURATION, flag
         assert flag in help_text, flag
+
+
+def test_readme_is_a_front_page_that_leads_with_the_two_commands_then_the_python_api():
+    assert len(README.splitlines()) <= 300
+    headings = [line for line in README.splitlines() if line.startswith("## ")]
+    assert headings[:2] == ["## The two commands", "## Python API"], headings
+
+
+def test_docs_site_builds_strictly(tmp_path):
+    """`mkdocs build --strict`: a broken link or anchor, or a page missing from the nav, fails."""
+    mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"
+    result = subprocess.run(
+        [mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "site" / "objectives" / "dpo" / "index.html").exists()
+
+
+def test_docs_pages_link_only_to_files_that_exist():
+    """README's links into docs/ (GitHub renders them; mkdocs does not see README)."""
+    for target in re.findall(r"\]\(((?:docs/)?[\w/.-]+\.md)(?:#[\w-]+)?\)", README):
+        assert (ROOT / target).exists(), target
 
 
 def test_every_hook_is_documented():

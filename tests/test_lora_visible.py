@@ -6,25 +6,11 @@ import re
 
 import pytest
 from click.testing import CliRunner
+from test_lora import KeepModel  # keeps the model the loss saw
 
-import align
 from align import plugins
 from align.cli import cli
 from align.loop.describe import trainable_share
-
-
-class KeepModel:
-    """Keeps the model the loss saw, to count its parameters after the run."""
-
-    __name__ = "keep-model"
-
-    def __init__(self):
-        self.model = None
-
-    @align.hookimpl
-    def align_metrics(self, model):
-        self.model = model
-        return {}
 
 
 @pytest.fixture

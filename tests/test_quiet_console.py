@@ -10,21 +10,14 @@ import sys
 import warnings
 
 import pytest
-from click.testing import CliRunner
+from test_run_failures import _run  # align run ARGS, its exit status checked
 
-from align.cli import cli
 from align.loop import quiet
 from align.loop.metrics import format_value
 from align.loop.runlog import LOG_FILE
 
 DEEPSPEED_NOTICE = "Setting accelerator to CPU"
 LOG_PROBS = "log-probs: "
-
-
-def _run(*args, expect=0):
-    result = CliRunner().invoke(cli, ["run", *map(str, args)])
-    assert result.exit_code == expect, result.output + repr(result.exception)
-    return result
 
 
 @pytest.fixture
