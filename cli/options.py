@@ -155,7 +155,9 @@ def _alias_option(name: str) -> Any:
     if field.annotation is bool or alias.key == "precision":  # --bf16: set, or not given
         callback = lambda _ctx, _param, value: value or None  # noqa: E731
         return click.option(alias.flag, name, is_flag=True, callback=callback, hidden=True)
-    base = {int: int, float: float}.get(field.annotation, str)
+    kinds = [t for t in typing.get_args(field.annotation) if t is not type(None)]
+    bare = kinds[0] if len(kinds) == 1 else field.annotation  # int | None: int
+    base = {int: int, float: float}.get(bare, str)
     if alias.convert is not None and base is int:  # 2.0 accepted, 2.5 refused by name
         base = float
     return click.option(alias.flag, name, type=base, default=None, hidden=True)

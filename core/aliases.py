@@ -164,6 +164,13 @@ def translate(values: dict[str, Any], sources: Sources) -> tuple[dict[str, Any],
     out: dict[str, Any] = {}
     out_sources: Sources = {}
     turned_off: dict[str, str] = {}  # precision → the source that said false
+    if values.get("push_to_hub") is True:  # TRL's form: push_to_hub: true, hub_model_id: REPO
+        if "hub_model_id" not in values:
+            raise ConfigError(
+                f"{_label(sources['push_to_hub'], 'push_to_hub')}: align's push_to_hub takes the "
+                "hub repository (push_to_hub: me/model), or give TRL's hub_model_id: me/model"
+            )
+        values = {key: value for key, value in values.items() if key != "push_to_hub"}
     for key, value in values.items():
         alias = ALIASES.get(key)
         source = sources[key]

@@ -204,6 +204,14 @@ def resolve_call(
     """``align.train``'s arguments as the mapping a run.yaml would hold, resolved by the same
     :func:`align.config.resolve`; then the objects that stand in for paths put in place."""
     given = Given()
+    for alias, argument in (("model_name_or_path", "model"), ("dataset_name", "data")):
+        if alias in kwargs:  # TRL's names for the arguments: taken as the arguments
+            if (model if argument == "model" else data) is not None:
+                raise ConfigError(f"{API_SOURCE}: {argument} and {alias} both given: give one")
+            if argument == "model":
+                model = kwargs.pop(alias)
+            else:
+                data = kwargs.pop(alias)
     values: dict[str, Any] = {"objective": objective}
     target = _objective_name(registry, objective)
     objective_keys = _objective_keys(registry, target)
@@ -221,6 +229,10 @@ def resolve_call(
         elif key == REWARD_SECTION or (target is not None and key == target):
             values[key] = value
         elif key in objective_keys:
+            if key in objective_values:
+                raise ConfigError(
+                    f"{API_SOURCE}: {key!r} given as a keyword and in options=: give one"
+                )
             objective_values[key] = value
         else:
             known = {*CORE_KEYS, *ALIASES, *objective_keys, *sections}
@@ -236,6 +248,12 @@ def resolve_call(
             values.update(objective_values)
         else:
             section = dict(values.get(target) or {})
+            twice = sorted(set(section) & set(objective_values))
+            if twice:
+                raise ConfigError(
+                    f"{API_SOURCE}: {', '.join(map(repr, twice))} given in {target}= and as a "
+                    "keyword or in options=: give one"
+                )
             values[target] = {**section, **objective_values}
     if model is not None:
         values["model"] = _model(model, given)
@@ -246,11 +264,7 @@ def resolve_call(
             f"{API_SOURCE}: the model object has no name_or_path to load its tokenizer from: "
             "give tokenizer= (a tokenizer object or its directory)"
         )
-    aliased = {ALIASES[key].key for key in kwargs if key in ALIASES}  # model_name_or_path=…
-    has_model, has_data = (
-        model is not None or "model" in aliased,
-        data is not None or "data" in aliased,
-    )
+    has_model, has_data = model is not None, data is not None
     if has_model != has_data and values.get("model") != "demo":
         given_one, missing = ("model", "data") if has_model else ("data", "model")
         raise ConfigError(
@@ -263,9 +277,26 @@ def resolve_call(
     callables = _rewards(rewards, reward_weights, values)
     spec = resolve_options(registry, values)
     spec.given = given
+    _refuse_a_second_adapter(spec, registry)
     if callables:
         spec.rewards = _with_functions(spec, callables)
     return spec
+
+
+def _refuse_a_second_adapter(spec: RunSpec, registry: PluginRegistry) -> None:
+    """A model object that already carries a PEFT adapter (a LoRA run trains its model in
+    place: ``result.model`` of it, or the same object passed again) with a section that would
+    inject another: PEFT would only warn, and the run would train on top of the first."""
+    from .loop.describe import active_sections
+
+    model = spec.given.model
+    on = active_sections(spec, registry)
+    if model is not None and getattr(model, "peft_config", None) and on:
+        raise ConfigError(
+            f"{API_SOURCE}: the model already carries a PEFT adapter (a LoRA run trains the model "
+            f"object in place), and {on[0][1]} would inject another on top of it: pass the model "
+            f"as it was loaded, or train this one without {on[0][0]}="
+        )
 
 
 def _objective_name(registry: PluginRegistry, name: str) -> str | None:
@@ -331,14 +362,22 @@ def _tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def _memory_label(name: str) -> str:
+    """The string a split's option holds for records in memory: one no path is spelt as (a
+    folder named ``data`` stays a folder), which ``given.data`` maps to the records; messages
+    name them as Python does (``data[3]``)."""
+    return f"<in memory: {name}>"
+
+
 def _data(key: str, value: Any, given: Any) -> Any:
     """A split's data as the option holds it: a path as a string, records in memory as the
-    label ``given.data`` holds them under (``data``, or ``data[1]`` in a mixture)."""
+    label ``given.data`` holds them under (:func:`_memory_label` of ``data``, or of ``data[1]``
+    in a mixture)."""
     if isinstance(value, str | os.PathLike):
         return os.fspath(value)
     if is_dataset(value) or is_record_list(value):
-        given.data[key] = InMemoryData(key, value)
-        return key
+        given.data[_memory_label(key)] = InMemoryData(key, value)
+        return _memory_label(key)
     if type(value).__name__ in ("DatasetDict", "IterableDatasetDict"):
         raise ConfigError(
             f"{API_SOURCE}: {key} is a {type(value).__name__}: pick a split ({key}=ds['train'])"
@@ -352,8 +391,8 @@ def _data(key: str, value: Any, given: Any) -> Any:
                 items.append(os.fspath(item))
             elif is_dataset(item):
                 label = f"{key}[{index}]"
-                given.data[label] = InMemoryData(label, item)
-                items.append(label)
+                given.data[_memory_label(label)] = InMemoryData(label, item)
+                items.append(_memory_label(label))
             else:
                 raise ConfigError(
                     f"{API_SOURCE}: {key}[{index}]: expected records (every item a dict), or "
@@ -378,6 +417,11 @@ def _rewards(rewards: Any, weights: Any, values: dict[str, Any]) -> dict[int, An
         return {}
     items = [rewards] if isinstance(rewards, str) or callable(rewards) else list(rewards)
     if weights is not None:
+        if not isinstance(weights, list | tuple):
+            raise ConfigError(
+                f"{API_SOURCE}: reward_weights must be a list of numbers, one per reward, got "
+                f"{weights!r}"
+            )
         weights = list(weights)
         if len(weights) != len(items):
             raise ConfigError(

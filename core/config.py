@@ -60,8 +60,8 @@ class Given:
                     "class": f"{cls.__module__}.{cls.__qualname__}",
                     "name_or_path": getattr(value, "name_or_path", None) or None,
                 }
-        for label, data in self.data.items():
-            out[label] = data.description
+        for data in self.data.values():
+            out[data.label] = data.description
         return out
 
 

@@ -148,6 +148,18 @@ def test_values_align_reads_otherwise_are_refused_by_name(tmp_path):
         _spec("--lr-scheduler-type", "polynomial")
     result = CliRunner().invoke(cli, ["run", "--set", "learning_rate=1"])
     assert "'learning_rate' is a core option; use --lr" in result.output
+    for flag in ("--save-steps", "--eval-steps"):  # options that may be none: whole steps too
+        with pytest.raises(ConfigError, match=f"{flag}: 0.5: align counts whole steps"):
+            _spec(flag, "0.5")
+
+
+def test_trl_s_push_to_hub_true_with_hub_model_id_names_the_repository(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("push_to_hub: true\nhub_model_id: me/model\n")
+    assert _spec(config=config).config.push_to_hub == "me/model"
+    config.write_text("push_to_hub: true\n")
+    with pytest.raises(ConfigError, match="push_to_hub takes the hub repository"):
+        _spec(config=config)
 
 
 def test_help_lists_every_alias_in_one_section():

@@ -16,8 +16,10 @@ import torch
 from click.testing import CliRunner
 
 import align
+from align.api import resolve_call
 from align.cli import cli
 from align.data.memory import InMemoryData
+from align.data.sources import parse_sources
 from align.errors import ConfigError
 from align.loop.stopping import RunStopped
 
@@ -551,3 +553,44 @@ def test_trl_names_are_keywords_too_and_run_json_records_aligns(model_dir, sft_r
     assert "learning_rate" not in config and "per_device_train_batch_size" not in config
     with pytest.raises(ConfigError, match="learning_rate"):
         align.train("sft", model=model_dir, data=sft_rows, lr=1e-3, learning_rate=1e-3)
+
+
+def test_review_edge_cases_of_the_arguments(model_dir, sft_rows, tmp_path, monkeypatch):
+    """A folder named like a split is a folder; TRL's argument names are the arguments; a
+    weight, or an objective option, given twice or in the wrong shape is refused."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # a dataset folder called data/, next to records in memory
+    spec = resolve_call(
+        align.api.load_registry(),
+        objective="sft",
+        model=model_dir,
+        tokenizer=None,
+        data=sft_rows,
+        eval_data="data",
+        rewards=None,
+        reward_weights=None,
+        options=None,
+        kwargs={},
+    )
+    sources = parse_sources(spec.config.eval_data, "test", None, None, {}, spec.given.data)
+    assert [s.in_memory for s in sources] == [None]  # the folder, not the training records
+    demo = resolve_call(
+        align.api.load_registry(), objective="sft", model=None, tokenizer=None, data=None,
+        eval_data=None, rewards=None, reward_weights=None, options=None,
+        kwargs={"model_name_or_path": "demo", "dataset_name": sft_rows},
+    )  # fmt: skip
+    assert demo.config.model == "demo" and demo.given.data
+    with pytest.raises(ConfigError, match="reward_weights must be a list"):
+        align.train("grpo", model=model_dir, data=PROMPTS, rewards=[len], reward_weights=0.5)
+    with pytest.raises(ConfigError, match="'beta' given"):
+        align.train("dpo", model=model_dir, data=PAIRS, beta=0.2, options={"beta": 0.1})
+    with pytest.raises(ConfigError, match="'beta' given in dpo="):
+        align.train("dpo", model=model_dir, data=PAIRS, beta=0.2, dpo={"beta": 0.3})
+    with pytest.raises(ConfigError, match="model and model_name_or_path both given"):
+        align.train("sft", model=model_dir, model_name_or_path=model_dir, data=sft_rows)
+
+
+def test_a_model_carrying_an_adapter_is_refused_a_second_one(model_dir, sft_rows):
+    first = align.train("lora-sft", model=model_dir, data=sft_rows, output_dir="one", **TINY)
+    with pytest.raises(ConfigError, match="already carries a PEFT adapter"):
+        align.train("sft", model=first.model, tokenizer=first.tokenizer, data=sft_rows, lora=True)

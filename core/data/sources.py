@@ -62,7 +62,10 @@ class DataSource:
 
     @property
     def label(self) -> str:
-        """How messages name the data: the path, or ``org/name`` with its split."""
+        """How messages name the data: the path, ``org/name`` with its split, or records in
+        memory as Python names them (``data``)."""
+        if self.in_memory is not None:
+            return self.in_memory.label
         if not self.from_hub:
             return self.name
         details = [f"split {self.split}"]

@@ -12,18 +12,22 @@ from typing import Any
 from ..config import RunSpec
 
 
-def sections_on(spec: RunSpec, registry: Any) -> list[tuple[str, str]]:
-    """``(name, label)`` of each section switched on, but for those the run's preset switches
-    on (its name says so)."""
-    preset = registry.objectives[spec.preset].item if spec.preset else None
-    named = set(preset.sections) if preset is not None else set()
+def active_sections(spec: RunSpec, registry: Any) -> list[tuple[str, str]]:
+    """``(name, label)`` of each section the run switches on."""
     found = []
     for name, options in spec.sections.items():
         section = registry.sections[name].item
         on = section.active(options) if section.active else getattr(options, "enabled", False)
-        if on is True and name not in named:
+        if on is True:
             found.append((name, section.label or name))
     return found
+
+
+def sections_on(spec: RunSpec, registry: Any) -> list[tuple[str, str]]:
+    """:func:`active_sections`, but for those the run's preset switches on (its name says so)."""
+    preset = registry.objectives[spec.preset].item if spec.preset else None
+    named = set(preset.sections) if preset is not None else set()
+    return [(name, label) for name, label in active_sections(spec, registry) if name not in named]
 
 
 def run_title(spec: RunSpec, registry: Any) -> str:
