@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from huggingface_hub import HfApi
 
 from align.cli import cli
+from align.loop.rundir import Busy, RunLock
 
 
 def _run(*args, expect=0):
@@ -36,6 +37,8 @@ def test_final_is_uploaded_once_the_run_completed(args, tmp_path, monkeypatch):
         calls.append(("upload_folder", kwargs["repo_id"], kwargs))
         info = json.loads((tmp_path / "run" / "run.json").read_text())
         assert info["status"] == "completed"  # the run is recorded before the upload starts
+        with pytest.raises(Busy):  # and still holds its directory: no run clears final/ now
+            RunLock(tmp_path / "run").acquire()
         final = tmp_path / "run" / "final"
         sealed = json.loads((final / "manifest.json").read_text())["files"]
         assert sorted(p.name for p in final.iterdir()) == sorted([*sealed, "manifest.json"])

@@ -333,3 +333,22 @@ def test_a_tracker_that_cannot_start_fails_the_run_in_words(
     assert "--report-to mlflow: the tracker did not start: " in result.output
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "failed" and "did not start" in info["failure"]
+
+
+def test_a_tracker_that_cannot_finish_leaves_the_run_completed(
+    stores, tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+):
+    """The model is saved when the trackers finish: a tracker's failure then is said, and the
+    run is still recorded as completed."""
+
+    def gone(self):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(trackers.TensorBoardTracker, "finish", gone)
+    data = write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    out = tmp_path / "run"
+    result = _run("--model", model_dir, "--data", data, "--max-steps", 1, "--output-dir", out)
+    assert "--report-to tensorboard: the tracker did not finish: the tracking server" in (
+        result.output
+    )
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"

@@ -11,11 +11,13 @@ align, its plugins and the libraries, and the resolved config as YAML.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ..console import RUN_LOGGER
 from ..data.sources import is_hub_id
 from .metrics import format_value
 
@@ -33,7 +35,12 @@ def write_card(directory: Path, **details: Any) -> None:
     """Write ``README.md`` into a model directory (before its manifest is written);
     ``details``: :func:`model_card`'s arguments but ``adapter``, read from the directory."""
     adapter = (directory / ADAPTER_FILE).is_file()
-    card = model_card(adapter=adapter, **details)
+    try:
+        card = model_card(adapter=adapter, **details)
+    except Exception as exc:  # metadata: it must not fail a trained run, nor hang its peers
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        logging.getLogger(RUN_LOGGER).warning(f"Warning: no model card in final/: {message}")
+        return
     (directory / "README.md").write_text(card, encoding="utf-8")
 
 

@@ -331,7 +331,8 @@ def find_checkpoint(
         if not found:
             raise ConfigError(
                 f"--resume: {out / CHECKPOINTS} holds no complete checkpoint (they are written "
-                "every --save-every N steps and on SIGINT/SIGTERM); start again with --overwrite"
+                "every 10 minutes of training by default, --save-minutes or --save-every N, and "
+                "on SIGINT/SIGTERM); start again with --overwrite"
             )
         checkpoint, notes = _newest_intact(out, found)
         return checkpoint, notes

@@ -10,6 +10,12 @@ TensorBoard's directory (``logs/``, with a session-start event at the resumed st
 TensorBoard drop what a killed run logged after its checkpoint). Only the main process starts
 trackers and logs to them (as Accelerate does).
 
+A run killed after its last checkpoint logged steps the resumed run logs again (with the same
+values: a resumed run equals the uninterrupted one). TensorBoard shows each step once; wandb
+keeps the first rows and drops the repeated ones (its steps must increase), and with them an
+evaluation owed at the stop step that the resumed run makes first; MLflow and Trackio keep both
+rows of each repeated step.
+
 Where a tracker keeps its data is its own setting, as with TRL: ``WANDB_DIR`` / ``WANDB_MODE``
 / ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``, ``TRACKIO_DIR`` /
 ``TRACKIO_PROJECT``; the project (experiment) is ``align`` unless those say otherwise.
@@ -21,6 +27,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -29,6 +36,7 @@ from typing import Any
 
 from accelerate.tracking import MLflowTracker, TensorBoardTracker, TrackioTracker, WandBTracker
 
+from ..console import RUN_LOGGER
 from ..errors import AlignError, ConfigError
 from ..options import TRACKERS
 
@@ -166,8 +174,18 @@ class _Started:
         self.started = True
 
     def finish(self) -> None:
-        if self.started:  # a run failing as one of its trackers starts finishes the others
+        """Finish the tracker run (one that never started: nothing to do). A tracker that fails
+        to finish (its server gone) is said, not raised: the model is saved by then, and the
+        run, and its other trackers, finish all the same."""
+        if not self.started:  # a run failing as one of its trackers starts finishes the others
+            return
+        try:
             super().finish()  # type: ignore[misc]
+        except Exception as exc:
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            logging.getLogger(RUN_LOGGER).warning(
+                f"Warning: --report-to {self.name}: the tracker did not finish: {message}"
+            )
 
 
 class TensorBoard(_Started, TensorBoardTracker):

@@ -121,29 +121,36 @@ def run_training(spec: RunSpec, registry: PluginRegistry) -> Training:
 
 def _train(run: Training) -> Training:
     try:
-        signals = run.run_steps()
-    except RunStopped as stopped:  # recorded in run.json already
-        run.runlog.record(str(stopped))  # the command line prints it
-        raise
-    except BaseException as exc:  # every other failure is recorded too: never left "running"
-        error = run.fail(exc)
-        if error is exc:
+        try:
+            signals = run.run_steps()
+        except RunStopped as stopped:  # recorded in run.json already
+            run.runlog.record(str(stopped))  # the command line prints it
             raise
-        raise error from None
+        except BaseException as exc:  # every other failure is recorded too: never "running"
+            error = run.fail(exc)
+            if error is exc:
+                raise
+            raise error from None
+        if signals.received:
+            name = signal.Signals(signals.received).name
+            log(
+                run.accelerator,
+                f"{name} came during the last step or the final save; the run completed.",
+            )
+        log(run.accelerator, run.summary())
+        push_to = run.spec.config.push_to_hub
+        if push_to and run.accelerator.is_main_process:  # the run is complete: a failure to
+            # push loses nothing; the lock is still held, so no other run clears final/ or
+            # writes run.json meanwhile
+            try:
+                url = hub.push_final(run.out, push_to, run.spec.config.hub_private, run.run_info)
+            except AlignError as exc:
+                run.runlog.record(f"Error: {exc}")  # the command line prints it
+                raise
+            log(run.accelerator, f"Pushed final/ to the hub: {url}")
+        return run
     finally:
         run.release()  # the directory's lock: another run, or --resume, may take it now
-    if signals.received:
-        name = signal.Signals(signals.received).name
-        log(
-            run.accelerator,
-            f"{name} came during the last step or the final save; the run completed.",
-        )
-    log(run.accelerator, run.summary())
-    push_to = run.spec.config.push_to_hub
-    if push_to and run.accelerator.is_main_process:  # the run is complete: a failure loses nothing
-        url = hub.push_final(run.out, push_to, run.spec.config.hub_private, run.run_info)
-        log(run.accelerator, f"Pushed final/ to the hub: {url}")
-    return run
 
 
 class Training:
@@ -889,7 +896,7 @@ class Training:
             versions=_library_versions(),
             metrics=self.metrics_log.last,
             steps=self.total_steps,
-            load_from=cfg.push_to_hub or str(self.out.resolve() / "final"),
+            load_from=cfg.push_to_hub or f"{self.out.name}/final",  # no home path in a card
         )
 
     def fail(self, exc: BaseException) -> BaseException:
@@ -908,6 +915,10 @@ class Training:
         if self.accelerator.num_processes == 1:
             with contextlib.suppress(Exception):
                 self.accelerator.end_training()
+        else:  # the trackers only: the other processes may be gone, the group is left alone
+            for tracker in getattr(self.accelerator, "trackers", []):
+                with contextlib.suppress(Exception):
+                    tracker.finish()
         if isinstance(exc, KeyboardInterrupt):
             status, reason = "interrupted", "KeyboardInterrupt outside the training steps"
         else:

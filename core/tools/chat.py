@@ -127,7 +127,8 @@ def _run_source(out: Path, record: dict[str, Any]) -> Source:
     if not found:
         raise ConfigError(
             f"the run in {out} (status {status}) has no final/ and no complete checkpoint yet "
-            "to chat with (checkpoints are written every --save-every N steps)"
+            "to chat with (checkpoints are written every 10 minutes of training by default, "
+            "--save-minutes or --save-every N)"
         )
     step, checkpoint = found[-1]
     return _directory_source(
