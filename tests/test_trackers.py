@@ -150,7 +150,7 @@ def _wandb(wandb_dir):
                     i.key or "/".join(i.nested_key): json.loads(i.value_json)
                     for i in record.history.item
                 }
-                step = record.history.step.num
+                step = items.pop(trackers.WANDB_STEP)  # align's step: the charts' x-axis
                 metrics.update({(step, k): v for k, v in items.items() if not k.startswith("_")})
     return runs
 

@@ -12,9 +12,8 @@ trackers and logs to them (as Accelerate does).
 
 A run killed after its last checkpoint logged steps the resumed run logs again (with the same
 values: a resumed run equals the uninterrupted one). TensorBoard shows each step once; wandb
-keeps the first rows and drops the repeated ones (its steps must increase), and with them an
-evaluation owed at the stop step that the resumed run makes first; MLflow and Trackio keep both
-rows of each repeated step.
+(whose charts run on align's step, ``train/global_step``), MLflow and Trackio keep both rows of
+each repeated step.
 
 Where a tracker keeps its data is its own setting, as with TRL: ``WANDB_DIR`` / ``WANDB_MODE``
 / ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``, ``TRACKIO_DIR`` /
@@ -40,6 +39,7 @@ from ..console import RUN_LOGGER
 from ..errors import AlignError, ConfigError
 from ..options import TRACKERS
 
+WANDB_STEP = "train/global_step"  # the x-axis of wandb's charts, as HF Trainer logs it
 PROJECT = "align"  # wandb's project, MLflow's experiment and Trackio's project, by default
 LOGS = "logs"  # TensorBoard's directory in the run directory
 MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
@@ -210,7 +210,12 @@ class TensorBoard(_Started, TensorBoardTracker):
 
 class WandB(_Started, WandBTracker):
     """wandb's run: its id kept in ``run.json``; quiet unless ``WANDB_QUIET``/``WANDB_SILENT``
-    says otherwise (offline, its three lines on where the run is saved remain)."""
+    says otherwise (offline, its three lines on where the run is saved remain).
+
+    Rows are plotted against align's step logged as the metric ``train/global_step`` (HF
+    Trainer's), not against wandb's own step: wandb drops a row whose own step does not
+    increase, and a resumed run logs again the steps a killed run logged after its checkpoint
+    (with the same values) and the evaluation owed at a stop step, which wandb then keeps."""
 
     def __init__(self, project: str, config: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(project, **kwargs)
@@ -222,7 +227,12 @@ class WandB(_Started, WandBTracker):
 
             self.init_kwargs.setdefault("settings", wandb.Settings(quiet=True))
         super().start()
+        self.run.define_metric(WANDB_STEP)
+        self.run.define_metric("*", step_metric=WANDB_STEP, step_sync=True)
         self.store_init_configuration(self.config)  # allow_val_change: a resume's new values
+
+    def log(self, values: dict[str, Any], step: int | None = None, **kwargs: Any) -> None:
+        self.run.log(values if step is None else {**values, WANDB_STEP: step}, **kwargs)
 
     def identity(self) -> dict[str, Any]:
         return {"project": self.run.project, "id": self.run.id}
