@@ -14,10 +14,8 @@ from align.errors import AlignError
 from align.options import TrainConfig
 from align.tools.chat import SAMPLING_OPTIONS
 
-from .options import _option_for
+from .options import option_for
 
-# The sampling flags are align run's on-policy options (their help, defaults and ranges).
-SAMPLING_FLAGS = SAMPLING_OPTIONS
 ALIASES = {"max_completion_length": "--max-new-tokens"}  # transformers' and LLaMA-Factory's name
 HELP = {"seed": "Seed for sampling (torch is seeded once, at the start)."}
 
@@ -25,7 +23,7 @@ HELP = {"seed": "Seed for sampling (torch is seeded once, at the start)."}
 def _run_flag(name: str) -> Any:
     """``align run``'s flag for the core option ``name``, with the help said for sampling here
     (not "On-policy objectives: …") and an alias where one is known."""
-    option = _option_for(name)(lambda: None).__click_params__[0]
+    option = option_for(name)(lambda: None).__click_params__[0]
     text = (option.help or "").removeprefix("On-policy objectives: ")
     if name in HELP:
         default = text.find(" [default:")
@@ -45,7 +43,7 @@ def model_options(func: Any) -> Any:
     """What ``align chat`` and ``align generate`` share: the model, sampling and loading."""
     decorators = [
         click.argument("run_or_model"),
-        *(_run_flag(name) for name in SAMPLING_FLAGS),
+        *(_run_flag(name) for name in SAMPLING_OPTIONS),
         click.option(
             "--precision",
             type=click.Choice(typing.get_args(TrainConfig.model_fields["precision"].annotation)),
@@ -66,7 +64,7 @@ def _prepare(run_or_model: str, options: dict[str, Any]) -> tuple[Any, Any, Any]
     loads; the source said on stderr."""
     from align.tools import chat as tools
 
-    settings = tools.sampling(**{name: options.pop(name) for name in SAMPLING_FLAGS})
+    settings = tools.sampling(**{name: options.pop(name) for name in SAMPLING_OPTIONS})
     source = tools.resolve_source(run_or_model)
     click.echo(f"Model: {source.note}", err=True)
     tokenizer = tools.load_tokenizer(source, bool(options["trust_remote_code"]))

@@ -78,9 +78,7 @@ def load_registry() -> Any:
     each plugin that failed to load (import, core version, registration, hooks) and why: every
     command says it, not only ``align plugins``."""
     registry = get_registry()
-    failed = [
-        p for p in registry.plugins.values() if p.errors and not registry.pm.is_registered(p.obj)
-    ]
+    failed = registry.not_loaded()
     if failed and os.environ.get("LOCAL_RANK", "0") == "0":
         for info in failed:
             more = f" (and {len(info.errors) - 1} more)" if len(info.errors) > 1 else ""
@@ -93,7 +91,9 @@ def load_registry() -> Any:
     return registry
 
 
-def _option_for(name: str) -> Any:
+def option_for(name: str) -> Any:
+    """``align run``'s click option for the core option ``name`` (its flag, type, help and
+    default), as a decorator."""
     field = TrainConfig.model_fields[name]
     flag = "--" + name.replace("_", "-")
     annotation = field.annotation
@@ -165,7 +165,7 @@ def _alias_option(name: str) -> Any:
 
 def run_options(func: Any) -> Any:
     for name in reversed(RUN_FLAGS):
-        func = _option_for(name)(func)
+        func = option_for(name)(func)
     for name in reversed(ALIASES):  # TRL's names, hidden: RunCommand's help lists them
         func = _alias_option(name)(func)
     return func

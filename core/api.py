@@ -178,12 +178,10 @@ def _process_state_kept() -> Iterator[None]:
 def load_registry() -> PluginRegistry:
     """The plugin registry; a warning names each plugin that failed to load."""
     registry = get_registry()
-    for info in registry.plugins.values():
-        if info.errors and not registry.pm.is_registered(info.obj):
-            warnings.warn(
-                f"plugin {info.label} ({info.module}) is not loaded: {info.errors[0]}",
-                stacklevel=3,
-            )
+    for info in registry.not_loaded():
+        warnings.warn(
+            f"plugin {info.label} ({info.module}) is not loaded: {info.errors[0]}", stacklevel=3
+        )
     return registry
 
 

@@ -129,6 +129,17 @@ def sft_rows() -> list[dict]:
     ]
 
 
+@pytest.fixture
+def sft_pairs(tmp_path, write_jsonl, sft_rows):
+    """A preference file (``pairs.jsonl``) of sft_rows: each completion chosen over a wrong
+    answer."""
+    rows = [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": f"It is {i}."}
+        for i, r in enumerate(sft_rows)
+    ]
+    return write_jsonl(tmp_path / "pairs.jsonl", rows)
+
+
 def _crash_copy(done: Path, target: Path, checkpoint_step: int, logged_up_to: int) -> None:
     """What a run killed after step ``logged_up_to`` leaves: ``done``'s directory without its
     final model and checkpoints after ``checkpoint_step``, its metrics cut there, status

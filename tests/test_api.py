@@ -342,17 +342,30 @@ def _handlers():
     return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
-def test_from_a_thread_no_handler_is_installed(model_dir, sft_rows, monkeypatch):
+def _before_each_step(monkeypatch, action):
+    """Run ``action(step_number)`` at the start of every training step; returns the original
+    ``Training.train_step`` (to put back)."""
     import align.loop.train as loop
 
-    during, results = [], []
     step = loop.Training.train_step
 
-    def watched(self, number):
-        during.append(_handlers())
+    def wrapped(self, number):
+        action(number)
         return step(self, number)
 
-    monkeypatch.setattr(loop.Training, "train_step", watched)
+    monkeypatch.setattr(loop.Training, "train_step", wrapped)
+    return step
+
+
+def _sigint_at_step_1(number):
+    if number == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_from_a_thread_no_handler_is_installed(model_dir, sft_rows, monkeypatch):
+
+    during, results = [], []
+    _before_each_step(monkeypatch, lambda _: during.append(_handlers()))
     before = _handlers()
     thread = threading.Thread(
         target=lambda: results.append(align.train("sft", model=model_dir, data=sft_rows, **TINY))
@@ -373,13 +386,7 @@ def test_handlers_are_restored_after_a_run_and_after_a_failure(model_dir, sft_ro
     previous = signal.signal(signal.SIGTERM, mine)
     try:
         during = []
-        step = loop.Training.train_step
-
-        def watched(self, number):
-            during.append(signal.getsignal(signal.SIGTERM))
-            return step(self, number)
-
-        monkeypatch.setattr(loop.Training, "train_step", watched)
+        _before_each_step(monkeypatch, lambda _: during.append(signal.getsignal(signal.SIGTERM)))
         before = _handlers()
         align.train("sft", model=model_dir, data=sft_rows, **TINY)
         assert during and all(h is not mine for h in during)  # the run's own, while it ran
@@ -401,14 +408,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_resume_finishes(model_dir, sft_rows,
     align.train raises RunStopped (no exit) saying how to resume; resume=True finishes it."""
     import align.loop.train as loop
 
-    step = loop.Training.train_step
-
-    def interrupted(self, number):
-        if number == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, number)
-
-    monkeypatch.setattr(loop.Training, "train_step", interrupted)
+    step = _before_each_step(monkeypatch, _sigint_at_step_1)
     before = _handlers()
     with pytest.raises(RunStopped, match=r"SIGINT: stopped after step 1 of 2") as stopped:
         align.train("sft", model=model_dir, data=sft_rows, output_dir="o", **TINY)
@@ -505,14 +505,7 @@ def test_a_model_object_run_resumes_exactly(model_dir, sft_rows, monkeypatch):
         return AutoModelForCausalLM.from_pretrained(model_dir)
 
     whole = align.train("sft", model=load(), data=sft_rows, output_dir="whole", **TINY)
-    step = loop.Training.train_step
-
-    def interrupted(self, number):
-        if number == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, number)
-
-    monkeypatch.setattr(loop.Training, "train_step", interrupted)
+    step = _before_each_step(monkeypatch, _sigint_at_step_1)
     with pytest.raises(RunStopped):
         align.train("sft", model=load(), data=sft_rows, output_dir="o", **TINY)
     monkeypatch.setattr(loop.Training, "train_step", step)

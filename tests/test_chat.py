@@ -19,7 +19,7 @@ import time
 
 import torch
 from click.testing import CliRunner
-from test_cli_errors import RUNNER  # runs command lines in one process, noting torch imports
+from test_cli_errors import run_in_one_process  # command lines in a fresh process, offline
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.cli import cli
@@ -299,17 +299,7 @@ def test_bad_arguments_are_named_before_torch_is_imported(tmp_path):
         (["chat", "x", "--top-k", "-1"], "--top-k: Input should be greater than or equal to 0"),
         (["generate", "x", "--prompt", "a", "-o", str(taken)], f"--output {taken} exists; pass"),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps([args for args, _ in cases])],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_in_one_process([args for args, _ in cases], tmp_path)
     for (args, message), (code, stderr) in zip(cases, report["results"], strict=True):
         assert code == 1 and message in stderr and "Traceback" not in stderr, (args, stderr)
     assert report["heavy"] == []

@@ -38,6 +38,22 @@ RUNNER = textwrap.dedent(
 )
 
 
+def run_in_one_process(commands, tmp_path):
+    """Run the command lines in one fresh process (offline, in ``tmp_path``):
+    ``{"results": [[exit code, stderr], …], "heavy": [torch/transformers if imported]}``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def test_argument_errors_come_before_torch_is_imported(tmp_path, write_jsonl, sft_rows):
     data = write_jsonl(tmp_path / "train.jsonl", sft_rows)
     model = tmp_path / "model"
@@ -63,17 +79,7 @@ def test_argument_errors_come_before_torch_is_imported(tmp_path, write_jsonl, sf
     ]
     commands = [["run", *args, *common] for args, _ in cases]
     commands.append(["inspect", "--model", str(model), "--data", "missing.jsonl"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, json.dumps(commands)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_in_one_process(commands, tmp_path)
     expected = [message for _, message in cases] + ["missing.jsonl: no such file or directory"]
     for command, result, message in zip(commands, report["results"], expected, strict=True):
         code, stderr = result

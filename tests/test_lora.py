@@ -37,15 +37,6 @@ def data(tmp_path, write_jsonl, sft_rows):
     return write_jsonl(tmp_path / "train.jsonl", sft_rows)
 
 
-@pytest.fixture
-def pairs(tmp_path, write_jsonl, sft_rows):
-    rows = [
-        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": f"It is {i}."}
-        for i, r in enumerate(sft_rows)
-    ]
-    return write_jsonl(tmp_path / "pairs.jsonl", rows)
-
-
 class KeepModel:
     """Keeps the model the loss saw, to inspect its weights after the run."""
 
@@ -124,7 +115,7 @@ def _policy(model_dir, adapter):
 
 @pytest.mark.parametrize("start_from_adapter", [False, True])
 def test_the_adapter_reference_after_three_updates(
-    tmp_path, model_dir, data, pairs, start_from_adapter
+    tmp_path, model_dir, data, sft_pairs, start_from_adapter
 ):
     """DPO with LoRA, four steps on the whole data set: the step-4 loss (after three updates)
     equals a per-example recomputation whose reference is the starting model, or the starting
@@ -146,7 +137,7 @@ def test_the_adapter_reference_after_three_updates(
         "--model",
         model_dir,
         "--data",
-        pairs,
+        sft_pairs,
         "--max-steps",
         4,
         "--batch-size",
@@ -162,7 +153,7 @@ def test_the_adapter_reference_after_three_updates(
     train = _rows(out)
     assert train[0]["loss"] == pytest.approx(0.693147, abs=1e-6)  # starts at its reference
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = _prepared("dpo", pairs, tokenizer)
+    examples = _prepared("dpo", sft_pairs, tokenizer)
     policy = _policy(model_dir, out / "checkpoints" / "step-3")
     loss, metrics = _independent_loss("dpo", policy, reference, examples)
     assert train[3]["loss"] == pytest.approx(loss, abs=1e-5)

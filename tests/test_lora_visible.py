@@ -13,15 +13,6 @@ from align.cli import cli
 from align.loop.describe import trainable_share
 
 
-@pytest.fixture
-def pairs(tmp_path, write_jsonl, sft_rows):
-    rows = [
-        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": f"It is {i}."}
-        for i, r in enumerate(sft_rows)
-    ]
-    return write_jsonl(tmp_path / "pairs.jsonl", rows)
-
-
 @pytest.mark.parametrize(
     "objective, title, folder, provider, saved",
     [
@@ -31,11 +22,11 @@ def pairs(tmp_path, write_jsonl, sft_rows):
     ],
 )
 def test_the_banner_summary_and_folder_name_what_is_trained(
-    tmp_path, monkeypatch, model_dir, sft_rows, write_jsonl, pairs,
+    tmp_path, monkeypatch, model_dir, sft_rows, write_jsonl, sft_pairs,
     objective, title, folder, provider, saved,
 ):  # fmt: skip
     monkeypatch.chdir(tmp_path)
-    data = pairs if "dpo" in objective else write_jsonl(tmp_path / "d.jsonl", sft_rows)
+    data = sft_pairs if "dpo" in objective else write_jsonl(tmp_path / "d.jsonl", sft_rows)
     keep = KeepModel()
     plugins.reset_registry(plugins.load_plugins(extra=[keep]))
     args = ["run", *objective, "--model", str(model_dir), "--data", str(data)]

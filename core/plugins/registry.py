@@ -474,6 +474,11 @@ class PluginRegistry:
         )
         return f"objective {name!r} is registered by both {labels}; uninstall one of them"
 
+    def not_loaded(self) -> list[Any]:
+        """The plugins that failed to load (import, core version, registration, hooks): their
+        hooks never run; each keeps its errors."""
+        return [p for p in self.plugins.values() if p.errors and not self.pm.is_registered(p.obj)]
+
     def objective_clashes(self) -> list[dict[str, Any]]:
         """Each objective name that several plugins register, as ``align objectives`` lists
         it: who registers it (``registered_by``: distribution and description) and the error
