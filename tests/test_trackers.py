@@ -352,3 +352,19 @@ def test_a_tracker_that_cannot_finish_leaves_the_run_completed(
         result.output
     )
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+def test_without_wandb_dir_wandb_writes_inside_the_run_directory(
+    stores, tmp_path, model_dir, write_jsonl, sft_rows, monkeypatch
+):
+    """wandb's default is ./wandb, wherever align was started; align points it at the run's
+    directory, the only place it writes."""
+    monkeypatch.delenv("WANDB_DIR")
+    started_in = tmp_path / "here"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    out = tmp_path / "run"
+    args = _args(tmp_path, model_dir, write_jsonl, sft_rows, "--max-steps", "1")
+    _run(*args, "--report-to", "wandb", "--output-dir", out)
+    assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert list(started_in.iterdir()) == []

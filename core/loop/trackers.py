@@ -17,7 +17,9 @@ each repeated step.
 
 Where a tracker keeps its data is its own setting, as with TRL: ``WANDB_DIR`` / ``WANDB_MODE``
 / ``WANDB_PROJECT``, ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``, ``TRACKIO_DIR`` /
-``TRACKIO_PROJECT``; the project (experiment) is ``align`` unless those say otherwise.
+``TRACKIO_PROJECT``; the project (experiment) is ``align`` unless those say otherwise. Without
+``WANDB_DIR``, wandb's local files go to the run directory's ``wandb/``, not to ``./wandb``
+wherever align was started.
 """
 
 from __future__ import annotations
@@ -117,6 +119,8 @@ def build(
         elif name == "wandb":
             project = before.get("project") or os.environ.get("WANDB_PROJECT") or PROJECT
             resumed = {"id": before["id"], "resume": "allow"} if before.get("id") else {}
+            if not os.environ.get("WANDB_DIR"):  # wandb's default: ./wandb, wherever align runs
+                resumed["dir"] = str(out)  # inside the run's directory instead
             trackers.append(WandB(project, config=config, name=run_name, **resumed))
         elif name == "mlflow":
             experiment = (
