@@ -46,6 +46,12 @@ class Given:
     tokenizer: Any = None
     data: dict[str, InMemoryData] = field(default_factory=dict)
 
+    def named(self, value: Any) -> Any:
+        """A split's option as messages name it: records in memory as Python does (``data``),
+        anything else as it is."""
+        found = self.data.get(value) if isinstance(value, str) else None
+        return found.label if found is not None else value
+
     def as_dict(self) -> dict[str, Any]:
         """What run.json's config records of them: each object's class and ``name_or_path``,
         each split's records as described (their content is in ``data``'s sha256)."""

@@ -587,3 +587,13 @@ def test_a_model_carrying_an_adapter_is_refused_a_second_one(model_dir, sft_rows
     first = align.train("lora-sft", model=model_dir, data=sft_rows, output_dir="one", **TINY)
     with pytest.raises(ConfigError, match="already carries a PEFT adapter"):
         align.train("sft", model=first.model, tokenizer=first.tokenizer, data=sft_rows, lora=True)
+
+
+def test_records_in_memory_are_named_as_python_names_them(sft_rows, capsys):
+    """The log and run.json call records in memory `data`, never the label they are held by."""
+    result = align.train("sft", model="demo", data=sft_rows, output_dir="named", max_steps=1)
+    err = capsys.readouterr().err
+    assert "Training the embedded demo model" in err and ") on data.\n" in err
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["data"]["train"]["path"] == "data"
+    assert "<in memory" not in (result.run_dir / "train.log").read_text()

@@ -236,7 +236,8 @@ class Training:
             self.runlog.mute()
         self.output = shared_output_dir(cfg, run_name(spec, self.registry), state)
         self.out, self.checkpoint = self.output.path, self.output.checkpoint
-        self.splits = {"train": cfg.data, "eval": cfg.eval_data}
+        named = spec.given.named  # records in memory as Python names them: data, eval_data
+        self.splits = {"train": named(cfg.data), "eval": named(cfg.eval_data)}
         self.sources = data_sources(cfg, spec.given.data)
         self.fingerprints = shared_fingerprints(self.sources, state, cfg.streaming)
         self.digests = {
@@ -293,7 +294,8 @@ class Training:
     def _read_data(self) -> None:
         """The tokenizer, then every split's examples (every record checked) and reports."""
         if self.used_demo:
-            self._log(f"Training the embedded demo model ({self.cfg.model}) on {self.cfg.data}.")
+            data = self.spec.given.named(self.cfg.data)
+            self._log(f"Training the embedded demo model ({self.cfg.model}) on {data}.")
         if self.spec.demo_note:
             self._log(self.spec.demo_note)
         self.tokenizer = load_tokenizer(self.cfg, self.spec.given.tokenizer)

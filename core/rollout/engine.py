@@ -34,13 +34,8 @@ class RolloutEngine:
         self.cfg, self.hooks, self.tokenizer = spec.config, hooks, tokenizer
         self.sampling = spec.objective.item.sampling(spec.options)
         self.generator = registry.generators[self.cfg.generator]
-        in_memory = spec.given.data  # align.train's records: named as Python names them
         self.rewards = {
-            split: RewardSet(
-                spec.rewards,
-                self.cfg,
-                in_memory[path].label if isinstance(path, str) and path in in_memory else path,
-            )
+            split: RewardSet(spec.rewards, self.cfg, spec.given.named(path))
             for split, path in (("train", self.cfg.data), ("eval", self.cfg.eval_data))
         }
         self.eos = eos_token_ids(model, tokenizer)
