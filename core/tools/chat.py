@@ -145,6 +145,16 @@ def _describe(path: Path) -> str:
 
 
 def _directory_source(path: Path, note: str) -> Source:
+    from ..model.loading import saved_sequence_classifier
+
+    classifier = saved_sequence_classifier(path)
+    if classifier is not None:
+        raise ConfigError(
+            f"{note} is a reward model ({classifier}): it scores text and cannot generate; "
+            "chat with or generate from a language model (the policy), and score completions "
+            "with the reward model (align run --reward model:PATH, or "
+            "AutoModelForSequenceClassification)"
+        )
     if (path / "adapter_config.json").is_file():
         from .merge import adapter_base
 
