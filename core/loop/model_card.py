@@ -136,8 +136,16 @@ def _reward_model_start(path: str, adapter: bool) -> list[str]:
         f"from {source} import {auto}",
         "from transformers import AutoTokenizer",
         "",
-        f'model = {auto}.from_pretrained("{path}")  # a reward model',
         f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        *(
+            [
+                f"model = {auto}.from_pretrained(  # the base model, adapted: a reward model",
+                f'    "{path}", num_labels=1, pad_token_id=tokenizer.pad_token_id',
+                ")",
+            ]
+            if adapter
+            else [f'model = {auto}.from_pretrained("{path}")  # a reward model']
+        ),
         'inputs = tokenizer("Hello, how are you?", return_tensors="pt")',
         "with torch.no_grad():",
         "    print(model(**inputs).logits[0, 0].item())  # the text's reward",
