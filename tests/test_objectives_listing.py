@@ -42,6 +42,7 @@ def test_a_clashing_objective_is_listed_with_its_clash():
     assert lines[start + 2].startswith("  align-plugin-sft: ")
     assert lines[start + 3] == "  clash-in-process: another sft"
     assert "dpo  (align-plugin-dpo)" in lines  # the others are listed as before
+    assert "reward-model  (align-plugin-reward-model)" in lines
 
 
 def test_a_clashing_objective_is_in_the_json_listing():
