@@ -252,3 +252,38 @@ def test_a_given_model_must_be_a_one_label_classifier():
     three = AutoModelForSequenceClassification.from_config(config)
     with pytest.raises(ConfigError, match="num_labels=3"):
         load_model(cfg, three, "sequence_classification", 0)
+
+
+def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, preference_data, monkeypatch):
+    """Stopped after step 2 of 5, ``--resume`` restores the adapter and the trained head (PEFT's
+    modules_to_save) and ends with the same metrics and weights as a run never stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    args = ["--objective", "reward-model", "--model", "demo", "--data", str(preference_data)]
+    args += ["--batch-size", "2", "--max-steps", "5", "--save-every", "2", "--lr", "1e-2", "--lora"]
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert _run(*args, "--output-dir", str(whole)).exit_code == 0
+    shutil.copytree(whole, stopped)  # what a run killed during step 3 leaves
+    shutil.rmtree(stopped / "final")
+    shutil.rmtree(stopped / "checkpoints" / "step-4")
+    rows = (stopped / "metrics.jsonl").read_text().splitlines()
+    (stopped / "metrics.jsonl").write_text(
+        "".join(r + "\n" for r in rows if json.loads(r)["step"] <= 2)
+    )
+    info = json.loads((stopped / "run.json").read_text())
+    (stopped / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    result = _run(*args, "--output-dir", str(stopped), "--resume")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "Resuming at step 2 of 5" in result.output
+    want = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (stopped / "metrics.jsonl").read_text().splitlines()]
+    assert got == [pytest.approx(row, abs=1e-6, rel=0) for row in want]
+    a = load_file(str(whole / "final" / "adapter_model.safetensors"))
+    b = load_file(str(stopped / "final" / "adapter_model.safetensors"))
+    assert any("score" in key for key in a) and a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
