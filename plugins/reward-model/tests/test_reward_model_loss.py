@@ -74,11 +74,32 @@ def test_without_margin_or_centring_the_loss_is_plain_bradley_terry():
     assert losses.tolist() == pytest.approx([_bt(1.0), _bt(-2.0)])
 
 
+@pytest.fixture
+def unfused_flex(monkeypatch):
+    """FlexAttention uncompiled (compiling it on the CPU is a long C++ build; the unfused
+    forward applies the same block mask), as tests/test_attention_masks.py runs it."""
+    import transformers.integrations.flex_attention as integration
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def unfused(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    def uncompiled_block_mask(*args, _compile=False, **kwargs):
+        return create_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", unfused)
+    monkeypatch.setattr(masking, "create_block_mask", uncompiled_block_mask)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("attention", ["sdpa", "flex_attention"])
 @pytest.mark.parametrize("pad_is_eos", [False, True])
-def test_packed_scores_equal_padded_ones(pad_is_eos):
+def test_packed_scores_equal_padded_ones(pad_is_eos, attention, unfused_flex):
     """Each sequence's score in a packed batch (shared prompts, several pairs per row) is its
     score alone in a padded row, also where the pad token is EOS (then the model scores the
-    last token before the trailing EOS, as its own pooling does)."""
+    last token before the trailing EOS, as its own pooling does); under the dense mask and
+    under FlexAttention's block mask (what a CUDA run packs with; its forward runs here)."""
     pad, eos = (2, 2) if pad_is_eos else (0, 2)
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -103,10 +124,13 @@ def test_packed_scores_equal_padded_ones(pad_is_eos):
         [(e[f"{s}_input_ids"], e[f"{s}_completion_mask"]) for s in ("chosen", "rejected")]
         for e in examples
     ]
-    packed = pack_in_order(groups, [[i, 3 + i] for i in range(3)], pad, row_tokens=64)
+    dense = attention == "sdpa"
+    slots = [[i, 3 + i] for i in range(3)]
+    packed = pack_in_order(groups, slots, pad, dense_mask=dense, row_tokens=64)
     assert packed["input_ids"].shape[0] == 1  # every pair in one row
     with torch.no_grad():
         want = align.sequence_scores(model, paired_batch(examples, pad))
+        model.set_attn_implementation(attention)
         got = align.sequence_scores(model, packed)
     assert torch.allclose(got, want, atol=1e-5, rtol=0)
     assert want.unique().numel() == 6
