@@ -228,8 +228,9 @@ class Training:
             raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
         if cfg.eval_deviation and spec.objective.item.model_class != "causal_lm":
             raise ConfigError(
-                f"--eval-deviation compares log-probs, which objective "
-                f"{spec.objective.item.name!r} (a {spec.objective.item.model_class} model) has not"
+                f"--eval-deviation compares the policy's log-probs with the reference's; "
+                f"objective {spec.objective.item.name!r} trains a "
+                f"{spec.objective.item.model_class.replace('_', ' ')} model, which has none"
             )
         if cfg.eval_deviation and not cfg.eval_data:
             raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")

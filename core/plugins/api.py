@@ -257,7 +257,8 @@ class Objective:
     ``"sequence_classification"`` (a reward model: ``AutoModelForSequenceClassification`` with
     ``num_labels=1``, ``config.pad_token_id`` set from the tokenizer, its new ``score`` head
     initialised by transformers after the run's seed, as TRL's ``RewardTrainer`` does; the loss
-    calls the model for ``logits``, one score per sequence). Such a policy has no log-probs:
+    reads one score per sequence through ``align.sequence_scores``, padded or packed). Such a
+    policy has no log-probs:
     no reference, no sampling, no ``--eval-deviation``; LoRA trains its head alongside the
     adapter (PEFT's ``SEQ_CLS``), and ``final/`` loads with
     ``AutoModelForSequenceClassification.from_pretrained``.

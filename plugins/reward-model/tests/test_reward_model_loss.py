@@ -254,7 +254,7 @@ def test_what_needs_log_probs_is_refused(tmp_path, preference_data, monkeypatch)
         "--output-dir", str(tmp_path / "run"),
     )  # fmt: skip
     assert result.exit_code != 0
-    assert "--eval-deviation compares log-probs" in result.output
+    assert "a sequence classification model, which has none" in result.output
     with pytest.raises(TypeError, match="has no log-probs"):
         align.Objective("x", "x", model_class="sequence_classification", needs_reference=True)
     with pytest.raises(TypeError, match="model_class must be one of"):
