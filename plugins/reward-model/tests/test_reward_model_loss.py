@@ -311,3 +311,19 @@ def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, preference_dat
     assert any("score" in key for key in a) and a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+
+
+def test_chat_refuses_a_reward_model_named_by_hub_id(tmp_path):
+    """A hub id is no directory to look into first: the loaded config's architecture says it."""
+    from align import demo
+    from align.errors import ConfigError
+    from align.tools.chat import Source, load
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=1,
+    )  # fmt: skip
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
+    source = Source(str(tmp_path), None, str(demo.demo_model_path()), "org/reward-model")
+    with pytest.raises(ConfigError, match="org/reward-model is a reward model"):
+        load(source)
