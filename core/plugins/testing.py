@@ -19,6 +19,9 @@ on padding-free batches; that importing the plugin module does not import torch;
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
 continued with ``--resume`` equals one that was not stopped.
 
+An objective whose ``model_class`` is ``sequence_classification`` gets that tiny model loaded as
+a one-label sequence classifier (a reward model), as ``align run`` loads it.
+
 A failure says what differs, with numbers: each loss term's sums and counts in the two cases
 compared and the batches' layouts (sequences, rows); for micro-batches, whether the counts add
 up, whether the values are the means of each call's units (a loss that returns a mean), or

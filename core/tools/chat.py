@@ -231,7 +231,7 @@ def load(
         )
     else:
         model = load_causal_lm(source.model, trust_remote_code, dtype=dtype)
-    saved_as = [a for a in model.config.architectures or [] if a.endswith("Classification")]
+    saved_as = [a for a in model.config.architectures or [] if a.endswith("SequenceClassification")]
     if saved_as:  # a hub id of a reward model: its config, read by from_pretrained, says so
         raise ConfigError(reward_model_refusal(source.note, saved_as[0]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
