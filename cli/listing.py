@@ -113,6 +113,7 @@ def objectives(as_json: bool) -> None:
                     "depends on options" if callable(obj.needs_reference) else obj.needs_reference
                 ),
                 "on_policy": obj.on_policy,
+                "model_class": obj.model_class,
                 "distribution": reg.plugin.label,
                 "status": "ok",
                 "options": _describe_options(obj.options),
@@ -137,6 +138,8 @@ def objectives(as_json: bool) -> None:
             click.echo("  uses reference log-probs with some options")
         if item["on_policy"]:
             click.echo("  on-policy: samples completions and learns from --reward functions")
+        if item["model_class"] == "sequence_classification":
+            click.echo("  trains a reward model: AutoModelForSequenceClassification, one score")
         for opt in item["options"]:
             click.echo(_option_line(opt["name"], opt))
     for item in presets:

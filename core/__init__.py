@@ -48,6 +48,7 @@ _LAZY = {
     "forward_logps": "model.logprobs",
     "token_logps": "model.logprobs",
     "TokenLogps": "model.logprobs",
+    "sequence_scores": "model.scores",
     "pack": "data.packing",
     "Reference": "reference",
     "MetricSums": "loop.metrics",

@@ -42,6 +42,8 @@ def test_a_clashing_objective_is_listed_with_its_clash():
     assert lines[start + 2].startswith("  align-plugin-sft: ")
     assert lines[start + 3] == "  clash-in-process: another sft"
     assert "dpo  (align-plugin-dpo)" in lines  # the others are listed as before
+    start = lines.index("reward-model  (align-plugin-reward-model)")
+    assert "  trains a reward model: AutoModelForSequenceClassification, one score" in lines[start:]
 
 
 def test_a_clashing_objective_is_in_the_json_listing():
@@ -56,6 +58,10 @@ def test_a_clashing_objective_is_in_the_json_listing():
     ]
     assert sft["registered_by"][1]["description"] == "another sft"
     assert listed["dpo"]["status"] == "ok" and listed["dpo"]["distribution"] == "align-plugin-dpo"
+    assert (listed["dpo"]["model_class"], listed["reward-model"]["model_class"]) == (
+        "causal_lm",
+        "sequence_classification",
+    )
 
 
 def test_without_a_clash_the_listing_exits_0_and_marks_every_objective_ok():

@@ -154,6 +154,8 @@ FSDP_CASES = {
     "ift-expected": ("prompt_completion", ["--objective", "ift", "--set", "prediction=expected"]),
     "orpo": ("preference", ["--objective", "orpo"]),
     "lora-dpo": ("preference", ["--objective", "dpo", "--lora", "--reference", "adapter"]),
+    "reward-model": ("preference", ["--objective", "reward-model"]),  # a sequence classifier
+    "lora-reward-model": ("preference", ["--objective", "reward-model", "--lora"]),
 }
 
 
@@ -175,7 +177,18 @@ def test_fsdp_equals_one_process_with_the_doubled_batch(
     _one_process(tmp_path, "one", [*common, "--batch-size", "4"], monkeypatch)
     one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3, 3]
-    _assert_same_metrics(one, two)
+    if case.endswith("reward-model"):
+        # Unbounded scores that swing by ~2 a step at this lr (grad norm ~12): the sum order's
+        # float differences reach ~1e-5 by step 3. Step 1 is equal to 1e-6; later rows to 1e-4.
+        # The evaluation's min/max are those of each micro-batch, and 5 eval records make
+        # other micro-batches on 2 processes of 2 than on 1 of 4: left out.
+        _assert_same_metrics(one[:1], two[:1])
+        for a, b in zip(one[1:], two[1:], strict=True):
+            batch_bound = {"eval_min_reward", "eval_max_reward"}
+            a, b = ({k: v for k, v in r.items() if k not in batch_bound} for r in (a, b))
+            assert a == pytest.approx(b, abs=1e-4, rel=1e-4), a["step"]
+    else:
+        _assert_same_metrics(one, two)
     info = _run_info(tmp_path / "two")
     assert info["engine"] == "FSDP2" and info["num_processes"] == 2
     # the probe ran (before sharding) and passed; IFT's batches are padded
@@ -183,10 +196,20 @@ def test_fsdp_equals_one_process_with_the_doubled_batch(
     if case in ("dpo", "lora-dpo"):
         assert info["reference"]["mode"] == ("adapter" if case == "lora-dpo" else "precomputed")
         assert one[-2]["rewards/margins"] != 0  # the policy moved away from the reference
-    if case == "lora-dpo":
+    if case.startswith("lora-"):
         assert (tmp_path / "two" / "final" / "adapter_model.safetensors").exists()
         assert not (tmp_path / "two" / "final" / "model.safetensors").exists()
-    _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final")
+    if case == "lora-reward-model":
+        # LoRA's A matrices get gradients near 0 while B is near 0, which Adam scales up to
+        # lr-sized steps whose sign float order decides: compared, the head trained in full.
+        one_head, two_head = (
+            _weights(tmp_path / name / "final")["base_model.model.score.weight"]
+            for name in ("one", "two")
+        )
+        assert torch.allclose(one_head, two_head, atol=LR / 100, rtol=0)
+    else:
+        atol = LR / 50 if case == "reward-model" else LR / 100  # its swings: 1 weight in 10⁶
+        _assert_same_weights(tmp_path / "one" / "final", tmp_path / "two" / "final", atol)
 
 
 def test_fsdp_run_stopped_by_sigterm_resumes_as_if_uninterrupted(tmp_path, model_dir, write_jsonl):

@@ -5,8 +5,9 @@ left out for a local directory or the demo, which are no hub ids, as TRL does),
 ``library_name`` (``transformers`` for a full model, ``peft`` for an adapter: what the hub loads
 it with), ``tags`` (``align``, the objective, ``lora`` for an adapter), ``datasets`` (the hub
 datasets trained or evaluated on), ``model_name`` (the run directory's name) and
-``pipeline_tag``. The body: how to load it, the objective, the final metrics, the versions of
-align, its plugins and the libraries, and the resolved config as YAML.
+``pipeline_tag`` (``text-classification`` for a reward model). The body: how to load it, the
+objective, the final metrics, the versions of align, its plugins and the libraries, and the
+resolved config as YAML.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def model_card(
     load_from: str,
     adapter: bool,
     preset: str | None = None,
+    model_class: str = "causal_lm",
 ) -> str:
     """The card's text. ``metrics``: the last training row (``train``) and evaluation row
     (``eval``) of metrics.jsonl; ``load_from``: the hub repository or directory the quick
@@ -76,7 +78,7 @@ def model_card(
         model_name=name,
         tags=tags,
         datasets=hub_datasets or None,
-        pipeline_tag="text-generation",
+        pipeline_tag="text-generation" if model_class == "causal_lm" else "text-classification",
     )
     kind = "a LoRA adapter" if adapter else "a model"
     start = f"`{model}`" if model else "align's demo model"
@@ -93,7 +95,7 @@ def model_card(
         "## Quick start",
         "",
         "```python",
-        *(_adapter_start(load_from) if adapter else _model_start(load_from)),
+        *_quick_start(load_from, adapter, model_class),
         "```",
         "",
         "## Training",
@@ -113,6 +115,41 @@ def model_card(
         "",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _quick_start(path: str, adapter: bool, model_class: str) -> list[str]:
+    if model_class == "sequence_classification":
+        return _reward_model_start(path, adapter)
+    return _adapter_start(path) if adapter else _model_start(path)
+
+
+def _reward_model_start(path: str, adapter: bool) -> list[str]:
+    """A reward model: one score per text (higher: preferred)."""
+    auto = (
+        "AutoPeftModelForSequenceClassification"
+        if adapter
+        else "AutoModelForSequenceClassification"
+    )
+    source = "peft" if adapter else "transformers"
+    return [
+        "import torch",
+        f"from {source} import {auto}",
+        "from transformers import AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{path}")',
+        *(
+            [
+                f"model = {auto}.from_pretrained(  # the base model, adapted: a reward model",
+                f'    "{path}", num_labels=1, pad_token_id=tokenizer.pad_token_id',
+                ")",
+            ]
+            if adapter
+            else [f'model = {auto}.from_pretrained("{path}")  # a reward model']
+        ),
+        'inputs = tokenizer("Hello, how are you?", return_tensors="pt")',
+        "with torch.no_grad():",
+        "    print(model(**inputs).logits[0, 0].item())  # the text's reward",
+    ]
 
 
 def _model_start(path: str) -> list[str]:

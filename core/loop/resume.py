@@ -522,12 +522,14 @@ def reference_state(info: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 # -- loading ----------------------------------------------------------------------------------
-def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = False) -> None:
+def restore_weights(
+    model: Any, checkpoint: Path, trust_remote_code: bool = False, model_class: str = "causal_lm"
+) -> None:
     """Load the checkpoint's weights into the model, before ``accelerator.prepare``: the full
     model, or for a PEFT model its trained adapter. Every key must match."""
     from safetensors.torch import load_file
 
-    from ..model.loading import load_causal_lm
+    from ..model.loading import load_pretrained
 
     if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -552,7 +554,9 @@ def restore_weights(model: Any, checkpoint: Path, trust_remote_code: bool = Fals
     if missing or unexpected:
         # Saved in another layout than the model holds in memory (transformers converts the
         # experts of mixture-of-experts models when saving): load it as from_pretrained does.
-        converted = load_causal_lm(str(checkpoint), trust_remote_code, role="checkpoint")
+        converted = load_pretrained(
+            str(checkpoint), trust_remote_code, model_class, role="checkpoint"
+        )
         missing, unexpected = _load_exactly(model, converted.state_dict())
         del converted
     if missing or unexpected:

@@ -25,7 +25,7 @@ import torch
 from .. import demo
 from ..config import RunSpec, check_model_and_data
 from ..errors import ConfigError
-from ..model.loading import load_causal_lm
+from ..model.loading import check_single_score, is_sequence_classifier, load_pretrained
 from . import resume, rundir
 from .rundir import RunLock
 
@@ -330,12 +330,21 @@ def load_tokenizer(cfg: Any, given: Any = None) -> Any:
     return tokenizer
 
 
-def load_model(cfg: Any, given: Any = None, **load_kwargs: Any) -> Any:
+def load_model(
+    cfg: Any,
+    given: Any = None,
+    model_class: str = "causal_lm",
+    pad_token_id: int | None = None,
+    **load_kwargs: Any,
+) -> Any:
     """Load through ``from_pretrained``: safetensors weights only, remote code only on request.
 
     ``load_kwargs`` come from plugin sections (a quantisation config, say). ``given``
     (``align.train(model=…)``): that model, trained in place as TRL's trainers do, nothing read
-    from disk; a section that must load the model its own way is refused for it."""
+    from disk; a section that must load the model its own way is refused for it.
+    ``model_class``: the objective's (``Objective.model_class``); a sequence classifier gets
+    ``config.pad_token_id`` (the tokenizer's ``pad_token_id``), by which it finds each
+    sequence's last token, as TRL's ``RewardTrainer`` sets it."""
     if given is not None:
         if load_kwargs:
             raise ConfigError(
@@ -344,8 +353,25 @@ def load_model(cfg: Any, given: Any = None, **load_kwargs: Any) -> Any:
                 "hub id, or load it with those settings yourself"
             )
         model = given
+        if model_class == "sequence_classification":
+            if not is_sequence_classifier(model):
+                raise ConfigError(
+                    f"the objective trains a sequence classifier (a reward model), but the "
+                    f"model given is a {type(model).__name__}: give a path, or an "
+                    "AutoModelForSequenceClassification with num_labels=1"
+                )
+            check_single_score(model, "the model given")
     else:
-        model = load_causal_lm(cfg.model, cfg.trust_remote_code, **load_kwargs)
+        if model_class == "sequence_classification":  # its new head: drawn from the run's seed
+            from transformers import set_seed
+
+            set_seed(cfg.seed)  # right before loading, as TRL's RewardTrainer does
+        model = load_pretrained(cfg.model, cfg.trust_remote_code, model_class, **load_kwargs)
+    if model_class == "sequence_classification" and pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+        if text is not None and text is not model.config:
+            text.pad_token_id = pad_token_id
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x

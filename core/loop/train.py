@@ -43,6 +43,7 @@ from ..model.head import decide_head, describe_head
 from ..model.loading import (
     PACKED_ATTENTION_ENV,
     packed_attention_implementation,
+    saved_sequence_classifier,
     switch_attention,
 )
 from ..model.probe import why_not_packable
@@ -225,6 +226,12 @@ class Training:
         cfg = spec.config
         if cfg.precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("precision fp16 needs a CUDA GPU; use bf16 on CPU")
+        if cfg.eval_deviation and spec.objective.item.model_class != "causal_lm":
+            raise ConfigError(
+                f"--eval-deviation compares the policy's log-probs with the reference's; "
+                f"objective {spec.objective.item.name!r} trains a "
+                f"{spec.objective.item.model_class.replace('_', ' ')} model, which has none"
+            )
         if cfg.eval_deviation and not cfg.eval_data:
             raise ConfigError("--eval-deviation is measured on the eval split: give --eval-data")
         cpu_processes_join()
@@ -336,7 +343,9 @@ class Training:
             if registered.item.load_kwargs is not None:
                 device = self.accelerator.device
                 load_kwargs.update(registered.item.load_kwargs(spec.sections[name], device))
-        model = load_model(cfg, spec.given.model, **load_kwargs)
+        model_class = spec.objective.item.model_class
+        pad = self.tokenizer.pad_token_id
+        model = load_model(cfg, spec.given.model, model_class, pad, **load_kwargs)
         self.starting_copy = copy_starting_model(spec, model)
         self.model = self.registry.chain_hook(
             "align_prepare_model",
@@ -350,8 +359,12 @@ class Training:
             zeroed = dropout.disable_dropout(self.model)
             if zeroed:
                 self.runlog.detail(f"disable_dropout: {zeroed} dropout probabilities set to 0")
-        reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards it
-        self.runlog.detail(describe_head(self.model) if reason is None else f"log-probs: {reason}")
+        if model_class == "sequence_classification" and spec.given.model is None:
+            self.runlog.detail(_score_head_note(cfg.model, cfg.seed))
+        if model_class == "causal_lm":  # a sequence classifier's head gives scores, no log-probs
+            reason = decide_head(self.model, "policy", self.accelerator)  # before FSDP shards
+            detail = describe_head(self.model) if reason is None else f"log-probs: {reason}"
+            self.runlog.detail(detail)
         self.parameters = parameter_counts(self.model)  # before FSDP or ZeRO-3 shards them
 
     def _choose_packed_attention(self) -> tuple[bool, bool]:
@@ -448,7 +461,12 @@ class Training:
             resume.check_reference(
                 self.trainer_state.get("reference"), resume.reference_state(self.reference_info)
             )
-            resume.restore_weights(self.model, self.checkpoint, self.cfg.trust_remote_code)
+            resume.restore_weights(
+                self.model,
+                self.checkpoint,
+                self.cfg.trust_remote_code,
+                self.spec.objective.item.model_class,
+            )
 
     def _set_up_batches_and_optimizer(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -899,6 +917,7 @@ class Training:
             metrics=self.metrics_log.last,
             steps=self.total_steps,
             load_from=cfg.push_to_hub or f"{self.out.name}/final",  # no home path in a card
+            model_class=objective.item.model_class,
         )
 
     def fail(self, exc: BaseException) -> BaseException:
@@ -995,6 +1014,18 @@ class Training:
 def _prompts_only(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """An on-policy objective's micro-batch before sampling: its prompts' token ids."""
     return {"prompt_input_ids": [e["prompt_input_ids"] for e in examples]}
+
+
+def _score_head_note(model: str, seed: int) -> str:
+    """The run log's line on a reward model's head: trained further, or new."""
+    if saved_sequence_classifier(model) is not None:
+        return f"score head: {model}'s own, trained further"
+    if not Path(model).is_dir():
+        return f"score head: {model}'s own if it has one, else new (seed {seed})"
+    return (
+        f"score head: new (hidden size → 1), drawn by transformers' initialisation with seed "
+        f"{seed}, as TRL's RewardTrainer leaves it; {model}'s output head is not used"
+    )
 
 
 def _adapter_note(info: dict[str, Any]) -> str:

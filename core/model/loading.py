@@ -3,12 +3,15 @@ code only when the user asked for it; and refusing at once a model that cannot b
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import os
 import socket
 import threading
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,18 +108,95 @@ def load_causal_lm(path: str, trust_remote_code: bool, role: str = "model", **ex
     """``AutoModelForCausalLM.from_pretrained``; a failure names the ``role`` and the path.
 
     ``extra`` adds or overrides ``from_pretrained`` arguments (``quantization_config``, …)."""
+    return load_pretrained(path, trust_remote_code, "causal_lm", role, **extra)
+
+
+def load_pretrained(
+    path: str, trust_remote_code: bool, model_class: str, role: str = "model", **extra: Any
+) -> Any:
+    """``from_pretrained`` of the auto class for an objective's ``model_class``: a causal LM, or
+    a sequence classifier with one label (a reward model; its ``score`` head, new when ``path``
+    holds a causal LM, is initialised by transformers from torch's seed, as TRL's
+    ``RewardTrainer`` leaves it). A failure names the ``role`` and the path."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = os.path.expanduser(path)
     check_model_source(path, role)
     kwargs = {"use_safetensors": True, "dtype": torch.float32, **extra}
+    auto: Any = AutoModelForCausalLM
+    quiet: Any = contextlib.nullcontext()
+    if model_class == "sequence_classification":
+        auto, kwargs = AutoModelForSequenceClassification, {"num_labels": 1, **kwargs}
+        quiet = _head_swap_unreported()
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, trust_remote_code=trust_remote_code, **kwargs
-        )
+        with quiet:
+            model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot load {role} {path!r}: {exc}") from None
+    if model_class == "sequence_classification":
+        check_single_score(model, f"{role} {path!r}")
+    return model
+
+
+@contextlib.contextmanager
+def _head_swap_unreported() -> Iterator[None]:
+    """Loading a causal LM as a sequence classifier leaves ``score.weight`` new and
+    ``lm_head`` unused, as intended: transformers' load report of the two is left out, as TRL's
+    ``RewardTrainer`` leaves it out (the run's log says the head is new instead)."""
+    from transformers.modeling_layers import GenericForSequenceClassification as generic
+
+    saved = {
+        name: getattr(generic, name, None)
+        for name in ("_keys_to_ignore_on_load_missing", "_keys_to_ignore_on_load_unexpected")
+    }
+    generic._keys_to_ignore_on_load_missing = [
+        *(saved["_keys_to_ignore_on_load_missing"] or []),
+        r"^score\.weight$",
+    ]
+    generic._keys_to_ignore_on_load_unexpected = [
+        *(saved["_keys_to_ignore_on_load_unexpected"] or []),
+        r"^lm_head\.",
+    ]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(generic, name, value)
+
+
+def is_sequence_classifier(model: Any) -> bool:
+    """Whether ``model`` (a PEFT wrapper's base included) is a sequence classifier."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForSequenceClassification")
+
+
+def check_single_score(model: Any, named: str) -> None:
+    """Refuse a sequence classifier that is not a reward model: one score per sequence."""
+    labels = getattr(model.config, "num_labels", None)
+    if labels != 1:
+        raise ConfigError(
+            f"{named} has num_labels={labels}; a reward model gives one score per sequence "
+            "(num_labels=1)"
+        )
+
+
+def saved_sequence_classifier(directory: Any) -> str | None:
+    """The architecture of a saved model or LoRA adapter directory when it is a sequence
+    classifier (a reward model, which scores text and cannot generate), else None (also for
+    a path that is no such directory, a hub id say)."""
+    folder = Path(directory)
+    try:
+        if (folder / "adapter_config.json").is_file():
+            adapter = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+            seq_cls = adapter.get("task_type") == "SEQ_CLS"
+            return "a LoRA adapter of task type SEQ_CLS" if seq_cls else None
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    names = config.get("architectures") or []
+    found = [a for a in names if isinstance(a, str) and a.endswith("ForSequenceClassification")]
+    return found[0] if found else None
 
 
 PACKED_ATTENTION_ENV = "ALIGN_PACKED_ATTENTION"  # forces the packed runs' attention ("sdpa", …)

@@ -1,4 +1,5 @@
-"""Whether a model gives packed batches the log-probs it gives padded ones: a probe forward."""
+"""Whether a model gives packed batches the log-probs (a sequence classifier: the scores) it
+gives padded ones: a probe forward."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from ..data.batching import sequence_batch
 from ..data.packing import pack
 from .attention import is_flash
 from .dropout import eval_mode
+from .loading import is_sequence_classifier
 from .logprobs import forward_logps
+from .scores import sequence_scores
 
 
 def why_not_packable(
@@ -56,19 +59,25 @@ def _why_not_packable(model: Any, role: str, shared_prompts: bool = True) -> str
     parameter = next(model.parameters())
     mixed = _flash_over_float32(model, parameter)
     autocast = torch.autocast(parameter.device.type, dtype=torch.bfloat16, enabled=mixed)
+    classifier = is_sequence_classifier(model)  # a reward model: scores, not log-probs
+
+    def scored(batch: dict) -> Any:
+        batch = {k: v.to(parameter.device) for k, v in batch.items()}
+        if classifier:
+            return sequence_scores(model, batch).float()
+        return forward_logps(model, batch).sums.float()
+
     try:
         with torch.no_grad(), eval_mode(model), autocast:
-            batches = [pack(groups, 0), sequence_batch(rows, 0)]
-            packed, padded = (
-                forward_logps(model, {k: v.to(parameter.device) for k, v in b.items()}).sums.float()
-                for b in batches
-            )
+            pad = (model.config.pad_token_id or 0) if classifier else 0  # its pooling's pad
+            packed, padded = (scored(b) for b in [pack(groups, pad), sequence_batch(rows, pad)])
     except Exception as exc:  # a model whose forward rejects the packed layout
         return f"the {role} rejects a packed batch ({type(exc).__name__}: {exc})"
     exact = parameter.dtype == torch.float32 and not mixed
     tolerance = 1e-4 if exact else 5e-2
     if not torch.allclose(packed, padded, rtol=0, atol=tolerance):
-        return f"the {role}'s log-probs of a packed batch differ from a padded one's"
+        what = "scores" if classifier else "log-probs"
+        return f"the {role}'s {what} of a packed batch differ from a padded one's"
     return None
 
 

@@ -221,6 +221,9 @@ class DataFormat:
         return next((need for need in self.detect if set(need) <= present), None)
 
 
+MODEL_CLASSES = ("causal_lm", "sequence_classification")  # what an objective's policy is
+
+
 @dataclass(frozen=True)
 class Objective:
     """A training objective, registered by a plugin through ``align_register_objectives``.
@@ -249,6 +252,16 @@ class Objective:
     for every prompt of a micro-batch the core samples ``num_generations`` completions from the
     current policy, scores them with the run's reward functions (``--reward``) and hands the
     loss a batch of rollouts (see :class:`Sampling` for its keys).
+    ``model_class`` says what the policy is: ``"causal_lm"`` (the default: loaded with
+    ``AutoModelForCausalLM``, its loss reads log-probs through ``align.forward_logps``) or
+    ``"sequence_classification"`` (a reward model: ``AutoModelForSequenceClassification`` with
+    ``num_labels=1``, ``config.pad_token_id`` set from the tokenizer, its new ``score`` head
+    initialised by transformers after the run's seed, as TRL's ``RewardTrainer`` does; the loss
+    reads one score per sequence through ``align.sequence_scores``, padded or packed). Such a
+    policy has no log-probs:
+    no reference, no sampling, no ``--eval-deviation``; LoRA trains its head alongside the
+    adapter (PEFT's ``SEQ_CLS``), and ``final/`` loads with
+    ``AutoModelForSequenceClassification.from_pretrained``.
     """
 
     name: str
@@ -261,6 +274,7 @@ class Objective:
     disable_dropout: bool = False
     fields: type[Fields] | None = None
     sampling: Callable[[Any], Sampling] | None = None
+    model_class: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     data_format: str | None = None  # replaced by shapes: refused with the way to write it
 
     def uses_reference(self, options: Any) -> bool:
@@ -287,6 +301,16 @@ class Objective:
             )
         if isinstance(self.shapes, str):
             object.__setattr__(self, "shapes", (self.shapes,))
+        if self.model_class not in MODEL_CLASSES:
+            raise TypeError(
+                f"objective {self.name!r}: model_class must be one of "
+                f"{', '.join(MODEL_CLASSES)}, not {self.model_class!r}"
+            )
+        if self.model_class != "causal_lm" and (self.sampling or self.needs_reference):
+            raise TypeError(
+                f"objective {self.name!r}: a {self.model_class} policy has no log-probs, so it "
+                "can neither sample completions nor be compared with a reference"
+            )
         if not self.shapes or not all(isinstance(s, str) and s for s in self.shapes):
             raise TypeError(f"objective {self.name!r}: shapes must be shape names")
         layouts = {SHAPES[s].batch if s in SHAPES else s for s in self.shapes}

@@ -19,6 +19,9 @@ on padding-free batches; that importing the plugin module does not import torch;
 ``align run`` that saves a model ``from_pretrained`` loads again; and that a run stopped and
 continued with ``--resume`` equals one that was not stopped.
 
+An objective whose ``model_class`` is ``sequence_classification`` gets that tiny model loaded as
+a one-label sequence classifier (a reward model), as ``align run`` loads it.
+
 A failure says what differs, with numbers: each loss term's sums and counts in the two cases
 compared and the batches' layouts (sequences, rows); for micro-batches, whether the counts add
 up, whether the values are the means of each call's units (a loss that returns a mean), or
@@ -372,6 +375,19 @@ def _explain_grouping(name: str, one: Any, parts: list[Any], per_example: list[A
     return "\n".join(lines)
 
 
+def _load_policy(path: Any, model_class: str, tokenizer: Any) -> Any:
+    """The policy as a run loads it: a causal LM, or a one-label sequence classifier (a reward
+    model) that knows the tokenizer's pad token."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if model_class == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 class ObjectiveConformance:
     """Subclass as ``TestSomething`` and set ``objective`` (and maybe ``plugin``, ``options``)."""
 
@@ -407,7 +423,7 @@ class ObjectiveConformance:
     ) -> SimpleNamespace:
         """The ``setup`` fixture's objects, with core options ``flags`` added to the run's."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from ..config import resolve
         from ..loop.data import build_examples, data_sources
@@ -442,7 +458,7 @@ class ObjectiveConformance:
         sources = data_sources(spec.config)
         examples, _, _ = build_examples(hooks, spec.config, sources["train"], "train")
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = _load_policy(model_dir, spec.objective.item.model_class, tokenizer)
         model = registry.chain_hook(
             "align_prepare_model",
             "model",
@@ -989,14 +1005,15 @@ class ObjectiveConformance:
     def test_a_two_step_run_saves_a_model_that_loads(
         self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any
     ) -> None:
-        from transformers import AutoModelForCausalLM
-
         monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))  # not the user's cache
         out = tmp_path / "run"
         self._align_run(setup, out, "--max-steps", "2")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2]
-        AutoModelForCausalLM.from_pretrained(out / "final")
+        model_class = setup.spec.objective.item.model_class
+        loaded = _load_policy(out / "final", model_class, setup.tokenizer)
+        if model_class == "sequence_classification":  # its pad token, saved: no help needed
+            assert loaded.config.pad_token_id == setup.tokenizer.pad_token_id
 
     def test_a_resumed_run_equals_an_uninterrupted_one(
         self, setup: SimpleNamespace, tmp_path: Path, monkeypatch: Any

@@ -145,6 +145,11 @@ def _describe(path: Path) -> str:
 
 
 def _directory_source(path: Path, note: str) -> Source:
+    from ..model.loading import saved_sequence_classifier
+
+    classifier = saved_sequence_classifier(path)
+    if classifier is not None:
+        raise ConfigError(reward_model_refusal(note, classifier))
     if (path / "adapter_config.json").is_file():
         from .merge import adapter_base
 
@@ -156,6 +161,14 @@ def _directory_source(path: Path, note: str) -> Source:
     raise ConfigError(
         f"{path} is neither an align run (run.json), a model directory (config.json) nor a LoRA "
         "adapter directory (adapter_config.json)"
+    )
+
+
+def reward_model_refusal(named: str, architecture: str) -> str:
+    return (
+        f"{named} is a reward model ({architecture}): it scores text and cannot generate; chat "
+        "with or generate from a language model (the policy), and score text with the reward "
+        "model (AutoModelForSequenceClassification)"
     )
 
 
@@ -218,6 +231,9 @@ def load(
         )
     else:
         model = load_causal_lm(source.model, trust_remote_code, dtype=dtype)
+    saved_as = [a for a in model.config.architectures or [] if a.endswith("SequenceClassification")]
+    if saved_as:  # a hub id of a reward model: its config, read by from_pretrained, says so
+        raise ConfigError(reward_model_refusal(source.note, saved_as[0]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return Loaded(model, tokenizer, source, device)

@@ -12,7 +12,7 @@ import torch
 from ..errors import ConfigError
 from ..loop.checkpoint import replace_dir
 from ..loop.resume import refused
-from ..model.loading import load_causal_lm
+from ..model.loading import is_sequence_classifier, load_pretrained, saved_sequence_classifier
 
 
 def _stored_dtype(base: str, trust_remote_code: bool) -> torch.dtype | None:
@@ -53,6 +53,8 @@ def merge_adapter(
         merged = merged.to(stored)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+    if is_sequence_classifier(merged) and merged.config.pad_token_id is None:
+        merged.config.pad_token_id = tokenizer.pad_token_id  # a reward model finds its last token
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +96,10 @@ def load_with_adapter(
     base = adapter_base(adapter, base)
     from peft import PeftModel
 
-    model = load_causal_lm(base, trust_remote_code, role="base model", **extra)
+    # A reward model's adapter (PEFT's SEQ_CLS, its score head saved with it) goes onto the
+    # base loaded as a one-label sequence classifier, which its head then replaces.
+    kind = "sequence_classification" if saved_sequence_classifier(adapter) else "causal_lm"
+    model = load_pretrained(base, trust_remote_code, kind, role="base model", **extra)
     try:
         return PeftModel.from_pretrained(model, str(adapter)), base
     except pickle.UnpicklingError:

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import align
+from align.model.loading import is_sequence_classifier
 from align.reference import REFERENCE_ADAPTER
 
 
-def lora_config(options: Any) -> Any:
+def lora_config(options: Any, task_type: str = "CAUSAL_LM") -> Any:
+    """PEFT's LoRA config. ``task_type`` ``SEQ_CLS`` (a reward model) makes PEFT train the
+    classifier head (``score``) in full alongside the adapter and save it with it."""
     from peft import LoraConfig
 
     return LoraConfig(
@@ -20,7 +23,7 @@ def lora_config(options: Any) -> Any:
         target_modules=options.target_modules,
         use_rslora=options.use_rslora,
         modules_to_save=options.modules_to_save or None,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
 
 
@@ -55,7 +58,8 @@ def add_adapter(model: Any, options: Any, config: Any) -> Any:
             ) from None
         model.set_adapter("default")
     else:
-        model = get_peft_model(model, lora_config(options))
+        task_type = "SEQ_CLS" if is_sequence_classifier(model) else "CAUSAL_LM"
+        model = get_peft_model(model, lora_config(options, task_type))
     if config.gradient_checkpointing:
         model.enable_input_require_grads()  # reentrant checkpointing needs a grad at the input
     return model
