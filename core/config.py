@@ -421,6 +421,14 @@ def _resolve_rewards(
 ) -> list[Any]:
     """The rewards a run chose (``--reward NAME[=WEIGHT]``), each with its validated options
     (``--set reward.NAME.KEY=VALUE``, or ``reward: {NAME: {KEY: VALUE}}`` in the file)."""
+    from .rollout.model_reward import LABEL as MODEL_LABEL
+    from .rollout.model_reward import (
+        MODEL_PREFIX,
+        NAME_RULE,
+        is_model_reward,
+        model_reward,
+        split_model_reward,
+    )
     from .rollout.rewards import ChosenReward
 
     file_options = file_values.get(REWARD_SECTION) or {}
@@ -450,31 +458,39 @@ def _resolve_rewards(
         )
     chosen: list[Any] = []
     for item in config.rewards:
-        name, sep, weight_text = item.partition("=")
-        name = name.strip()
-        weight = _reward_weight(item, weight_text, source) if sep else 1.0
-        if name not in registry.rewards:
-            raise ConfigError(
-                f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "
-                f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards)."
-                f"{_broken_hint(registry)}"
-            )
+        if is_model_reward(item):  # --reward model:PATH[=WEIGHT]
+            path, weight_text = split_model_reward(item)
+            weight = 1.0 if weight_text is None else _reward_weight(item, weight_text, source)
+            reward, label = model_reward(path, source), f"{MODEL_LABEL} {path}"
+        else:
+            name, sep, weight_text = item.partition("=")
+            name = name.strip()
+            weight = _reward_weight(item, weight_text, source) if sep else 1.0
+            if name not in registry.rewards:
+                raise ConfigError(
+                    f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "
+                    f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards), "
+                    f"or {MODEL_PREFIX}PATH for a reward model.{_broken_hint(registry)}"
+                )
+            registered = registry.rewards[name]
+            reward, label = registered.item, registered.plugin.label
+        name = reward.name
         if any(c.name == name for c in chosen):
-            raise ConfigError(f"{source}: reward {name!r} is given twice")
-        registered = registry.rewards[name]
+            named = f" ({NAME_RULE})" if is_model_reward(item) else ""
+            raise ConfigError(f"{source}: reward {name!r} is given twice{named}")
         values, value_sources = _merged(
             (_file_section(file_options, name, where_file), where_file),
             given_sets.get(name, ({}, {})),
         )
-        options = _validate(
-            registered.item.options, values, value_sources, f"options of reward {name!r}: "
-        )
-        chosen.append(ChosenReward(registered.item, weight, options, registered.plugin.label))
+        options = _validate(reward.options, values, value_sources, f"options of reward {name!r}: ")
+        chosen.append(ChosenReward(reward, weight, options, label))
     unused = [n for n in {*given_sets, *file_options} if n not in {c.name for c in chosen}]
     if unused:
+        models = [f"{c.name} ({c.label})" for c in chosen if c.label.startswith(MODEL_LABEL)]
+        named = f" (the run's reward models are named {', '.join(models)})" if models else ""
         raise ConfigError(
             f"options for reward {unused[0]!r}, which the run does not use: add --reward "
-            f"{unused[0]}"
+            f"{unused[0]}{named}"
         )
     return chosen
 
