@@ -252,6 +252,14 @@ def test_names_weights_and_options(reward_dir, other_reward_dir):
     assert reward_name("runs/rm/checkpoints/step-20") == "rm-step-20"
 
 
+def test_a_path_may_hold_an_equals_sign(reward_dir, tmp_path):
+    path = tmp_path / "lr=0.1"
+    shutil.copytree(reward_dir, path)
+    (alone,) = _resolve(f"model:{path}").rewards
+    (weighted,) = _resolve(f"model:{path}=3").rewards
+    assert (alone.name, alone.weight, weighted.name, weighted.weight) == ("lr=0.1", 1, "lr=0.1", 3)
+
+
 def test_a_config_files_reward_mapping_takes_a_model(reward_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -399,3 +407,11 @@ def test_align_train_takes_a_model_reward_with_a_function(reward_dir, tmp_path):
     assert row["reward"] == pytest.approx(
         2 * row["rewards/rm/mean"] + row["rewards/short/mean"], abs=1e-5
     )
+
+
+def test_align_rewards_lists_model_rewards():
+    text = CliRunner().invoke(cli, ["rewards"]).output
+    assert "model:PATH  (align-core)" in text
+    assert "--set reward.NAME.batch_size=<int>  (default 32)" in text
+    listed = json.loads(CliRunner().invoke(cli, ["rewards", "--json"]).output)["rewards"]
+    assert [r["options"][0]["name"] for r in listed if r["name"] == "model:PATH"] == ["batch_size"]
