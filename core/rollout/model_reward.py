@@ -194,9 +194,8 @@ class ModelReward:
             if tokenizer.eos_token is None:
                 raise ConfigError(f"{self.label}: its tokenizer has neither a pad nor an EOS token")
             tokenizer.pad_token = tokenizer.eos_token
-        # The head reads the last token that is not padding: it must know the padding id.
+        # The head reads the last token that is not padding: it must know the padding id (TRL).
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-        model.config.pad_token_id = tokenizer.pad_token_id
         self.max_length = _max_length(model.config, tokenizer)
         self.model = model.to(accelerator.device).eval().requires_grad_(False)
         self.tokenizer, self.autocast = tokenizer, accelerator.autocast
