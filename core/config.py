@@ -421,10 +421,10 @@ def _resolve_rewards(
 ) -> list[Any]:
     """The rewards a run chose (``--reward NAME[=WEIGHT]``), each with its validated options
     (``--set reward.NAME.KEY=VALUE``, or ``reward: {NAME: {KEY: VALUE}}`` in the file)."""
-    from .rollout.model_reward import LABEL as MODEL_LABEL
     from .rollout.model_reward import (
         MODEL_PREFIX,
         NAME_RULE,
+        ModelReward,
         is_model_reward,
         model_reward,
         split_model_reward,
@@ -461,7 +461,8 @@ def _resolve_rewards(
         if is_model_reward(item):  # --reward model:PATH[=WEIGHT]
             path, weight_text = split_model_reward(item)
             weight = 1.0 if weight_text is None else _reward_weight(item, weight_text, source)
-            reward, label = model_reward(path, source), f"{MODEL_LABEL} {path}"
+            reward = model_reward(path, source)
+            label = reward.function.label
         else:
             name, sep, weight_text = item.partition("=")
             name = name.strip()
@@ -475,8 +476,10 @@ def _resolve_rewards(
             registered = registry.rewards[name]
             reward, label = registered.item, registered.plugin.label
         name = reward.name
-        if any(c.name == name for c in chosen):
-            named = f" ({NAME_RULE})" if is_model_reward(item) else ""
+        same = [c for c in chosen if c.name == name]
+        if same:
+            models = [isinstance(r.function, ModelReward) for r in (reward, same[0].reward)]
+            named = f" ({NAME_RULE})" if any(models) else ""
             raise ConfigError(f"{source}: reward {name!r} is given twice{named}")
         values, value_sources = _merged(
             (_file_section(file_options, name, where_file), where_file),
@@ -486,7 +489,9 @@ def _resolve_rewards(
         chosen.append(ChosenReward(reward, weight, options, label))
     unused = [n for n in {*given_sets, *file_options} if n not in {c.name for c in chosen}]
     if unused:
-        models = [f"{c.name} ({c.label})" for c in chosen if c.label.startswith(MODEL_LABEL)]
+        models = [
+            f"{c.name} ({c.label})" for c in chosen if isinstance(c.reward.function, ModelReward)
+        ]
         named = f" (the run's reward models are named {', '.join(models)})" if models else ""
         raise ConfigError(
             f"options for reward {unused[0]!r}, which the run does not use: add --reward "

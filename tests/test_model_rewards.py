@@ -314,8 +314,8 @@ def test_a_causal_lm_without_architectures_is_refused_at_load(model_dir, tmp_pat
     shutil.copytree(model_dir, path)
     config = json.loads((path / "config.json").read_text())
     del config["architectures"]
-    (path / "config.json").write_text(json.dumps(config))
     config.pop("id2label", None)
+    (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="2 labels"):  # transformers' default of 2
         _resolve(f"model:{path}")
     config["num_labels"] = 1
@@ -328,6 +328,10 @@ def test_a_causal_lm_without_architectures_is_refused_at_load(model_dir, tmp_pat
 def test_names_and_options_are_checked(reward_dir, tmp_path, tokenizer):
     with pytest.raises(ConfigError, match="reward 'rm' is given twice .a reward model is named"):
         _resolve(f"model:{reward_dir}", f"model:{reward_dir}=2")
+    clash = tmp_path / "addition"
+    shutil.copytree(reward_dir, clash)
+    with pytest.raises(ConfigError, match="'addition' is given twice .a reward model is named"):
+        _resolve(f"model:{clash}", "addition")
     with pytest.raises(ConfigError, match="Did you mean 'batch_size'"):
         _resolve(f"model:{reward_dir}", sets=["reward.rm.batch_sise=2"])
     with pytest.raises(ConfigError, match=r"reward models are named rm \(reward model "):
