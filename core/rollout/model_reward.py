@@ -7,9 +7,9 @@ messages (``prompt + [assistant completion]``) through its chat template, plain 
 ``prompt + completion``; tokenized without special tokens (the template or the text carries
 them), padded on the right, and scored by ``logits[:, 0]`` in eval mode, without gradients,
 under the run's autocast, on the policy's device (every process scores its own completions), in
-batches of ``batch_size``. A text longer than the reward model's positions keeps its last ones
-(the completion, whose last token the head reads) and is counted in the run's log: TRL would
-pass it whole.
+batches of ``batch_size`` texts of similar lengths (the least padding). A text longer than the
+reward model's positions keeps its last ones (the completion, whose last token the head reads)
+and is counted in the run's log: TRL would pass it whole.
 
 Checked when the run is resolved, before torch loads anything: PATH is a directory with a
 ``config.json`` of a ``…ForSequenceClassification`` architecture with one label, safetensors
@@ -235,18 +235,22 @@ class ModelReward:
         if cut:
             ids = [x[-self.max_length :] for x in ids]
             self._report_cut(cut, len(ids))
-        scores: list[float] = []
+        scores = [0.0] * len(ids)
         device = next(self.model.parameters()).device
-        for start in range(0, len(ids), options.batch_size):
+        # Batches of similar lengths pad least; each text's score lands in its own place.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), options.batch_size):
+            chunk = order[start : start + options.batch_size]
             batch = self.tokenizer.pad(
-                {"input_ids": ids[start : start + options.batch_size]},
+                {"input_ids": [ids[i] for i in chunk]},
                 padding=True,
                 padding_side="right",
                 return_tensors="pt",
             ).to(device)
             with torch.inference_mode(), self.autocast():
                 logits = self.model(**batch).logits
-            scores.extend(logits[:, 0].float().tolist())
+            for i, score in zip(chunk, logits[:, 0].float().tolist(), strict=True):
+                scores[i] = score
         logging.getLogger(RUN_LOGGER).debug(
             f"reward {self.name!r}: {len(texts)} completions scored in "
             f"{time.perf_counter() - started:.3f}s"
