@@ -12,6 +12,7 @@ import click
 
 from align.plugins import PLUGINS_ENV, get_registry, install_hint
 from align.plugins.api import Preset
+from align.rollout.model_reward import MODEL_PREFIX, ModelRewardOptions
 
 from .options import load_registry
 
@@ -216,6 +217,20 @@ def formats(as_json: bool) -> None:
         click.echo(f"  feeds: {', '.join(item['objectives']) or 'no installed objective'}")
 
 
+def _model_reward() -> dict[str, Any]:
+    """``--reward model:PATH``: not a registration; one reward per reward model given, its
+    options set under its name (``reward.NAME.KEY``)."""
+    return {
+        "name": MODEL_PREFIX + "PATH",
+        "description": "a sequence-classification reward model's score of each prompt and "
+        "completion, read with its own tokenizer and chat template; named after PATH's "
+        "directory (RUN for an align run's RUN/final)",
+        "provided_by": "align-core",
+        "fields": [],
+        "options": _describe_options(ModelRewardOptions),
+    }
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def rewards(as_json: bool) -> None:
@@ -231,6 +246,7 @@ def rewards(as_json: bool) -> None:
         }
         for name, reg in sorted(registry.rewards.items())
     ]
+    data.append(_model_reward())
     generators = [
         {"name": name, "description": reg.item.description, "provided_by": reg.plugin.label}
         for name, reg in sorted(registry.generators.items())
@@ -243,8 +259,9 @@ def rewards(as_json: bool) -> None:
         click.echo(f"  {item['description']}")
         if item["fields"]:
             click.echo(f"  record fields: {', '.join(f['name'] for f in item['fields'])}")
+        name = "NAME" if item["name"] == MODEL_PREFIX + "PATH" else item["name"]
         for opt in item["options"]:
-            click.echo(_option_line(f"reward.{item['name']}.{opt['name']}", opt))
+            click.echo(_option_line(f"reward.{name}.{opt['name']}", opt))
     click.echo("generators (--generator):")
     for item in generators:
         click.echo(f"  {item['name']}  ({item['provided_by']}): {item['description']}")

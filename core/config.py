@@ -422,6 +422,14 @@ def _resolve_rewards(
 ) -> list[Any]:
     """The rewards a run chose (``--reward NAME[=WEIGHT]``), each with its validated options
     (``--set reward.NAME.KEY=VALUE``, or ``reward: {NAME: {KEY: VALUE}}`` in the file)."""
+    from .rollout.model_reward import (
+        MODEL_PREFIX,
+        NAME_RULE,
+        ModelReward,
+        is_model_reward,
+        model_reward,
+        split_model_reward,
+    )
     from .rollout.rewards import ChosenReward
 
     file_options = file_values.get(REWARD_SECTION) or {}
@@ -451,31 +459,44 @@ def _resolve_rewards(
         )
     chosen: list[Any] = []
     for item in config.rewards:
-        name, sep, weight_text = item.partition("=")
-        name = name.strip()
-        weight = _reward_weight(item, weight_text, source) if sep else 1.0
-        if name not in registry.rewards:
-            raise ConfigError(
-                f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "
-                f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards)."
-                f"{_broken_hint(registry)}"
-            )
-        if any(c.name == name for c in chosen):
-            raise ConfigError(f"{source}: reward {name!r} is given twice")
-        registered = registry.rewards[name]
+        if is_model_reward(item):  # --reward model:PATH[=WEIGHT]
+            path, weight_text = split_model_reward(item)
+            weight = 1.0 if weight_text is None else _reward_weight(item, weight_text, source)
+            reward = model_reward(path, source)
+            label = reward.function.label
+        else:
+            name, sep, weight_text = item.partition("=")
+            name = name.strip()
+            weight = _reward_weight(item, weight_text, source) if sep else 1.0
+            if name not in registry.rewards:
+                raise ConfigError(
+                    f"{source}: unknown reward {name!r}.{did_you_mean(name, registry.rewards)} "
+                    f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards), "
+                    f"or {MODEL_PREFIX}PATH for a reward model.{_broken_hint(registry)}"
+                )
+            registered = registry.rewards[name]
+            reward, label = registered.item, registered.plugin.label
+        name = reward.name
+        same = [c for c in chosen if c.name == name]
+        if same:
+            models = [isinstance(r.function, ModelReward) for r in (reward, same[0].reward)]
+            named = f" ({NAME_RULE})" if any(models) else ""
+            raise ConfigError(f"{source}: reward {name!r} is given twice{named}")
         values, value_sources = _merged(
             (_file_section(file_options, name, where_file), where_file),
             given_sets.get(name, ({}, {})),
         )
-        options = _validate(
-            registered.item.options, values, value_sources, f"options of reward {name!r}: "
-        )
-        chosen.append(ChosenReward(registered.item, weight, options, registered.plugin.label))
+        options = _validate(reward.options, values, value_sources, f"options of reward {name!r}: ")
+        chosen.append(ChosenReward(reward, weight, options, label))
     unused = [n for n in {*given_sets, *file_options} if n not in {c.name for c in chosen}]
     if unused:
+        models = [
+            f"{c.name} ({c.label})" for c in chosen if isinstance(c.reward.function, ModelReward)
+        ]
+        named = f" (the run's reward models are named {', '.join(models)})" if models else ""
         raise ConfigError(
             f"options for reward {unused[0]!r}, which the run does not use: add --reward "
-            f"{unused[0]}"
+            f"{unused[0]}{named}"
         )
     return chosen
 

@@ -182,7 +182,8 @@ class TrainConfig(Options):
         default_factory=list,
         description="On-policy objectives (grpo, online-dpo): reward functions, NAME or "
         "NAME=WEIGHT (weight 1 by default), summed with their weights (align rewards lists "
-        "them). Repeatable flag --reward; in YAML a list or a mapping NAME: WEIGHT.",
+        "them), or model:PATH[=WEIGHT] for a sequence-classification reward model's score. "
+        "Repeatable flag --reward; in YAML a list or a mapping NAME: WEIGHT.",
     )
     generator: str = Field(
         "transformers",

@@ -59,6 +59,7 @@ class RolloutEngine:
     ) -> list[dict[str, Any]]:
         """Sample, score and lay out every micro-batch of prompts; the objective's
         ``align_prepare_rollouts`` then sees them all. Round metrics go into ``metrics``."""
+        self.rewards[split].load_models(accelerator)  # reward models: at the first round
         batches = []
         for position, examples in enumerate(micro_batches):
             seed = round_seed(

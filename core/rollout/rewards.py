@@ -17,6 +17,7 @@ from pydantic import Field
 
 from ..errors import PluginError
 from ..plugins.api import Fields, Options, Reward
+from .model_reward import ModelReward
 
 # -- first-party rewards -----------------------------------------------------------------------
 
@@ -176,6 +177,13 @@ class RewardSet:
         self.chosen, self.config, self.data = chosen, config, data
         self.names = [c.name for c in chosen]
         self.weights = [c.weight for c in chosen]
+
+    def load_models(self, accelerator: Any) -> None:
+        """Load the run's reward models (``--reward model:PATH``) onto the policy's device,
+        once: a model already loaded is kept."""
+        for c in self.chosen:
+            if isinstance(c.reward.function, ModelReward):
+                c.reward.function.load(self.config, accelerator)
 
     def field_names(self) -> list[str]:
         from ..data.fields import column_names
