@@ -12,7 +12,7 @@ class TestRLOOConformance(ObjectiveConformance):
     options = {"num_generations": 2}
 
 
-class TestRLOOReusedNormalisedMaskedConformance(ObjectiveConformance):
+class TestRLOOReusedClippedNormalisedConformance(ObjectiveConformance):
     objective = "rloo"
     options = {
         "num_generations": 3,
