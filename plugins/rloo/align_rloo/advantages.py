@@ -2,7 +2,7 @@
 ``RLOOTrainer._generate_and_score_completions`` computes them.
 
 For the k completions ``y_1..y_k`` of a prompt ``x``, each with reward ``r_i`` (the weighted sum
-of the reward functions, ``batch["rewards"]``), RLOO (Ahmadian et al. 2024, §3.2, eq. 6)
+of the reward functions, ``batch["rewards"]``), RLOO (Ahmadian et al. 2024, arXiv 2402.14740)
 estimates the policy gradient with each sample's own baseline, the mean reward of the others::
 
     1/k Σ_i [ R(y_i, x) − 1/(k−1) Σ_{j≠i} R(y_j, x) ] ∇ log π(y_i | x)

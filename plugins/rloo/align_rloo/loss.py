@@ -1,7 +1,7 @@
 """The RLOO loss on a rollout batch, as TRL 1.16's ``RLOOTrainer._compute_loss``: REINFORCE with
 the leave-one-out advantages of ``align_rloo.advantages``, the whole completion one action.
 
-RLOO (Ahmadian et al. 2024, arXiv 2402.14740, §3) estimates the gradient of the expected
+RLOO (Ahmadian et al. 2024, arXiv 2402.14740) estimates the gradient of the expected
 KL-shaped reward with k samples per prompt, each baselined by the others::
 
     ∇J(θ) ≈ 1/k Σ_i [ R(y_i, x) − 1/(k−1) Σ_{j≠i} R(y_j, x) ] ∇ log π_θ(y_i | x)

@@ -1,5 +1,5 @@
 """The leave-one-out advantages against a hand computation of the paper's estimator (Ahmadian
-et al. 2024, §3: each sample's baseline is the mean reward of the other k − 1), the order of
+et al. 2024: each sample's baseline is the mean reward of the other k − 1), the order of
 TRL's reward shaping (clip, then the β-weighted sequence KL, then the baseline), the
 normalisation over a round spread over two processes, and the options' validation."""
 
