@@ -37,6 +37,7 @@ FIRST_PARTY_OBJECTIVES = {
     "orpo": "align-plugin-orpo",
     "grpo": "align-plugin-grpo",
     "online-dpo": "align-plugin-online-dpo",
+    "rloo": "align-plugin-rloo",
     "minorsft": "align-plugin-minorsft",
     "ift": "align-plugin-ift",
 }
