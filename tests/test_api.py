@@ -597,3 +597,23 @@ def test_records_in_memory_are_named_as_python_names_them(sft_rows, capsys):
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["data"]["train"]["path"] == "data"
     assert "<in memory" not in (result.run_dir / "train.log").read_text()
+
+
+def test_held_out_reward_is_the_mean_over_every_completion_not_of_batch_means(model_dir):
+    """Eval rounds of unequal size (3 held-out prompts in micro-batches of 2 and 1) count by
+    their completions: a mean of the two batch means would give 0.5 here, not 1/3."""
+
+    def third_prompt_only(completions, answer: list[int], **kwargs):
+        return [float(a == 7) for a in answer]
+
+    held_out = [dict(p, answer=a) for p, a in zip(PROMPTS, (1, 2, 7), strict=False)]
+    result = align.train(
+        "grpo",
+        model=model_dir,
+        data=PROMPTS,
+        eval_data=held_out,
+        rewards=[third_prompt_only],
+        **{**GRPO, "batch_size": 2},
+    )
+    assert result.metrics["eval_reward"] == pytest.approx(1 / 3)
+    assert result.metrics["eval_rewards/third_prompt_only/mean"] == pytest.approx(1 / 3)

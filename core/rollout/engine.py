@@ -171,8 +171,12 @@ class RolloutEngine:
         for name in names:
             values[f"rewards/{name}/mean"] = statistics.fmean(local[name])
             values[f"rewards/{name}/std"] = _std(local[name])
-        for name, value in values.items():  # every process the same value: the mean is it
-            metrics.add(name, torch.tensor(value, dtype=torch.float64), 1)
+        # Every process adds the same value, weighted by the round's completions: rounds of
+        # unequal size (an eval split's last micro-batch) then count by their completions, so
+        # eval_reward is the mean over every held-out completion, not a mean of batch means.
+        count = len(rewards)  # on every process: rewards were gathered above
+        for name, value in values.items():
+            metrics.add(name, torch.tensor(value * count, dtype=torch.float64), count)
 
 
 def _std(values: list[float]) -> float:
