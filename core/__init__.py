@@ -48,6 +48,8 @@ _LAZY = {
     "forward_logps": "model.logprobs",
     "token_logps": "model.logprobs",
     "TokenLogps": "model.logprobs",
+    "forward_hidden": "model.logprobs",
+    "Teacher": "reference.teacher",
     "pack": "data.packing",
     "Reference": "reference",
     "MetricSums": "loop.metrics",

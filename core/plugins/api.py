@@ -248,7 +248,12 @@ class Objective:
     :class:`Sampling`. Its shape is ``prompt_only``: groups without answers;
     for every prompt of a micro-batch the core samples ``num_generations`` completions from the
     current policy, scores them with the run's reward functions (``--reward``) and hands the
-    loss a batch of rollouts (see :class:`Sampling` for its keys).
+    loss a batch of rollouts (see :class:`Sampling` for its keys). An objective whose
+    :class:`Sampling` has ``on_policy_share`` below 1 also trains on its data's own completions
+    (shapes ``prompt_completion``/``conversation``; ``prompt_only`` data only at a share of 1).
+    ``needs_teacher`` asks the core for a frozen teacher model (``--teacher PATH``), handed to
+    the loss hook as ``teacher`` (an ``align.Teacher``); a run of such an objective without
+    ``--teacher`` is refused, and ``--teacher`` for any other objective too.
     """
 
     name: str
@@ -261,6 +266,7 @@ class Objective:
     disable_dropout: bool = False
     fields: type[Fields] | None = None
     sampling: Callable[[Any], Sampling] | None = None
+    needs_teacher: bool = False
     data_format: str | None = None  # replaced by shapes: refused with the way to write it
 
     def uses_reference(self, options: Any) -> bool:
@@ -403,6 +409,15 @@ class Sampling:
     ``num_generations``: completions sampled for each prompt (a group). ``reuse``: optimizer
     steps trained on one round of rollouts (GRPO's ``num_iterations``, μ): the round is sampled
     at the first of them, and each epoch counts ``reuse`` steps per micro-batch group.
+    ``rewards``: whether the loss learns from rewards (GRPO, online DPO); with False (on-policy
+    distillation) ``--reward`` is optional and, when given, only scored and logged.
+    ``on_policy_share``: the share of rounds sampled from the policy (GKD's λ). Each round is
+    on-policy or not by a draw seeded from the run's seed and the round's index (a resumed run
+    draws the same); a round that is not trains on the data's own completions, as they are
+    (the record's sequence, trained where the data format trains it), and a round that is
+    samples after the record's prompt: all of the sequence before its last trained span (a
+    conversation's turns before its last assistant turn), or a ``prompt_only`` record's prompt.
+    Below 1 the data must have completions (``prompt_completion`` or ``conversation``).
 
     A rollout batch (what ``align_prepare_rollouts``, ``align_loss_counts`` and
     ``align_compute_loss`` get) has one sequence per completion, prompt by prompt (prompt 0's
@@ -410,14 +425,19 @@ class Sampling:
     ``completion_mask`` = 1 on the completion's tokens) or the packed one (``align.packing``,
     each prompt computed once for its group), read through ``align.forward_logps``; and per
     sequence: ``group`` (long: the prompt's index in the micro-batch), ``rewards`` (float: the
-    weighted sum of the reward functions), ``rewards/<name>`` (float: each function's value),
-    ``truncated`` (bool: no EOS within ``max_completion_length``) and ``completion_lengths``
-    (long). ``completions`` and ``prompts`` hold the decoded text (or messages) per sequence,
-    and the objective's extra fields are one value per prompt.
+    weighted sum of the reward functions), ``rewards/<name>`` (float: each function's value;
+    both absent when the run has no rewards), ``truncated`` (bool: no EOS within
+    ``max_completion_length``) and ``completion_lengths`` (long). ``completions`` and
+    ``prompts`` hold the decoded text (or messages) per sequence, and the objective's extra
+    fields are one value per prompt. A round on the data's completions
+    (``on_policy_share`` < 1) hands the loss the data's own batches instead, with
+    ``on_policy`` False in ``batch["on_policy"]`` (True in a rollout batch).
     """
 
     num_generations: int
     reuse: int = 1
+    rewards: bool = True
+    on_policy_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.num_generations, int) and self.num_generations >= 1):
@@ -426,6 +446,9 @@ class Sampling:
             )
         if not (isinstance(self.reuse, int) and self.reuse >= 1):
             raise ValueError(f"reuse must be a positive integer, got {self.reuse!r}")
+        share = self.on_policy_share
+        if isinstance(share, bool) or not (isinstance(share, int | float) and 0 <= share <= 1):
+            raise ValueError(f"on_policy_share must be a number in [0, 1], got {share!r}")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from ..errors import PluginError
 from ..plugins.api import GenerationRequest
 from .batch import add_fields, add_rewards, rollout_batch
 from .generate import eos_token_ids, round_seed, sampling_context
+from .mixed import sampling_prompt
 from .rewards import RewardSet
 
 
@@ -82,7 +83,7 @@ class RolloutEngine:
             request = GenerationRequest(
                 model=policy,
                 tokenizer=self.tokenizer,
-                prompts=[list(e["prompt_input_ids"]) for e in examples],
+                prompts=[sampling_prompt(e) for e in examples],
                 num_generations=g,
                 max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature,
@@ -128,10 +129,13 @@ class RolloutEngine:
             name: [e[name] for e in examples for _ in range(g)] for name in rewards.field_names()
         }
         records = [str(e.get("record", f"example {e.get('index')}")) for e in examples]
-        values = rewards.score(
-            prompts, decoded, completions, fields, [r for r in records for _ in range(g)]
-        )
+        values = []
+        if rewards.names:  # an objective without rewards (distill) may have none
+            values = rewards.score(
+                prompts, decoded, completions, fields, [r for r in records for _ in range(g)]
+            )
         add_rewards(batch, rewards.names, rewards.weights, values)
+        batch["on_policy"] = True
         add_fields(batch, examples, self.hooks.field_names)
         batch["completions"], batch["prompts"] = decoded, prompts
         from accelerate.utils import send_to_device
@@ -144,7 +148,7 @@ class RolloutEngine:
 
         names = self.rewards["train"].names
         local = {
-            "rewards": [v for b in batches for v in b["rewards"].tolist()],
+            "rewards": [v for b in batches if names for v in b["rewards"].tolist()],
             "lengths": [v for b in batches for v in b["completion_lengths"].tolist()],
             "truncated": [v for b in batches for v in b["truncated"].tolist()],
             **{n: [v for b in batches for v in b[f"rewards/{n}"].tolist()] for n in names},
@@ -154,9 +158,10 @@ class RolloutEngine:
             local = {k: [v for part in gathered for v in part[k]] for k in local}
         rewards, lengths = local["rewards"], local["lengths"]
         terminated = [n for n, t in zip(lengths, local["truncated"], strict=True) if not t]
-        values = {
-            "reward": statistics.fmean(rewards),
-            "reward_std": _std(rewards),
+        values = (
+            {} if not names else {"reward": statistics.fmean(rewards), "reward_std": _std(rewards)}
+        )
+        values |= {
             "completions/mean_length": statistics.fmean(lengths),
             "completions/min_length": float(min(lengths)),
             "completions/max_length": float(max(lengths)),
