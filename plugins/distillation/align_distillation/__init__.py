@@ -43,7 +43,7 @@ def align_register_objectives(register):
             description="On-policy distillation from a teacher model (--teacher): the "
             "generalised JSD to the teacher at every completion token, on the student's own "
             "samples, the data's completions, or a mix (GKD's lmbda).",
-            shapes=("prompt_completion", "conversation", "prompt_only"),
+            shapes=("prompt_only", "prompt_completion", "conversation"),
             options=DistillOptions,
             sampling=lambda options: align.Sampling(
                 1, rewards=False, on_policy_share=options.lmbda
