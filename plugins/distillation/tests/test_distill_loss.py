@@ -10,14 +10,14 @@ import warnings
 
 import pytest
 import torch
-from conftest import trl_jsd
+from align_distillation import DistillOptions
+from align_distillation.loss import distill_loss, trained_positions
+from distill_helpers import trl_jsd
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import align
 from align.reference.teacher import Teacher
 from align.rollout.batch import rollout_batch
-from align_distillation import DistillOptions
-from align_distillation.loss import distill_loss, trained_positions
 
 PROMPTS = ["What is 2 + 3?", "What is 17 + 25?"]
 COMPLETIONS = ["2 + 3 = 5.", "5.", "17 + 25 = 42.", "It is 41"]  # two per prompt
