@@ -37,6 +37,7 @@ FIRST_PARTY_OBJECTIVES = {
     "orpo": "align-plugin-orpo",
     "grpo": "align-plugin-grpo",
     "online-dpo": "align-plugin-online-dpo",
+    "distill": "align-plugin-distillation",
     "minorsft": "align-plugin-minorsft",
     "ift": "align-plugin-ift",
 }
