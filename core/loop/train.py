@@ -28,7 +28,7 @@ import torch
 
 from ..config import RunSpec
 from ..console import RUN_LOGGER
-from ..data.batching import is_packed_batch, sequence_prefixes
+from ..data.batching import count_sequence_tokens, is_packed_batch, sequence_prefixes
 from ..data.build import Built
 from ..data.examples import DataReport
 from ..data.packing import set_default_layout
@@ -740,10 +740,9 @@ class Training:
             on_policy = round_on_policy(self.cfg.seed, (step - 1) // self.reuse, self.share)
             sums.add("on_policy", torch.tensor(float(on_policy), dtype=torch.float64), 1)
             if not on_policy:
-                return [
-                    (indices, self._data_batch(part))
-                    for (indices, _), part in zip(group, prompts, strict=True)
-                ]
+                batches = [self._data_batch(part) for part in prompts]
+                sums.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
+                return [(indices, b) for (indices, _), b in zip(group, batches, strict=True)]
         batches = self.rollouts.round(
             self.model,
             prompts,

@@ -1,12 +1,10 @@
 """Fixtures of the distillation plugin's tests: the demo model as the student and a teacher of
-another width beside it (one tokenizer); importing ``distill_helpers`` puts the full-logits
-stand-in for the divergence kernel in place until the real one is installed."""
+another width beside it (one tokenizer)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import distill_helpers  # noqa: F401 - installs the stand-in kernel where the real one is missing
 import pytest
 
 

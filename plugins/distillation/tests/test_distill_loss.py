@@ -12,12 +12,23 @@ import pytest
 import torch
 from align_distillation import DistillOptions
 from align_distillation.loss import distill_loss, trained_positions
-from distill_helpers import trl_jsd
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import align
 from align.reference.teacher import Teacher
 from align.rollout.batch import rollout_batch
+
+
+def trl_jsd(student_logits, teacher_logits, beta: float, temperature: float = 1.0):
+    """TRL 1.16's generalised JSD per position (summed over the vocabulary), full logits."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental warns that it is experimental
+        from trl.experimental.gkd import GKDTrainer
+    per_element = GKDTrainer.generalized_jsd_loss(
+        student_logits, teacher_logits, beta=beta, temperature=temperature, reduction="none"
+    )
+    return per_element.sum(-1)
+
 
 PROMPTS = ["What is 2 + 3?", "What is 17 + 25?"]
 COMPLETIONS = ["2 + 3 = 5.", "5.", "17 + 25 = 42.", "It is 41"]  # two per prompt

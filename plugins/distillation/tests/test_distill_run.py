@@ -64,13 +64,17 @@ def _train(student_dir, teacher_dir, data, **extra):
 
 def test_lmbda_0_trains_on_the_datas_completions(student_dir, teacher_dir, seen):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    _train(student_dir, teacher_dir, PAIRS, lmbda=0.0, max_steps=3)
+    result = _train(student_dir, teacher_dir, PAIRS, lmbda=0.0, max_steps=3)
     data = [
         tokenizer(p["prompt"])["input_ids"]
         + tokenizer(p["completion"], add_special_tokens=False)["input_ids"]
         for p in PAIRS
     ]
     assert len(seen) == 3 and not any(on for on, _ in seen)
+    rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    read = sum(len(row) for _, rows_ in seen for row in rows_)
+    assert rows[-1]["num_tokens"] == read  # TRL's num_tokens: every sequence's tokens
+    assert [r["on_policy"] for r in rows] == [0.0, 0.0, 0.0]
     for _, rows in seen:
         for row in rows:  # the record's own sequence (its EOS, if the template adds one, after)
             assert any(row[: len(d)] == d for d in data), row
