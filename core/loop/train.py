@@ -36,7 +36,7 @@ from ..data.sharding import ShardedBatches
 from ..data.sources import mixture_fingerprint
 from ..data.store import Examples
 from ..data.streaming import StreamPosition
-from ..errors import AlignError, ConfigError
+from ..errors import AlignError, ConfigError, PluginError
 from ..model import dropout
 from ..model.attention import attention_implementation, packing_options
 from ..model.head import decide_head, describe_head
@@ -278,11 +278,17 @@ class Training:
         objective = spec.objective.item
         if self.deepspeed:
             zero.configure(self.accelerator, self.cfg, objective.on_policy)
-        if objective.on_policy and not spec.rewards and objective.sampling(spec.options).rewards:
+        sampling = objective.sampling(spec.options) if objective.on_policy else None
+        if sampling is not None and sampling.rewards and not spec.rewards:
             names = ", ".join(sorted(self.registry.rewards))
             raise ConfigError(
                 f"objective {objective.name!r} learns from rewards of its own samples: give "
                 f"--reward NAME[=WEIGHT] (registered: {names}; align rewards describes them)"
+            )
+        if sampling is not None and sampling.teacher_samples and not objective.needs_teacher:
+            raise PluginError(
+                f"objective {objective.name!r}: Sampling(teacher_samples=True) samples from a "
+                "teacher, and the objective declares none (Objective(needs_teacher=True))"
             )
         if objective.on_policy and self.fsdp:
             raise ConfigError(
@@ -731,18 +737,21 @@ class Training:
     def _sample_round(
         self, group: list[tuple[list[int], Any]], step: int, sums: MetricSums
     ) -> list[tuple[list[int], dict[str, Any]]]:
-        """Rollouts for the prompts of one group of micro-batches (round ``(step-1)//reuse``);
-        or, for an objective that samples a share of its rounds only (``on_policy_share``), the
-        data's own batches in a round the draw gives to the data."""
+        """Rollouts for the prompts of one group of micro-batches (round ``(step-1)//reuse``).
+        An objective that samples a share of its rounds only (``on_policy_share``) trains the
+        others on the data's own batches, or on the teacher's samples (``teacher_samples``)."""
         examples = self.examples["train"]
         prompts = [[examples[i] for i in indices] for indices, _ in group]
+        sampler = None  # the policy
         if self.share < 1:
             on_policy = round_on_policy(self.cfg.seed, (step - 1) // self.reuse, self.share)
             sums.add("on_policy", torch.tensor(float(on_policy), dtype=torch.float64), 1)
-            if not on_policy:
+            if not on_policy and not self.rollouts.sampling.teacher_samples:
                 batches = [self._data_batch(part) for part in prompts]
                 sums.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
                 return [(indices, b) for (indices, _), b in zip(group, batches, strict=True)]
+            if not on_policy:  # GKD's seq_kd: the teacher samples this round
+                sampler = self.hooks.teacher.model
         batches = self.rollouts.round(
             self.model,
             prompts,
@@ -752,6 +761,7 @@ class Training:
             self.loss_reference,
             self.run,
             sums,
+            sampler,
         )
         return [(indices, batch) for (indices, _), batch in zip(group, batches, strict=True)]
 

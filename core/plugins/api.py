@@ -417,7 +417,9 @@ class Sampling:
     (the record's sequence, trained where the data format trains it), and a round that is
     samples after the record's prompt: all of the sequence before its last trained span (a
     conversation's turns before its last assistant turn), or a ``prompt_only`` record's prompt.
-    Below 1 the data must have completions (``prompt_completion`` or ``conversation``).
+    Below 1 the data must have completions (``prompt_completion`` or ``conversation``), unless
+    ``teacher_samples``: then the rounds that do not sample from the policy sample from the
+    run's teacher (``Objective(needs_teacher=True)``; GKD's ``seq_kd``), after the same prompts.
 
     A rollout batch (what ``align_prepare_rollouts``, ``align_loss_counts`` and
     ``align_compute_loss`` get) has one sequence per completion, prompt by prompt (prompt 0's
@@ -438,6 +440,7 @@ class Sampling:
     reuse: int = 1
     rewards: bool = True
     on_policy_share: float = 1.0
+    teacher_samples: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.num_generations, int) and self.num_generations >= 1):

@@ -57,9 +57,12 @@ class RolloutEngine:
         reference: Any,
         run: Any,
         metrics: Any,
+        sampler: Any = None,
     ) -> list[dict[str, Any]]:
         """Sample, score and lay out every micro-batch of prompts; the objective's
-        ``align_prepare_rollouts`` then sees them all. Round metrics go into ``metrics``."""
+        ``align_prepare_rollouts`` then sees them all (with ``model``, the policy). Round
+        metrics go into ``metrics``. ``sampler``: the model that samples, when not the policy
+        (the teacher, for ``Sampling(teacher_samples=True)``)."""
         batches = []
         for position, examples in enumerate(micro_batches):
             seed = round_seed(
@@ -68,7 +71,9 @@ class RolloutEngine:
                 accelerator.process_index,
                 split,
             )
-            batches.append(self._micro_batch(model, examples, seed, split, accelerator))
+            batch = self._micro_batch(sampler or model, examples, seed, split, accelerator)
+            batch["on_policy"] = sampler is None
+            batches.append(batch)
         self._round_metrics(batches, metrics, accelerator)
         if split == "train":  # TRL's num_tokens: each round's prompts and completions, once
             metrics.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
@@ -135,7 +140,6 @@ class RolloutEngine:
                 prompts, decoded, completions, fields, [r for r in records for _ in range(g)]
             )
         add_rewards(batch, rewards.names, rewards.weights, values)
-        batch["on_policy"] = True
         add_fields(batch, examples, self.hooks.field_names)
         batch["completions"], batch["prompts"] = decoded, prompts
         from accelerate.utils import send_to_device

@@ -33,6 +33,12 @@ class DistillOptions(align.Options):
         "rest train on the data's completions (GKD uses 0.5; 1, the default, is "
         "DistillationTrainer's fully on-policy training, which also takes prompt-only data).",
     )
+    seq_kd: bool = Field(
+        False,
+        description="GKD's sequence-level KD: the steps not trained on the student's samples "
+        "train on the teacher's samples (after the same prompts) instead of the data's "
+        "completions; prompt-only data then works at any lmbda.",
+    )
 
 
 @align.hookimpl
@@ -46,7 +52,7 @@ def align_register_objectives(register):
             shapes=("prompt_only", "prompt_completion", "conversation"),
             options=DistillOptions,
             sampling=lambda options: align.Sampling(
-                1, rewards=False, on_policy_share=options.lmbda
+                1, rewards=False, on_policy_share=options.lmbda, teacher_samples=options.seq_kd
             ),
             needs_teacher=True,
             packable=True,
@@ -58,12 +64,12 @@ def align_register_objectives(register):
 def align_prepare_dataset(examples, options, split):
     """A share of rounds on the data's completions needs data with completions."""
     prompts_only = len(examples) and "prompt_input_ids" in examples[0]
-    if options.lmbda < 1 and split == "train" and prompts_only:
+    if options.lmbda < 1 and not options.seq_kd and split == "train" and prompts_only:
         raise align.ConfigError(
             f"distill: lmbda {options.lmbda:g} trains {1 - options.lmbda:.0%} of the steps on "
             "the data's completions, and the training data is prompts only; give "
-            "prompt_completion or conversation data, or lmbda 1 (every step on the student's "
-            "samples)"
+            "prompt_completion or conversation data, lmbda 1 (every step on the student's "
+            "samples) or seq_kd true (the other steps on the teacher's samples)"
         )
     return None
 

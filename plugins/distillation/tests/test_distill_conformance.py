@@ -29,3 +29,10 @@ class TestDistillForwardKLOnDataConformance(ObjectiveConformance):
     objective = "distill"
     options = {"beta": 0.0, "lmbda": 0.0}
     records = PAIRS
+
+
+class TestDistillSeqKDConformance(ObjectiveConformance):
+    """GKD's seq_kd on prompts: the steps not sampled by the student are the teacher's."""
+
+    objective = "distill"
+    options = {"lmbda": 0.5, "seq_kd": True}

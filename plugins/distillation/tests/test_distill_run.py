@@ -104,6 +104,25 @@ def test_lmbda_between_draws_each_step_from_the_seed(student_dir, teacher_dir, s
     assert [r["on_policy"] for r in rows if "loss" in r] == [float(e) for e in expected]
 
 
+def test_seq_kd_trains_the_other_steps_on_the_teachers_samples(
+    student_dir, teacher_dir, seen, monkeypatch
+):
+    import align.rollout.engine as engine
+
+    sampled_by = []
+    original = engine.sampling_context
+
+    def spy(model, *args):
+        sampled_by.append(model.config.hidden_size)
+        return original(model, *args)
+
+    monkeypatch.setattr(engine, "sampling_context", spy)
+    prompts = [{"prompt": p["prompt"]} for p in PAIRS]  # no completions: seq_kd needs none
+    _train(student_dir, teacher_dir, prompts, lmbda=0.0, seq_kd=True, max_steps=2)
+    assert sampled_by == [64, 64]  # the teacher (hidden size 64), not the student (128)
+    assert [on for on, _ in seen] == [False, False]
+
+
 def test_the_draw_depends_on_the_seed_and_round_only():
     draws = [round_on_policy(42, r, 0.3) for r in range(400)]
     assert draws == [round_on_policy(42, r, 0.3) for r in range(400)]  # a resumed run: the same
