@@ -194,9 +194,10 @@ class TrainConfig(Options):
     )
     rewards: list[str] = Field(
         default_factory=list,
-        description="On-policy objectives (grpo, online-dpo): reward functions, NAME or "
-        "NAME=WEIGHT (weight 1 by default), summed with their weights (align rewards lists "
-        "them). Repeatable flag --reward; in YAML a list or a mapping NAME: WEIGHT.",
+        description="On-policy objectives (grpo, online-dpo; distill scores and logs them "
+        "only): reward functions, NAME or NAME=WEIGHT (weight 1 by default), summed with their "
+        "weights (align rewards lists them). Repeatable flag --reward; in YAML a list or a "
+        "mapping NAME: WEIGHT.",
     )
     generator: str = Field(
         "transformers",
