@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..model.head import OutputHead, output_head, why_not_from_hidden
+from ..model.head import OutputHead, _vocab_size, output_head, why_not_from_hidden
 from ..model.loading import load_causal_lm
 from ..model.logprobs import forward_hidden
 
@@ -87,8 +87,8 @@ def load_teacher(cfg: Any, tokenizer: Any, policy: Any, policy_device: Any) -> T
             f"({cfg.model!r}) {policy_vocab}: the divergence compares the two over one "
             "vocabulary, so both models need output heads of the same size"
         )
-    device = torch.device(cfg.teacher_device) if cfg.teacher_device else policy_device
     try:
+        device = torch.device(cfg.teacher_device) if cfg.teacher_device else policy_device
         model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise ConfigError(f"--teacher-device {cfg.teacher_device}: {exc}") from None
@@ -96,10 +96,10 @@ def load_teacher(cfg: Any, tokenizer: Any, policy: Any, policy_device: Any) -> T
 
 
 def _head_vocab(model: Any) -> int:
+    """The number of tokens the model's output head scores."""
     head = output_head(model)
     module = head.module if isinstance(head, OutputHead) else model.get_output_embeddings()
-    weight = getattr(module, "weight", None)
-    return int(weight.shape[0]) if weight is not None else -1
+    return _vocab_size(module)
 
 
 def check_same_tokenizer(path: str, tokenizer: Any, trust_remote_code: bool) -> None:

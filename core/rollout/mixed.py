@@ -1,5 +1,6 @@
 """Mixed rounds (``Sampling(on_policy_share=λ)``, GKD's λ): each round either samples from
-the policy or trains on the data's own completions, by a draw every process makes alike."""
+the policy or not (the data's own completions, or with ``teacher_samples`` the teacher's
+samples), by a draw every process makes alike; and the prompt a record is sampled after."""
 
 from __future__ import annotations
 

@@ -201,6 +201,23 @@ def test_a_teacher_without_a_tokenizer_is_checked_by_its_vocab_size(
         _train(student_dir, small, PAIRS, max_steps=1)
 
 
+def test_a_teacher_with_another_output_head_size_is_refused(student_dir, teacher_dir, tmp_path):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(teacher_dir)
+    config.vocab_size += 8  # padded embeddings, the same tokenizer
+    padded = tmp_path / "padded-vocab"
+    LlamaForCausalLM(config).save_pretrained(padded)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(padded)
+    with pytest.raises(align.ConfigError, match=rf"head has {config.vocab_size} tokens"):
+        _train(student_dir, padded, PAIRS, max_steps=1)
+
+
+def test_an_unknown_teacher_device_is_refused_naming_the_flag(student_dir, teacher_dir):
+    with pytest.raises(align.ConfigError, match="--teacher-device nowhere"):
+        _train(student_dir, teacher_dir, PAIRS, max_steps=1, teacher_device="nowhere")
+
+
 def test_a_teacher_whose_head_is_not_understood_is_refused(student_dir, teacher_dir, monkeypatch):
     import align.reference.teacher as teacher_module
 
