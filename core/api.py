@@ -30,6 +30,7 @@ from .config import (
 )
 from .config import resolve as resolve_options
 from .data.memory import InMemoryData, is_dataset, is_record_list
+from .demo import DEMO_MODELS
 from .errors import ConfigError, PluginError
 from .options import CORE_KEYS
 from .plugins.api import Preset, option_keys
@@ -263,7 +264,7 @@ def resolve_call(
             "give tokenizer= (a tokenizer object or its directory)"
         )
     has_model, has_data = model is not None, data is not None
-    if has_model != has_data and values.get("model") != "demo":
+    if has_model != has_data and values.get("model") not in DEMO_MODELS:
         given_one, missing = ("model", "data") if has_model else ("data", "model")
         raise ConfigError(
             f"{API_SOURCE}: {missing} is required when {given_one} is given (leave both out to "

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from .aliases import ALIASES, suggestion, translate
 from .data.memory import InMemoryData
 from .data.sources import is_hub_id, parse_sources
+from .demo import DEMO_MODELS
 from .errors import ConfigError, DataError, PluginError
 from .model.loading import check_model_source
 from .options import CORE_KEYS, SAMPLING_KEYS, TrainConfig
@@ -501,7 +502,7 @@ def _resolve_rewards(
 def check_model_and_data(spec: RunSpec) -> None:
     """A model needs data and data a model; neither is the embedded demo."""
     cfg = spec.config
-    if cfg.model == "demo":  # the demo model, on the demo data unless --data gives other
+    if cfg.model in DEMO_MODELS:  # a demo model, on the demo data unless --data gives other
         return
     for given, missing in (("model", "data"), ("data", "model")):
         if getattr(cfg, given) is not None and getattr(cfg, missing) is None:
@@ -531,5 +532,5 @@ def check_inputs(spec: RunSpec) -> None:
     for key, role in (("model", "model"), ("ref_model", "reference model"), ("teacher", "teacher")):
         if key == "model" and spec.given.model is not None:
             continue  # loaded already
-        if getattr(cfg, key) and not (key == "model" and cfg.model == "demo"):
+        if getattr(cfg, key) and not (key == "model" and cfg.model in DEMO_MODELS):
             check_model_source(getattr(cfg, key), role, spec.named(key))

@@ -21,7 +21,7 @@ class TrainConfig(Options):
     model: str | None = Field(
         None,
         description="Hub id or local directory; none or `demo`: the demo model (`--model demo "
-        "--data FILE` trains it on your data).",
+        "--data FILE` trains it on your data); `demo-small`: a smaller one, same tokenizer.",
     )
     data: str | list[str | dict[str, Any]] | None = Field(
         None,

@@ -64,3 +64,23 @@ def test_the_run_prints_the_line(model_dir, tmp_path, write_jsonl, sft_rows):
     result = CliRunner().invoke(cli, [*map(str, own), "--output-dir", str(tmp_path / "p")])
     assert result.exit_code == 0, result.output
     assert "Demo defaults" not in result.output
+
+
+def test_demo_small_is_a_smaller_demo_model_with_the_same_tokenizer(tmp_path, monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from align import demo
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    registry = get_registry()
+    spec = resolve(registry, None, {"model": "demo-small"})
+    apply_demo_defaults(spec, registry)
+    assert "Demo defaults for the demo (options you set win)" in spec.demo_note
+    small, full = demo.demo_model_path("demo-small"), demo.demo_model_path()
+    assert spec.config.model == str(small) and small != full
+    small_config, full_config = AutoConfig.from_pretrained(small), AutoConfig.from_pretrained(full)
+    assert (small_config.num_hidden_layers, small_config.hidden_size) == (2, 64)
+    assert (full_config.num_hidden_layers, full_config.hidden_size) == (4, 128)
+    assert AutoTokenizer.from_pretrained(small).get_vocab() == (
+        AutoTokenizer.from_pretrained(full).get_vocab()
+    )

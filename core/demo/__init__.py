@@ -16,6 +16,12 @@ from ..cache import CACHE_ENV, cache_dir  # noqa: F401 (CACHE_ENV is re-exported
 
 DEMO_DIR = Path(__file__).parent
 MODEL_VERSION = "tiny-llama-v3"
+# ``--model NAME``: the demo model, and a smaller one of the same architecture and tokenizer (a
+# distillation student, say): name → (directory in the cache, hidden size, layers).
+DEMO_MODELS = {
+    "demo": (MODEL_VERSION, 128, 4),
+    "demo-small": (f"{MODEL_VERSION}-small", 64, 2),
+}
 
 # Used when a run has neither --model nor --data, unless the user set them.
 DEMO_SETTINGS = {
@@ -55,15 +61,17 @@ def demo_data(shape: str, split: str) -> Path:
     return DEMO_DIR / f"{shape}_{split}.jsonl"
 
 
-def demo_model_path() -> Path:
-    """Build the demo model and tokenizer once, into the cache, and return their directory."""
-    target = cache_dir() / MODEL_VERSION
+def demo_model_path(name: str = "demo") -> Path:
+    """Build the demo model ``name`` (``DEMO_MODELS``) and its tokenizer once, into the cache,
+    and return their directory."""
+    version, hidden_size, layers = DEMO_MODELS[name]
+    target = cache_dir() / version
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        build_demo_model(tmp)
+        build_demo_model(tmp, hidden_size=hidden_size, layers=layers)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first

@@ -41,8 +41,9 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     cfg = spec.config
     shapes = spec.objective.item.shapes
     fmt = next((s for s in shapes if demo.demo_data(s, "train").exists()), shapes[0])
-    whole_demo = (cfg.model is None and cfg.data is None) or (cfg.model == "demo" and not cfg.data)
-    demo_model = whole_demo or cfg.model == "demo"
+    named_demo = cfg.model in demo.DEMO_MODELS  # demo, demo-small
+    whole_demo = (cfg.model is None and cfg.data is None) or (named_demo and not cfg.data)
+    demo_model = whole_demo or named_demo
     demo_data = whole_demo or cfg.data == "demo"
     if (demo_data or cfg.eval_data == "demo") and not demo.demo_data(fmt, "train").exists():
         given = "" if demo_model else f"{spec.named('data' if demo_data else 'eval_data')} demo: "
@@ -60,7 +61,7 @@ def apply_demo_defaults(spec: RunSpec, registry: Any = None) -> bool:
     if demo_data:
         updates["data"] = str(demo.demo_data(fmt, "train"))
     if demo_model:
-        updates["model"] = str(demo.demo_model_path())
+        updates["model"] = str(demo.demo_model_path(cfg.model if named_demo else "demo"))
     if cfg.eval_data == "demo" or (demo_data and cfg.eval_data is None):
         updates["eval_data"] = str(demo.demo_data(fmt, "eval"))
     spec.config = cfg.model_copy(update=updates)
