@@ -115,6 +115,8 @@ def objectives(as_json: bool) -> None:
                 ),
                 "on_policy": obj.on_policy,
                 "model_class": obj.model_class,
+                "learns_from_rewards": obj.on_policy and _learns_from_rewards(obj),
+                "needs_teacher": obj.needs_teacher,
                 "distribution": reg.plugin.label,
                 "status": "ok",
                 "options": _describe_options(obj.options),
@@ -137,8 +139,12 @@ def objectives(as_json: bool) -> None:
             click.echo("  uses reference log-probs")
         elif item["needs_reference"]:
             click.echo("  uses reference log-probs with some options")
-        if item["on_policy"]:
+        if item["needs_teacher"]:
+            click.echo("  distils from a teacher model (--teacher)")
+        if item["learns_from_rewards"]:
             click.echo("  on-policy: samples completions and learns from --reward functions")
+        elif item["on_policy"]:
+            click.echo("  on-policy: samples completions (--reward optional: scored and logged)")
         if item["model_class"] == "sequence_classification":
             click.echo("  trains a reward model: AutoModelForSequenceClassification, one score")
         for opt in item["options"]:
@@ -265,3 +271,11 @@ def rewards(as_json: bool) -> None:
     click.echo("generators (--generator):")
     for item in generators:
         click.echo(f"  {item['name']}  ({item['provided_by']}): {item['description']}")
+
+
+def _learns_from_rewards(objective: Any) -> bool:
+    """Whether an on-policy objective, with its default options, learns from rewards."""
+    try:
+        return bool(objective.sampling(objective.options()).rewards)
+    except Exception:  # noqa: BLE001 - options without defaults: the common case, rewards
+        return True

@@ -63,6 +63,9 @@ RUN_FLAGS = [
     "trust_remote_code",
     "reference",
     "ref_model",
+    "teacher",
+    "teacher_device",
+    "teacher_precision",
     "eval_deviation",
     "eval_on_start",
     *SAMPLING_KEYS,  # on-policy objectives: --reward, --temperature, …

@@ -49,6 +49,8 @@ _LAZY = {
     "token_logps": "model.logprobs",
     "TokenLogps": "model.logprobs",
     "sequence_scores": "model.scores",
+    "forward_hidden": "model.logprobs",
+    "Teacher": "reference.teacher",
     "pack": "data.packing",
     "Reference": "reference",
     "MetricSums": "loop.metrics",

@@ -372,6 +372,7 @@ def resolve(
         section_options[name] = _validate(section.options, values, sources, f"section {name!r}: ")
     _check_reference(config, registered.item, options, core_sources)
     _check_sampling(config, registered.item, core_sources)
+    _check_teacher(config, registered.item, core_sources)
     rewards = _resolve_rewards(
         registry, config, registered.item, file_values, set_values, where_file, core_sources
     )
@@ -397,6 +398,24 @@ def _check_checkpoint_interval(sources: Sources) -> None:
             "checkpoint every N steps or every M minutes; give one (--save-every 0 turns "
             "checkpoints off)"
         )
+
+
+def _check_teacher(config: TrainConfig, objective: Any, sources: Sources) -> None:
+    """``--teacher`` is for an objective that distils from one, and such an objective needs it;
+    ``--teacher-device``/``--teacher-precision`` go with ``--teacher``."""
+    if objective.needs_teacher and not config.teacher:
+        raise ConfigError(
+            f"objective {objective.name!r} distils from a teacher model: give --teacher PATH "
+            "(a hub id or directory sharing the policy's tokenizer; `teacher:` in run.yaml)"
+        )
+    if config.teacher and not objective.needs_teacher:
+        raise ConfigError(
+            f"{_named('teacher', sources)}: objective {objective.name!r} uses no teacher model "
+            "(distill does)"
+        )
+    stray = [_named(k, sources) for k in ("teacher_device", "teacher_precision") if k in sources]
+    if stray and not config.teacher:
+        raise ConfigError(f"{', '.join(stray)}: set for a teacher, and the run has no --teacher")
 
 
 def _check_sampling(config: TrainConfig, objective: Any, sources: Sources) -> None:
@@ -531,7 +550,7 @@ def check_inputs(spec: RunSpec) -> None:
             if not Path(path).exists() and not is_hub_id(path):
                 where = f"given by {spec.named(key)}"
                 raise DataError(f"no such file or directory ({where})", source=path)
-    for key, role in (("model", "model"), ("ref_model", "reference model")):
+    for key, role in (("model", "model"), ("ref_model", "reference model"), ("teacher", "teacher")):
         if key == "model" and spec.given.model is not None:
             continue  # loaded already
         if getattr(cfg, key) and not (key == "model" and cfg.model in DEMO_MODELS):

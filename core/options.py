@@ -175,15 +175,30 @@ class TrainConfig(Options):
     ref_model: str | None = Field(
         None, description="Reference model (hub id or directory); default: the starting model."
     )
+    teacher: str | None = Field(
+        None,
+        description="Teacher model (hub id or directory) for objectives that distil from one "
+        "(distill): frozen, in eval mode, sharing the policy's tokenizer.",
+    )
+    teacher_device: str | None = Field(
+        None,
+        description="--teacher: the device it runs on (`cuda:1`, `cpu`); default: the policy's.",
+    )
+    teacher_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None,
+        description="--teacher: its weights' precision (bf16 or fp16 halve its memory; no: "
+        "float32); default: float32 weights under the run's --precision, as the policy.",
+    )
     eval_on_start: bool = Field(
         False, description="Evaluate before the first step too (step 0), as TRL's eval_on_start."
     )
     rewards: list[str] = Field(
         default_factory=list,
-        description="On-policy objectives (grpo, online-dpo): reward functions, NAME or "
-        "NAME=WEIGHT (weight 1 by default), summed with their weights (align rewards lists "
-        "them), or model:PATH[=WEIGHT] for a sequence-classification reward model's score. "
-        "Repeatable flag --reward; in YAML a list or a mapping NAME: WEIGHT.",
+        description="On-policy objectives (grpo, online-dpo, rloo; distill scores and logs them "
+        "only): reward functions, NAME or NAME=WEIGHT (weight 1 by default), summed with their "
+        "weights (align rewards lists them), or model:PATH[=WEIGHT] for a sequence-"
+        "classification reward model's score. Repeatable flag --reward; in YAML a list or a "
+        "mapping NAME: WEIGHT.",
     )
     generator: str = Field(
         "transformers",
@@ -280,7 +295,7 @@ class TrainConfig(Options):
     def _yaml_true(cls, value: Any) -> Any:
         return {True: "latest", False: None}.get(value, value) if isinstance(value, bool) else value
 
-    @field_validator("model", "ref_model", "data", "eval_data", "output_dir")
+    @field_validator("model", "ref_model", "teacher", "data", "eval_data", "output_dir")
     @classmethod
     def _expand_home(cls, value: Any) -> Any:
         if isinstance(value, list):  # a mixture: one source stays a string
@@ -288,7 +303,7 @@ class TrainConfig(Options):
             return value[0] if len(value) == 1 and isinstance(value[0], str) else value
         return os.path.expanduser(value) if value else value  # `~` the shell did not expand
 
-    @field_validator("precision", mode="before")
+    @field_validator("precision", "teacher_precision", mode="before")
     @classmethod
     def _yaml_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # YAML reads a bare `no` as false

@@ -26,7 +26,7 @@ def isolated_plugins(monkeypatch, tmp_path_factory):
     """Load only first-party plugins under test, and keep the demo cache out of ~/.cache."""
     monkeypatch.setenv(
         plugins.PLUGINS_ENV,
-        "align-plugin-sft,align-plugin-dpo,align-plugin-kto,align-plugin-minorsft,align-plugin-ift,align-plugin-lora,align-plugin-orpo,align-plugin-grpo,align-plugin-online-dpo,align-plugin-reward-model,align-plugin-rloo",
+        "align-plugin-sft,align-plugin-dpo,align-plugin-kto,align-plugin-minorsft,align-plugin-ift,align-plugin-lora,align-plugin-orpo,align-plugin-grpo,align-plugin-online-dpo,align-plugin-reward-model,align-plugin-rloo,align-plugin-distillation",
     )
     monkeypatch.setenv(demo.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "cache"))
     plugins.reset_registry()

@@ -28,7 +28,7 @@ import torch
 
 from ..config import RunSpec
 from ..console import RUN_LOGGER
-from ..data.batching import is_packed_batch, sequence_prefixes
+from ..data.batching import count_sequence_tokens, is_packed_batch, sequence_prefixes
 from ..data.build import Built
 from ..data.examples import DataReport
 from ..data.packing import set_default_layout
@@ -36,7 +36,7 @@ from ..data.sharding import ShardedBatches
 from ..data.sources import mixture_fingerprint
 from ..data.store import Examples
 from ..data.streaming import StreamPosition
-from ..errors import AlignError, ConfigError
+from ..errors import AlignError, ConfigError, PluginError
 from ..model import dropout
 from ..model.attention import attention_implementation, packing_options
 from ..model.head import decide_head, describe_head
@@ -52,7 +52,9 @@ from ..plugins.hooks import ObjectiveHooks
 from ..plugins.registry import PluginRegistry
 from ..reference.deviation import deviation_sums
 from ..reference.setup import copy_starting_model, make_reference, why_reference_cannot_pack
+from ..reference.teacher import load_teacher
 from ..rollout.engine import RolloutEngine
+from ..rollout.mixed import round_on_policy, sampling_prompt
 from ..run import Run
 from . import failures, hub, model_card, resume, rundir, trackers, zero
 from .checkpoint import save_model_dir, write_json
@@ -283,11 +285,17 @@ class Training:
         objective = spec.objective.item
         if self.deepspeed:
             zero.configure(self.accelerator, self.cfg, objective.on_policy)
-        if objective.on_policy and not spec.rewards:
+        sampling = objective.sampling(spec.options) if objective.on_policy else None
+        if sampling is not None and sampling.rewards and not spec.rewards:
             names = ", ".join(sorted(self.registry.rewards))
             raise ConfigError(
                 f"objective {objective.name!r} learns from rewards of its own samples: give "
                 f"--reward NAME[=WEIGHT] (registered: {names}; align rewards describes them)"
+            )
+        if sampling is not None and sampling.teacher_samples and not objective.needs_teacher:
+            raise PluginError(
+                f"objective {objective.name!r}: Sampling(teacher_samples=True) samples from a "
+                "teacher, and the objective declares none (Objective(needs_teacher=True))"
             )
         if objective.on_policy and self.fsdp:
             raise ConfigError(
@@ -437,6 +445,8 @@ class Training:
                 self._log(f"padding_free: off, {reason}; batches are padded.")
                 packed = False
         del self.starting_copy
+        if objective.needs_teacher:
+            packed = self._set_up_teacher(packed, shared)
         self.hooks.packed = self.hooks.packed and packed
         if (
             self.hooks.packed
@@ -451,6 +461,24 @@ class Training:
             self.rollouts = RolloutEngine(
                 self.spec, self.registry, self.hooks, self.tokenizer, self.model
             )
+
+    def _set_up_teacher(self, packed: bool, shared: bool) -> bool:
+        """``--teacher``, loaded for an objective that distils from one, and handed to its loss;
+        returns whether batches stay packed (the teacher must take them too)."""
+        teacher = load_teacher(self.cfg, self.tokenizer, self.model, self.accelerator.device)
+        teacher.autocast = self.accelerator.autocast
+        self.hooks.teacher = teacher
+        self._log(
+            f"teacher: {teacher.path} on {teacher.device}"
+            f"{', ' + self.cfg.teacher_precision if self.cfg.teacher_precision else ''}; "
+            f"loaded in {teacher.setup_seconds:.1f}s"
+        )
+        reason = None
+        if packed:
+            reason = why_not_packable(teacher.model, "teacher", self.accelerator, shared)
+        if reason:
+            self._log(f"padding_free: off, {reason}; batches are padded.")
+        return packed and not reason
 
     def _read_checkpoint(self) -> None:
         """``--resume``: the checkpoint's state and weights (after the reference, which the
@@ -488,6 +516,7 @@ class Training:
         }
         self.loader, self.eval_loader = loaders.get("train", self.stream), loaders.get("eval")
         self.reuse = self.rollouts.sampling.reuse if self.rollouts is not None else 1
+        self.share = self.rollouts.sampling.on_policy_share if self.rollouts is not None else 1.0
         if self.stream is not None:  # no epochs known: the run is --max-steps long
             self.steps_per_epoch = cfg.max_steps
         else:
@@ -726,9 +755,21 @@ class Training:
     def _sample_round(
         self, group: list[tuple[list[int], Any]], step: int, sums: MetricSums
     ) -> list[tuple[list[int], dict[str, Any]]]:
-        """Rollouts for the prompts of one group of micro-batches (round ``(step-1)//reuse``)."""
+        """Rollouts for the prompts of one group of micro-batches (round ``(step-1)//reuse``).
+        An objective that samples a share of its rounds only (``on_policy_share``) trains the
+        others on the data's own batches, or on the teacher's samples (``teacher_samples``)."""
         examples = self.examples["train"]
         prompts = [[examples[i] for i in indices] for indices, _ in group]
+        sampler = None  # the policy
+        if self.share < 1:
+            on_policy = round_on_policy(self.cfg.seed, (step - 1) // self.reuse, self.share)
+            sums.add("on_policy", torch.tensor(float(on_policy), dtype=torch.float64), 1)
+            if not on_policy and not self.rollouts.sampling.teacher_samples:
+                batches = [self._data_batch(part) for part in prompts]
+                sums.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
+                return [(indices, b) for (indices, _), b in zip(group, batches, strict=True)]
+            if not on_policy:  # GKD's seq_kd: the teacher samples this round
+                sampler = self.hooks.teacher.model
         batches = self.rollouts.round(
             self.model,
             prompts,
@@ -738,8 +779,18 @@ class Training:
             self.loss_reference,
             self.run,
             sums,
+            sampler,
         )
         return [(indices, batch) for (indices, _), batch in zip(group, batches, strict=True)]
+
+    def _data_batch(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The data's own batch of ``examples`` (their completions), as a round that samples
+        nothing trains on it."""
+        from accelerate.utils import send_to_device
+
+        batch = send_to_device(self.hooks.build_batch(examples), self.accelerator.device)
+        batch["on_policy"] = False
+        return batch
 
     # -- log, evaluate, checkpoint ---------------------------------------------------------------
     def log_metrics(self, step: int) -> None:
@@ -777,16 +828,7 @@ class Training:
             for number, (indices, batch) in enumerate(self.eval_loader.batches()):
                 if self.rollouts is not None:  # sampled afresh, seeded by the batch's number
                     prompts = [self.examples["eval"][i] for i in indices]
-                    (batch,) = self.rollouts.round(
-                        model,
-                        [prompts],
-                        number,
-                        "eval",
-                        self.accelerator,
-                        self.loss_reference,
-                        self.run,
-                        sums,
-                    )
+                    batch = self._eval_round(prompts, number, sums)
                 output, extra = self.compute(batch)
                 sums.add_output(output, extra)
                 if cfg.eval_deviation and "deviation" not in output.metrics:
@@ -800,6 +842,24 @@ class Training:
             line = f"eval step {step}: {headline(values, 'eval_')}"
             self.progress.write(line, file=self.progress.fp)
             self.runlog.record(line)
+
+    def _eval_round(self, examples: list[dict[str, Any]], number: int, sums: MetricSums) -> Any:
+        """An on-policy objective's eval batch: sampled, or for one that trains on the data's
+        completions part of the time (GKD's λ below 1) those completions (fixed, comparable
+        from step to step)."""
+        if self.share < 1 and "prompt_input_ids" not in examples[0]:
+            return self._data_batch(examples)
+        (batch,) = self.rollouts.round(
+            self.model,
+            [examples],
+            number,
+            "eval",
+            self.accelerator,
+            self.loss_reference,
+            self.run,
+            sums,
+        )
+        return batch
 
     def checkpoint_due(self, step: int) -> bool:
         return self.saves.due(step, self.total_steps, self.accelerator)
@@ -1013,7 +1073,7 @@ class Training:
 
 def _prompts_only(examples: list[dict[str, Any]]) -> dict[str, Any]:
     """An on-policy objective's micro-batch before sampling: its prompts' token ids."""
-    return {"prompt_input_ids": [e["prompt_input_ids"] for e in examples]}
+    return {"prompt_input_ids": [sampling_prompt(e) for e in examples]}
 
 
 def _score_head_note(model: str, seed: int) -> str:

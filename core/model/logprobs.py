@@ -325,6 +325,51 @@ def forward_logps(
     )
 
 
+def forward_hidden(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    prefix: str = "",
+    compute: Callable[[torch.Tensor, Any], Any] | None = None,
+) -> Any:
+    """Run the model on ``batch`` (either layout, keys optionally prefixed) and return its
+    final hidden states at the positions whose next token is trained: ``[N, H]``, in the order
+    of ``forward_logps(...).mask``'s set positions (row by row), with gradients when enabled.
+    No logits are computed: the output head's forward is replaced for the call.
+
+    ``compute(rows, head)``: called inside the model's forward with those rows and the model's
+    :class:`align.model.head.OutputHead`, after the forward (under the autocast the forward
+    ran in), and its result returned instead of the rows: a loss that goes through the head
+    (on-policy distillation's divergence). Raises
+    ``ValueError`` for a model whose head :func:`align.model.head.output_head` does not
+    understand (the caller names the model)."""
+    head = output_head(model)
+    if isinstance(head, str):
+        raise ValueError(head)
+    inputs = _model_inputs(batch, prefix, model, None)
+    targets, trained, padded = _targets(batch, prefix)
+
+    autocast: list[tuple[bool, Any]] = []
+
+    def rows(hidden: torch.Tensor) -> torch.Tensor:
+        device = hidden.device.type
+        autocast.append((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)))
+        predicting = hidden[:, :-1] if padded else hidden
+        return predicting[trained]
+
+    with head_replaced(head.module, rows) as results:
+        model(**inputs)
+    if len(results) != 1:
+        raise RuntimeError(
+            f"{type(model).__name__}'s forward called its output head {len(results)} times, not "
+            "once: its hidden states at the trained positions cannot be read"
+        )
+    if compute is None:
+        return results[0]
+    enabled, dtype = autocast[0]
+    with torch.autocast(results[0].device.type, dtype=dtype, enabled=enabled):
+        return compute(results[0], head)
+
+
 @contextlib.contextmanager
 def _whole_weights(model: Any, head: Any) -> Iterator[None]:
     """Under FSDP2 the head's weight is whole only inside the model's forward: gather it again

@@ -251,7 +251,12 @@ class Objective:
     :class:`Sampling`. Its shape is ``prompt_only``: groups without answers;
     for every prompt of a micro-batch the core samples ``num_generations`` completions from the
     current policy, scores them with the run's reward functions (``--reward``) and hands the
-    loss a batch of rollouts (see :class:`Sampling` for its keys).
+    loss a batch of rollouts (see :class:`Sampling` for its keys). An objective whose
+    :class:`Sampling` has ``on_policy_share`` below 1 also trains on its data's own completions
+    (shapes ``prompt_completion``/``conversation``; ``prompt_only`` data only at a share of 1).
+    ``needs_teacher`` asks the core for a frozen teacher model (``--teacher PATH``), handed to
+    the loss hook as ``teacher`` (an ``align.Teacher``); a run of such an objective without
+    ``--teacher`` is refused, and ``--teacher`` for any other objective too.
     ``model_class`` says what the policy is: ``"causal_lm"`` (the default: loaded with
     ``AutoModelForCausalLM``, its loss reads log-probs through ``align.forward_logps``) or
     ``"sequence_classification"`` (a reward model: ``AutoModelForSequenceClassification`` with
@@ -275,6 +280,7 @@ class Objective:
     fields: type[Fields] | None = None
     sampling: Callable[[Any], Sampling] | None = None
     model_class: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    needs_teacher: bool = False
     data_format: str | None = None  # replaced by shapes: refused with the way to write it
 
     def uses_reference(self, options: Any) -> bool:
@@ -427,6 +433,17 @@ class Sampling:
     ``num_generations``: completions sampled for each prompt (a group). ``reuse``: optimizer
     steps trained on one round of rollouts (GRPO's ``num_iterations``, μ): the round is sampled
     at the first of them, and each epoch counts ``reuse`` steps per micro-batch group.
+    ``rewards``: whether the loss learns from rewards (GRPO, online DPO); with False (on-policy
+    distillation) ``--reward`` is optional and, when given, only scored and logged.
+    ``on_policy_share``: the share of rounds sampled from the policy (GKD's λ). Each round is
+    on-policy or not by a draw seeded from the run's seed and the round's index (a resumed run
+    draws the same); a round that is not trains on the data's own completions, as they are
+    (the record's sequence, trained where the data format trains it), and a round that is
+    samples after the record's prompt: all of the sequence before its last trained span (a
+    conversation's turns before its last assistant turn), or a ``prompt_only`` record's prompt.
+    Below 1 the data must have completions (``prompt_completion`` or ``conversation``), unless
+    ``teacher_samples``: then the rounds that do not sample from the policy sample from the
+    run's teacher (``Objective(needs_teacher=True)``; GKD's ``seq_kd``), after the same prompts.
 
     A rollout batch (what ``align_prepare_rollouts``, ``align_loss_counts`` and
     ``align_compute_loss`` get) has one sequence per completion, prompt by prompt (prompt 0's
@@ -434,14 +451,20 @@ class Sampling:
     ``completion_mask`` = 1 on the completion's tokens) or the packed one (``align.packing``,
     each prompt computed once for its group), read through ``align.forward_logps``; and per
     sequence: ``group`` (long: the prompt's index in the micro-batch), ``rewards`` (float: the
-    weighted sum of the reward functions), ``rewards/<name>`` (float: each function's value),
-    ``truncated`` (bool: no EOS within ``max_completion_length``) and ``completion_lengths``
-    (long). ``completions`` and ``prompts`` hold the decoded text (or messages) per sequence,
-    and the objective's extra fields are one value per prompt.
+    weighted sum of the reward functions), ``rewards/<name>`` (float: each function's value;
+    both absent when the run has no rewards), ``truncated`` (bool: no EOS within
+    ``max_completion_length``) and ``completion_lengths`` (long). ``completions`` and
+    ``prompts`` hold the decoded text (or messages) per sequence, and the objective's extra
+    fields are one value per prompt. A round on the data's completions
+    (``on_policy_share`` < 1) hands the loss the data's own batches instead, with
+    ``on_policy`` False in ``batch["on_policy"]`` (True in a rollout batch).
     """
 
     num_generations: int
     reuse: int = 1
+    rewards: bool = True
+    on_policy_share: float = 1.0
+    teacher_samples: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.num_generations, int) and self.num_generations >= 1):
@@ -450,6 +473,9 @@ class Sampling:
             )
         if not (isinstance(self.reuse, int) and self.reuse >= 1):
             raise ValueError(f"reuse must be a positive integer, got {self.reuse!r}")
+        share = self.on_policy_share
+        if isinstance(share, bool) or not (isinstance(share, int | float) and 0 <= share <= 1):
+            raise ValueError(f"on_policy_share must be a number in [0, 1], got {share!r}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class ObjectiveHooks:
         fields = self.fields
         self.field_names = column_names(fields) if fields is not None else []
         self.packed = self.objective.packable and spec.config.padding_free
+        self.teacher: Any = None  # the run's teacher (``--teacher``), handed to the loss
 
     def format_for(self, source: Any, streaming: bool = False) -> tuple[DataFormat, str, str]:
         """The data format that reads ``source`` (an ``align.data.sources.DataSource``): the
@@ -155,7 +156,12 @@ class ObjectiveHooks:
     ) -> tuple[LossOutput, dict[str, tuple[Any, Any]]]:
         """The objective's loss, and the metrics every plugin contributes for this batch."""
         output = self._call(
-            "align_compute_loss", model=model, batch=batch, reference=reference, run=run
+            "align_compute_loss",
+            model=model,
+            batch=batch,
+            reference=reference,
+            run=run,
+            teacher=self.teacher,
         )
         if not isinstance(output, LossOutput):
             raise PluginError(

@@ -120,7 +120,7 @@ def align_loss_counts(objective, batch, examples, options, config):
 
 
 @hookspec(firstresult=True)
-def align_compute_loss(objective, model, batch, options, reference, run):
+def align_compute_loss(objective, model, batch, options, reference, run, teacher):
     """Compute the loss of one micro-batch and return an ``align.LossOutput``.
 
     ``loss`` is the *sum* of the objective's loss units (tokens, sequences, pairs) and ``count``
@@ -128,6 +128,9 @@ def align_compute_loss(objective, model, batch, options, reference, run):
     by its total count over all micro-batches of the optimizer step and all processes
     (``align_loss_counts``), so gradient accumulation equals one large batch. ``reference`` gives
     reference log-probs when the objective declared ``needs_reference``, else it is None.
+    ``teacher`` is the run's frozen teacher (an ``align.Teacher``: ``teacher.model``, in eval
+    mode without gradients, on ``teacher.device``; ``teacher.hidden(batch)`` its hidden states
+    at the batch's trained positions) when the objective declared ``needs_teacher``, else None.
     """
 
 

@@ -38,6 +38,7 @@ FIRST_PARTY_OBJECTIVES = {
     "grpo": "align-plugin-grpo",
     "online-dpo": "align-plugin-online-dpo",
     "rloo": "align-plugin-rloo",
+    "distill": "align-plugin-distillation",
     "minorsft": "align-plugin-minorsft",
     "ift": "align-plugin-ift",
 }

@@ -386,6 +386,18 @@ def _load_policy(path: Any, model_class: str, tokenizer: Any) -> Any:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+def _suite_teacher(objective: Any, model_dir: Path) -> Path | None:
+    """For an objective that distils (``needs_teacher``): a teacher beside the suite's model,
+    the demo architecture at another width and depth (so it differs from the student), written
+    once; else None."""
+    if not getattr(objective, "needs_teacher", False):
+        return None
+    from .. import demo
+
+    path = model_dir.with_name(f"{model_dir.name}-teacher")
+    if not (path / "config.json").is_file():
+        demo.build_demo_model(path, hidden_size=64, layers=2)
+    return path
 
 
 class ObjectiveConformance:
@@ -450,6 +462,9 @@ class ObjectiveConformance:
         on_policy = registry.objective(self.objective).item.on_policy
         if on_policy:
             given.update(rewards=[SUITE_REWARD], max_completion_length=SUITE_COMPLETION_LENGTH)
+        teacher_dir = _suite_teacher(registry.objective(self.objective).item, model_dir)
+        if teacher_dir is not None:
+            given["teacher"] = str(teacher_dir)
         spec = resolve(registry, None, given, sets)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hooks = ObjectiveHooks(registry, spec, tokenizer)
@@ -476,6 +491,11 @@ class ObjectiveConformance:
             else None
         )
         run = Run(spec.config, _OneProcess(), tokenizer, tmp_path, max_steps=2)
+        if teacher_dir is not None:
+            from ..reference.teacher import Teacher
+
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+            hooks.teacher = Teacher(teacher, str(teacher_dir), torch.device("cpu"))
         engine = None
         if on_policy:
             from ..rollout.engine import RolloutEngine
@@ -989,6 +1009,9 @@ class ObjectiveConformance:
         args = ["run", "--objective", self.objective, "--model", str(setup.model_dir)]
         args += ["--data", str(setup.data), "--batch-size", "2"]
         args += ["--output-dir", str(out), "--max-length", str(self.max_length), *extra]
+        teacher_dir = _suite_teacher(setup.spec.objective.item, setup.model_dir)
+        if teacher_dir is not None:
+            args += ["--teacher", str(teacher_dir)]
         if setup.engine is not None:
             args += ["--reward", SUITE_REWARD]
             args += ["--max-completion-length", str(SUITE_COMPLETION_LENGTH)]

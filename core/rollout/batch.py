@@ -13,6 +13,7 @@ import torch
 
 from ..data.batching import sequence_batch
 from ..data.fields import collate
+from .mixed import sampling_prompt
 
 
 def rollout_batch(
@@ -26,7 +27,7 @@ def rollout_batch(
     """The batch of ``examples`` (prompts) and their completions, prompt by prompt."""
     groups = []
     for i, example in enumerate(examples):
-        prompt = example["prompt_input_ids"]
+        prompt = sampling_prompt(example)
         group = []
         for ids in completions[i * num_generations : (i + 1) * num_generations]:
             group.append((list(prompt) + list(ids), [0] * len(prompt) + [1] * len(ids)))
@@ -47,7 +48,10 @@ def rollout_batch(
 def add_rewards(
     batch: dict[str, Any], names: list[str], weights: list[float], values: list[list[float]]
 ) -> None:
-    """``rewards/<name>`` per reward and ``rewards``, their weighted sum, per sequence."""
+    """``rewards/<name>`` per reward and ``rewards``, their weighted sum, per sequence (none
+    without rewards)."""
+    if not names:
+        return
     table = torch.tensor(values, dtype=torch.float32).reshape(len(names), -1)
     for name, row in zip(names, table, strict=True):
         batch[f"rewards/{name}"] = row

@@ -24,6 +24,7 @@ from ..errors import PluginError
 from ..plugins.api import GenerationRequest
 from .batch import add_fields, add_rewards, rollout_batch
 from .generate import eos_token_ids, round_seed, sampling_context
+from .mixed import sampling_prompt
 from .rewards import RewardSet
 
 
@@ -56,9 +57,12 @@ class RolloutEngine:
         reference: Any,
         run: Any,
         metrics: Any,
+        sampler: Any = None,
     ) -> list[dict[str, Any]]:
         """Sample, score and lay out every micro-batch of prompts; the objective's
-        ``align_prepare_rollouts`` then sees them all. Round metrics go into ``metrics``."""
+        ``align_prepare_rollouts`` then sees them all (with ``model``, the policy). Round
+        metrics go into ``metrics``. ``sampler``: the model that samples, when not the policy
+        (the teacher, for ``Sampling(teacher_samples=True)``)."""
         self.rewards[split].load_models(accelerator)  # reward models: at the first round
         batches = []
         for position, examples in enumerate(micro_batches):
@@ -68,7 +72,9 @@ class RolloutEngine:
                 accelerator.process_index,
                 split,
             )
-            batches.append(self._micro_batch(model, examples, seed, split, accelerator))
+            batch = self._micro_batch(sampler or model, examples, seed, split, accelerator)
+            batch["on_policy"] = sampler is None
+            batches.append(batch)
         self._round_metrics(batches, metrics, accelerator)
         if split == "train":  # TRL's num_tokens: each round's prompts and completions, once
             metrics.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
@@ -83,7 +89,7 @@ class RolloutEngine:
             request = GenerationRequest(
                 model=policy,
                 tokenizer=self.tokenizer,
-                prompts=[list(e["prompt_input_ids"]) for e in examples],
+                prompts=[sampling_prompt(e) for e in examples],
                 num_generations=g,
                 max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature,
@@ -129,9 +135,11 @@ class RolloutEngine:
             name: [e[name] for e in examples for _ in range(g)] for name in rewards.field_names()
         }
         records = [str(e.get("record", f"example {e.get('index')}")) for e in examples]
-        values = rewards.score(
-            prompts, decoded, completions, fields, [r for r in records for _ in range(g)]
-        )
+        values = []
+        if rewards.names:  # an objective without rewards (distill) may have none
+            values = rewards.score(
+                prompts, decoded, completions, fields, [r for r in records for _ in range(g)]
+            )
         add_rewards(batch, rewards.names, rewards.weights, values)
         add_fields(batch, examples, self.hooks.field_names)
         batch["completions"], batch["prompts"] = decoded, prompts
@@ -145,7 +153,7 @@ class RolloutEngine:
 
         names = self.rewards["train"].names
         local = {
-            "rewards": [v for b in batches for v in b["rewards"].tolist()],
+            "rewards": [v for b in batches if names for v in b["rewards"].tolist()],
             "lengths": [v for b in batches for v in b["completion_lengths"].tolist()],
             "truncated": [v for b in batches for v in b["truncated"].tolist()],
             **{n: [v for b in batches for v in b[f"rewards/{n}"].tolist()] for n in names},
@@ -155,9 +163,10 @@ class RolloutEngine:
             local = {k: [v for part in gathered for v in part[k]] for k in local}
         rewards, lengths = local["rewards"], local["lengths"]
         terminated = [n for n, t in zip(lengths, local["truncated"], strict=True) if not t]
-        values = {
-            "reward": statistics.fmean(rewards),
-            "reward_std": _std(rewards),
+        values = (
+            {} if not names else {"reward": statistics.fmean(rewards), "reward_std": _std(rewards)}
+        )
+        values |= {
             "completions/mean_length": statistics.fmean(lengths),
             "completions/min_length": float(min(lengths)),
             "completions/max_length": float(max(lengths)),
