@@ -84,7 +84,13 @@ def generalized_jsd(
     ``H(Q) = −Σ Q log Q`` (of the tempered distribution), without gradient. No reduction and no
     mask: pass only the positions in the loss, and sum or average them as the objective does.
     The heads' weights must be whole when this runs and when its backward runs (as for
-    :func:`align.model.head.hidden_target_logps`)."""
+    :func:`align.model.head.hidden_target_logps`), and each head must give the same logits every
+    time (the passes recompute them: no dropout inside a PEFT-wrapped head).
+
+    Raises ``ValueError`` (its message starts ``generalized_jsd:``) for ``beta`` outside [0, 1],
+    ``temperature`` ≤ 0 (for greedy sampling the caller passes 1), ``chunk`` < 1, hidden
+    states that are not 2-D or not the same N positions, and heads of different vocabulary
+    sizes."""
     _check(student_hidden, student_head, teacher_hidden, teacher_head, beta, temperature, chunk)
     rows = student_hidden.shape[0]
     if rows == 0:
