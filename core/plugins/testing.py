@@ -494,7 +494,7 @@ class ObjectiveConformance:
         if teacher_dir is not None:
             from ..reference.teacher import Teacher
 
-            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+            teacher = _load_policy(teacher_dir, "causal_lm", tokenizer)
             hooks.teacher = Teacher(teacher, str(teacher_dir), torch.device("cpu"))
         engine = None
         if on_policy:
