@@ -386,6 +386,8 @@ def _load_policy(path: Any, model_class: str, tokenizer: Any) -> Any:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
 def _suite_teacher(objective: Any, model_dir: Path) -> Path | None:
     """For an objective that distils (``needs_teacher``): a teacher beside the suite's model,
     the demo architecture at another width and depth (so it differs from the student), written
