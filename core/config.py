@@ -426,7 +426,8 @@ def _check_sampling(config: TrainConfig, objective: Any, sources: Sources) -> No
     if given:
         raise ConfigError(
             f"{', '.join(given)}: objective {objective.name!r} learns from fixed data and samples "
-            "no completions; these options are for on-policy objectives (grpo, online-dpo)"
+            "no completions; these options are for on-policy objectives (grpo, rloo, online-dpo, "
+            "distill)"
         )
 
 

@@ -34,9 +34,10 @@ DEMO_SETTINGS = {
     "max_length": 64,
 }
 
-# On-policy objectives (grpo, online-dpo) on the demo data, over DEMO_SETTINGS: short sums
-# sampled for 64 prompts a step (a small batch's advantages are mostly noise for this model),
-# a constant step ten times smaller than SFT's, and the eval split sampled before training too.
+# On-policy objectives (grpo, rloo, online-dpo, distill) on the demo data, over
+# DEMO_SETTINGS: short sums sampled for 64 prompts a step (a small batch's advantages are
+# mostly noise for this model), a constant step ten times smaller than SFT's, and the eval
+# split sampled before training too.
 # Start from the SFT demo's model (README): from random weights no sample earns a reward.
 ON_POLICY_DEMO_SETTINGS = {
     "lr": 3e-4,
