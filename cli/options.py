@@ -136,9 +136,9 @@ def option_for(name: str) -> Any:
         )
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
-    if typing.get_origin(annotation) is typing.Literal:
+    if typing.get_origin(base) is typing.Literal:  # an optional choice too (Literal | None)
         return click.option(
-            flag, name, type=click.Choice(typing.get_args(annotation)), default=None, help=help_text
+            flag, name, type=click.Choice(typing.get_args(base)), default=None, help=help_text
         )
     return click.option(
         flag, name, type={int: int, float: float}.get(base, str), default=None, help=help_text
