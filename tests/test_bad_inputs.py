@@ -47,7 +47,7 @@ def test_broken_data_files(name, objective, expected, tmp_path, model_dir, monke
     def no_model(*args, **kwargs):  # the data is refused before any model is loaded
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(align.loop.setup, "load_causal_lm", no_model)
+    monkeypatch.setattr(align.loop.setup, "load_pretrained", no_model)
     path = CORPUS / name
     result = _run(
         ["--objective", objective, "--model", model_dir, "--data", path]

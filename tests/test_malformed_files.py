@@ -95,7 +95,7 @@ def test_malformed_data_files(name, expected, tmp_path, model_dir, monkeypatch):
     def no_model(*args, **kwargs):  # the data is refused before any model is loaded
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(align.loop.setup, "load_causal_lm", no_model)
+    monkeypatch.setattr(align.loop.setup, "load_pretrained", no_model)
     path = CORPUS / name
     if name in GENERATED:
         path = tmp_path / name
