@@ -293,6 +293,23 @@ def test_bad_reward_models_are_refused_at_resolve(make, message, tmp_path, token
         _resolve(f"model:{make(tmp_path, tokenizer, model_dir)}")
 
 
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("SEQ_CLS", r"a reward model's LoRA adapter .*align merge .*/adapter --output DIR"),
+        ("CAUSAL_LM", r"adapter of task type CAUSAL_LM, not a reward model's .*reward-model"),
+    ],
+)
+def test_a_lora_adapter_is_refused_with_what_to_do(task, message, tmp_path):
+    """A reward model trained with --lora leaves an adapter: merged, it is a reward model; a
+    language model's adapter merged is still a language model, which merging cannot help."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": task}))
+    with pytest.raises(ConfigError, match=message):
+        _resolve(f"model:{adapter}")
+
+
 def test_pickled_weights_and_a_missing_tokenizer_are_refused(reward_dir, tmp_path):
     pickled = tmp_path / "pickled"
     shutil.copytree(reward_dir, pickled)
