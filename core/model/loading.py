@@ -181,6 +181,15 @@ def check_single_score(model: Any, named: str) -> None:
         )
 
 
+def set_pad_token_id(model: Any, pad_token_id: int) -> None:
+    """Give a sequence classifier the pad token by which it finds each sequence's last token:
+    on its config, and on its text config where that is another (a multimodal model's)."""
+    model.config.pad_token_id = pad_token_id
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None and text is not model.config:
+        text.pad_token_id = pad_token_id
+
+
 def saved_sequence_classifier(directory: Any) -> str | None:
     """The architecture of a saved model or LoRA adapter directory when it is a sequence
     classifier (a reward model, which scores text and cannot generate), else None (also for

@@ -235,6 +235,47 @@ def test_lora_trains_the_score_head_alongside_the_adapter(tmp_path, preference_d
         assert torch.allclose(whole(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
+def test_a_merged_lora_reward_model_pads_as_it_trained(tmp_path, monkeypatch):
+    """The base's config.json may name another pad token than the tokenizer's (here 5, the
+    tokenizer's is 0): the run trains with the tokenizer's, and the adapter saves no config, so
+    align merge must give the merged model the tokenizer's, or a padded batch is scored at a
+    pad position; the merged model is a reward model ``--reward model:`` takes."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from align import demo
+    from align.rollout.model_reward import model_reward
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    model = LlamaForCausalLM.from_pretrained(demo.demo_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(demo.demo_model_path())
+    assert tokenizer.pad_token_id == 0
+    model.config.pad_token_id = 5
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    pairs = [{"prompt": f"{a} + 1 =", "chosen": f" {a + 1}", "rejected": " 0"} for a in range(8)]
+    out = tmp_path / "rm"
+    align.train(
+        "reward-model", str(base), pairs, max_steps=1, batch_size=8, lr=1e-2, lora=True,
+        output_dir=str(out),
+    )  # fmt: skip
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(out / "final"), "--output", str(merged)])
+    assert result.exit_code == 0, result.output
+    whole = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert whole.config.pad_token_id == tokenizer.pad_token_id
+    adapted = AutoPeftModelForSequenceClassification.from_pretrained(
+        out / "final", num_labels=1, pad_token_id=tokenizer.pad_token_id
+    ).eval()  # the model as it trained
+    inputs = tokenizer(["3 + 1 = 4", "1 + 1 = 2 2 2 2"], return_tensors="pt", padding=True)
+    assert (inputs["input_ids"] == tokenizer.pad_token_id).any()  # a padded row
+    with torch.no_grad():
+        want, got = adapted(**inputs).logits, whole(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got, want)
+    assert model_reward(str(merged), "--reward").name == "merged"
+
+
 def test_the_demo_trains_the_demo_model_on_the_demo_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
