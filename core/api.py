@@ -437,6 +437,12 @@ def _rewards(rewards: Any, weights: Any, values: dict[str, Any]) -> dict[int, An
                     f"{where}: {item!r} has a weight and reward_weights gives another: use one"
                 )
             names.append(item if weight is None else f"{item}={weight!r}")
+        elif hasattr(item, "config") and hasattr(item, "save_pretrained"):
+            raise ConfigError(
+                f"{where}: a loaded model ({type(item).__name__}) is no reward function: save "
+                "a reward model with its tokenizer (save_pretrained(DIR) on both) and give "
+                '"model:DIR", as --reward model:DIR'
+            )
         elif callable(item):
             functions[index] = (item, 1.0 if weight is None else weight)
         else:

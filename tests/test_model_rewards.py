@@ -430,6 +430,20 @@ def test_align_train_takes_a_model_reward_with_a_function(reward_dir, tmp_path):
     )
 
 
+def test_align_train_refuses_a_loaded_model_as_a_reward(reward_dir, tmp_path):
+    """A loaded model is callable, so it was taken for a reward function and failed at the
+    first round (``You must specify exactly one of input_ids…``): refused up front."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    with pytest.raises(ConfigError, match=r"rewards\[0\]: a loaded model .* \"model:DIR\""):
+        align.train(
+            objective="grpo", model="demo", rewards=[model], max_steps=1,
+            output_dir=str(tmp_path / "api"),
+        )  # fmt: skip
+    assert not (tmp_path / "api").exists()
+
+
 def test_align_rewards_lists_model_rewards():
     text = CliRunner().invoke(cli, ["rewards"]).output
     assert "model:PATH  (align-core)" in text
