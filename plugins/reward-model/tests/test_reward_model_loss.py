@@ -287,6 +287,37 @@ def test_the_demo_trains_the_demo_model_on_the_demo_pairs(tmp_path, monkeypatch)
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
 
 
+@pytest.mark.xdist_group("torchrun")
+def test_two_processes_equal_one_large_batch(tmp_path, preference_data, monkeypatch):
+    """Packed batches under DDP (the scores read the pad token through the wrapper, which
+    has no config): batch 2 on two processes equals batch 4 on one, every metric."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    args = ["--objective", "reward-model", "--model", "demo", "--data", str(preference_data)]
+    args += ["--eval-data", str(preference_data), "--max-steps", "2", "--lr", "1e-2"]
+    two = [sys.executable, "-m", "align.cli", "run", *args, "--batch-size", "2"]
+    two += ["--num-processes", "2", "--output-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(two, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _run(*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    one, two = (
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    )
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert info["packed_batches"] is True
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"step", "epoch", "learning_rate", "num_tokens_computed"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
+
+
 def test_what_needs_log_probs_is_refused(tmp_path, preference_data, monkeypatch):
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     result = _run(
