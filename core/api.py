@@ -77,7 +77,7 @@ def train(
     ``model``: a hub id or directory, or a loaded ``transformers`` model (trained in place);
     ``tokenizer``: a path or a tokenizer object (default: the model's); ``data`` and
     ``eval_data``: a path or hub id, a list of dicts, a ``datasets.Dataset``, or a list of
-    paths and datasets (a mixture); ``rewards`` (grpo, online-dpo): registered names
+    paths and datasets (a mixture); ``rewards`` (on-policy objectives): registered names
     (``"addition"``, ``"length=0.5"``) and Python functions ``f(prompts, completions,
     **kwargs) -> list[float]``, with TRL's ``reward_weights``; ``**kwargs``: core options
     (``lr=1e-5``, ``max_steps=100``), the objective's options (``beta=0.1``, or

@@ -4,6 +4,7 @@ loads as a sequence classifier and scores; what cannot apply to a reward model i
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -331,6 +332,25 @@ def test_what_needs_log_probs_is_refused(tmp_path, preference_data, monkeypatch)
         align.Objective("x", "x", model_class="sequence_classification", needs_reference=True)
     with pytest.raises(TypeError, match="model_class must be one of"):
         align.Objective("x", "x", model_class="seq2seq")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "addition"], r"for on-policy objectives \(.*online-dpo, rloo\)"),
+        (["--ref-model", "demo"], r"uses no reference model .*\(it trains a sequence class"),
+    ],
+)
+def test_what_a_reward_model_run_cannot_take_is_refused_truly(flags, message, tmp_path):
+    """The refusals list today's on-policy objectives, and do not offer --eval-deviation,
+    which a reward model's run refuses."""
+    result = _run(
+        "--objective", "reward-model", *flags, "--max-steps", "1",
+        "--output-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert re.search(message, result.output), result.output
+    assert "eval-deviation" not in result.output
 
 
 def test_a_given_model_must_be_a_one_label_classifier():
