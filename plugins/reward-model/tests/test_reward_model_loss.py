@@ -370,6 +370,20 @@ def test_a_given_model_must_be_a_one_label_classifier():
         load_model(cfg, three, "sequence_classification", 0)
 
 
+def test_a_saved_classifier_with_other_labels_is_refused_by_path(tmp_path):
+    """transformers raises a bare RuntimeError (the head's shape) for it."""
+    from align.errors import ConfigError
+    from align.model.loading import load_pretrained
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+    )  # fmt: skip
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "two")
+    with pytest.raises(ConfigError, match=r"model '.*two' is a sequence classifier with num_l"):
+        load_pretrained(str(tmp_path / "two"), False, "sequence_classification")
+
+
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, preference_data, monkeypatch):
     """Stopped after step 2 of 5, ``--resume`` restores the adapter and the trained head (PEFT's
     modules_to_save) and ends with the same metrics and weights as a run never stopped."""
