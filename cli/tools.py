@@ -22,7 +22,9 @@ def merge(
     """Merge a LoRA adapter (a run's final/ or checkpoint) into its base model.
 
     Writes a full model (safetensors) and the tokenizer to --output, loadable with
-    AutoModelForCausalLM.from_pretrained.
+    AutoModelForCausalLM.from_pretrained; a reward model's adapter (task type SEQ_CLS)
+    gives a reward model, loadable with AutoModelForSequenceClassification.from_pretrained
+    and usable as --reward model:OUTPUT.
     """
     try:
         from align.tools.merge import merge_adapter

@@ -77,7 +77,7 @@ def train(
     ``model``: a hub id or directory, or a loaded ``transformers`` model (trained in place);
     ``tokenizer``: a path or a tokenizer object (default: the model's); ``data`` and
     ``eval_data``: a path or hub id, a list of dicts, a ``datasets.Dataset``, or a list of
-    paths and datasets (a mixture); ``rewards`` (grpo, rloo, online-dpo): registered names
+    paths and datasets (a mixture); ``rewards`` (on-policy objectives): registered names
     (``"addition"``, ``"length=0.5"``) and Python functions ``f(prompts, completions,
     **kwargs) -> list[float]``, with TRL's ``reward_weights``; ``**kwargs``: core options
     (``lr=1e-5``, ``max_steps=100``), the objective's options (``beta=0.1``, or
@@ -437,6 +437,12 @@ def _rewards(rewards: Any, weights: Any, values: dict[str, Any]) -> dict[int, An
                     f"{where}: {item!r} has a weight and reward_weights gives another: use one"
                 )
             names.append(item if weight is None else f"{item}={weight!r}")
+        elif hasattr(item, "config") and hasattr(item, "save_pretrained"):
+            raise ConfigError(
+                f"{where}: a loaded model ({type(item).__name__}) is no reward function: save "
+                "a reward model with its tokenizer (save_pretrained(DIR) on both) and give "
+                '"model:DIR", as --reward model:DIR'
+            )
         elif callable(item):
             functions[index] = (item, 1.0 if weight is None else weight)
         else:

@@ -231,9 +231,14 @@ def _check_reference(config: TrainConfig, objective: Any, options: Any, sources:
     uses_reference = objective.uses_reference(options) or config.eval_deviation
     chosen = [_named(key, sources) for key in ("reference", "ref_model") if key in sources]
     if chosen and not uses_reference:
+        unless = (  # a reward model has no log-probs to drift: --eval-deviation is refused
+            " (unless --eval-deviation measures the drift from one)"
+            if objective.model_class == "causal_lm"
+            else f" (it trains a {objective.model_class.replace('_', ' ')} model)"
+        )
         raise ConfigError(
             f"{' and '.join(chosen)}: objective {objective.name!r} uses no reference model "
-            "with these options (unless --eval-deviation measures the drift from one)"
+            f"with these options{unless}"
         )
     if config.ref_model and config.reference == "adapter":
         raise ConfigError(
@@ -371,7 +376,7 @@ def resolve(
         )
         section_options[name] = _validate(section.options, values, sources, f"section {name!r}: ")
     _check_reference(config, registered.item, options, core_sources)
-    _check_sampling(config, registered.item, core_sources)
+    _check_sampling(config, registered.item, core_sources, registry)
     _check_teacher(config, registered.item, core_sources)
     rewards = _resolve_rewards(
         registry, config, registered.item, file_values, set_values, where_file, core_sources
@@ -418,16 +423,19 @@ def _check_teacher(config: TrainConfig, objective: Any, sources: Sources) -> Non
         raise ConfigError(f"{', '.join(stray)}: set for a teacher, and the run has no --teacher")
 
 
-def _check_sampling(config: TrainConfig, objective: Any, sources: Sources) -> None:
+def _check_sampling(
+    config: TrainConfig, objective: Any, sources: Sources, registry: PluginRegistry
+) -> None:
     """Sampling options belong to on-policy objectives; the generator must be registered."""
     if objective.on_policy:
         return
     given = [_named(key, sources) for key in SAMPLING_KEYS if key in sources]
     if given:
+        objectives = registry.objectives.items()  # presets (lora-sft) have no on_policy
+        on_policy = sorted(n for n, r in objectives if getattr(r.item, "on_policy", False))
         raise ConfigError(
             f"{', '.join(given)}: objective {objective.name!r} learns from fixed data and samples "
-            "no completions; these options are for on-policy objectives (grpo, rloo, online-dpo, "
-            "distill)"
+            f"no completions; these options are for on-policy objectives ({', '.join(on_policy)})"
         )
 
 

@@ -293,6 +293,23 @@ def test_bad_reward_models_are_refused_at_resolve(make, message, tmp_path, token
         _resolve(f"model:{make(tmp_path, tokenizer, model_dir)}")
 
 
+@pytest.mark.parametrize(
+    "task, message",
+    [
+        ("SEQ_CLS", r"a reward model's LoRA adapter .*align merge .*/adapter --output DIR"),
+        ("CAUSAL_LM", r"adapter of task type CAUSAL_LM, not a reward model's .*reward-model"),
+    ],
+)
+def test_a_lora_adapter_is_refused_with_what_to_do(task, message, tmp_path):
+    """A reward model trained with --lora leaves an adapter: merged, it is a reward model; a
+    language model's adapter merged is still a language model, which merging cannot help."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"task_type": task}))
+    with pytest.raises(ConfigError, match=message):
+        _resolve(f"model:{adapter}")
+
+
 def test_pickled_weights_and_a_missing_tokenizer_are_refused(reward_dir, tmp_path):
     pickled = tmp_path / "pickled"
     shutil.copytree(reward_dir, pickled)
@@ -411,6 +428,20 @@ def test_align_train_takes_a_model_reward_with_a_function(reward_dir, tmp_path):
     assert row["reward"] == pytest.approx(
         2 * row["rewards/rm/mean"] + row["rewards/short/mean"], abs=1e-5
     )
+
+
+def test_align_train_refuses_a_loaded_model_as_a_reward(reward_dir, tmp_path):
+    """A loaded model is callable, so it was taken for a reward function and failed at the
+    first round (``You must specify exactly one of input_ids…``): refused up front."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir)
+    with pytest.raises(ConfigError, match=r"rewards\[0\]: a loaded model .* \"model:DIR\""):
+        align.train(
+            objective="grpo", model="demo", rewards=[model], max_steps=1,
+            output_dir=str(tmp_path / "api"),
+        )  # fmt: skip
+    assert not (tmp_path / "api").exists()
 
 
 def test_align_rewards_lists_model_rewards():

@@ -25,7 +25,12 @@ import torch
 from .. import demo
 from ..config import RunSpec, check_model_and_data
 from ..errors import ConfigError
-from ..model.loading import check_single_score, is_sequence_classifier, load_pretrained
+from ..model.loading import (
+    check_single_score,
+    is_sequence_classifier,
+    load_pretrained,
+    set_pad_token_id,
+)
 from . import resume, rundir
 from .rundir import RunLock
 
@@ -368,10 +373,7 @@ def load_model(
             set_seed(cfg.seed)  # right before loading, as TRL's RewardTrainer does
         model = load_pretrained(cfg.model, cfg.trust_remote_code, model_class, **load_kwargs)
     if model_class == "sequence_classification" and pad_token_id is not None:
-        model.config.pad_token_id = pad_token_id
-        text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-        if text is not None and text is not model.config:
-            text.pad_token_id = pad_token_id
+        set_pad_token_id(model, pad_token_id)
     if cfg.gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x

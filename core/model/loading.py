@@ -129,6 +129,7 @@ def load_pretrained(
     if model_class == "sequence_classification":
         auto, kwargs = AutoModelForSequenceClassification, {"num_labels": 1, **kwargs}
         quiet = _head_swap_unreported()
+        _refuse_other_labels(path, trust_remote_code, role)
     try:
         with quiet:
             model = auto.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
@@ -137,6 +138,25 @@ def load_pretrained(
     if model_class == "sequence_classification":
         check_single_score(model, f"{role} {path!r}")
     return model
+
+
+def _refuse_other_labels(path: str, trust_remote_code: bool, role: str) -> None:
+    """A saved classifier with another number of labels cannot load as a one-label one (its
+    head's shape differs: transformers raises a bare RuntimeError): said with its path."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # from_pretrained says why
+    names = [str(a) for a in getattr(config, "architectures", None) or []]
+    labels = config.num_labels
+    if any(a.endswith("ForSequenceClassification") for a in names) and labels != 1:
+        raise ConfigError(
+            f"{role} {path!r} is a sequence classifier with num_labels={labels}; a reward model "
+            "gives one score per sequence (num_labels=1): start from its language model or a "
+            "one-label classifier"
+        )
 
 
 @contextlib.contextmanager
@@ -179,6 +199,15 @@ def check_single_score(model: Any, named: str) -> None:
             f"{named} has num_labels={labels}; a reward model gives one score per sequence "
             "(num_labels=1)"
         )
+
+
+def set_pad_token_id(model: Any, pad_token_id: int) -> None:
+    """Give a sequence classifier the pad token by which it finds each sequence's last token:
+    on its config, and on its text config where that is another (a multimodal model's)."""
+    model.config.pad_token_id = pad_token_id
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text is not None and text is not model.config:
+        text.pad_token_id = pad_token_id
 
 
 def saved_sequence_classifier(directory: Any) -> str | None:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .attention import packed_attention
+from .head import inner_model
 
 
 def classifier_head(model: Any) -> torch.nn.Module | None:
@@ -64,7 +65,8 @@ def sequence_scores(model: Any, batch: dict[str, Any], prefix: str = "") -> torc
             "not once: its scores of a packed batch cannot be read"
         )
     per_position = caught[0].squeeze(-1).float().flatten()
-    return per_position[last_positions(batch, model.config.pad_token_id, prefix)]
+    pad_token_id = inner_model(model).config.pad_token_id  # DDP's wrapper has no config
+    return per_position[last_positions(batch, pad_token_id, prefix)]
 
 
 def last_positions(batch: dict[str, Any], pad_token_id: int | None, prefix: str = "") -> Any:

@@ -87,13 +87,7 @@ def model_reward(path: str, source: str) -> Reward:
         raise ConfigError(f"{where}: not a directory (give the model's directory)")
     config_file = directory / "config.json"
     if not config_file.is_file():
-        adapter = (directory / "adapter_config.json").is_file()
-        why = (
-            "a LoRA adapter without its base model; merge it first (align merge)"
-            if adapter
-            else "not a model directory"
-        )
-        raise ConfigError(f"{where}: no config.json: {why}")
+        raise ConfigError(f"{where}: no config.json: {_why_no_config(directory, path)}")
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -128,6 +122,28 @@ def model_reward(path: str, source: str) -> Reward:
     name = reward_name(path)
     description = f"reward model {path}: its score of the prompt and completion"
     return Reward(name, description, ModelReward(path, name), options=ModelRewardOptions)
+
+
+def _why_no_config(directory: Path, path: str) -> str:
+    """What a directory without config.json is: a reward model's LoRA adapter (PEFT's task type
+    ``SEQ_CLS``, which ``align merge`` makes a whole reward model of), another adapter (a
+    language model's, which merging leaves a language model), or no model at all."""
+    try:
+        adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "not a model directory"
+    task = adapter.get("task_type") if isinstance(adapter, dict) else None
+    if task == "SEQ_CLS":
+        return (
+            "a reward model's LoRA adapter (task type SEQ_CLS), without its base model: merge "
+            f"it into a whole model, align merge {path} --output DIR, and give "
+            f"{MODEL_PREFIX}DIR"
+        )
+    return (
+        f"a LoRA adapter of task type {task}, not a reward model's (SEQ_CLS): merged, it "
+        "would be no sequence classifier either; train a reward model with --objective "
+        "reward-model"
+    )
 
 
 def _num_labels(config: dict[str, Any]) -> int:

@@ -12,7 +12,12 @@ import torch
 from ..errors import ConfigError
 from ..loop.checkpoint import replace_dir
 from ..loop.resume import refused
-from ..model.loading import is_sequence_classifier, load_pretrained, saved_sequence_classifier
+from ..model.loading import (
+    is_sequence_classifier,
+    load_pretrained,
+    saved_sequence_classifier,
+    set_pad_token_id,
+)
 
 
 def _stored_dtype(base: str, trust_remote_code: bool) -> torch.dtype | None:
@@ -53,8 +58,11 @@ def merge_adapter(
         merged = merged.to(stored)
     tokenizer_source = adapter if (Path(adapter) / "tokenizer_config.json").exists() else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-    if is_sequence_classifier(merged) and merged.config.pad_token_id is None:
-        merged.config.pad_token_id = tokenizer.pad_token_id  # a reward model finds its last token
+    if is_sequence_classifier(merged) and tokenizer.pad_token_id is not None:
+        # A reward model finds each text's last token by its pad token: the tokenizer's, which
+        # it trained with (align and TRL set it on the model's config; an adapter saves no
+        # config, and the base's own pad_token_id may be another or none).
+        set_pad_token_id(merged, tokenizer.pad_token_id)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

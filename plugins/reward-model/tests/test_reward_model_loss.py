@@ -4,6 +4,7 @@ loads as a sequence classifier and scores; what cannot apply to a reward model i
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -235,6 +236,47 @@ def test_lora_trains_the_score_head_alongside_the_adapter(tmp_path, preference_d
         assert torch.allclose(whole(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
 
 
+def test_a_merged_lora_reward_model_pads_as_it_trained(tmp_path, monkeypatch):
+    """The base's config.json may name another pad token than the tokenizer's (here 5, the
+    tokenizer's is 0): the run trains with the tokenizer's, and the adapter saves no config, so
+    align merge must give the merged model the tokenizer's, or a padded batch is scored at a
+    pad position; the merged model is a reward model ``--reward model:`` takes."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from align import demo
+    from align.rollout.model_reward import model_reward
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    model = LlamaForCausalLM.from_pretrained(demo.demo_model_path())
+    tokenizer = AutoTokenizer.from_pretrained(demo.demo_model_path())
+    assert tokenizer.pad_token_id == 0
+    model.config.pad_token_id = 5
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    pairs = [{"prompt": f"{a} + 1 =", "chosen": f" {a + 1}", "rejected": " 0"} for a in range(8)]
+    out = tmp_path / "rm"
+    align.train(
+        "reward-model", str(base), pairs, max_steps=1, batch_size=8, lr=1e-2, lora=True,
+        output_dir=str(out),
+    )  # fmt: skip
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(cli, ["merge", str(out / "final"), "--output", str(merged)])
+    assert result.exit_code == 0, result.output
+    whole = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert whole.config.pad_token_id == tokenizer.pad_token_id
+    adapted = AutoPeftModelForSequenceClassification.from_pretrained(
+        out / "final", num_labels=1, pad_token_id=tokenizer.pad_token_id
+    ).eval()  # the model as it trained
+    inputs = tokenizer(["3 + 1 = 4", "1 + 1 = 2 2 2 2"], return_tensors="pt", padding=True)
+    assert (inputs["input_ids"] == tokenizer.pad_token_id).any()  # a padded row
+    with torch.no_grad():
+        want, got = adapted(**inputs).logits, whole(**inputs).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got, want)
+    assert model_reward(str(merged), "--reward").name == "merged"
+
+
 def test_the_demo_trains_the_demo_model_on_the_demo_pairs(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
@@ -244,6 +286,37 @@ def test_the_demo_trains_the_demo_model_on_the_demo_pairs(tmp_path, monkeypatch)
     assert info["data"]["train"]["path"].endswith("preference_train.jsonl")
     assert info["packed_batches"] is True  # the probe found the packed scores exact
     AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "final")
+
+
+@pytest.mark.xdist_group("torchrun")
+def test_two_processes_equal_one_large_batch(tmp_path, preference_data, monkeypatch):
+    """Packed batches under DDP (the scores read the pad token through the wrapper, which
+    has no config): batch 2 on two processes equals batch 4 on one, every metric."""
+    import os
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    args = ["--objective", "reward-model", "--model", "demo", "--data", str(preference_data)]
+    args += ["--eval-data", str(preference_data), "--max-steps", "2", "--lr", "1e-2"]
+    two = [sys.executable, "-m", "align.cli", "run", *args, "--batch-size", "2"]
+    two += ["--num-processes", "2", "--output-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(two, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = _run(*args, "--batch-size", "4", "--output-dir", str(tmp_path / "one"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    one, two = (
+        [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("one", "two")
+    )
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert info["packed_batches"] is True
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"step", "epoch", "learning_rate", "num_tokens_computed"}:
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
 
 
 def test_what_needs_log_probs_is_refused(tmp_path, preference_data, monkeypatch):
@@ -261,6 +334,25 @@ def test_what_needs_log_probs_is_refused(tmp_path, preference_data, monkeypatch)
         align.Objective("x", "x", model_class="seq2seq")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reward", "addition"], r"for on-policy objectives \(.*online-dpo, rloo\)"),
+        (["--ref-model", "demo"], r"uses no reference model .*\(it trains a sequence class"),
+    ],
+)
+def test_what_a_reward_model_run_cannot_take_is_refused_truly(flags, message, tmp_path):
+    """The refusals list today's on-policy objectives, and do not offer --eval-deviation,
+    which a reward model's run refuses."""
+    result = _run(
+        "--objective", "reward-model", *flags, "--max-steps", "1",
+        "--output-dir", str(tmp_path / "run"),
+    )  # fmt: skip
+    assert result.exit_code != 0
+    assert re.search(message, result.output), result.output
+    assert "eval-deviation" not in result.output
+
+
 def test_a_given_model_must_be_a_one_label_classifier():
     from align.errors import ConfigError
     from align.loop.setup import load_model
@@ -276,6 +368,20 @@ def test_a_given_model_must_be_a_one_label_classifier():
     three = AutoModelForSequenceClassification.from_config(config)
     with pytest.raises(ConfigError, match="num_labels=3"):
         load_model(cfg, three, "sequence_classification", 0)
+
+
+def test_a_saved_classifier_with_other_labels_is_refused_by_path(tmp_path):
+    """transformers raises a bare RuntimeError (the head's shape) for it."""
+    from align.errors import ConfigError
+    from align.model.loading import load_pretrained
+
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+    )  # fmt: skip
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "two")
+    with pytest.raises(ConfigError, match=r"model '.*two' is a sequence classifier with num_l"):
+        load_pretrained(str(tmp_path / "two"), False, "sequence_classification")
 
 
 def test_a_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, preference_data, monkeypatch):
