@@ -82,7 +82,7 @@ def test_lmbda_0_trains_on_the_datas_completions(student_dir, teacher_dir, seen)
 
 def test_lmbda_1_trains_on_the_students_samples_after_each_prompt(student_dir, teacher_dir, seen):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, max_steps=3)
+    result = _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, max_steps=3)
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in PAIRS]
     completions = [tokenizer(p["completion"], add_special_tokens=False)["input_ids"] for p in PAIRS]
     assert len(seen) == 3 and all(on for on, _ in seen)
@@ -92,6 +92,12 @@ def test_lmbda_1_trains_on_the_students_samples_after_each_prompt(student_dir, t
             sampled = row[len(prompt) :]
             assert 1 <= len(sampled) <= RUN["max_completion_length"]
             assert sampled not in completions  # four sampled tokens are not the data's answer
+    rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "reward" not in rows[0]  # no --reward: none scored
+    for row, (_, step_rows) in zip(rows, seen, strict=True):  # a round without rewards too
+        sampled = [len(r) - len(next(p for p in prompts if r[: len(p)] == p)) for r in step_rows]
+        assert row["completions/mean_length"] == pytest.approx(sum(sampled) / len(sampled))
+        assert row["completions/max_length"] == max(sampled)
 
 
 def test_lmbda_between_draws_each_step_from_the_seed(student_dir, teacher_dir, seen):
