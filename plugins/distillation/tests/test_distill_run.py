@@ -5,6 +5,7 @@ short run on the demo."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -249,6 +250,16 @@ def test_teacher_precision_bf16_loads_its_weights_in_bf16(student_dir, teacher_d
     monkeypatch.setattr("align.loop.train.load_teacher", spy)
     _train(student_dir, teacher_dir, PAIRS, max_steps=1, teacher_precision="bf16")
     assert {p.dtype for p in loaded[0].model.parameters()} == {torch.bfloat16}
+
+
+def test_resume_takes_the_teacher_directory_under_another_name(teacher_dir):
+    from align.loop.resume import check_same_run
+
+    relative = os.path.relpath(teacher_dir)  # the same directory, named from the run's cwd
+    before = {"config": {"teacher": relative}, "num_processes": 1, "data": {}}
+    assert check_same_run(before, {"teacher": str(teacher_dir)}, None, 1) == {}
+    with pytest.raises(align.ConfigError, match="teacher: was"):  # another teacher is refused
+        check_same_run(before, {"teacher": str(teacher_dir.parent)}, None, 1)
 
 
 # -- the demo ------------------------------------------------------------------------------------
