@@ -341,6 +341,26 @@ class Training:
                     self.runlog.detail(f"data {split}{named}: {built.summary()}")
         if self.previous is not None:
             resume.check_same_format(self.previous, self.reports)
+        self._check_completions_for_data_rounds()
+
+    def _check_completions_for_data_rounds(self) -> None:
+        """``Sampling(on_policy_share < 1)`` trains the rounds it does not sample on the data's
+        own completions: prompt-only training data has none (unless the teacher samples those
+        rounds, ``teacher_samples``)."""
+        objective = self.spec.objective.item
+        sampling = objective.sampling(self.spec.options) if objective.on_policy else None
+        if sampling is None or sampling.on_policy_share >= 1 or sampling.teacher_samples:
+            return
+        examples = self.examples.get("train")
+        if self.stream is not None or not examples or "prompt_input_ids" not in examples[0]:
+            return
+        raise ConfigError(
+            f"objective {objective.name!r} trains {1 - sampling.on_policy_share:.0%} of its "
+            f"rounds on the data's own completions (Sampling(on_policy_share="
+            f"{sampling.on_policy_share:g})), and the training data "
+            f"({self.spec.given.named(self.cfg.data)}, format {self.reports['train'].format}) "
+            "is prompts only: give prompt_completion or conversation data"
+        )
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when
