@@ -111,6 +111,41 @@ def test_lmbda_between_draws_each_step_from_the_seed(student_dir, teacher_dir, s
     assert [r["on_policy"] for r in rows if "loss" in r] == [float(e) for e in expected]
 
 
+def test_eval_scores_the_eval_datas_completions_below_lmbda_1_and_samples_at_1(
+    student_dir, teacher_dir, monkeypatch
+):
+    import align_distillation.loss as loss
+
+    evals: list[tuple[bool, list[list[int]]]] = []  # eval batches: (on_policy, rows)
+    original = loss.distill_loss
+
+    def spy(model, batch, *args, **kwargs):
+        if not model.training:
+            rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"],
+                                                                batch["attention_mask"],
+                                                                strict=True)]  # fmt: skip
+            evals.append((bool(batch["on_policy"]), rows))
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(loss, "distill_loss", spy)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    held_out = PAIRS[:2]
+    data = [
+        tokenizer(p["prompt"])["input_ids"]
+        + tokenizer(p["completion"], add_special_tokens=False)["input_ids"]
+        for p in held_out
+    ]
+    extra = {"eval_data": held_out, "eval_every": 1, "max_steps": 2}
+    _train(student_dir, teacher_dir, PAIRS, lmbda=0.5, seed=3, **extra)
+    assert len(evals) == 2 and not any(on for on, _ in evals)
+    assert evals[0][1] == evals[1][1]  # fixed, comparable from one evaluation to the next
+    for row in evals[0][1]:  # the eval records' own sequences
+        assert any(row[: len(d)] == d for d in data), row
+    evals.clear()
+    _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, overwrite=True, **extra)
+    assert len(evals) == 2 and all(on for on, _ in evals)  # sampled after the eval prompts
+
+
 def test_seq_kd_trains_the_other_steps_on_the_teachers_samples(
     student_dir, teacher_dir, seen, monkeypatch
 ):
