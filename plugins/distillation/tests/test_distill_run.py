@@ -230,6 +230,17 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(
     assert "'<tool>'" in message and str(student_dir) in message
 
 
+def test_a_reward_model_as_teacher_is_refused(student_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(student_dir, num_labels=1)
+    reward_model = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward_model)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(reward_model)
+    with pytest.raises(align.ConfigError, match="is a reward model .*ForSequenceClassification"):
+        _train(student_dir, reward_model, PAIRS, max_steps=1)
+
+
 def test_a_teacher_without_a_tokenizer_is_checked_by_its_vocab_size(
     student_dir, teacher_dir, tmp_path
 ):
