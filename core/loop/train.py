@@ -345,22 +345,24 @@ class Training:
 
     def _check_completions_for_data_rounds(self) -> None:
         """``Sampling(on_policy_share < 1)`` trains the rounds it does not sample on the data's
-        own completions: prompt-only training data has none (unless the teacher samples those
-        rounds, ``teacher_samples``)."""
+        own completions: a prompt-only training source (any of a mixture's) has none, unless
+        the teacher samples those rounds (``teacher_samples``)."""
         objective = self.spec.objective.item
         sampling = objective.sampling(self.spec.options) if objective.on_policy else None
         if sampling is None or sampling.on_policy_share >= 1 or sampling.teacher_samples:
             return
-        examples = self.examples.get("train")
-        if self.stream is not None or not examples or "prompt_input_ids" not in examples[0]:
-            return
-        raise ConfigError(
-            f"objective {objective.name!r} trains {1 - sampling.on_policy_share:.0%} of its "
-            f"rounds on the data's own completions (Sampling(on_policy_share="
-            f"{sampling.on_policy_share:g})), and the training data "
-            f"({self.spec.given.named(self.cfg.data)}, format {self.reports['train'].format}) "
-            "is prompts only: give prompt_completion or conversation data"
-        )
+        for source in self.sources.get("train") or []:
+            fmt, _, _ = self.hooks.format_for(source, streaming=self.stream is not None)
+            if fmt.shape != "prompt_only":
+                continue
+            share = sampling.on_policy_share
+            raise ConfigError(
+                f"objective {objective.name!r} trains {1 - share:.0%} of its rounds on the "
+                f"data's own completions (Sampling(on_policy_share={share:g})), and the "
+                f"training data {source.label} is prompts only (format {fmt.name}): give "
+                f"prompt_completion or conversation data, or options of {objective.name!r} "
+                "that sample every round"
+            )
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when

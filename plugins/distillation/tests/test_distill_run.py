@@ -189,6 +189,17 @@ def test_lmbda_below_1_with_prompts_only_is_refused_naming_lmbda(student_dir, te
         _train(student_dir, teacher_dir, prompts, lmbda=0.5, max_steps=1)
 
 
+def test_lmbda_below_1_with_a_prompt_only_source_in_a_mixture_is_refused_naming_it(
+    student_dir, teacher_dir, tmp_path
+):
+    pairs, prompts = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in PAIRS))
+    with pytest.raises(align.ConfigError, match=r"prompts\.jsonl is prompts only"):
+        _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=0.5, max_steps=2)
+    _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=1.0, max_steps=1)
+
+
 def test_prompt_only_data_trains_fully_on_policy_without_rewards(student_dir, teacher_dir, seen):
     prompts = [{"prompt": p["prompt"]} for p in PAIRS]
     _train(student_dir, teacher_dir, prompts, max_steps=2)  # no --reward: none needed
