@@ -351,17 +351,33 @@ class Training:
         sampling = objective.sampling(self.spec.options) if objective.on_policy else None
         if sampling is None or sampling.on_policy_share >= 1 or sampling.teacher_samples:
             return
+        share = sampling.on_policy_share
         for source in self.sources.get("train") or []:
             fmt, _, _ = self.hooks.format_for(source, streaming=self.stream is not None)
             if fmt.shape != "prompt_only":
                 continue
-            share = sampling.on_policy_share
             raise ConfigError(
                 f"objective {objective.name!r} trains {1 - share:.0%} of its rounds on the "
                 f"data's own completions (Sampling(on_policy_share={share:g})), and the "
                 f"training data {source.label} is prompts only (format {fmt.name}): give "
                 f"prompt_completion or conversation data, or options of {objective.name!r} "
                 "that sample every round"
+            )
+        # Evaluation scores eval data with completions as it is and samples prompt-only eval
+        # data: one eval batch cannot be both.
+        shapes = {
+            source.label: self.hooks.format_for(source)[0].shape
+            for source in self.sources.get("eval") or []
+        }
+        prompts = [label for label, shape in shapes.items() if shape == "prompt_only"]
+        if prompts and len(prompts) < len(shapes):
+            others = [label for label in shapes if label not in prompts]
+            raise ConfigError(
+                f"--eval-data mixes prompt-only sources ({', '.join(prompts)}) with sources "
+                f"that have completions ({', '.join(others)}): objective {objective.name!r} "
+                f"(Sampling(on_policy_share={share:g})) scores the completions of eval data "
+                "that has them and samples after prompt-only eval data, so every eval source "
+                "must be of one kind"
             )
 
     def _load_model(self) -> None:

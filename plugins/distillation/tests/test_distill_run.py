@@ -198,6 +198,11 @@ def test_lmbda_below_1_with_a_prompt_only_source_in_a_mixture_is_refused_naming_
     with pytest.raises(align.ConfigError, match=r"prompts\.jsonl is prompts only"):
         _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=0.5, max_steps=2)
     _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=1.0, max_steps=1)
+    # the eval split: its completions scored, or prompt-only eval data sampled; not both (the
+    # second batch of 4 of these 6 + 6 eval records would hold both kinds)
+    with pytest.raises(align.ConfigError, match="--eval-data mixes prompt-only sources"):
+        _train(student_dir, teacher_dir, str(pairs), lmbda=0.5, max_steps=2, batch_size=4,
+               eval_data=[str(pairs), str(prompts)], eval_every=1, overwrite=True)  # fmt: skip
 
 
 def test_prompt_only_data_trains_fully_on_policy_without_rewards(student_dir, teacher_dir, seen):
