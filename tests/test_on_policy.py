@@ -286,6 +286,19 @@ def test_an_on_policy_objective_needs_a_reward(tmp_path, model_dir, prompts_file
     assert "give --reward NAME[=WEIGHT]" in result.output
 
 
+def test_a_share_of_data_rounds_on_prompt_only_data_is_refused(tmp_path, model_dir, prompts_file):
+    """Sampling(on_policy_share < 1) trains the other rounds on the data's completions: a
+    prompt-only file has none, said before training (not a KeyError at the first such round)."""
+    plugin = Reinforce()
+    plugin.sampling = align.Sampling(3, on_policy_share=0.5)
+    args = ["--objective", "reinforce", "--model", model_dir, "--data", prompts_file]
+    args += ["--reward", "addition", "--generator", "fixed", "--max-completion-length", "8"]
+    with registered(plugin, FixedCompletions(), only=True):
+        result = _run(*args, "--max-steps", "4", "--output-dir", tmp_path / "x", expect=1)
+    assert "on_policy_share=0.5" in result.output and str(prompts_file) in result.output
+    assert "prompts only" in result.output and "KeyError" not in result.output
+
+
 def test_a_resumed_on_policy_run_samples_what_the_uninterrupted_one_did(
     tmp_path, model_dir, prompts_file
 ):

@@ -413,7 +413,11 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 
 
 def _comparable(key: str, value: Any) -> Any:
-    if key in ("model", "ref_model") and isinstance(value, str) and os.path.exists(value):
+    if (
+        key in ("model", "ref_model", "teacher")
+        and isinstance(value, str)
+        and os.path.exists(value)
+    ):
         return os.path.realpath(value)
     return value
 

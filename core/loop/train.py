@@ -341,6 +341,44 @@ class Training:
                     self.runlog.detail(f"data {split}{named}: {built.summary()}")
         if self.previous is not None:
             resume.check_same_format(self.previous, self.reports)
+        self._check_completions_for_data_rounds()
+
+    def _check_completions_for_data_rounds(self) -> None:
+        """``Sampling(on_policy_share < 1)`` trains the rounds it does not sample on the data's
+        own completions: a prompt-only training source (any of a mixture's) has none, unless
+        the teacher samples those rounds (``teacher_samples``)."""
+        objective = self.spec.objective.item
+        sampling = objective.sampling(self.spec.options) if objective.on_policy else None
+        if sampling is None or sampling.on_policy_share >= 1 or sampling.teacher_samples:
+            return
+        share = sampling.on_policy_share
+        for source in self.sources.get("train") or []:
+            fmt, _, _ = self.hooks.format_for(source, streaming=self.stream is not None)
+            if fmt.shape != "prompt_only":
+                continue
+            raise ConfigError(
+                f"objective {objective.name!r} trains {1 - share:.0%} of its rounds on the "
+                f"data's own completions (Sampling(on_policy_share={share:g})), and the "
+                f"training data {source.label} is prompts only (format {fmt.name}): give "
+                f"prompt_completion or conversation data, or options of {objective.name!r} "
+                "that sample every round"
+            )
+        # Evaluation scores eval data with completions as it is and samples prompt-only eval
+        # data: one eval batch cannot be both.
+        shapes = {
+            source.label: self.hooks.format_for(source)[0].shape
+            for source in self.sources.get("eval") or []
+        }
+        prompts = [label for label, shape in shapes.items() if shape == "prompt_only"]
+        if prompts and len(prompts) < len(shapes):
+            others = [label for label in shapes if label not in prompts]
+            raise ConfigError(
+                f"--eval-data mixes prompt-only sources ({', '.join(prompts)}) with sources "
+                f"that have completions ({', '.join(others)}): objective {objective.name!r} "
+                f"(Sampling(on_policy_share={share:g})) scores the completions of eval data "
+                "that has them and samples after prompt-only eval data, so every eval source "
+                "must be of one kind"
+            )
 
     def _load_model(self) -> None:
         """The policy, through the model-preparation plugins, its dropout switched off when

@@ -336,10 +336,11 @@ def forward_hidden(
     of ``forward_logps(...).mask``'s set positions (row by row), with gradients when enabled.
     No logits are computed: the output head's forward is replaced for the call.
 
-    ``compute(rows, head)``: called inside the model's forward with those rows and the model's
-    :class:`align.model.head.OutputHead`, after the forward (under the autocast the forward
-    ran in), and its result returned instead of the rows: a loss that goes through the head
-    (on-policy distillation's divergence). Raises
+    ``compute(rows, head)``: called with those rows and the model's
+    :class:`align.model.head.OutputHead` once the model's forward has returned (outside it:
+    under FSDP or ZeRO-3 the head's weight would not be whole there), under the autocast the
+    forward ran in, and its result returned instead of the rows: a loss that goes through the
+    head (on-policy distillation's divergence). Raises
     ``ValueError`` for a model whose head :func:`align.model.head.output_head` does not
     understand (the caller names the model)."""
     head = output_head(model)

@@ -519,9 +519,12 @@ class GenerationRequest:
     """One round of sampling, as a generation backend gets it.
 
     ``prompts``: token ids per prompt (unpadded); ``num_generations`` completions per prompt,
-    returned prompt by prompt. ``model``: the policy, unwrapped, in eval mode, without gradients,
-    under the run's autocast. ``seed``: sampling must depend on nothing else (the core seeds
-    torch's generator with it around the call, for backends that use it).
+    returned prompt by prompt. ``model``: the model that samples, unwrapped, in eval mode,
+    without gradients, under the run's autocast: the policy, or in a round the teacher samples
+    (``Sampling(teacher_samples=True)``, GKD's ``seq_kd``) the run's teacher, whose weights are
+    not the policy's (a backend that keeps its own copy of the weights must not take them).
+    ``seed``: sampling must depend on nothing else (the core seeds torch's generator with it
+    around the call, for backends that use it).
     """
 
     model: Any

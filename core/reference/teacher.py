@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.head import OutputHead, _vocab_size, output_head, why_not_from_hidden
-from ..model.loading import load_causal_lm
+from ..model.loading import load_causal_lm, saved_sequence_classifier
 from ..model.logprobs import forward_hidden
 
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,6 +70,13 @@ def load_teacher(cfg: Any, tokenizer: Any, policy: Any, policy_device: Any) -> T
     and moved to ``--teacher-device`` (default: the policy's device)."""
     started = time.time()
     path = cfg.teacher
+    classifier = saved_sequence_classifier(path)
+    if classifier is not None:  # its causal LM would be its backbone and a head it never had
+        raise ConfigError(
+            f"--teacher {path!r} is a reward model ({classifier}): it gives one score per "
+            "sequence, not a next-token distribution to distil; the teacher is a causal "
+            "language model sharing the policy's tokenizer"
+        )
     check_same_tokenizer(path, tokenizer, cfg.trust_remote_code)
     dtype = DTYPES[cfg.teacher_precision or "no"]
     model = load_causal_lm(path, cfg.trust_remote_code, role="teacher", dtype=dtype)

@@ -183,7 +183,7 @@ class RolloutEngine:
         # Every process adds the same value, weighted by the round's completions: rounds of
         # unequal size (an eval split's last micro-batch) then count by their completions, so
         # eval_reward is the mean over every held-out completion, not a mean of batch means.
-        count = len(rewards)  # on every process: rewards were gathered above
+        count = len(lengths)  # on every process (gathered above), with or without rewards
         for name, value in values.items():
             metrics.add(name, torch.tensor(value * count, dtype=torch.float64), count)
 

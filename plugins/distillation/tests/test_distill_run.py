@@ -5,6 +5,7 @@ short run on the demo."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,7 @@ def test_lmbda_0_trains_on_the_datas_completions(student_dir, teacher_dir, seen)
 
 def test_lmbda_1_trains_on_the_students_samples_after_each_prompt(student_dir, teacher_dir, seen):
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, max_steps=3)
+    result = _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, max_steps=3)
     prompts = [tokenizer(p["prompt"])["input_ids"] for p in PAIRS]
     completions = [tokenizer(p["completion"], add_special_tokens=False)["input_ids"] for p in PAIRS]
     assert len(seen) == 3 and all(on for on, _ in seen)
@@ -92,6 +93,12 @@ def test_lmbda_1_trains_on_the_students_samples_after_each_prompt(student_dir, t
             sampled = row[len(prompt) :]
             assert 1 <= len(sampled) <= RUN["max_completion_length"]
             assert sampled not in completions  # four sampled tokens are not the data's answer
+    rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and "reward" not in rows[0]  # no --reward: none scored
+    for row, (_, step_rows) in zip(rows, seen, strict=True):  # a round without rewards too
+        sampled = [len(r) - len(next(p for p in prompts if r[: len(p)] == p)) for r in step_rows]
+        assert row["completions/mean_length"] == pytest.approx(sum(sampled) / len(sampled))
+        assert row["completions/max_length"] == max(sampled)
 
 
 def test_lmbda_between_draws_each_step_from_the_seed(student_dir, teacher_dir, seen):
@@ -102,6 +109,41 @@ def test_lmbda_between_draws_each_step_from_the_seed(student_dir, teacher_dir, s
     assert [on for on, _ in seen] == expected
     rows = [json.loads(r) for r in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["on_policy"] for r in rows if "loss" in r] == [float(e) for e in expected]
+
+
+def test_eval_scores_the_eval_datas_completions_below_lmbda_1_and_samples_at_1(
+    student_dir, teacher_dir, monkeypatch
+):
+    import align_distillation.loss as loss
+
+    evals: list[tuple[bool, list[list[int]]]] = []  # eval batches: (on_policy, rows)
+    original = loss.distill_loss
+
+    def spy(model, batch, *args, **kwargs):
+        if not model.training:
+            rows = [ids[m.bool()].tolist() for ids, m in zip(batch["input_ids"],
+                                                                batch["attention_mask"],
+                                                                strict=True)]  # fmt: skip
+            evals.append((bool(batch["on_policy"]), rows))
+        return original(model, batch, *args, **kwargs)
+
+    monkeypatch.setattr(loss, "distill_loss", spy)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    held_out = PAIRS[:2]
+    data = [
+        tokenizer(p["prompt"])["input_ids"]
+        + tokenizer(p["completion"], add_special_tokens=False)["input_ids"]
+        for p in held_out
+    ]
+    extra = {"eval_data": held_out, "eval_every": 1, "max_steps": 2}
+    _train(student_dir, teacher_dir, PAIRS, lmbda=0.5, seed=3, **extra)
+    assert len(evals) == 2 and not any(on for on, _ in evals)
+    assert evals[0][1] == evals[1][1]  # fixed, comparable from one evaluation to the next
+    for row in evals[0][1]:  # the eval records' own sequences
+        assert any(row[: len(d)] == d for d in data), row
+    evals.clear()
+    _train(student_dir, teacher_dir, PAIRS, lmbda=1.0, overwrite=True, **extra)
+    assert len(evals) == 2 and all(on for on, _ in evals)  # sampled after the eval prompts
 
 
 def test_seq_kd_trains_the_other_steps_on_the_teachers_samples(
@@ -147,6 +189,22 @@ def test_lmbda_below_1_with_prompts_only_is_refused_naming_lmbda(student_dir, te
         _train(student_dir, teacher_dir, prompts, lmbda=0.5, max_steps=1)
 
 
+def test_lmbda_below_1_with_a_prompt_only_source_in_a_mixture_is_refused_naming_it(
+    student_dir, teacher_dir, tmp_path
+):
+    pairs, prompts = tmp_path / "pairs.jsonl", tmp_path / "prompts.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
+    prompts.write_text("".join(json.dumps({"prompt": p["prompt"]}) + "\n" for p in PAIRS))
+    with pytest.raises(align.ConfigError, match=r"prompts\.jsonl is prompts only"):
+        _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=0.5, max_steps=2)
+    _train(student_dir, teacher_dir, [str(pairs), str(prompts)], lmbda=1.0, max_steps=1)
+    # the eval split: its completions scored, or prompt-only eval data sampled; not both (the
+    # second batch of 4 of these 6 + 6 eval records would hold both kinds)
+    with pytest.raises(align.ConfigError, match="--eval-data mixes prompt-only sources"):
+        _train(student_dir, teacher_dir, str(pairs), lmbda=0.5, max_steps=2, batch_size=4,
+               eval_data=[str(pairs), str(prompts)], eval_every=1, overwrite=True)  # fmt: skip
+
+
 def test_prompt_only_data_trains_fully_on_policy_without_rewards(student_dir, teacher_dir, seen):
     prompts = [{"prompt": p["prompt"]} for p in PAIRS]
     _train(student_dir, teacher_dir, prompts, max_steps=2)  # no --reward: none needed
@@ -186,6 +244,17 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(
     message = str(error.value)
     assert str(teacher) in message and "is not the policy's" in message
     assert "'<tool>'" in message and str(student_dir) in message
+
+
+def test_a_reward_model_as_teacher_is_refused(student_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(student_dir, num_labels=1)
+    reward_model = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward_model)
+    AutoTokenizer.from_pretrained(student_dir).save_pretrained(reward_model)
+    with pytest.raises(align.ConfigError, match="is a reward model .*ForSequenceClassification"):
+        _train(student_dir, reward_model, PAIRS, max_steps=1)
 
 
 def test_a_teacher_without_a_tokenizer_is_checked_by_its_vocab_size(
@@ -243,6 +312,16 @@ def test_teacher_precision_bf16_loads_its_weights_in_bf16(student_dir, teacher_d
     monkeypatch.setattr("align.loop.train.load_teacher", spy)
     _train(student_dir, teacher_dir, PAIRS, max_steps=1, teacher_precision="bf16")
     assert {p.dtype for p in loaded[0].model.parameters()} == {torch.bfloat16}
+
+
+def test_resume_takes_the_teacher_directory_under_another_name(teacher_dir):
+    from align.loop.resume import check_same_run
+
+    relative = os.path.relpath(teacher_dir)  # the same directory, named from the run's cwd
+    before = {"config": {"teacher": relative}, "num_processes": 1, "data": {}}
+    assert check_same_run(before, {"teacher": str(teacher_dir)}, None, 1) == {}
+    with pytest.raises(align.ConfigError, match="teacher: was"):  # another teacher is refused
+        check_same_run(before, {"teacher": str(teacher_dir.parent)}, None, 1)
 
 
 # -- the demo ------------------------------------------------------------------------------------
