@@ -75,7 +75,7 @@ class RolloutEngine:
             batch = self._micro_batch(sampler or model, examples, seed, split, accelerator)
             batch["on_policy"] = sampler is None
             batches.append(batch)
-        self._round_metrics(batches, metrics, accelerator)
+        self._round_metrics(batches, metrics, accelerator, by_completions=split != "train")
         if split == "train":  # TRL's num_tokens: each round's prompts and completions, once
             metrics.add("num_tokens", sum(count_sequence_tokens(b) for b in batches), 1)
         return self.hooks.prepare_rollouts(model, batches, reference, run)
@@ -147,7 +147,9 @@ class RolloutEngine:
 
         return send_to_device(batch, accelerator.device)
 
-    def _round_metrics(self, batches: list[dict[str, Any]], metrics: Any, accelerator: Any) -> None:
+    def _round_metrics(
+        self, batches: list[dict[str, Any]], metrics: Any, accelerator: Any, by_completions: bool
+    ) -> None:
         """TRL's generation metrics, over the whole round and every process."""
         from accelerate.utils import gather_object
 
@@ -180,10 +182,12 @@ class RolloutEngine:
         for name in names:
             values[f"rewards/{name}/mean"] = statistics.fmean(local[name])
             values[f"rewards/{name}/std"] = _std(local[name])
-        # Every process adds the same value, weighted by the round's completions: rounds of
-        # unequal size (an eval split's last micro-batch) then count by their completions, so
-        # eval_reward is the mean over every held-out completion, not a mean of batch means.
-        count = len(lengths)  # on every process (gathered above), with or without rewards
+        # Every process adds the same value. A training round (one a step) counts once, so a
+        # row is TRL's mean over its steps; an evaluation's rounds (its micro-batches, the last
+        # one smaller) count by their completions, so eval_reward is the mean over every
+        # held-out completion, not a mean of batch means. ``lengths`` were gathered above: the
+        # same count on every process, with or without rewards.
+        count = len(lengths) if by_completions else 1
         for name, value in values.items():
             metrics.add(name, torch.tensor(value * count, dtype=torch.float64), count)
 
