@@ -226,14 +226,14 @@ def test_align_formats_shows_the_shape_and_the_objectives_each_feeds():
     listed = {item["name"]: item for item in json.loads(result.output)}
     assert listed["sharegpt"]["shape"] == "conversation"
     assert {"sft", "minorsft", "ift", "lora-sft"} <= set(listed["sharegpt"]["objectives"])
-    assert listed["preference"]["objectives"] == ["dpo", "orpo"]
+    assert listed["preference"]["objectives"] == ["dpo", "orpo", "reward-model"]
     assert listed["prompt_completion"]["detected_by"] == [
         ["prompt", "completion"],
         ["messages"],
         ["text"],
     ]
     text = CliRunner().invoke(cli, ["formats"]).output
-    assert "feeds: ift, lora-sft, minorsft, sft" in text
+    assert "feeds: distill, ift, lora-sft, minorsft, sft" in text
 
 
 # -- ShareGPT's errors ---------------------------------------------------------------------------

@@ -148,7 +148,11 @@ class RolloutEngine:
         return send_to_device(batch, accelerator.device)
 
     def _round_metrics(
-        self, batches: list[dict[str, Any]], metrics: Any, accelerator: Any, by_completions: bool
+        self,
+        batches: list[dict[str, Any]],
+        metrics: Any,
+        accelerator: Any,
+        by_completions: bool = False,
     ) -> None:
         """TRL's generation metrics, over the whole round and every process."""
         from accelerate.utils import gather_object
