@@ -51,6 +51,8 @@ _LAZY = {
     "sequence_scores": "model.scores",
     "forward_hidden": "model.logprobs",
     "Teacher": "reference.teacher",
+    "group_statistics": "rollout.groups",
+    "round_mean_std": "rollout.groups",
     "pack": "data.packing",
     "Reference": "reference",
     "MetricSums": "loop.metrics",

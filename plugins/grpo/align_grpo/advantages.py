@@ -31,43 +31,6 @@ import align
 STD_EPSILON = 1e-4  # TRL: advantages / (std + 1e-4)
 
 
-def group_statistics(
-    rewards: torch.Tensor, group: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each completion's group mean and unbiased group standard deviation (NaN for a group of
-    one, as ``trl.trainer.utils.nanstd``)."""
-    _, inverse = torch.unique(group, return_inverse=True)
-    groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    zeros = rewards.new_zeros(groups)
-    counts = zeros.index_add(0, inverse, torch.ones_like(rewards))
-    means = zeros.index_add(0, inverse, rewards) / counts
-    deviations = rewards - means[inverse]
-    variances = zeros.index_add(0, inverse, deviations * deviations) / (counts - 1)
-    return means[inverse], variances.sqrt()[inverse]
-
-
-def round_std(rewards: list[torch.Tensor], accelerator: Any) -> torch.Tensor:
-    """The unbiased standard deviation of every reward of the round, on every process.
-
-    Processes exchange two sums each (count and total, then squared deviations from the
-    common mean), so their micro-batches may differ in size.
-    """
-    local = torch.cat([r.reshape(-1) for r in rewards]).double()
-    distributed = accelerator is not None and accelerator.num_processes > 1
-
-    def total(values: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            values = accelerator.gather(values.unsqueeze(0)).reshape(-1, values.numel())
-            return values.sum(0)
-        return values
-
-    count, sum_ = total(torch.stack([local.new_tensor(float(local.numel())), local.sum()]))
-    mean = sum_ / count
-    squares = total(((local - mean) ** 2).sum().reshape(1))[0]
-    std = (squares / (count - 1)).sqrt() if count > 1 else squares.new_tensor(float("nan"))
-    return std.to(rewards[0].dtype)
-
-
 def advantages(
     rewards: torch.Tensor,
     group: torch.Tensor,
@@ -76,7 +39,7 @@ def advantages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Â, zero_std)`` per completion: the group-relative advantages and whether the standard
     deviation used (the group's, or ``batch_std`` for ``scale_rewards="batch"``) is 0."""
-    means, group_std = group_statistics(rewards, group)
+    means, group_std = align.group_statistics(rewards, group)
     std = group_std if scale_rewards != "batch" else batch_std.expand_as(rewards)
     values = rewards - means
     if scale_rewards != "none":
@@ -94,7 +57,9 @@ def prepare_rollouts(
     accelerator = getattr(run, "accelerator", None)
     batch_std = None
     if options.scale_rewards == "batch":
-        batch_std = round_std([b["rewards"] for b in batches], accelerator)
+        round_rewards = [b["rewards"] for b in batches]
+        std = align.round_mean_std(round_rewards, accelerator)[1]
+        batch_std = std.to(round_rewards[0].dtype)
     for batch in batches:
         rewards = batch["rewards"].float()
         values, zero_std = advantages(

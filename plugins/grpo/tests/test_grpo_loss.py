@@ -23,7 +23,6 @@ from align_grpo import (
     align_loss_counts,
     align_prepare_rollouts,
 )
-from align_grpo.advantages import round_std
 from align_grpo.loss import clipped_token_losses, k3_kl
 
 G = 3
@@ -151,7 +150,7 @@ class _TwoProcesses(_OneProcess):
 
 def test_batch_std_is_taken_over_every_process_of_uneven_size():
     mine, theirs = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([2.0, 2.0, 2.0, 5.0, 0.0, 1.0])
-    std = round_std([mine], _TwoProcesses(theirs))
+    std = align.round_mean_std([mine], _TwoProcesses(theirs))[1]
     assert std.item() == pytest.approx(torch.cat([mine, theirs]).std().item(), rel=1e-6)
 
 

@@ -58,36 +58,9 @@ def leave_one_out(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
 
 def zero_std(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """Whether each completion's group scored alike (TRL's ``isclose(std, 0)``, unbiased std)."""
-    _, inverse = torch.unique(group, return_inverse=True)
-    groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    zeros = rewards.new_zeros(groups)
-    counts = zeros.index_add(0, inverse, torch.ones_like(rewards))
-    means = zeros.index_add(0, inverse, rewards) / counts
-    deviations = rewards - means[inverse]
-    std = (zeros.index_add(0, inverse, deviations * deviations) / (counts - 1)).sqrt()
-    std = torch.nan_to_num(std, nan=0.0)[inverse]  # a group of one: as TRL's zeros
+    _, std = align.group_statistics(rewards, group)
+    std = torch.nan_to_num(std, nan=0.0)  # a group of one: as TRL's zeros
     return torch.isclose(std, torch.zeros_like(std))
-
-
-def round_mean_std(values: list[torch.Tensor], accelerator: Any) -> tuple[Any, Any]:
-    """The mean and unbiased standard deviation of every value of the round, on every process.
-
-    Processes exchange two sums each (count and total, then squared deviations from the
-    common mean), so their micro-batches may differ in size.
-    """
-    local = torch.cat([v.reshape(-1) for v in values]).double()
-    distributed = accelerator is not None and accelerator.num_processes > 1
-
-    def total(sums: torch.Tensor) -> torch.Tensor:
-        if distributed:
-            return accelerator.gather(sums.unsqueeze(0)).reshape(-1, sums.numel()).sum(0)
-        return sums
-
-    count, sum_ = total(torch.stack([local.new_tensor(float(local.numel())), local.sum()]))
-    mean = sum_ / count
-    squares = total(((local - mean) ** 2).sum().reshape(1))[0]
-    std = (squares / (count - 1)).sqrt() if count > 1 else squares.new_tensor(float("nan"))
-    return mean, std
 
 
 def _policy_and_reference(
@@ -131,7 +104,7 @@ def prepare_rollouts(
         batch["advantages"] = leave_one_out(rewards, group)
         batch["zero_std"] = zero_std(rewards, group).float()
     if options.normalize_advantages:
-        mean, std = round_mean_std([b["advantages"] for b in batches], accelerator)
+        mean, std = align.round_mean_std([b["advantages"] for b in batches], accelerator)
         for batch in batches:
             values = batch["advantages"]
             scaled = (values - mean.to(values.dtype)) / (std.to(values.dtype) + STD_EPSILON)
