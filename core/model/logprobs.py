@@ -347,7 +347,7 @@ def forward_hidden(
     if isinstance(head, str):
         raise ValueError(head)
     inputs = _model_inputs(batch, prefix, model, None)
-    targets, trained, padded = _targets(batch, prefix)
+    _, trained, padded = _targets(batch, prefix)
 
     autocast: list[tuple[bool, Any]] = []
 

@@ -24,6 +24,8 @@ def distill_loss(
     model: Any, batch: dict[str, Any], options: Any, teacher: Any, temperature: float
 ) -> align.LossOutput:
     """Σ per-token divergence and the number of trained tokens; ``entropy`` (sum, count)."""
+    from align.model.head import output_head
+
     from .divergence import generalized_jsd
 
     if teacher is None:
@@ -36,13 +38,13 @@ def distill_loss(
             student_rows, head, teacher_rows, teacher.head, beta=options.beta, temperature=tau
         )
 
-    try:
-        per_token, entropy = align.forward_hidden(model, batch, compute=divergence)
-    except ValueError as exc:
+    head = output_head(model)  # checked here: the divergence's own ValueErrors pass through
+    if isinstance(head, str):
         raise align.PluginError(
-            f"distill: the policy's output head is not understood ({exc}); the divergence is "
+            f"distill: the policy's output head is not understood ({head}); the divergence is "
             "computed from its hidden states"
-        ) from None
+        )
+    per_token, entropy = align.forward_hidden(model, batch, compute=divergence)
     count = torch.tensor(per_token.shape[0], device=per_token.device)
     return align.LossOutput(
         loss=per_token.sum(), count=count, metrics={"entropy": (entropy.sum(), count)}

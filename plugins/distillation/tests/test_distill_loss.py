@@ -133,3 +133,17 @@ def test_forward_hidden_rows_are_the_same_padded_and_packed(student_dir, teacher
         a = align.forward_hidden(student, padded)
         b = align.forward_hidden(student, packed)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_divergences_own_errors_are_not_called_a_head_the_core_does_not_understand(
+    student_dir, teacher_dir, monkeypatch
+):
+    import align_distillation.divergence as divergence
+
+    def refused(*args, **kwargs):
+        raise ValueError("generalized_jsd: the student's and teacher's vocabularies differ")
+
+    monkeypatch.setattr(divergence, "generalized_jsd", refused)
+    student, teacher, batch, _ = _setup(student_dir, teacher_dir, False)
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        distill_loss(student, batch, DistillOptions(), teacher, 1.0)
