@@ -249,10 +249,14 @@ def _lora_student(student: torch.nn.Linear):
 
     holder = torch.nn.Module()
     holder.lm_head = student
-    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"]), holder)
-    with torch.no_grad():  # seeded here: the test's values must not depend on earlier tests
-        generator = torch.Generator().manual_seed(5)
-        holder.lm_head.lora_B["default"].weight.normal_(0, 0.2, generator=generator)
+    # seeded here, PEFT's initialisation of lora_A included: the test's values must not
+    # depend on the tests that ran before it in the same process
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])
+        inject_adapter_in_model(config, holder)
+        with torch.no_grad():
+            holder.lm_head.lora_B["default"].weight.normal_(0, 0.2)
     return holder.lm_head
 
 
