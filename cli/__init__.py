@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .chat import chat, generate
+from .compare import compare
 from .listing import formats, objectives, plugins, rewards
 from .options import RUN_FLAGS
 from .run import inspect, prepare, run
@@ -24,6 +25,8 @@ def cli() -> None:
     align run --objective minorsft     MinorSFT on the demo; also lora-sft, ift, dpo, kto, orpo
     align run --objective grpo         GRPO on the demo's sums, rewarded by --reward addition
     align run --objective sft --model DIR --data FILE.jsonl [--lora]
+    align compare --objective sft,minorsft --lr 1e-4,1e-3 --eval new=F --eval kept=G
+                                       a grid of runs; what each learned and forgot
     align chat RUN_DIR                 chat with a trained model (streamed, its chat template)
     align generate RUN_DIR --prompt T  complete prompts (or --data FILE) to stdout or --output
     align merge ADAPTER --output DIR   fold a LoRA adapter into its base model
@@ -41,6 +44,7 @@ def cli() -> None:
 
 for command in (
     run,
+    compare,
     plugins,
     objectives,
     formats,

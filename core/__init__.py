@@ -60,6 +60,8 @@ _LAZY = {
     "ListExamples": "data.store",
     "train": "api",
     "TrainResult": "api",
+    "compare": "compare",
+    "ComparisonResult": "compare",
     "RunStopped": "loop.stopping",
 }
 

@@ -1,0 +1,325 @@
+"""``align.compare`` and what ``align compare`` shares with it: the grid's runs resolved the
+way ``align.train`` (or ``align run``) resolves one, trained one after another in this process,
+then evaluated and tabled."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..suggest import did_you_mean
+from .evaluate import EvalSet, EvalSettings, check_set
+from .grid import Cell, Grid, axis_kind, check_axes
+from .report import plot, rows, write_tables
+from .runner import EVALS, Comparison, Plan, prepare_dir
+
+SOURCE = "align.compare"
+
+
+@dataclass
+class ComparisonResult:
+    """What a comparison gives back: its directory, the table's rows (as results.json holds
+    them), the Markdown table, the plot (None without a second held-out set or matplotlib) and
+    whether every run is in the table (False while other processes still train some)."""
+
+    output_dir: Path
+    rows: list[dict[str, Any]]
+    markdown: str
+    plot: Path | None
+    complete: bool
+
+
+def default_output_dir() -> Path:
+    return Path("runs") / f"compare-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def eval_sets(evals: Mapping[str, Any] | Sequence[str] | None, source: str) -> list[EvalSet]:
+    """``{"sub": "sub.jsonl"}``, or ``["sub=sub.jsonl", …]`` as ``--eval`` gives them."""
+    if not evals:
+        raise ConfigError(
+            f"{source}: no held-out set to evaluate on: give --eval NAME=PATH (the task being "
+            "learned first, then the ones to keep)"
+        )
+    items: list[tuple[str, Any]] = []
+    if isinstance(evals, Mapping):
+        items = list(evals.items())
+    else:
+        for item in evals:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"--eval {item!r}: expected NAME=PATH (sub=sub_eval.jsonl)")
+            items.append((name.strip(), path.strip()))
+    sets, seen = [], set()
+    for name, path in items:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(
+                f"--eval {name}: a set's name is letters, digits, '-' and '_' (it names columns "
+                "and files)"
+            )
+        if name in seen:
+            raise ConfigError(f"--eval {name}: given twice")
+        seen.add(name)
+        sets.append(EvalSet(name, path if isinstance(path, str | os.PathLike) else path))
+    return sets
+
+
+def materialise(given: list[EvalSet], recorded: list[EvalSet]) -> None:
+    """Write the sets given as records in memory to the files the comparison records for them
+    (in its directory: so it can be resumed and read back)."""
+    import json
+
+    for s, target in zip(given, recorded, strict=True):
+        if isinstance(s.path, str | os.PathLike):
+            continue
+        records = list(s.path)
+        if not records or not all(isinstance(r, Mapping) for r in records):
+            raise ConfigError(f"{SOURCE}: evals[{s.name!r}] must be a path or a list of dicts")
+        path = Path(target.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+
+
+def choose_eval_rewards(registry: Any, items: Sequence[Any] | None, source: str) -> list[Any]:
+    """The eval rewards: registered names, or (from Python) functions, each with its default
+    options, unweighted (each is reported on its own)."""
+    from ..plugins.api import NoOptions
+    from ..rollout.functions import FUNCTION_LABEL, function_reward
+    from ..rollout.model_reward import is_model_reward
+    from ..rollout.rewards import ChosenReward
+
+    chosen: list[Any] = []
+    for index, item in enumerate(items or []):
+        if isinstance(item, str):
+            name = item.strip()
+            if is_model_reward(name):
+                raise ConfigError(
+                    f"{source} {item}: a reward model scores the comparison's answers only "
+                    "through a run's --reward; give a registered reward (align rewards)"
+                )
+            if name not in registry.rewards:
+                raise ConfigError(
+                    f"{source} {name}: unknown reward.{did_you_mean(name, registry.rewards)} "
+                    f"Registered rewards: {', '.join(sorted(registry.rewards))} (align rewards)"
+                )
+            registered = registry.rewards[name]
+            reward = registered.item
+            chosen.append(ChosenReward(reward, 1.0, reward.options(), registered.plugin.label))
+        elif callable(item):
+            reward = function_reward(item, f"{SOURCE}: eval_rewards[{index}]")
+            chosen.append(ChosenReward(reward, 1.0, NoOptions(), FUNCTION_LABEL))
+        else:
+            raise ConfigError(
+                f"{source}: expected a registered reward's name or a function, got "
+                f"{type(item).__name__}"
+            )
+    names = [c.name for c in chosen]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: a reward is given twice")
+    return chosen
+
+
+def starting_point(first_spec: Any, registry: Any) -> tuple[str, Any]:
+    """The model every run starts from (the demo's built into the cache) and the config the
+    evaluation reads (with the demo's settings when the demo model is used; its answers are
+    short, so greedy answers stop at 16 tokens unless --max-completion-length says otherwise)."""
+    from ..loop.setup import apply_demo_defaults
+
+    given = first_spec.config.model_fields_set
+    demo_model = apply_demo_defaults(first_spec, registry)
+    config = first_spec.config
+    if demo_model and "max_completion_length" not in given:
+        config = config.model_copy(update={"max_completion_length": 16})
+    return str(config.model), config
+
+
+def execute(
+    out: Path,
+    grid: Grid,
+    sets: list[EvalSet],
+    rewards: list[Any],
+    shared: dict[str, Any],
+    make_spec: Callable[[Cell, Path, str | None, bool], Any],
+    registry: Any,
+    resume: bool,
+    echo: Callable[[str], None],
+) -> ComparisonResult:
+    """Check every run, create (or check) the directory, train and evaluate, write the tables."""
+    from ..api import _process_state_kept, run
+
+    check_axes(grid.axes)
+    cells = grid.cells(registry)
+    for s in sets:
+        if isinstance(s.path, str | os.PathLike):
+            check_set(s)
+    probe = make_spec(cells[0], out / "runs" / cells[0].name, None, False)
+    if probe.given.model is not None:
+        raise ConfigError(
+            f"{SOURCE}: model is a loaded model, which every run would train in place; save it "
+            "(model.save_pretrained(DIR) and its tokenizer) and give DIR"
+        )
+    start_model, config = starting_point(probe, registry)
+    settings = EvalSettings(
+        max_length=config.max_length,
+        truncation=config.truncation,
+        max_completion_length=config.max_completion_length,
+        precision=config.precision,
+        trust_remote_code=config.trust_remote_code,
+    )
+    plan = Plan(grid, _paths(out, sets), [c.name for c in rewards], shared, settings)
+    comparison = Comparison(
+        out,
+        plan,
+        cells,
+        make_spec,
+        lambda spec: _train(spec, registry, run, _process_state_kept),
+        rewards,
+        start_model,
+        config,
+        echo,
+    )
+    comparison.check()
+    prepare_dir(out, plan, resume)
+    materialise(sets, plan.evals)
+    echo(f"align compare: {len(cells)} runs in {out}")
+    states = comparison.run()
+    table = rows(states, comparison.start_results())
+    names = [s.name for s in sets]
+    varied = [key for key, values in grid.axes.items() if len(values) > 1]
+    fixed = {key: values[0] for key, values in grid.axes.items() if len(values) == 1}
+    text = write_tables(out, table, names, varied, fixed, plan.as_dict())
+    picture = plot(out, table, names, varied)
+    complete = all(s.results is not None for s in states)
+    return ComparisonResult(out.absolute(), table, text, picture, complete)
+
+
+def _paths(out: Path, sets: list[EvalSet]) -> list[EvalSet]:
+    """The sets as compare.json records them: a path absolute, a set in memory by the file it
+    is written to."""
+    return [
+        EvalSet(s.name, str(Path(s.path).absolute()))
+        if isinstance(s.path, str | os.PathLike)
+        else EvalSet(s.name, str((out / EVALS / "data" / f"{s.name}.jsonl").absolute()))
+        for s in sets
+    ]
+
+
+def _train(spec: Any, registry: Any, run: Any, kept: Any) -> None:
+    from ..console import tolerant_console
+
+    with kept(), tolerant_console():
+        run(spec, registry)
+
+
+def compare(
+    objectives: str | Sequence[str] = "sft",
+    model: Any = None,
+    data: Any = None,
+    *,
+    evals: Mapping[str, Any] | None = None,
+    eval_rewards: Sequence[str | Callable[..., Any]] | None = None,
+    grid: Mapping[str, Sequence[Any]] | None = None,
+    seeds: int | Sequence[int] = 1,
+    output_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    eval_data: Any = None,
+    rewards: Any = None,
+    reward_weights: Sequence[float] | None = None,
+    **options: Any,
+) -> ComparisonResult:
+    """Train every objective × grid point × seed on the same model and data, as
+    :func:`align.train` would, and evaluate each model on the held-out ``evals``.
+
+    ``objectives``: names (``["sft", "minorsft", "ift"]``); ``grid``: option → values
+    (``{"lr": [1e-4, 1e-3], "beta": [0.1, 0.01]}``; an objective's option varies only the
+    objectives that have it); ``seeds``: a count (from ``seed``, default 42) or a list;
+    ``evals``: name → path or list of records, the task being learned first (the plot's x
+    axis), then those to keep; ``eval_rewards``: reward names or functions that score greedy
+    answers on every set whose records have their columns; ``**options``: what every run shares
+    (``max_steps=150``, ``batch_size=16``), core and objective options as ``align.train`` takes
+    them. ``resume=True`` continues ``output_dir``. Returns a :class:`ComparisonResult`."""
+    from ..api import load_registry, resolve_call
+    from ..console import echo
+
+    registry = load_registry()
+    names = [objectives] if isinstance(objectives, str) else list(objectives)
+    if not names:
+        raise ConfigError(f"{SOURCE}: objectives is empty")
+    for name in names:
+        registry.objective(name)  # an unknown objective: the registry's did-you-mean
+    axes: dict[str, list[Any]] = {k: [v] for k, v in options.items() if k != "seed"}
+    for key, values in (grid or {}).items():
+        if key in axes:
+            raise ConfigError(f"{SOURCE}: {key!r} given as an option and in grid=: give one")
+        if isinstance(values, str) or not isinstance(values, Sequence):
+            raise ConfigError(f"{SOURCE}: grid[{key!r}] must be a list of values")
+        axes[key] = list(values)
+    base = int(options.get("seed", 42))
+    seed_list = list(range(base, base + seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seed_list:
+        raise ConfigError(f"{SOURCE}: seeds is empty")
+    spec_grid = Grid(names, axes, seed_list)
+    kinds = {key: axis_kind(registry, key, names) for key in axes}
+
+    def make_spec(cell: Cell, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
+        kwargs: dict[str, Any] = {"seed": cell.seed, "output_dir": str(run_dir)}
+        for key, value in cell.values:
+            head, dot, tail = key.partition(".")
+            if dot and kinds[key] == "section":
+                kwargs.setdefault(head, {})[tail] = value
+            elif dot:
+                kwargs[tail] = value
+            else:
+                kwargs[key] = value
+        if resume_from:
+            kwargs["resume"] = resume_from
+        if overwrite:
+            kwargs["overwrite"] = True
+        on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
+        return resolve_call(
+            registry,
+            objective=cell.objective,
+            model=model,
+            tokenizer=None,
+            data=data,
+            eval_data=eval_data,
+            rewards=rewards if on_policy else None,
+            reward_weights=reward_weights if on_policy else None,
+            options=None,
+            kwargs=kwargs,
+        )
+
+    out = Path(output_dir) if output_dir is not None else default_output_dir()
+    sets = eval_sets(evals, SOURCE)
+    chosen = choose_eval_rewards(registry, eval_rewards, f"{SOURCE}: eval_rewards")
+    shared = {k: _plain(v) for k, v in options.items()}
+    shared.update(model=_plain(model), data=_plain(data), eval_data=_plain(eval_data))
+    return execute(out, spec_grid, sets, chosen, shared, make_spec, registry, resume, echo)
+
+
+def _target(registry: Any, name: str) -> str:
+    from .grid import objective_name
+
+    return objective_name(registry, name)
+
+
+def _plain(value: Any) -> Any:
+    """A value as compare.json records it: paths and numbers as they are, records in memory by
+    their count."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple) and all(isinstance(v, str | os.PathLike) for v in value):
+        return [os.fspath(v) for v in value]
+    if isinstance(value, list | tuple):
+        return f"<{len(value)} records in memory>"
+    return f"<{type(value).__name__}>"
