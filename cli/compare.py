@@ -78,6 +78,13 @@ def compare_options(func: Any) -> Any:
     "records have its columns (addition reads answer). Repeatable.",
 )
 @click.option(
+    "--eval-max-tokens",
+    type=click.IntRange(1),
+    default=None,
+    help="The longest greedy answer scored by --eval-reward, in tokens [default: 256; 16 on "
+    "the demo model]",
+)
+@click.option(
     "--output-dir",
     type=click.Path(file_okay=False),
     help="The comparison's directory [default: runs/compare-<time>]",
@@ -101,6 +108,7 @@ def compare(
     seed_list: str | None,
     evals: tuple[str, ...],
     eval_rewards: tuple[str, ...],
+    eval_max_tokens: int | None,
     output_dir: str | None,
     resume: bool,
     config_file: str | None,
@@ -126,7 +134,7 @@ def compare(
     terminals shares the runs out. Takes align run's options but --num-processes,
     --overwrite and --push-to-hub.
     """
-    from align.compare.api import default_output_dir, execute
+    from align.comparison.api import default_output_dir, execute
 
     try:
         registry = load_registry()
@@ -156,8 +164,8 @@ def compare(
             if seed_list is not None and len(given) > 1
             else list(range(first, first + (seeds or 1)))
         )
-        from align.compare.api import choose_eval_rewards, eval_sets
-        from align.compare.grid import Grid, axis_kind
+        from align.comparison.api import choose_eval_rewards, eval_sets
+        from align.comparison.grid import Grid, axis_kind
         from align.config import resolve
 
         grid = Grid(names, axes, seed_values)
@@ -191,6 +199,7 @@ def compare(
             registry,
             resume,
             echo,
+            eval_max_tokens,
         )
     except AlignError as exc:
         if getattr(exc, "exit_code", 1) > 128:
@@ -212,7 +221,7 @@ def compare(
 
 
 def _list(text: str, flag: str) -> list[str]:
-    from align.compare.grid import split_values
+    from align.comparison.grid import split_values
 
     try:
         return split_values(text)

@@ -60,8 +60,8 @@ _LAZY = {
     "ListExamples": "data.store",
     "train": "api",
     "TrainResult": "api",
-    "compare": "compare",
-    "ComparisonResult": "compare",
+    "compare": "comparison",
+    "ComparisonResult": "comparison",
     "RunStopped": "loop.stopping",
 }
 

@@ -20,7 +20,6 @@ from typing import Any
 
 from ..data.fields import column_names, validate_columns
 from ..data.records import Record, read_records
-from ..errors import DataError
 
 NLL = "nll"
 BATCH = 64  # sequences per forward pass and per generate call
@@ -191,5 +190,7 @@ def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
 
 
 def check_set(eval_set: EvalSet) -> None:
-    if not Path(eval_set.path).exists():
-        raise DataError("no such file or directory", source=eval_set.path)
+    """A set's file exists and holds a record (its records are checked when it is read)."""
+    from ..data.records import iter_records
+
+    next(iter(iter_records(eval_set.path)))

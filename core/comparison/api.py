@@ -19,6 +19,8 @@ from .report import plot, rows, write_tables
 from .runner import EVALS, Comparison, Plan, prepare_dir
 
 SOURCE = "align.compare"
+EVAL_MAX_TOKENS = 256  # the longest greedy answer an eval reward scores, by default
+DEMO_EVAL_MAX_TOKENS = 16  # … on the demo model
 
 
 @dataclass
@@ -125,18 +127,14 @@ def choose_eval_rewards(registry: Any, items: Sequence[Any] | None, source: str)
     return chosen
 
 
-def starting_point(first_spec: Any, registry: Any) -> tuple[str, Any]:
-    """The model every run starts from (the demo's built into the cache) and the config the
-    evaluation reads (with the demo's settings when the demo model is used; its answers are
-    short, so greedy answers stop at 16 tokens unless --max-completion-length says otherwise)."""
+def starting_point(first_spec: Any, registry: Any) -> tuple[str, Any, bool]:
+    """The model every run starts from (the demo's built into the cache), the config the
+    evaluation reads (with the demo's settings when the demo model is used) and whether it is
+    the demo model."""
     from ..loop.setup import apply_demo_defaults
 
-    given = first_spec.config.model_fields_set
     demo_model = apply_demo_defaults(first_spec, registry)
-    config = first_spec.config
-    if demo_model and "max_completion_length" not in given:
-        config = config.model_copy(update={"max_completion_length": 16})
-    return str(config.model), config
+    return str(first_spec.config.model), first_spec.config, demo_model
 
 
 def execute(
@@ -149,6 +147,7 @@ def execute(
     registry: Any,
     resume: bool,
     echo: Callable[[str], None],
+    eval_max_tokens: int | None = None,
 ) -> ComparisonResult:
     """Check every run, create (or check) the directory, train and evaluate, write the tables."""
     from ..api import _process_state_kept, run
@@ -164,11 +163,13 @@ def execute(
             f"{SOURCE}: model is a loaded model, which every run would train in place; save it "
             "(model.save_pretrained(DIR) and its tokenizer) and give DIR"
         )
-    start_model, config = starting_point(probe, registry)
+    start_model, config, demo_model = starting_point(probe, registry)
+    if eval_max_tokens is None:  # the demo's answers are a dozen tokens
+        eval_max_tokens = DEMO_EVAL_MAX_TOKENS if demo_model else EVAL_MAX_TOKENS
     settings = EvalSettings(
         max_length=config.max_length,
         truncation=config.truncation,
-        max_completion_length=config.max_completion_length,
+        max_completion_length=eval_max_tokens,
         precision=config.precision,
         trust_remote_code=config.trust_remote_code,
     )
@@ -228,6 +229,7 @@ def compare(
     seeds: int | Sequence[int] = 1,
     output_dir: str | os.PathLike[str] | None = None,
     resume: bool = False,
+    eval_max_tokens: int | None = None,
     eval_data: Any = None,
     rewards: Any = None,
     reward_weights: Sequence[float] | None = None,
@@ -241,7 +243,8 @@ def compare(
     objectives that have it); ``seeds``: a count (from ``seed``, default 42) or a list;
     ``evals``: name → path or list of records, the task being learned first (the plot's x
     axis), then those to keep; ``eval_rewards``: reward names or functions that score greedy
-    answers on every set whose records have their columns; ``**options``: what every run shares
+    answers on every set whose records have their columns, each answer up to
+    ``eval_max_tokens`` tokens (256; 16 on the demo model); ``**options``: what every run shares
     (``max_steps=150``, ``batch_size=16``), core and objective options as ``align.train`` takes
     them. ``resume=True`` continues ``output_dir``. Returns a :class:`ComparisonResult`."""
     from ..api import load_registry, resolve_call
@@ -300,7 +303,15 @@ def compare(
     chosen = choose_eval_rewards(registry, eval_rewards, f"{SOURCE}: eval_rewards")
     shared = {k: _plain(v) for k, v in options.items()}
     shared.update(model=_plain(model), data=_plain(data), eval_data=_plain(eval_data))
-    return execute(out, spec_grid, sets, chosen, shared, make_spec, registry, resume, echo)
+    if eval_max_tokens is not None and (
+        isinstance(eval_max_tokens, bool)
+        or not isinstance(eval_max_tokens, int)
+        or eval_max_tokens < 1
+    ):
+        raise ConfigError(f"{SOURCE}: eval_max_tokens must be a positive integer")
+    return execute(
+        out, spec_grid, sets, chosen, shared, make_spec, registry, resume, echo, eval_max_tokens
+    )
 
 
 def _target(registry: Any, name: str) -> str:

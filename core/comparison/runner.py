@@ -214,7 +214,13 @@ class Comparison:
             try:
                 self.train(self.make_spec(cell, run_dir, resume, overwrite))
             except AlignError as exc:
-                if getattr(exc, "exit_code", 1) > 128:  # stopped by a signal: stop here too
+                from ..loop.failures import RunFailed
+                from ..loop.stopping import RunStopped
+
+                # A run that failed on its own (a non-finite loss, a failed write) is a result
+                # of the grid; bad input or a signal stops the comparison.
+                signal = getattr(exc, "exit_code", 1) > 128
+                if signal or not isinstance(exc, RunFailed | RunStopped):
                     raise
                 self.echo(f"{head}: failed: {exc}")
                 return

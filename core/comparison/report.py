@@ -141,12 +141,27 @@ def plot(
     if len(sets) < 2:
         return None
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    figure = figure_of(table, sets, varied, out.name)
+    target = out / PLOT
+    tmp = out / f".{PLOT}.tmp.png"
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(target)
+    return target
+
+
+def figure_of(
+    table: Sequence[dict[str, Any]], sets: Sequence[str], varied: Sequence[str], title: str
+) -> Any:
+    """The figure :func:`plot` saves: a panel per kept set, the learned set on every x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     learned, kept = sets[0], list(sets[1:])
     figure, axes = plt.subplots(1, len(kept), figsize=(6 * len(kept), 4.5), squeeze=False)
     curves = _curves(table, varied)
@@ -195,14 +210,9 @@ def plot(
             axis.invert_yaxis()
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"kept vs learned ({out.name}); labels: learning rate")
+    figure.suptitle(f"kept vs learned ({title}); point labels: learning rate")
     figure.tight_layout()
-    target = out / PLOT
-    tmp = out / f".{PLOT}.tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(target)
-    return target
+    return figure
 
 
 def _axis_label(metric: str) -> str:
