@@ -13,6 +13,7 @@ import yaml
 
 from align.console import echo
 from align.errors import AlignError, ConfigError
+from align.options import SAMPLING_KEYS
 
 from .options import (
     RUN_FLAGS,
@@ -165,7 +166,7 @@ def compare(
             else list(range(first, first + (seeds or 1)))
         )
         from align.comparison.api import choose_eval_rewards, eval_sets
-        from align.comparison.grid import Grid, axis_kind
+        from align.comparison.grid import Grid, axis_kind, objective_name
         from align.config import resolve
 
         grid = Grid(names, axes, seed_values)
@@ -173,7 +174,10 @@ def compare(
         fixed_flags = {k: v for k, v in flags.items() if v is not None}
 
         def make_spec(cell: Any, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
-            cell_flags = dict(fixed_flags, objective=cell.objective, seed=cell.seed)
+            on_policy = registry.objectives[objective_name(registry, cell.objective)].item
+            sampling = () if on_policy.on_policy else SAMPLING_KEYS  # --reward: on-policy runs
+            cell_flags = {k: v for k, v in fixed_flags.items() if k not in sampling}
+            cell_flags.update(objective=cell.objective, seed=cell.seed)
             cell_flags["output_dir"] = str(run_dir)
             cell_sets = []
             for key, value in cell.values:
@@ -188,7 +192,9 @@ def compare(
             return resolve(registry, config_file, cell_flags, cell_sets, section_flags)
 
         out = Path(output_dir) if output_dir else default_output_dir()
-        shared = {**fixed_flags, "config": config_file}
+        performance_only = ("verbose", "data_workers")  # may differ on --resume
+        shared = {k: v for k, v in fixed_flags.items() if k not in performance_only}
+        shared["config"] = config_file
         result = execute(
             out,
             grid,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..options import SAMPLING_KEYS
 from ..suggest import did_you_mean
 from .evaluate import EvalSet, EvalSettings, check_set
 from .grid import Cell, Grid, axis_kind, check_axes
@@ -256,13 +257,20 @@ def compare(
         raise ConfigError(f"{SOURCE}: objectives is empty")
     for name in names:
         registry.objective(name)  # an unknown objective: the registry's did-you-mean
-    axes: dict[str, list[Any]] = {k: [v] for k, v in options.items() if k != "seed"}
+    from ..aliases import ALIASES
+    from ..options import CORE_KEYS
+
+    core = {k: v for k, v in options.items() if k in CORE_KEYS or k in ALIASES}
+    axes: dict[str, list[Any]] = {
+        k: [v] for k, v in options.items() if k not in core and k != "seed"
+    }
     for key, values in (grid or {}).items():
         if key in axes:
             raise ConfigError(f"{SOURCE}: {key!r} given as an option and in grid=: give one")
         if isinstance(values, str) or not isinstance(values, Sequence):
             raise ConfigError(f"{SOURCE}: grid[{key!r}] must be a list of values")
         axes[key] = list(values)
+    core.pop("seed", None)
     base = int(options.get("seed", 42))
     seed_list = list(range(base, base + seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
@@ -271,7 +279,11 @@ def compare(
     kinds = {key: axis_kind(registry, key, names) for key in axes}
 
     def make_spec(cell: Cell, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
-        kwargs: dict[str, Any] = {"seed": cell.seed, "output_dir": str(run_dir)}
+        on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
+        kwargs: dict[str, Any] = {
+            k: v for k, v in core.items() if on_policy or k not in SAMPLING_KEYS
+        }
+        kwargs.update(seed=cell.seed, output_dir=str(run_dir))
         for key, value in cell.values:
             head, dot, tail = key.partition(".")
             if dot and kinds[key] == "section":
@@ -284,7 +296,6 @@ def compare(
             kwargs["resume"] = resume_from
         if overwrite:
             kwargs["overwrite"] = True
-        on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
         return resolve_call(
             registry,
             objective=cell.objective,

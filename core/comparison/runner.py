@@ -257,6 +257,14 @@ class Comparison:
             model, self.plan.evals, self.rewards, self.plan.settings, self.config, target
         )
         write_json(target / RESULTS, {"model": model, "plan": settings, "sets": results})
+        for name, found in results.items():
+            cut, skipped = found["truncated"], found["skipped"]
+            if cut or skipped:
+                self.echo(
+                    f"{label}: {name}: {cut} of {found['examples'] + skipped} records truncated "
+                    f"and {skipped} skipped at --max-length {self.plan.settings.max_length} "
+                    f"(--truncation {self.plan.settings.truncation})"
+                )
 
     def states(self) -> list[CellState]:
         states = []
