@@ -329,3 +329,25 @@ def test_align_compare_refuses_a_model_object(model_dir, sft_pairs, tmp_path):
             output_dir=tmp_path / "x",
         )  # fmt: skip
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_run_another_process_holds_is_left_to_it(eval_files, tmp_path):
+    """Two `align compare --resume` processes share a comparison: a run claimed by one is
+    skipped by the other, which says so, tables the rest and exits 1 (not complete yet)."""
+    from align.comparison.runner import claimed
+
+    assert _compare(*_grid_args(eval_files)).exit_code == 0
+    out = tmp_path / "cmp"
+    held = "minorsft-lr0.001-seed42"
+    shutil.rmtree(out / "runs" / held)
+    shutil.rmtree(out / "evals" / held)
+    with claimed(out, held) as mine:
+        assert mine
+        result = _compare(*_grid_args(eval_files), "--resume")
+    assert result.exit_code == 1, result.output
+    assert f"{held}: another process has it" in result.output
+    assert not (out / "runs" / held).exists()
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    row = next(r for r in rows if r["run"] == held)
+    assert row["status"] == "running elsewhere" and row["sets"] is None
+    assert "Some runs are not in the table yet" in result.output
