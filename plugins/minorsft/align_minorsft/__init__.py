@@ -18,6 +18,12 @@ class MinorSFTOptions(align.Options):
         description="β: how fast an example's weight 2σ(−βΔ) falls as the policy moves away "
         "from the reference on it.",
     )
+    length_normalized: bool = Field(
+        False,
+        description="Put the per-token log-ratio Δ/m inside σ instead of the paper's summed Δ: "
+        "the weight 2σ(−βΔ/m) no longer depends on the answer's length (a deviation from the "
+        "paper, torchrl's normalisation; the 2/β factor is kept, so the first step is SFT's).",
+    )
 
 
 @align.hookimpl
@@ -40,4 +46,4 @@ def align_register_objectives(register):
 def align_compute_loss(model, batch, options, reference):
     from .loss import minorsft_loss
 
-    return minorsft_loss(model, batch, reference, options.beta)
+    return minorsft_loss(model, batch, reference, options.beta, options.length_normalized)
