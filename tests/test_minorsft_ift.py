@@ -2,6 +2,7 @@
 connection's embeddings, tied and untied embeddings, and the deviation metric on any run."""
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -41,10 +42,13 @@ def _mean(output):
     return output.loss / output.count
 
 
-def test_minorsft_gradient_at_initialisation_is_sft_per_sequence(model_dir, batch):
+@pytest.mark.parametrize("length_normalized", [False, True])
+def test_minorsft_gradient_at_initialisation_is_sft_per_sequence(
+    model_dir, batch, length_normalized
+):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     reference = ModelReference.frozen_copy(model)
-    minor = _grads(model, _mean(minorsft_loss(model, batch, reference, beta=0.1)))
+    minor = _grads(model, _mean(minorsft_loss(model, batch, reference, 0.1, length_normalized)))
     sft = _grads(model, _mean(sft_loss(model, batch, "sequence")))
     assert minor.keys() == sft.keys()
     for name, grad in sft.items():
@@ -165,6 +169,26 @@ def test_runs_on_tied_and_untied_models(tmp_path, model_dir, untied_model_dir, o
             start = AutoModelForCausalLM.from_pretrained(path).get_input_embeddings().weight
             end = AutoModelForCausalLM.from_pretrained(out / "final").get_input_embeddings().weight
             assert torch.equal(start, end) == (name == "untied")  # tied: trained via the logits
+
+
+def test_minorsft_length_normalized_from_the_command_line(tmp_path, model_dir, data):
+    """--set length_normalized=true reaches the loss: at Δ = 0 the loss is 2·ln2/β whatever the
+    answers' lengths (the paper's is 2·ln2/(β·m)); the first step is the same for both, so at
+    the second the policy has moved equally and the per-token weight 2σ(−βΔ/m) is the larger."""
+    rows = {}
+    for normalized in ("false", "true"):
+        out = tmp_path / normalized
+        flags = ["--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--set", "beta=0.5"]
+        flags += ["--set", f"length_normalized={normalized}", "--output-dir", out]
+        _run("--objective", "minorsft", "--model", model_dir, "--data", data, *flags)
+        rows[normalized] = _rows(out)
+    paper, normalized = rows["false"], rows["true"]
+    assert normalized[0]["loss"] == pytest.approx(2 * math.log(2) / 0.5, abs=1e-5)
+    assert paper[0]["loss"] < normalized[0]["loss"] / 2  # every answer has m > 2 tokens
+    assert paper[0]["minor_weight"] == normalized[0]["minor_weight"] == pytest.approx(1.0)
+    assert paper[1]["deviation"] == pytest.approx(normalized[1]["deviation"], abs=1e-5)
+    assert paper[1]["deviation"] > 0.01
+    assert normalized[1]["minor_weight"] > paper[1]["minor_weight"]
 
 
 @pytest.mark.parametrize("objective", ["ift", "sft"])

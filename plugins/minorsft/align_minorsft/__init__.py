@@ -13,10 +13,18 @@ import align
 
 class MinorSFTOptions(align.Options):
     beta: float = Field(
-        0.1,
+        0.01,
         gt=0,
         description="β: how fast an example's weight 2σ(−βΔ) falls as the policy moves away "
-        "from the reference on it.",
+        "from the reference on it; Δ is summed over the answer's tokens, so the weight falls "
+        "faster on longer answers (README: how to pick β).",
+    )
+    length_normalized: bool = Field(
+        False,
+        description="Put the per-token log-ratio Δ/m inside σ instead of the paper's summed Δ: "
+        "the weight 2σ(−βΔ/m) no longer depends on the answer's length (a deviation from the "
+        "paper, torchrl's normalisation; the 2/β factor is kept, so the first step is SFT's). "
+        "β then counts nats per token: raise it (0.1 to 0.3), at 0.01 the weight hardly falls.",
     )
 
 
@@ -40,4 +48,4 @@ def align_register_objectives(register):
 def align_compute_loss(model, batch, options, reference):
     from .loss import minorsft_loss
 
-    return minorsft_loss(model, batch, reference, options.beta)
+    return minorsft_loss(model, batch, reference, options.beta, options.length_normalized)
