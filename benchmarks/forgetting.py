@@ -17,7 +17,8 @@
    answer's last number equals ``answer``) and the answers' NLL (nats per answer token).
 
 Every command is a fresh process with ``OMP_NUM_THREADS=1`` unless the environment sets it;
-the time of each stage is printed. The comparison's table is ``DIR/compare/results.md``.
+the time of each stage is printed. The comparison's table is
+``DIR/compare-<steps>-steps/results.md``, its plot ``kept-vs-learned.png`` beside it.
 """
 
 from __future__ import annotations
@@ -95,14 +96,15 @@ def main() -> None:
     command += ["--set", f"beta={args.betas}", "--seeds", str(args.seeds)]
     command += ["--model", "runs/task-a/final", "--data", "sub_train.jsonl"]
     command += ["--max-steps", str(args.steps), "--batch-size", "16"]
-    command += ["--eval-max-tokens", "16", "--output-dir", "compare"]
+    target = f"compare-{args.steps}-steps"
+    command += ["--eval-max-tokens", "16", "--output-dir", target]
     command += ["--eval", "sub=sub_eval.jsonl", "--eval", "add=add_eval.jsonl"]
     command += ["--eval-reward", "addition"]
-    if (workdir / "compare/compare.json").exists():
+    if (workdir / target / "compare.json").exists():
         command.append("--resume")
     seconds = align(command, workdir)
     print(f"\nalign {' '.join(command)}: {seconds:.0f} s")
-    print((workdir / "compare/results.md").read_text())
+    print((workdir / target / "results.md").read_text())
 
 
 if __name__ == "__main__":
