@@ -329,3 +329,39 @@ def test_align_compare_refuses_a_model_object(model_dir, sft_pairs, tmp_path):
             output_dir=tmp_path / "x",
         )  # fmt: skip
     assert not os.path.exists(tmp_path / "x")
+
+
+# -- the evaluation alone --------------------------------------------------------------------------
+def _evaluate_start(model_dir, path, rewards, max_tokens=4):
+    from align.comparison.api import choose_eval_rewards
+    from align.comparison.evaluate import EvalSet, EvalSettings, evaluate
+    from align.options import TrainConfig
+
+    chosen = choose_eval_rewards(get_registry(), rewards, "eval_rewards")
+    settings = EvalSettings(
+        max_length=64,
+        truncation="right",
+        max_completion_length=max_tokens,
+        precision="no",
+        trust_remote_code=False,
+    )
+    return evaluate(model_dir, [EvalSet("add", str(path))], chosen, settings, TrainConfig(), None)
+
+
+def test_two_eval_rewards_reading_the_same_column_each_get_it_once(model_dir, eval_files):
+    seen = []
+
+    def echo_answer(completions, answer, **kwargs):
+        seen.append(list(answer))
+        return [0.0] * len(completions)
+
+    found = _evaluate_start(model_dir, eval_files[1], ["addition", echo_answer])["add"]
+    assert seen == [[a + b for a, b in SUMS]]
+    assert "addition" in found and found["echo_answer"] == 0.0
+
+
+def test_the_length_reward_reads_the_eval_answers_limit_not_the_runs(model_dir, eval_files):
+    # An answer at --eval-max-tokens is -1 by DAPO's punishment with L_max = that limit; with
+    # the run's max_completion_length (512) every short answer would be 0.
+    found = _evaluate_start(model_dir, eval_files[1], ["length"], max_tokens=4)["add"]
+    assert -1.0 <= found["length"] < -0.8
