@@ -365,3 +365,34 @@ def test_the_length_reward_reads_the_eval_answers_limit_not_the_runs(model_dir, 
     # the run's max_completion_length (512) every short answer would be 0.
     found = _evaluate_start(model_dir, eval_files[1], ["length"], max_tokens=4)["add"]
     assert -1.0 <= found["length"] < -0.8
+
+
+def test_align_compare_takes_section_and_objective_options_as_align_train_does(tmp_path):
+    # lora=True with a grid over lora.r, and minorsft={...}: both as align.train takes them
+    result = align.compare(
+        "minorsft",
+        lora=True,
+        minorsft={"beta": 0.01},
+        grid={"lora.r": [4, 8]},
+        evals={"sub": _records(DIFFERENCES[:2], "-")},
+        max_steps=1,
+        data_workers=1,
+        eval_every=100,
+        output_dir=tmp_path / "api",
+    )
+    assert result.complete
+    for r in (4, 8):
+        run = json.loads(
+            (result.output_dir / "runs" / f"minorsft-r{r}-seed42" / "run.json").read_text()
+        )
+        assert run["config"]["lora"]["enabled"] is True and run["config"]["lora"]["r"] == r
+        assert run["config"]["minorsft"]["beta"] == 0.01
+
+
+def test_align_compare_names_an_unknown_option_as_its_keyword(tmp_path):
+    with pytest.raises(ConfigError, match=r"^align.compare: betta: .*Did you mean 'beta'"):
+        align.compare(
+            ["sft", "minorsft"], betta=0.1, evals={"a": _records(SUMS, "+")},
+            output_dir=tmp_path / "x",
+        )  # fmt: skip
+    assert not os.path.exists(tmp_path / "x")

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..options import SAMPLING_KEYS
 from ..suggest import did_you_mean
 from .evaluate import EvalSet, EvalSettings, check_set
-from .grid import Cell, Grid, axis_kind, check_axes
+from .grid import SECTION_AXIS, Cell, Grid, axis_kind, check_axes
 from .report import plot, rows, write_tables
 from .runner import EVALS, Comparison, Plan, prepare_dir
 
@@ -261,9 +261,16 @@ def compare(
     from ..options import CORE_KEYS
 
     core = {k: v for k, v in options.items() if k in CORE_KEYS or k in ALIASES}
-    axes: dict[str, list[Any]] = {
-        k: [v] for k, v in options.items() if k not in core and k != "seed"
-    }
+    targets = {_target(registry, name) for name in names}
+    axes: dict[str, list[Any]] = {}
+    for key, value in options.items():
+        if key in core or key == "seed":
+            continue
+        if isinstance(value, Mapping) and (key in targets or key in registry.sections):
+            # minorsft={"beta": 0.01} and lora={"r": 8}, as align.train takes them
+            axes.update({f"{key}.{k}": [v] for k, v in value.items()})
+        else:
+            axes[key] = [value]
     for key, values in (grid or {}).items():
         if key in axes:
             raise ConfigError(f"{SOURCE}: {key!r} given as an option and in grid=: give one")
@@ -276,7 +283,7 @@ def compare(
     if not seed_list:
         raise ConfigError(f"{SOURCE}: seeds is empty")
     spec_grid = Grid(names, axes, seed_list)
-    kinds = {key: axis_kind(registry, key, names) for key in axes}
+    kinds = {key: axis_kind(registry, key, names, f"{SOURCE}:") for key in axes}
 
     def make_spec(cell: Cell, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
         on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
@@ -286,8 +293,10 @@ def compare(
         kwargs.update(seed=cell.seed, output_dir=str(run_dir))
         for key, value in cell.values:
             head, dot, tail = key.partition(".")
-            if dot and kinds[key] == "section":
-                kwargs.setdefault(head, {})[tail] = value
+            if kinds[key] == SECTION_AXIS:  # lora=True and lora.r=8 make one lora={...}
+                section = _section_values(registry, head, kwargs.get(head))
+                section.update({tail: value} if dot else _section_values(registry, head, value))
+                kwargs[head] = section
             elif dot:
                 kwargs[tail] = value
             else:
@@ -323,6 +332,18 @@ def compare(
     return execute(
         out, spec_grid, sets, chosen, shared, make_spec, registry, resume, echo, eval_max_tokens
     )
+
+
+def _section_values(registry: Any, name: str, value: Any) -> dict[str, Any]:
+    """A section's value as a new mapping of its options: ``True`` is its switch's."""
+    from ..api import _section
+
+    if value is None:
+        return {}
+    value = _section(name, value, registry.sections[name].item)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{SOURCE}: {name} must be True/False or a mapping of its options")
+    return dict(value)
 
 
 def _target(registry: Any, name: str) -> str:
