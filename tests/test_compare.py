@@ -396,3 +396,33 @@ def test_align_compare_names_an_unknown_option_as_its_keyword(tmp_path):
             output_dir=tmp_path / "x",
         )  # fmt: skip
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_two_processes_writing_the_tables_at_once_both_succeed(tmp_path, monkeypatch):
+    # Each process that finishes rewrites results.md, results.json and the plot: here a second
+    # writer runs between the first one's temporary file and its rename.
+    from align.comparison import report
+
+    table = [
+        {"run": "starting model", "sets": {"a": {"nll": 1.0}, "b": {"nll": 2.0}}},
+        {"run": "x", "objective": "sft", "lr": 1e-3, "seed": 1, "status": "completed",
+         "sets": {"a": {"nll": 0.5}, "b": {"nll": 2.5}}},
+    ]  # fmt: skip
+    real, seen, inside = os.replace, set(), []
+
+    def replace(source, target):  # before each file's first rename, the other writer
+        if not inside and os.path.basename(target) not in seen:
+            seen.add(os.path.basename(target))
+            inside.append(True)
+            report.write_tables(tmp_path, table, ["a", "b"], [], {}, {})
+            report.plot(tmp_path, table, ["a", "b"], [])
+            inside.pop()
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    report.write_tables(tmp_path, table, ["a", "b"], [], {}, {})
+    assert report.plot(tmp_path, table, ["a", "b"], []) is not None
+    assert (tmp_path / "results.md").read_text().count("| x |") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept-vs-learned.png", "results.json", "results.md"
+    ]  # fmt: skip

@@ -12,8 +12,6 @@ next to the figures, so a score can be read back to the answers that earned it.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 
 from ..data.fields import column_names, validate_columns
 from ..data.records import Record, read_records
+from .files import write_jsonl
 
 NLL = "nll"
 BATCH = 64  # sequences per forward pass and per generate call
@@ -181,16 +180,8 @@ def _rewarded(
             rewards = {c.name: values[k][i] for k, c in enumerate(chosen)}
             lines.append({"record": record.location, "completion": d.text, **rewards})
     if target is not None:
-        _write_lines(target, lines)
+        write_jsonl(target, lines)
     return {c.name: sum(row) / len(row) for c, row in zip(chosen, scores, strict=True)}
-
-
-def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def check_set(eval_set: EvalSet) -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import NLL
-from .runner import CellState, write_json
+from .files import write_atomic, write_json, write_text
+from .runner import CellState
 
 TABLE_MD = "results.md"
 TABLE_JSON = "results.json"
@@ -116,9 +117,7 @@ def write_tables(
     plan: Any,
 ) -> str:
     text = markdown(table, sets, axes, shared)
-    tmp = out / f".{TABLE_MD}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / TABLE_MD)
+    write_text(out / TABLE_MD, text)
     write_json(out / TABLE_JSON, {"plan": plan, "rows": table})
     return text
 
@@ -146,10 +145,10 @@ def plot(
         return None
     figure = figure_of(table, sets, varied, out.name)
     target = out / PLOT
-    tmp = out / f".{PLOT}.tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(target)
+    try:
+        write_atomic(target, lambda tmp: figure.savefig(tmp, dpi=100))
+    finally:
+        plt.close(figure)
     return target
 
 

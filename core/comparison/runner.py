@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import AlignError, ConfigError
 from ..loop.rundir import RUN_JSON, is_unused, read_record, written_by
 from .evaluate import EvalSet, EvalSettings, evaluate
+from .files import write_json
 from .grid import Cell, Grid
 
 PLAN = "compare.json"
@@ -119,13 +120,6 @@ def _read_plan(path: Path) -> dict[str, Any]:
     if not isinstance(stored, dict) or not str(stored.get("written_by", "")).startswith("align"):
         raise ConfigError(f"{path} was not written by align compare; choose another --output-dir")
     return stored
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Written whole or not at all: a temporary sibling renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
