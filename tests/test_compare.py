@@ -247,6 +247,11 @@ def test_resume_with_another_grid_is_refused_and_a_used_directory_without_it(eva
     assert "was started with other grid" in refused.output
     again = _compare(*_grid_args(eval_files))
     assert again.exit_code == 1 and "add --resume to continue it" in again.output
+    # the same file names with other records: the table would mix figures of two sets
+    sub, _ = eval_files
+    sub.write_text(sub.read_text().replace("9 - 4 = 5.", "9 - 4 = 6."))
+    changed = _compare(*_grid_args(eval_files), "--resume")
+    assert changed.exit_code == 1 and "was started with other eval_sha256" in changed.output
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     other = _compare(*_grid_args(eval_files, out="mine"))
@@ -317,6 +322,16 @@ def test_align_compare_takes_records_and_reward_functions(model_dir, sft_rows, t
     assert "right_answer" in result.rows[1]["sets"]["sub"]
     ift = json.loads((result.output_dir / "runs" / "ift-seed43" / "run.json").read_text())
     assert ift["seed"] == 43
+    kept = (result.output_dir / "evals" / "data" / "sub.jsonl").read_text()
+    with pytest.raises(ConfigError, match="was started with other eval_sha256"):
+        align.compare(
+            ["sft", "ift"], model=str(model_dir), data=sft_rows,
+            evals={"sub": _records(DIFFERENCES[1:], "-"), "add": _records(SUMS, "+")},
+            eval_rewards=[right_answer], grid={"lr": [1e-3]}, seeds=2, max_steps=1,
+            batch_size=2, data_workers=1, eval_max_tokens=4, output_dir=tmp_path / "api",
+            resume=True,
+        )  # fmt: skip
+    assert (result.output_dir / "evals" / "data" / "sub.jsonl").read_text() == kept
 
 
 def test_align_compare_refuses_a_model_object(model_dir, sft_pairs, tmp_path):
@@ -387,6 +402,12 @@ def test_align_compare_takes_section_and_objective_options_as_align_train_does(t
         )
         assert run["config"]["lora"]["enabled"] is True and run["config"]["lora"]["r"] == r
         assert run["config"]["minorsft"]["beta"] == 0.01
+
+
+def test_align_compare_refuses_an_eval_set_of_no_records_before_writing(tmp_path):
+    with pytest.raises(ConfigError, match=r"evals\['a'\] must be a path or a list of dicts"):
+        align.compare("sft", evals={"a": ["not a record"]}, output_dir=tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_align_compare_names_an_unknown_option_as_its_keyword(tmp_path):

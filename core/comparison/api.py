@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..options import SAMPLING_KEYS
 from ..suggest import did_you_mean
 from .evaluate import EvalSet, EvalSettings, check_set
+from .files import write_text
 from .grid import SECTION_AXIS, Cell, Grid, axis_kind, check_axes
 from .report import plot, rows, write_tables
 from .runner import EVALS, Comparison, Plan, prepare_dir
@@ -71,22 +72,47 @@ def eval_sets(evals: Mapping[str, Any] | Sequence[str] | None, source: str) -> l
     return sets
 
 
-def materialise(given: list[EvalSet], recorded: list[EvalSet]) -> None:
-    """Write the sets given as records in memory to the files the comparison records for them
-    (in its directory: so it can be resumed and read back)."""
+def in_memory_texts(given: list[EvalSet]) -> dict[str, str]:
+    """The sets given as records in memory, as the JSON lines the comparison keeps them in."""
     import json
 
-    for s, target in zip(given, recorded, strict=True):
+    texts = {}
+    for s in given:
         if isinstance(s.path, str | os.PathLike):
             continue
         records = list(s.path)
         if not records or not all(isinstance(r, Mapping) for r in records):
             raise ConfigError(f"{SOURCE}: evals[{s.name!r}] must be a path or a list of dicts")
-        path = Path(target.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+        texts[s.name] = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
+    return texts
+
+
+def fingerprints(given: list[EvalSet], texts: dict[str, str]) -> dict[str, str]:
+    """Each set's SHA-256 (its file's bytes, or its records' JSON lines): compare.json keeps them,
+    so --resume refuses sets whose records changed under the same names."""
+    import hashlib
+
+    found = {}
+    for s in given:
+        if s.name in texts:
+            found[s.name] = hashlib.sha256(texts[s.name].encode("utf-8")).hexdigest()
+        else:
+            try:
+                found[s.name] = hashlib.sha256(Path(s.path).read_bytes()).hexdigest()
+            except OSError as exc:
+                raise ConfigError(f"--eval {s.name}={s.path}: cannot read it: {exc}") from None
+    return found
+
+
+def materialise(texts: dict[str, str], recorded: list[EvalSet]) -> None:
+    """Write the sets given as records in memory to the files the comparison records for them
+    (in its directory: so it can be resumed and read back); on --resume they are there already,
+    the same (compare.json's fingerprints say so), and left alone for processes reading them."""
+    for s in recorded:
+        path = Path(s.path)
+        if s.name in texts and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, texts[s.name])
 
 
 def choose_eval_rewards(registry: Any, items: Sequence[Any] | None, source: str) -> list[Any]:
@@ -174,7 +200,9 @@ def execute(
         precision=config.precision,
         trust_remote_code=config.trust_remote_code,
     )
-    plan = Plan(grid, _paths(out, sets), [c.name for c in rewards], shared, settings)
+    texts = in_memory_texts(sets)
+    reward_names = [c.name for c in rewards]
+    plan = Plan(grid, _paths(out, sets), reward_names, shared, settings, fingerprints(sets, texts))
     comparison = Comparison(
         out,
         plan,
@@ -188,7 +216,7 @@ def execute(
     )
     comparison.check()
     prepare_dir(out, plan, resume)
-    materialise(sets, plan.evals)
+    materialise(texts, plan.evals)
     echo(f"align compare: {len(cells)} runs in {out}")
     states = comparison.run()
     table = rows(states, comparison.start_results())

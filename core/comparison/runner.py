@@ -44,19 +44,22 @@ START = "start"  # the starting model's evaluation
 
 @dataclass
 class Plan:
-    """What a comparison is: the grid, the held-out sets, the eval rewards and the shared
-    options (as given), recorded in compare.json and checked on --resume."""
+    """What a comparison is: the grid, the held-out sets (and each one's SHA-256), the eval
+    rewards and the shared options (as given), recorded in compare.json and checked on
+    --resume."""
 
     grid: Grid
     evals: list[EvalSet]
     eval_rewards: list[str]
     shared: dict[str, Any]
     settings: EvalSettings
+    eval_sha256: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "grid": self.grid.as_dict(),
             "evals": {s.name: s.path for s in self.evals},
+            "eval_sha256": self.eval_sha256,
             "eval_rewards": self.eval_rewards,
             "shared": self.shared,
             "evaluation": self.settings.__dict__,
