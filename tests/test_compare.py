@@ -447,3 +447,23 @@ def test_two_processes_writing_the_tables_at_once_both_succeed(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "kept-vs-learned.png", "results.json", "results.md"
     ]  # fmt: skip
+
+
+def test_a_stopped_run_says_how_to_resume_the_comparison(eval_files, tmp_path, monkeypatch):
+    from align.loop.stopping import RunStopped
+
+    def stopped(spec, registry):  # what a run stopped by Ctrl-C after its first step raises
+        run_dir = spec.config.output_dir
+        raise RunStopped(
+            f"SIGINT: stopped after step 1 of 2; checkpoint {run_dir}/checkpoints/step-1. "
+            f"Resume with the same command and --resume (--output-dir {run_dir}).",
+            exit_code=130,
+            run_dir=run_dir,
+        )
+
+    monkeypatch.setattr("align.api.run", stopped)
+    result = _compare(*_grid_args(eval_files))
+    assert result.exit_code == 130
+    assert "sft-lr0.001-seed42: SIGINT: stopped after step 1 of 2" in result.output
+    assert "--resume (--output-dir cmp)" in result.output
+    assert "--output-dir cmp/runs" not in result.output

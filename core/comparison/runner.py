@@ -217,6 +217,14 @@ class Comparison:
                 # A run that failed on its own (a non-finite loss, a failed write) is a result
                 # of the grid; bad input or a signal stops the comparison.
                 signal = getattr(exc, "exit_code", 1) > 128
+                if signal and isinstance(exc, RunStopped):  # the run's own hint names its dir
+                    what = str(exc).partition(" Resume with")[0]
+                    raise RunStopped(
+                        f"{head}: {what} Continue the comparison with the same command and "
+                        f"--resume (--output-dir {self.out}); from Python, resume=True.",
+                        exc.exit_code,
+                        exc.run_dir,
+                    ) from None
                 if signal or not isinstance(exc, RunFailed | RunStopped):
                     raise
                 self.echo(f"{head}: failed: {exc}")
