@@ -153,10 +153,13 @@ def compare(
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE or KEY=V1,V2")
             if key in axes:
                 raise ConfigError(f"--set {item}: {key} is given twice")
+            if flags.get(key) not in (None, (), []):  # the axis would win without a word
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"--set {key}: {flag} is given too: give one")
             axes[key] = [_scalar(v, item) for v in _list(text, f"--set {key}")]
         first = 42
         if seed_list is not None:
-            given = [int(_number(v, "--seed")) for v in _list(seed_list, "--seed")]
+            given = [_integer(v, "--seed") for v in _list(seed_list, "--seed")]
             if len(given) > 1 and seeds is not None:
                 raise ConfigError("--seeds N with several --seed values: give one")
             first = given[0]
@@ -240,6 +243,13 @@ def _number(text: str, flag: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: not a number") from None
+
+
+def _integer(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not an integer") from None
 
 
 def _scalar(text: str, item: str) -> Any:

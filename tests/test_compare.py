@@ -270,6 +270,8 @@ def test_resume_with_another_grid_is_refused_and_a_used_directory_without_it(eva
         (["--set", "seed=1,2"], "give the seeds with --seeds"),
         (["--set", "beta=0.1,0.1"], "repeats a value"),
         (["--lr", "1e-3,fast"], "--lr 'fast': not a number"),
+        (["--seed", "1.5"], "--seed '1.5': not an integer"),
+        (["--set", "max_steps=1,3"], "--set max_steps: --max-steps is given too"),
     ],
 )
 def test_bad_grids_are_refused_before_anything_trains(change, message, tmp_path):
@@ -407,6 +409,15 @@ def test_align_compare_takes_section_and_objective_options_as_align_train_does(t
 def test_align_compare_refuses_an_eval_set_of_no_records_before_writing(tmp_path):
     with pytest.raises(ConfigError, match=r"evals\['a'\] must be a path or a list of dicts"):
         align.compare("sft", evals={"a": ["not a record"]}, output_dir=tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_align_compare_refuses_an_option_given_also_in_the_grid(tmp_path):
+    with pytest.raises(ConfigError, match="'max_steps' given as an option and in grid="):
+        align.compare(
+            "sft", max_steps=2, grid={"max_steps": [1, 3]}, evals={"a": _records(SUMS, "+")},
+            output_dir=tmp_path / "x",
+        )  # fmt: skip
     assert not os.path.exists(tmp_path / "x")
 
 

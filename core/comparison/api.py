@@ -300,7 +300,7 @@ def compare(
         else:
             axes[key] = [value]
     for key, values in (grid or {}).items():
-        if key in axes:
+        if key in axes or key in core:
             raise ConfigError(f"{SOURCE}: {key!r} given as an option and in grid=: give one")
         if isinstance(values, str) or not isinstance(values, Sequence):
             raise ConfigError(f"{SOURCE}: grid[{key!r}] must be a list of values")
