@@ -186,6 +186,8 @@ def compare(
             for key, value in cell.values:
                 if kinds[key] == "core":
                     cell_flags[key] = value
+                elif kinds[key] == "section" and "." not in key:  # lora=true: its switch
+                    cell_sets.append(f"{key}.{_switch(registry, key, value)}={json.dumps(value)}")
                 else:
                     cell_sets.append(f"{key}={json.dumps(value)}")
             if resume_from:
@@ -243,6 +245,17 @@ def _number(text: str, flag: str) -> float:
         return float(text)
     except ValueError:
         raise ConfigError(f"{flag} {text!r}: not a number") from None
+
+
+def _switch(registry: Any, name: str, value: Any) -> str:
+    """The option a section's on/off axis (``--set lora=true,false``) sets: ``enabled``."""
+    switch = registry.sections[name].item.flags.get(name)
+    if switch is None or not isinstance(value, bool):
+        raise ConfigError(
+            f"--set {name}={value}: a section takes true/false for its switch, where it has one; "
+            f"set its options as {name}.KEY=V1,V2"
+        )
+    return switch
 
 
 def _integer(text: str, flag: str) -> int:

@@ -478,3 +478,15 @@ def test_a_stopped_run_says_how_to_resume_the_comparison(eval_files, tmp_path, m
     assert "sft-lr0.001-seed42: SIGINT: stopped after step 1 of 2" in result.output
     assert "--resume (--output-dir cmp)" in result.output
     assert "--output-dir cmp/runs" not in result.output
+
+
+def test_a_section_switch_is_an_axis(eval_files, tmp_path):
+    sub, _ = eval_files
+    result = _compare(
+        "--objective", "sft", "--set", "lora=true,false", *STEPS,
+        "--eval", f"sub={sub}", "--output-dir", "cmp",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name, enabled in (("sft-loraTrue-seed42", True), ("sft-loraFalse-seed42", False)):
+        run = json.loads((tmp_path / "cmp" / "runs" / name / "run.json").read_text())
+        assert run["config"]["lora"]["enabled"] is enabled
