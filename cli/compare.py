@@ -131,8 +131,8 @@ def compare(
     (DIR/evals/<run>/<set>.jsonl holds them). DIR/results.md and results.json hold the table,
     DIR/kept-vs-learned.png the first set against each other one, one curve per objective
     through its learning rates. --resume continues a comparison: finished runs are kept,
-    interrupted ones resume from their checkpoints; the same command started in several
-    terminals shares the runs out. Takes align run's options but --num-processes,
+    interrupted ones resume from their checkpoints; once the comparison is started, the same
+    command with --resume in other terminals shares the runs out. Takes align run's options but --num-processes,
     --overwrite and --push-to-hub.
     """
     from align.comparison.api import default_output_dir, execute
