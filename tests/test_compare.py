@@ -490,3 +490,20 @@ def test_a_section_switch_is_an_axis(eval_files, tmp_path):
     for name, enabled in (("sft-loraTrue-seed42", True), ("sft-loraFalse-seed42", False)):
         run = json.loads((tmp_path / "cmp" / "runs" / name / "run.json").read_text())
         assert run["config"]["lora"]["enabled"] is enabled
+
+
+def test_the_steps_column_is_what_a_run_trained_not_its_plan():
+    from align.comparison.grid import Cell
+    from align.comparison.report import rows
+    from align.comparison.runner import CellState
+
+    failed = {"status": "failed", "total_steps": 150, "failed_at_step": 3, "failure": "nan"}
+    stopped = {"status": "interrupted", "total_steps": 150, "stopped_at_step": 40}
+    done = {"status": "completed", "total_steps": 150}
+    states = [
+        CellState(Cell("sft", (), seed), status, None, record)
+        for seed, (status, record) in enumerate(
+            [("failed", failed), ("interrupted", stopped), ("completed", done)]
+        )
+    ]
+    assert [row["steps"] for row in rows(states, None)] == [2, 40, 150]

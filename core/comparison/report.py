@@ -39,7 +39,7 @@ def rows(states: Sequence[CellState], start: dict[str, Any] | None) -> list[dict
             **{key: value for key, value in cell.values},
             "seed": cell.seed,
             "status": state.status,
-            "steps": state.run.get("total_steps"),
+            "steps": _steps_trained(state),
             "seconds": state.run.get("seconds"),
             "sets": state.results,
         }
@@ -47,6 +47,19 @@ def rows(states: Sequence[CellState], start: dict[str, Any] | None) -> list[dict
             row["failure"] = state.run["failure"]
         out.append(row)
     return out
+
+
+def _steps_trained(state: CellState) -> int | None:
+    """The steps a run took: all of them once completed; a stopped run's up to its stop, a
+    failed run's before the step that failed (run.json's total_steps is the plan)."""
+    run = state.run
+    if state.status == "completed":
+        return run.get("total_steps")
+    if run.get("stopped_at_step") is not None:
+        return run["stopped_at_step"]
+    if run.get("failed_at_step") is not None:
+        return run["failed_at_step"] - 1
+    return None
 
 
 def metric_columns(table: Sequence[dict[str, Any]], sets: Sequence[str]) -> list[tuple[str, str]]:
