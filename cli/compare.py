@@ -4,6 +4,7 @@ held-out sets and tabled."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,8 @@ def compare(
     DIR/kept-vs-learned.png the first set against each other one, one curve per objective
     through its learning rates. --resume continues a comparison: finished runs are kept,
     interrupted ones resume from their checkpoints; once the comparison is started, the same
-    command with --resume in other terminals shares the runs out. Takes align run's options but --num-processes,
-    --overwrite and --push-to-hub.
+    command with --resume in other terminals shares the runs out. Takes align run's options
+    but --num-processes, --overwrite and --push-to-hub.
     """
     from align.comparison.api import default_output_dir, execute
 
@@ -273,4 +274,9 @@ def _scalar(text: str, item: str) -> Any:
         raise ConfigError(f"--set {item!r}: {text!r} is not a YAML scalar") from None
     if isinstance(value, dict | list):
         raise ConfigError(f"--set {item!r}: {text!r} is not a single value")
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-2 as a string: the table, plot and JSON need 0.01
     return value
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

@@ -507,3 +507,12 @@ def test_the_steps_column_is_what_a_run_trained_not_its_plan():
         )
     ]
     assert [row["steps"] for row in rows(states, None)] == [2, 40, 150]
+
+
+def test_set_values_in_exponent_notation_are_numbers():
+    # yaml reads 1e-2 as a string: the table, results.json and the plot's order need 0.01
+    from align.cli.compare import _scalar
+
+    assert _scalar("1e-2", "beta=1e-2") == 0.01 and isinstance(_scalar("1e-2", "x"), float)
+    assert _scalar("3E-4", "lr=3E-4") == 3e-4
+    assert _scalar("0.1", "x") == 0.1 and _scalar("word", "x") == "word"
