@@ -136,7 +136,7 @@ def compare(
     command with --resume in other terminals shares the runs out. Takes align run's options
     but --num-processes, --overwrite and --push-to-hub.
     """
-    from align.comparison.api import default_output_dir, execute
+    from align.comparison.api import PERFORMANCE_ONLY, default_output_dir, execute
 
     try:
         registry = load_registry()
@@ -198,8 +198,7 @@ def compare(
             return resolve(registry, config_file, cell_flags, cell_sets, section_flags)
 
         out = Path(output_dir) if output_dir else default_output_dir()
-        performance_only = ("verbose", "data_workers")  # may differ on --resume
-        shared = {k: v for k, v in fixed_flags.items() if k not in performance_only}
+        shared = {k: v for k, v in fixed_flags.items() if k not in PERFORMANCE_ONLY}
         shared["config"] = config_file
         result = execute(
             out,

@@ -334,6 +334,15 @@ def test_align_compare_takes_records_and_reward_functions(model_dir, sft_rows, t
             resume=True,
         )  # fmt: skip
     assert (result.output_dir / "evals" / "data" / "sub.jsonl").read_text() == kept
+    # how many data workers load the batches is no part of the comparison (as on the CLI)
+    again = align.compare(
+        ["sft", "ift"], model=str(model_dir), data=sft_rows,
+        evals={"sub": _records(DIFFERENCES, "-"), "add": _records(SUMS, "+")},
+        eval_rewards=[right_answer], grid={"lr": [1e-3]}, seeds=2, max_steps=1,
+        batch_size=2, data_workers=2, eval_max_tokens=4, output_dir=tmp_path / "api",
+        resume=True,
+    )  # fmt: skip
+    assert again.complete and again.rows == result.rows
 
 
 def test_align_compare_refuses_a_model_object(model_dir, sft_pairs, tmp_path):

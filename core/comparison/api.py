@@ -21,6 +21,7 @@ from .report import plot, rows, write_tables
 from .runner import EVALS, Comparison, Plan, prepare_dir
 
 SOURCE = "align.compare"
+PERFORMANCE_ONLY = ("verbose", "data_workers")  # options that may differ on --resume
 EVAL_MAX_TOKENS = 256  # the longest greedy answer an eval reward scores, by default
 DEMO_EVAL_MAX_TOKENS = 16  # … on the demo model
 
@@ -349,7 +350,7 @@ def compare(
     out = Path(output_dir) if output_dir is not None else default_output_dir()
     sets = eval_sets(evals, SOURCE)
     chosen = choose_eval_rewards(registry, eval_rewards, f"{SOURCE}: eval_rewards")
-    shared = {k: _plain(v) for k, v in options.items()}
+    shared = {k: _plain(v) for k, v in options.items() if k not in PERFORMANCE_ONLY}
     shared.update(model=_plain(model), data=_plain(data), eval_data=_plain(eval_data))
     if eval_max_tokens is not None and (
         isinstance(eval_max_tokens, bool)
