@@ -197,6 +197,8 @@ def compare(
                 cell_flags["overwrite"] = True
             return resolve(registry, config_file, cell_flags, cell_sets, section_flags)
 
+        if resume and not output_dir:
+            raise ConfigError("--resume continues the comparison in --output-dir DIR: give it")
         out = Path(output_dir) if output_dir else default_output_dir()
         shared = {k: v for k, v in fixed_flags.items() if k not in PERFORMANCE_ONLY}
         shared["config"] = config_file

@@ -525,3 +525,13 @@ def test_set_values_in_exponent_notation_are_numbers():
     assert _scalar("1e-2", "beta=1e-2") == 0.01 and isinstance(_scalar("1e-2", "x"), float)
     assert _scalar("3E-4", "lr=3E-4") == 3e-4
     assert _scalar("0.1", "x") == 0.1 and _scalar("word", "x") == "word"
+
+
+def test_resume_without_an_output_dir_asks_for_it(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps(_records(SUMS, "+")[0]) + "\n")
+    result = _compare("--resume", *STEPS, "--eval", f"sub={tmp_path / 'x.jsonl'}")
+    assert result.exit_code == 1
+    assert "--resume continues the comparison in --output-dir DIR: give it" in result.output
+    with pytest.raises(ConfigError, match="resume=True continues the comparison in output_dir"):
+        align.compare("sft", evals={"a": _records(SUMS, "+")}, resume=True)
+    assert not (tmp_path / "runs").exists()

@@ -347,6 +347,8 @@ def compare(
             kwargs=kwargs,
         )
 
+    if resume and output_dir is None:
+        raise ConfigError(f"{SOURCE}: resume=True continues the comparison in output_dir: give it")
     out = Path(output_dir) if output_dir is not None else default_output_dir()
     sets = eval_sets(evals, SOURCE)
     chosen = choose_eval_rewards(registry, eval_rewards, f"{SOURCE}: eval_rewards")
