@@ -4,6 +4,7 @@ held-out sets and tabled."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,11 +132,11 @@ def compare(
     (DIR/evals/<run>/<set>.jsonl holds them). DIR/results.md and results.json hold the table,
     DIR/kept-vs-learned.png the first set against each other one, one curve per objective
     through its learning rates. --resume continues a comparison: finished runs are kept,
-    interrupted ones resume from their checkpoints; the same command started in several
-    terminals shares the runs out. Takes align run's options but --num-processes,
-    --overwrite and --push-to-hub.
+    interrupted ones resume from their checkpoints; once the comparison is started, the same
+    command with --resume in other terminals shares the runs out. Takes align run's options
+    but --num-processes, --overwrite and --push-to-hub.
     """
-    from align.comparison.api import default_output_dir, execute
+    from align.comparison.api import PERFORMANCE_ONLY, default_output_dir, execute
 
     try:
         registry = load_registry()
@@ -153,10 +154,13 @@ def compare(
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE or KEY=V1,V2")
             if key in axes:
                 raise ConfigError(f"--set {item}: {key} is given twice")
+            if flags.get(key) not in (None, (), []):  # the axis would win without a word
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(f"--set {key}: {flag} is given too: give one")
             axes[key] = [_scalar(v, item) for v in _list(text, f"--set {key}")]
         first = 42
         if seed_list is not None:
-            given = [int(_number(v, "--seed")) for v in _list(seed_list, "--seed")]
+            given = [_integer(v, "--seed") for v in _list(seed_list, "--seed")]
             if len(given) > 1 and seeds is not None:
                 raise ConfigError("--seeds N with several --seed values: give one")
             first = given[0]
@@ -183,6 +187,8 @@ def compare(
             for key, value in cell.values:
                 if kinds[key] == "core":
                     cell_flags[key] = value
+                elif kinds[key] == "section" and "." not in key:  # lora=true: its switch
+                    cell_sets.append(f"{key}.{_switch(registry, key, value)}={json.dumps(value)}")
                 else:
                     cell_sets.append(f"{key}={json.dumps(value)}")
             if resume_from:
@@ -191,9 +197,10 @@ def compare(
                 cell_flags["overwrite"] = True
             return resolve(registry, config_file, cell_flags, cell_sets, section_flags)
 
+        if resume and not output_dir:
+            raise ConfigError("--resume continues the comparison in --output-dir DIR: give it")
         out = Path(output_dir) if output_dir else default_output_dir()
-        performance_only = ("verbose", "data_workers")  # may differ on --resume
-        shared = {k: v for k, v in fixed_flags.items() if k not in performance_only}
+        shared = {k: v for k, v in fixed_flags.items() if k not in PERFORMANCE_ONLY}
         shared["config"] = config_file
         result = execute(
             out,
@@ -242,6 +249,24 @@ def _number(text: str, flag: str) -> float:
         raise ConfigError(f"{flag} {text!r}: not a number") from None
 
 
+def _switch(registry: Any, name: str, value: Any) -> str:
+    """The option a section's on/off axis (``--set lora=true,false``) sets: ``enabled``."""
+    switch = registry.sections[name].item.flags.get(name)
+    if switch is None or not isinstance(value, bool):
+        raise ConfigError(
+            f"--set {name}={value}: a section takes true/false for its switch, where it has one; "
+            f"set its options as {name}.KEY=V1,V2"
+        )
+    return switch
+
+
+def _integer(text: str, flag: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: not an integer") from None
+
+
 def _scalar(text: str, item: str) -> Any:
     """A value as run.yaml reads it: a YAML scalar (0.1, true, a word)."""
     try:
@@ -250,4 +275,9 @@ def _scalar(text: str, item: str) -> Any:
         raise ConfigError(f"--set {item!r}: {text!r} is not a YAML scalar") from None
     if isinstance(value, dict | list):
         raise ConfigError(f"--set {item!r}: {text!r} is not a single value")
+    if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-2 as a string: the table, plot and JSON need 0.01
     return value
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

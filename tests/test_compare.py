@@ -247,6 +247,11 @@ def test_resume_with_another_grid_is_refused_and_a_used_directory_without_it(eva
     assert "was started with other grid" in refused.output
     again = _compare(*_grid_args(eval_files))
     assert again.exit_code == 1 and "add --resume to continue it" in again.output
+    # the same file names with other records: the table would mix figures of two sets
+    sub, _ = eval_files
+    sub.write_text(sub.read_text().replace("9 - 4 = 5.", "9 - 4 = 6."))
+    changed = _compare(*_grid_args(eval_files), "--resume")
+    assert changed.exit_code == 1 and "was started with other eval_sha256" in changed.output
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     other = _compare(*_grid_args(eval_files, out="mine"))
@@ -265,6 +270,8 @@ def test_resume_with_another_grid_is_refused_and_a_used_directory_without_it(eva
         (["--set", "seed=1,2"], "give the seeds with --seeds"),
         (["--set", "beta=0.1,0.1"], "repeats a value"),
         (["--lr", "1e-3,fast"], "--lr 'fast': not a number"),
+        (["--seed", "1.5"], "--seed '1.5': not an integer"),
+        (["--set", "max_steps=1,3"], "--set max_steps: --max-steps is given too"),
     ],
 )
 def test_bad_grids_are_refused_before_anything_trains(change, message, tmp_path):
@@ -317,6 +324,25 @@ def test_align_compare_takes_records_and_reward_functions(model_dir, sft_rows, t
     assert "right_answer" in result.rows[1]["sets"]["sub"]
     ift = json.loads((result.output_dir / "runs" / "ift-seed43" / "run.json").read_text())
     assert ift["seed"] == 43
+    kept = (result.output_dir / "evals" / "data" / "sub.jsonl").read_text()
+    with pytest.raises(ConfigError, match="was started with other eval_sha256"):
+        align.compare(
+            ["sft", "ift"], model=str(model_dir), data=sft_rows,
+            evals={"sub": _records(DIFFERENCES[1:], "-"), "add": _records(SUMS, "+")},
+            eval_rewards=[right_answer], grid={"lr": [1e-3]}, seeds=2, max_steps=1,
+            batch_size=2, data_workers=1, eval_max_tokens=4, output_dir=tmp_path / "api",
+            resume=True,
+        )  # fmt: skip
+    assert (result.output_dir / "evals" / "data" / "sub.jsonl").read_text() == kept
+    # how many data workers load the batches is no part of the comparison (as on the CLI)
+    again = align.compare(
+        ["sft", "ift"], model=str(model_dir), data=sft_rows,
+        evals={"sub": _records(DIFFERENCES, "-"), "add": _records(SUMS, "+")},
+        eval_rewards=[right_answer], grid={"lr": [1e-3]}, seeds=2, max_steps=1,
+        batch_size=2, data_workers=2, eval_max_tokens=4, output_dir=tmp_path / "api",
+        resume=True,
+    )  # fmt: skip
+    assert again.complete and again.rows == result.rows
 
 
 def test_align_compare_refuses_a_model_object(model_dir, sft_pairs, tmp_path):
@@ -351,3 +377,183 @@ def test_a_run_another_process_holds_is_left_to_it(eval_files, tmp_path):
     row = next(r for r in rows if r["run"] == held)
     assert row["status"] == "running elsewhere" and row["sets"] is None
     assert "Some runs are not in the table yet" in result.output
+
+
+# -- the evaluation alone --------------------------------------------------------------------------
+def _evaluate_start(model_dir, path, rewards, max_tokens=4):
+    from align.comparison.api import choose_eval_rewards
+    from align.comparison.evaluate import EvalSet, EvalSettings, evaluate
+    from align.options import TrainConfig
+
+    chosen = choose_eval_rewards(get_registry(), rewards, "eval_rewards")
+    settings = EvalSettings(
+        max_length=64,
+        truncation="right",
+        max_completion_length=max_tokens,
+        precision="no",
+        trust_remote_code=False,
+    )
+    return evaluate(model_dir, [EvalSet("add", str(path))], chosen, settings, TrainConfig(), None)
+
+
+def test_two_eval_rewards_reading_the_same_column_each_get_it_once(model_dir, eval_files):
+    seen = []
+
+    def echo_answer(completions, answer, **kwargs):
+        seen.append(list(answer))
+        return [0.0] * len(completions)
+
+    found = _evaluate_start(model_dir, eval_files[1], ["addition", echo_answer])["add"]
+    assert seen == [[a + b for a, b in SUMS]]
+    assert "addition" in found and found["echo_answer"] == 0.0
+
+
+def test_the_length_reward_reads_the_eval_answers_limit_not_the_runs(model_dir, eval_files):
+    # An answer at --eval-max-tokens is -1 by DAPO's punishment with L_max = that limit; with
+    # the run's max_completion_length (512) every short answer would be 0.
+    found = _evaluate_start(model_dir, eval_files[1], ["length"], max_tokens=4)["add"]
+    assert -1.0 <= found["length"] < -0.8
+
+
+def test_align_compare_takes_section_and_objective_options_as_align_train_does(tmp_path):
+    # lora=True with a grid over lora.r, and minorsft={...}: both as align.train takes them
+    result = align.compare(
+        "minorsft",
+        lora=True,
+        minorsft={"beta": 0.01},
+        grid={"lora.r": [4, 8]},
+        evals={"sub": _records(DIFFERENCES[:2], "-")},
+        max_steps=1,
+        data_workers=1,
+        eval_every=100,
+        output_dir=tmp_path / "api",
+    )
+    assert result.complete
+    for r in (4, 8):
+        run = json.loads(
+            (result.output_dir / "runs" / f"minorsft-r{r}-seed42" / "run.json").read_text()
+        )
+        assert run["config"]["lora"]["enabled"] is True and run["config"]["lora"]["r"] == r
+        assert run["config"]["minorsft"]["beta"] == 0.01
+
+
+def test_align_compare_refuses_an_eval_set_of_no_records_before_writing(tmp_path):
+    with pytest.raises(ConfigError, match=r"evals\['a'\] must be a path or a list of dicts"):
+        align.compare("sft", evals={"a": ["not a record"]}, output_dir=tmp_path / "x")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_align_compare_refuses_an_option_given_also_in_the_grid(tmp_path):
+    with pytest.raises(ConfigError, match="'max_steps' given as an option and in grid="):
+        align.compare(
+            "sft", max_steps=2, grid={"max_steps": [1, 3]}, evals={"a": _records(SUMS, "+")},
+            output_dir=tmp_path / "x",
+        )  # fmt: skip
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_align_compare_names_an_unknown_option_as_its_keyword(tmp_path):
+    with pytest.raises(ConfigError, match=r"^align.compare: betta: .*Did you mean 'beta'"):
+        align.compare(
+            ["sft", "minorsft"], betta=0.1, evals={"a": _records(SUMS, "+")},
+            output_dir=tmp_path / "x",
+        )  # fmt: skip
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_two_processes_writing_the_tables_at_once_both_succeed(tmp_path, monkeypatch):
+    # Each process that finishes rewrites results.md, results.json and the plot: here a second
+    # writer runs between the first one's temporary file and its rename.
+    from align.comparison import report
+
+    table = [
+        {"run": "starting model", "sets": {"a": {"nll": 1.0}, "b": {"nll": 2.0}}},
+        {"run": "x", "objective": "sft", "lr": 1e-3, "seed": 1, "status": "completed",
+         "sets": {"a": {"nll": 0.5}, "b": {"nll": 2.5}}},
+    ]  # fmt: skip
+    real, seen, inside = os.replace, set(), []
+
+    def replace(source, target):  # before each file's first rename, the other writer
+        if not inside and os.path.basename(target) not in seen:
+            seen.add(os.path.basename(target))
+            inside.append(True)
+            report.write_tables(tmp_path, table, ["a", "b"], [], {}, {})
+            report.plot(tmp_path, table, ["a", "b"], [])
+            inside.pop()
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    report.write_tables(tmp_path, table, ["a", "b"], [], {}, {})
+    assert report.plot(tmp_path, table, ["a", "b"], []) is not None
+    assert (tmp_path / "results.md").read_text().count("| x |") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kept-vs-learned.png", "results.json", "results.md"
+    ]  # fmt: skip
+
+
+def test_a_stopped_run_says_how_to_resume_the_comparison(eval_files, tmp_path, monkeypatch):
+    from align.loop.stopping import RunStopped
+
+    def stopped(spec, registry):  # what a run stopped by Ctrl-C after its first step raises
+        run_dir = spec.config.output_dir
+        raise RunStopped(
+            f"SIGINT: stopped after step 1 of 2; checkpoint {run_dir}/checkpoints/step-1. "
+            f"Resume with the same command and --resume (--output-dir {run_dir}).",
+            exit_code=130,
+            run_dir=run_dir,
+        )
+
+    monkeypatch.setattr("align.api.run", stopped)
+    result = _compare(*_grid_args(eval_files))
+    assert result.exit_code == 130
+    assert "sft-lr0.001-seed42: SIGINT: stopped after step 1 of 2" in result.output
+    assert "--resume (--output-dir cmp)" in result.output
+    assert "--output-dir cmp/runs" not in result.output
+
+
+def test_a_section_switch_is_an_axis(eval_files, tmp_path):
+    sub, _ = eval_files
+    result = _compare(
+        "--objective", "sft", "--set", "lora=true,false", *STEPS,
+        "--eval", f"sub={sub}", "--output-dir", "cmp",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for name, enabled in (("sft-loraTrue-seed42", True), ("sft-loraFalse-seed42", False)):
+        run = json.loads((tmp_path / "cmp" / "runs" / name / "run.json").read_text())
+        assert run["config"]["lora"]["enabled"] is enabled
+
+
+def test_the_steps_column_is_what_a_run_trained_not_its_plan():
+    from align.comparison.grid import Cell
+    from align.comparison.report import rows
+    from align.comparison.runner import CellState
+
+    failed = {"status": "failed", "total_steps": 150, "failed_at_step": 3, "failure": "nan"}
+    stopped = {"status": "interrupted", "total_steps": 150, "stopped_at_step": 40}
+    done = {"status": "completed", "total_steps": 150}
+    states = [
+        CellState(Cell("sft", (), seed), status, None, record)
+        for seed, (status, record) in enumerate(
+            [("failed", failed), ("interrupted", stopped), ("completed", done)]
+        )
+    ]
+    assert [row["steps"] for row in rows(states, None)] == [2, 40, 150]
+
+
+def test_set_values_in_exponent_notation_are_numbers():
+    # yaml reads 1e-2 as a string: the table, results.json and the plot's order need 0.01
+    from align.cli.compare import _scalar
+
+    assert _scalar("1e-2", "beta=1e-2") == 0.01 and isinstance(_scalar("1e-2", "x"), float)
+    assert _scalar("3E-4", "lr=3E-4") == 3e-4
+    assert _scalar("0.1", "x") == 0.1 and _scalar("word", "x") == "word"
+
+
+def test_resume_without_an_output_dir_asks_for_it(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps(_records(SUMS, "+")[0]) + "\n")
+    result = _compare("--resume", *STEPS, "--eval", f"sub={tmp_path / 'x.jsonl'}")
+    assert result.exit_code == 1
+    assert "--resume continues the comparison in --output-dir DIR: give it" in result.output
+    with pytest.raises(ConfigError, match="resume=True continues the comparison in output_dir"):
+        align.compare("sft", evals={"a": _records(SUMS, "+")}, resume=True)
+    assert not (tmp_path / "runs").exists()

@@ -5,7 +5,17 @@ import ast
 from pathlib import Path
 
 CORE = Path(__file__).parent.parent / "core"
-PACKAGES = {"data", "model", "reference", "loop", "plugins", "rollout", "tools", "demo", "comparison"}
+PACKAGES = {
+    "data",
+    "model",
+    "reference",
+    "loop",
+    "plugins",
+    "rollout",
+    "tools",
+    "demo",
+    "comparison",
+}
 
 
 def _module_name(path: Path) -> str:

@@ -15,11 +15,13 @@ from ..errors import ConfigError
 from ..options import SAMPLING_KEYS
 from ..suggest import did_you_mean
 from .evaluate import EvalSet, EvalSettings, check_set
-from .grid import Cell, Grid, axis_kind, check_axes
+from .files import write_text
+from .grid import SECTION_AXIS, Cell, Grid, axis_kind, check_axes
 from .report import plot, rows, write_tables
 from .runner import EVALS, Comparison, Plan, prepare_dir
 
 SOURCE = "align.compare"
+PERFORMANCE_ONLY = ("verbose", "data_workers")  # options that may differ on --resume
 EVAL_MAX_TOKENS = 256  # the longest greedy answer an eval reward scores, by default
 DEMO_EVAL_MAX_TOKENS = 16  # … on the demo model
 
@@ -71,22 +73,47 @@ def eval_sets(evals: Mapping[str, Any] | Sequence[str] | None, source: str) -> l
     return sets
 
 
-def materialise(given: list[EvalSet], recorded: list[EvalSet]) -> None:
-    """Write the sets given as records in memory to the files the comparison records for them
-    (in its directory: so it can be resumed and read back)."""
+def in_memory_texts(given: list[EvalSet]) -> dict[str, str]:
+    """The sets given as records in memory, as the JSON lines the comparison keeps them in."""
     import json
 
-    for s, target in zip(given, recorded, strict=True):
+    texts = {}
+    for s in given:
         if isinstance(s.path, str | os.PathLike):
             continue
         records = list(s.path)
         if not records or not all(isinstance(r, Mapping) for r in records):
             raise ConfigError(f"{SOURCE}: evals[{s.name!r}] must be a path or a list of dicts")
-        path = Path(target.path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(dict(record), ensure_ascii=False) + "\n")
+        texts[s.name] = "".join(json.dumps(dict(r), ensure_ascii=False) + "\n" for r in records)
+    return texts
+
+
+def fingerprints(given: list[EvalSet], texts: dict[str, str]) -> dict[str, str]:
+    """Each set's SHA-256 (its file's bytes, or its records' JSON lines): compare.json keeps them,
+    so --resume refuses sets whose records changed under the same names."""
+    import hashlib
+
+    found = {}
+    for s in given:
+        if s.name in texts:
+            found[s.name] = hashlib.sha256(texts[s.name].encode("utf-8")).hexdigest()
+        else:
+            try:
+                found[s.name] = hashlib.sha256(Path(s.path).read_bytes()).hexdigest()
+            except OSError as exc:
+                raise ConfigError(f"--eval {s.name}={s.path}: cannot read it: {exc}") from None
+    return found
+
+
+def materialise(texts: dict[str, str], recorded: list[EvalSet]) -> None:
+    """Write the sets given as records in memory to the files the comparison records for them
+    (in its directory: so it can be resumed and read back); on --resume they are there already,
+    the same (compare.json's fingerprints say so), and left alone for processes reading them."""
+    for s in recorded:
+        path = Path(s.path)
+        if s.name in texts and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, texts[s.name])
 
 
 def choose_eval_rewards(registry: Any, items: Sequence[Any] | None, source: str) -> list[Any]:
@@ -174,7 +201,9 @@ def execute(
         precision=config.precision,
         trust_remote_code=config.trust_remote_code,
     )
-    plan = Plan(grid, _paths(out, sets), [c.name for c in rewards], shared, settings)
+    texts = in_memory_texts(sets)
+    reward_names = [c.name for c in rewards]
+    plan = Plan(grid, _paths(out, sets), reward_names, shared, settings, fingerprints(sets, texts))
     comparison = Comparison(
         out,
         plan,
@@ -188,7 +217,7 @@ def execute(
     )
     comparison.check()
     prepare_dir(out, plan, resume)
-    materialise(sets, plan.evals)
+    materialise(texts, plan.evals)
     echo(f"align compare: {len(cells)} runs in {out}")
     states = comparison.run()
     table = rows(states, comparison.start_results())
@@ -261,11 +290,18 @@ def compare(
     from ..options import CORE_KEYS
 
     core = {k: v for k, v in options.items() if k in CORE_KEYS or k in ALIASES}
-    axes: dict[str, list[Any]] = {
-        k: [v] for k, v in options.items() if k not in core and k != "seed"
-    }
+    targets = {_target(registry, name) for name in names}
+    axes: dict[str, list[Any]] = {}
+    for key, value in options.items():
+        if key in core or key == "seed":
+            continue
+        if isinstance(value, Mapping) and (key in targets or key in registry.sections):
+            # minorsft={"beta": 0.01} and lora={"r": 8}, as align.train takes them
+            axes.update({f"{key}.{k}": [v] for k, v in value.items()})
+        else:
+            axes[key] = [value]
     for key, values in (grid or {}).items():
-        if key in axes:
+        if key in axes or key in core:
             raise ConfigError(f"{SOURCE}: {key!r} given as an option and in grid=: give one")
         if isinstance(values, str) or not isinstance(values, Sequence):
             raise ConfigError(f"{SOURCE}: grid[{key!r}] must be a list of values")
@@ -276,7 +312,7 @@ def compare(
     if not seed_list:
         raise ConfigError(f"{SOURCE}: seeds is empty")
     spec_grid = Grid(names, axes, seed_list)
-    kinds = {key: axis_kind(registry, key, names) for key in axes}
+    kinds = {key: axis_kind(registry, key, names, f"{SOURCE}:") for key in axes}
 
     def make_spec(cell: Cell, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
         on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
@@ -286,8 +322,10 @@ def compare(
         kwargs.update(seed=cell.seed, output_dir=str(run_dir))
         for key, value in cell.values:
             head, dot, tail = key.partition(".")
-            if dot and kinds[key] == "section":
-                kwargs.setdefault(head, {})[tail] = value
+            if kinds[key] == SECTION_AXIS:  # lora=True and lora.r=8 make one lora={...}
+                section = _section_values(registry, head, kwargs.get(head))
+                section.update({tail: value} if dot else _section_values(registry, head, value))
+                kwargs[head] = section
             elif dot:
                 kwargs[tail] = value
             else:
@@ -309,10 +347,12 @@ def compare(
             kwargs=kwargs,
         )
 
+    if resume and output_dir is None:
+        raise ConfigError(f"{SOURCE}: resume=True continues the comparison in output_dir: give it")
     out = Path(output_dir) if output_dir is not None else default_output_dir()
     sets = eval_sets(evals, SOURCE)
     chosen = choose_eval_rewards(registry, eval_rewards, f"{SOURCE}: eval_rewards")
-    shared = {k: _plain(v) for k, v in options.items()}
+    shared = {k: _plain(v) for k, v in options.items() if k not in PERFORMANCE_ONLY}
     shared.update(model=_plain(model), data=_plain(data), eval_data=_plain(eval_data))
     if eval_max_tokens is not None and (
         isinstance(eval_max_tokens, bool)
@@ -323,6 +363,18 @@ def compare(
     return execute(
         out, spec_grid, sets, chosen, shared, make_spec, registry, resume, echo, eval_max_tokens
     )
+
+
+def _section_values(registry: Any, name: str, value: Any) -> dict[str, Any]:
+    """A section's value as a new mapping of its options: ``True`` is its switch's."""
+    from ..api import _section
+
+    if value is None:
+        return {}
+    value = _section(name, value, registry.sections[name].item)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{SOURCE}: {name} must be True/False or a mapping of its options")
+    return dict(value)
 
 
 def _target(registry: Any, name: str) -> str:

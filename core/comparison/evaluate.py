@@ -5,14 +5,13 @@ The NLL is the mean over every answer token of the set (the completion of a prom
 record, the last assistant turn of a ``messages`` record), in nats, from one forward pass per
 batch: the number the training loss of SFT estimates. A reward applies to a set whose records
 have every column it reads (``addition`` reads ``answer``); each prompt is completed greedily
-(temperature 0) up to ``max_completion_length`` tokens, and the completions are written next to
-the figures, so a score can be read back to the answers that earned it.
+(temperature 0) up to ``max_completion_length`` tokens (which a reward reading the run's
+``max_completion_length``, as ``length`` does, sees as that), and the completions are written
+next to the figures, so a score can be read back to the answers that earned it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..data.fields import column_names, validate_columns
 from ..data.records import Record, read_records
+from .files import write_jsonl
 
 NLL = "nll"
 BATCH = 64  # sequences per forward pass and per generate call
@@ -68,6 +68,8 @@ def evaluate(
     from ..tools.chat import load, resolve_source
 
     loaded = load(resolve_source(str(model)), settings.trust_remote_code, settings.precision)
+    if config is not None:  # a reward reads the longest answer (length's L_max) from config
+        config = config.model_copy(update={"max_completion_length": settings.max_completion_length})
     results: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for eval_set in sets:
@@ -159,11 +161,12 @@ def _rewarded(
             except TokenizeError as exc:
                 raise record.error(str(exc), exc.field) from None
             prompts.append(prompt)
+            columns: dict[str, Any] = {}  # a column two rewards read is handed over once
             for c in chosen:
                 if c.reward.fields is not None:
-                    values = validate_columns(record, c.reward.fields)
-                    for name in reward_columns(c.reward):
-                        fields[name].append(values[name])
+                    columns.update(validate_columns(record, c.reward.fields))
+            for name in names:
+                fields[name].append(columns[name])
         done = completer.complete(ids)
         completions = [
             [{"role": "assistant", "content": d.text}] if isinstance(p, list) else d.text
@@ -177,16 +180,8 @@ def _rewarded(
             rewards = {c.name: values[k][i] for k, c in enumerate(chosen)}
             lines.append({"record": record.location, "completion": d.text, **rewards})
     if target is not None:
-        _write_lines(target, lines)
+        write_jsonl(target, lines)
     return {c.name: sum(row) / len(row) for c, row in zip(chosen, scores, strict=True)}
-
-
-def _write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for line in lines:
-            handle.write(json.dumps(line, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def check_set(eval_set: EvalSet) -> None:

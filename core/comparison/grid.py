@@ -108,9 +108,9 @@ def objective_name(registry: Any, name: str) -> str:
     return item.objective if isinstance(item, Preset) else item.name
 
 
-def axis_kind(registry: Any, key: str, objectives: Sequence[str]) -> str:
+def axis_kind(registry: Any, key: str, objectives: Sequence[str], given_as: str = "--set") -> str:
     """What ``key`` sets: a core option, an objective's option, or a section's; refused when no
-    objective of the grid takes it."""
+    objective of the grid takes it (the error names it as ``given_as KEY``)."""
     if key in CORE_KEYS:
         return CORE_AXIS
     if key in registry.sections:  # lora=True: the section's switch or its options
@@ -120,30 +120,33 @@ def axis_kind(registry: Any, key: str, objectives: Sequence[str]) -> str:
         if tail not in option_keys(registry.sections[head].item.options):
             known = option_keys(registry.sections[head].item.options)
             raise ConfigError(
-                f"--set {key}: section {head!r} has no option {tail!r}.{did_you_mean(tail, known)}"
+                f"{given_as} {key}: section {head!r} has no option {tail!r}."
+                f"{did_you_mean(tail, known)}"
             )
         return SECTION_AXIS
     targets = {objective_name(registry, o) for o in objectives}
     if dot:
         if head not in targets:
             raise ConfigError(
-                f"--set {key}: {head!r} is neither an objective of the comparison "
+                f"{given_as} {key}: {head!r} is neither an objective of the comparison "
                 f"({', '.join(sorted(targets))}) nor a plugin section."
                 f"{did_you_mean(head, [*targets, *registry.sections])}"
             )
         keys = option_keys(registry.objectives[head].item.options)
         if tail not in keys:
             raise ConfigError(
-                f"--set {key}: objective {head!r} has no option {tail!r}.{did_you_mean(tail, keys)}"
+                f"{given_as} {key}: objective {head!r} has no option {tail!r}."
+                f"{did_you_mean(tail, keys)}"
             )
         return OBJECTIVE_AXIS
     known: set[str] = set()
     for target in targets:
         known |= set(option_keys(registry.objectives[target].item.options))
     if key not in known:
+        suggestion = did_you_mean(key, {*known, *CORE_KEYS})
         raise ConfigError(
-            f"--set {key}: no objective of the comparison ({', '.join(sorted(targets))}) has an "
-            f"option {key!r}, and it is no core option.{did_you_mean(key, {*known, *CORE_KEYS})}"
+            f"{given_as} {key}: no objective of the comparison ({', '.join(sorted(targets))}) "
+            f"has an option {key!r}, and it is no core option.{suggestion}"
         )
     return OBJECTIVE_AXIS
 

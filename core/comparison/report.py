@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .evaluate import NLL
-from .runner import CellState, write_json
+from .files import write_atomic, write_json, write_text
+from .runner import CellState
 
 TABLE_MD = "results.md"
 TABLE_JSON = "results.json"
@@ -38,7 +39,7 @@ def rows(states: Sequence[CellState], start: dict[str, Any] | None) -> list[dict
             **{key: value for key, value in cell.values},
             "seed": cell.seed,
             "status": state.status,
-            "steps": state.run.get("total_steps"),
+            "steps": _steps_trained(state),
             "seconds": state.run.get("seconds"),
             "sets": state.results,
         }
@@ -46,6 +47,19 @@ def rows(states: Sequence[CellState], start: dict[str, Any] | None) -> list[dict
             row["failure"] = state.run["failure"]
         out.append(row)
     return out
+
+
+def _steps_trained(state: CellState) -> int | None:
+    """The steps a run took: all of them once completed; a stopped run's up to its stop, a
+    failed run's before the step that failed (run.json's total_steps is the plan)."""
+    run = state.run
+    if state.status == "completed":
+        return run.get("total_steps")
+    if run.get("stopped_at_step") is not None:
+        return run["stopped_at_step"]
+    if run.get("failed_at_step") is not None:
+        return run["failed_at_step"] - 1
+    return None
 
 
 def metric_columns(table: Sequence[dict[str, Any]], sets: Sequence[str]) -> list[tuple[str, str]]:
@@ -116,9 +130,7 @@ def write_tables(
     plan: Any,
 ) -> str:
     text = markdown(table, sets, axes, shared)
-    tmp = out / f".{TABLE_MD}.tmp"
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out / TABLE_MD)
+    write_text(out / TABLE_MD, text)
     write_json(out / TABLE_JSON, {"plan": plan, "rows": table})
     return text
 
@@ -146,10 +158,10 @@ def plot(
         return None
     figure = figure_of(table, sets, varied, out.name)
     target = out / PLOT
-    tmp = out / f".{PLOT}.tmp.png"
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(target)
+    try:
+        write_atomic(target, lambda tmp: figure.savefig(tmp, dpi=100))
+    finally:
+        plt.close(figure)
     return target
 
 

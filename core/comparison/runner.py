@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import AlignError, ConfigError
 from ..loop.rundir import RUN_JSON, is_unused, read_record, written_by
 from .evaluate import EvalSet, EvalSettings, evaluate
+from .files import write_json
 from .grid import Cell, Grid
 
 PLAN = "compare.json"
@@ -43,19 +44,22 @@ START = "start"  # the starting model's evaluation
 
 @dataclass
 class Plan:
-    """What a comparison is: the grid, the held-out sets, the eval rewards and the shared
-    options (as given), recorded in compare.json and checked on --resume."""
+    """What a comparison is: the grid, the held-out sets (and each one's SHA-256), the eval
+    rewards and the shared options (as given), recorded in compare.json and checked on
+    --resume."""
 
     grid: Grid
     evals: list[EvalSet]
     eval_rewards: list[str]
     shared: dict[str, Any]
     settings: EvalSettings
+    eval_sha256: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "grid": self.grid.as_dict(),
             "evals": {s.name: s.path for s in self.evals},
+            "eval_sha256": self.eval_sha256,
             "eval_rewards": self.eval_rewards,
             "shared": self.shared,
             "evaluation": self.settings.__dict__,
@@ -119,13 +123,6 @@ def _read_plan(path: Path) -> dict[str, Any]:
     if not isinstance(stored, dict) or not str(stored.get("written_by", "")).startswith("align"):
         raise ConfigError(f"{path} was not written by align compare; choose another --output-dir")
     return stored
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Written whole or not at all: a temporary sibling renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -220,6 +217,14 @@ class Comparison:
                 # A run that failed on its own (a non-finite loss, a failed write) is a result
                 # of the grid; bad input or a signal stops the comparison.
                 signal = getattr(exc, "exit_code", 1) > 128
+                if signal and isinstance(exc, RunStopped):  # the run's own hint names its dir
+                    what = str(exc).partition(" Resume with")[0]
+                    raise RunStopped(
+                        f"{head}: {what} Continue the comparison with the same command and "
+                        f"--resume (--output-dir {self.out}); from Python, resume=True.",
+                        exc.exit_code,
+                        exc.run_dir,
+                    ) from None
                 if signal or not isinstance(exc, RunFailed | RunStopped):
                     raise
                 self.echo(f"{head}: failed: {exc}")
