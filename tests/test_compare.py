@@ -202,6 +202,11 @@ def test_the_plot_draws_one_curve_per_objective_through_its_learning_rates():
     assert list(lines["starting model"].get_xdata()) == [0.0]
     assert axis.get_xlabel() == "learned: sub addition"
     assert axis.get_ylabel() == "kept: add addition"
+    nll = figure.axes[1]  # the second row: the same curves by the answers' NLL
+    assert nll.get_xlabel() == "learned: sub nll (lower is better)"
+    assert nll.xaxis_inverted() and nll.yaxis_inverted()
+    nll_lines = {line.get_label(): line for line in nll.get_lines()}
+    assert list(nll_lines["sft"].get_ydata()) == pytest.approx([2.0, 2.0])
 
 
 def test_resume_resumes_an_interrupted_run_trains_a_missing_one_and_keeps_the_rest(

@@ -136,11 +136,11 @@ def write_tables(
 
 
 # -- the plot -------------------------------------------------------------------------------------
-def score_of(sets: dict[str, Any] | None, name: str) -> tuple[float | None, str]:
-    """The figure a set is plotted by: its first reward's mean, else its NLL."""
+def score_of(sets: dict[str, Any] | None, name: str, nll: bool = False) -> tuple[float | None, str]:
+    """The figure a set is plotted by: its first reward's mean (unless ``nll``), else its NLL."""
     found = (sets or {}).get(name) or {}
     for metric, value in found.items():
-        if metric not in _COUNTS and metric != NLL:
+        if metric not in _COUNTS and metric != NLL and not nll:
             return value, metric
     return found.get(NLL), NLL
 
@@ -168,63 +168,74 @@ def plot(
 def figure_of(
     table: Sequence[dict[str, Any]], sets: Sequence[str], varied: Sequence[str], title: str
 ) -> Any:
-    """The figure :func:`plot` saves: a panel per kept set, the learned set on every x axis."""
+    """The figure :func:`plot` saves: a panel per kept set, the learned set on every x axis; a
+    row of panels by the rewards' means when the sets have rewards, and a row by the NLL."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     learned, kept = sets[0], list(sets[1:])
-    figure, axes = plt.subplots(1, len(kept), figsize=(6 * len(kept), 4.5), squeeze=False)
+    rewarded = any(score_of(row.get("sets"), name)[1] != NLL for row in table for name in sets)
+    rows = [False, True] if rewarded else [True]  # NLL only?
+    figure, axes = plt.subplots(
+        len(rows), len(kept), figsize=(6 * len(kept), 4.5 * len(rows)), squeeze=False
+    )
     curves = _curves(table, varied)
-    for axis, keep in zip(axes.flat, kept, strict=True):
-        x_metric = y_metric = NLL
-        for index, (label, points) in enumerate(sorted(curves.items())):
-            colour = f"C{index % 10}"
-            means = []
-            for lr, seeds in sorted(points.items(), key=lambda item: _order(item[0])):
-                xs, ys = [], []
-                for sets_of in seeds:
-                    x, x_metric = score_of(sets_of, learned)
-                    y, y_metric = score_of(sets_of, keep)
-                    if x is not None and y is not None:
-                        xs.append(x)
-                        ys.append(y)
-                if not xs:
-                    continue
-                if len(xs) > 1:
-                    axis.scatter(xs, ys, color=colour, alpha=0.3, s=12)
-                means.append((sum(xs) / len(xs), sum(ys) / len(ys), lr))
-            if means:
-                axis.plot(
-                    [m[0] for m in means], [m[1] for m in means], "o-", color=colour, label=label
-                )
-                for x, y, lr in means:
-                    if lr is not None:
-                        axis.annotate(
-                            _shown(lr),
-                            (x, y),
-                            fontsize=7,
-                            xytext=(3, 3),
-                            textcoords="offset points",
-                        )
-        start = next((r for r in table if r["run"] == "starting model"), None)
-        if start is not None:
-            x, x_metric = score_of(start["sets"], learned)
-            y, y_metric = score_of(start["sets"], keep)
-            if x is not None and y is not None:
-                axis.plot([x], [y], "k*", markersize=12, label="starting model")
-        axis.set_xlabel(f"learned: {learned} {_axis_label(x_metric)}")
-        axis.set_ylabel(f"kept: {keep} {_axis_label(y_metric)}")
-        if x_metric == NLL:
-            axis.invert_xaxis()
-        if y_metric == NLL:
-            axis.invert_yaxis()
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+    for row_index, nll in enumerate(rows):
+        for axis, keep in zip(axes[row_index], kept, strict=True):
+            _panel(axis, table, curves, learned, keep, nll)
     figure.suptitle(f"kept vs learned ({title}); point labels: learning rate")
     figure.tight_layout()
     return figure
+
+
+def _panel(
+    axis: Any,
+    table: Sequence[dict[str, Any]],
+    curves: dict[str, dict[Any, list[Any]]],
+    learned: str,
+    keep: str,
+    nll: bool,
+) -> None:
+    x_metric = y_metric = NLL
+    for index, (label, points) in enumerate(sorted(curves.items())):
+        colour = f"C{index % 10}"
+        means = []
+        for lr, seeds in sorted(points.items(), key=lambda item: _order(item[0])):
+            xs, ys = [], []
+            for sets_of in seeds:
+                x, x_metric = score_of(sets_of, learned, nll)
+                y, y_metric = score_of(sets_of, keep, nll)
+                if x is not None and y is not None:
+                    xs.append(x)
+                    ys.append(y)
+            if not xs:
+                continue
+            if len(xs) > 1:
+                axis.scatter(xs, ys, color=colour, alpha=0.3, s=12)
+            means.append((sum(xs) / len(xs), sum(ys) / len(ys), lr))
+        if means:
+            axis.plot([m[0] for m in means], [m[1] for m in means], "o-", color=colour, label=label)
+            for x, y, lr in means:
+                if lr is not None:
+                    axis.annotate(
+                        _shown(lr), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                    )
+    start = next((r for r in table if r["run"] == "starting model"), None)
+    if start is not None:
+        x, x_metric = score_of(start["sets"], learned, nll)
+        y, y_metric = score_of(start["sets"], keep, nll)
+        if x is not None and y is not None:
+            axis.plot([x], [y], "k*", markersize=12, label="starting model")
+    axis.set_xlabel(f"learned: {learned} {_axis_label(x_metric)}")
+    axis.set_ylabel(f"kept: {keep} {_axis_label(y_metric)}")
+    if x_metric == NLL:
+        axis.invert_xaxis()
+    if y_metric == NLL:
+        axis.invert_yaxis()
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
 
 
 def _axis_label(metric: str) -> str:
