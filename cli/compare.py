@@ -177,9 +177,15 @@ def compare(
         kinds = {key: axis_kind(registry, key, names) for key in axes}
         fixed_flags = {k: v for k, v in flags.items() if v is not None}
 
+        def on_policy(name: str) -> bool:
+            return registry.objectives[objective_name(registry, name)].item.on_policy
+
+        any_on_policy = any(on_policy(name) for name in names)
+
         def make_spec(cell: Any, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
-            on_policy = registry.objectives[objective_name(registry, cell.objective)].item
-            sampling = () if on_policy.on_policy else SAMPLING_KEYS  # --reward: on-policy runs
+            # --reward, --temperature, …: for the on-policy runs of a grid that has some (with
+            # none, the run refuses them by name)
+            sampling = () if on_policy(cell.objective) or not any_on_policy else SAMPLING_KEYS
             cell_flags = {k: v for k, v in fixed_flags.items() if k not in sampling}
             cell_flags.update(objective=cell.objective, seed=cell.seed)
             cell_flags["output_dir"] = str(run_dir)

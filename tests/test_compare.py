@@ -275,6 +275,7 @@ def test_resume_with_another_grid_is_refused_and_a_used_directory_without_it(eva
         (["--set", "seed=1,2"], "give the seeds with --seeds"),
         (["--set", "beta=0.1,0.1"], "repeats a value"),
         (["--lr", "1e-3,fast"], "--lr 'fast': not a number"),
+        (["--temperature", "0.5"], "samples no completions"),  # no on-policy run takes it
         (["--seed", "1.5"], "--seed '1.5': not an integer"),
         (["--set", "max_steps=1,3"], "--set max_steps: --max-steps is given too"),
     ],

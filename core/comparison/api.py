@@ -314,8 +314,13 @@ def compare(
     spec_grid = Grid(names, axes, seed_list)
     kinds = {key: axis_kind(registry, key, names, f"{SOURCE}:") for key in axes}
 
+    # rewards= and the sampling options: for the on-policy runs of a grid that has some (with
+    # none, the run refuses them by name)
+    any_on_policy = any(registry.objectives[t].item.on_policy for t in targets)
+
     def make_spec(cell: Cell, run_dir: Path, resume_from: str | None, overwrite: bool) -> Any:
-        on_policy = registry.objectives[_target(registry, cell.objective)].item.on_policy
+        target = registry.objectives[_target(registry, cell.objective)].item
+        on_policy = target.on_policy or not any_on_policy
         kwargs: dict[str, Any] = {
             k: v for k, v in core.items() if on_policy or k not in SAMPLING_KEYS
         }
