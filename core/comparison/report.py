@@ -4,10 +4,10 @@ One row per run (and one for the starting model): the grid's values, the steps a
 trained, then for each held-out set the mean reward of its greedy answers (each eval reward that
 applies to the set) and its answers' NLL. The plot puts the first held-out set (the task being
 learned) on the x axis and each other set (what the model should keep) on the y axis of a panel
-of its own: one curve per objective and option values, through its learning rates (the mean over
-seeds, each seed a faint point), and the starting model as a star; a row of panels by the first eval
-reward's mean (when the sets have one) and a row by the NLL; up and to the right is better (NLL
-axes are inverted). So "at equal learning, who forgets less" is read off the picture.
+of its own: one curve per objective and option values, through its learning rates (the mean
+over seeds, each seed a faint point), and the starting model as a star; a row of panels by the
+first eval reward's mean (when the sets have one) and a row by the NLL; up and to the right is
+better (NLL axes are inverted). So "at equal learning, who forgets less" is read off the picture.
 """
 
 from __future__ import annotations
