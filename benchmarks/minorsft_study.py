@@ -18,33 +18,15 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
-
 OBJECTIVES = ["sft", "minorsft", "ift"]
 
 
 def held_out_nll(model_dir: Path, eval_path: Path, max_length: int) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The token mean NLL of the eval split's answers, as ``align compare`` computes it."""
+    from align.comparison.evaluate import EvalSet, EvalSettings, evaluate
 
-    from align import default_batch, forward_logps
-    from align.data.examples import tokenize_records
-    from align.data.records import read_records
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    examples, _ = tokenize_records(
-        read_records(eval_path), "prompt_completion", tokenizer, max_length, "keep_start", "eval"
-    )
-    nll, tokens = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, len(examples), 64):
-            batch = default_batch(
-                "prompt_completion", examples[start : start + 64], tokenizer.pad_token_id
-            )
-            out = forward_logps(model, batch)
-            nll -= out.sums.sum().item()
-            tokens += out.num_tokens.sum().item()
-    return nll / tokens
+    settings = EvalSettings(max_length, "keep_start", 1, "no", False)
+    return evaluate(model_dir, [EvalSet("eval", str(eval_path))], [], settings, None)["eval"]["nll"]
 
 
 def main() -> None:
