@@ -61,7 +61,10 @@ def compare_options(func: Any) -> Any:
     help="Runs of every grid point with seeds --seed, --seed+1, … [default: 1]",
 )
 @click.option(
-    "--seed", "seed_list", metavar="S[,S2,…]", help="The first seed, or the seeds. [default: 42]"
+    "--seed",
+    "seed_list",
+    metavar="S[,S2,…]",
+    help="The first seed, or the seeds. [default: the --config file's seed, else 42]",
 )
 @click.option(
     "--eval",
@@ -159,6 +162,12 @@ def compare(
                 raise ConfigError(f"--set {key}: {flag} is given too: give one")
             axes[key] = [_scalar(v, item) for v in _list(text, f"--set {key}")]
         first = 42
+        if seed_list is None and config_file:  # the config's seed, as align run takes it
+            from align.config import load_yaml
+
+            configured = load_yaml(config_file).get("seed")
+            if configured is not None:
+                first = _integer(str(configured), f"{config_file}: seed")
         if seed_list is not None:
             given = [_integer(v, "--seed") for v in _list(seed_list, "--seed")]
             if len(given) > 1 and seeds is not None:

@@ -61,6 +61,10 @@ def main(model_dir: str, out: str, data: str) -> None:
         save_file(grads, str(Path(out) / "grads.safetensors"))
         (Path(out) / "metrics.json").write_text(json.dumps(reduced))
     accelerator.wait_for_everyone()
+    # The DDP wrapper freed first: its reducer, left as the group's last holder, would destroy
+    # it holding the GIL and can hang (align.loop.launch.drop_ddp_wrapper).
+    accelerator._models.clear()
+    model = None  # (the loss lambda shares this variable)
     accelerator.state.destroy_process_group()  # or gloo's threads may abort the exit
 
 

@@ -563,3 +563,16 @@ def test_resume_without_an_output_dir_asks_for_it(tmp_path):
     with pytest.raises(ConfigError, match="resume=True continues the comparison in output_dir"):
         align.compare("sft", evals={"a": _records(SUMS, "+")}, resume=True)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_config_files_seed_is_the_first_seed(eval_files, tmp_path):
+    sub, _ = eval_files
+    (tmp_path / "run.yaml").write_text("seed: 7\n")
+    result = _compare(
+        "--objective", "sft", "--seeds", "2", "--config", "run.yaml", *STEPS,
+        "--eval", f"sub={sub}", "--output-dir", "cmp",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for seed in (7, 8):
+        run = json.loads((tmp_path / "cmp" / "runs" / f"sft-seed{seed}" / "run.json").read_text())
+        assert run["config"]["seed"] == seed

@@ -409,3 +409,34 @@ def test_an_on_policy_round_on_two_processes_equals_one_process(
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), key
     assert one[0]["reward_std"] > 0
     _assert_same_final_weights(tmp_path)
+
+
+DROP_WRAPPER = """
+import gc, sys, types, weakref
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from align.loop.launch import drop_ddp_wrapper
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+inner = torch.nn.Linear(2, 2)
+owner = types.SimpleNamespace(model=DistributedDataParallel(inner))
+owner.model(torch.ones(1, 2)).sum().backward()
+dist.all_gather([torch.zeros(1)], torch.ones(1))  # a finished collective's Python tensors
+accelerator = types.SimpleNamespace(_models=[owner.model, "another"])
+wrapper = weakref.ref(owner.model)
+drop_ddp_wrapper(accelerator, owner)
+print(wrapper() is None, owner.model is inner, accelerator._models == ["another"])
+dist.destroy_process_group()
+"""
+
+
+def test_the_ddp_wrapper_is_freed_before_the_process_group(tmp_path):
+    """DDP's reducer must not be the gloo group's last holder when the group is destroyed:
+    freed then, holding the GIL, it can hang the exit (``drop_ddp_wrapper``). The wrapper is
+    gone, the model unwrapped, Accelerate's list cleared."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", DROP_WRAPPER, str(tmp_path / "store")]
+    done = subprocess.run(cmd, env=env, timeout=120, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True"]

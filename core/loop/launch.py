@@ -158,3 +158,27 @@ def join_restarted_attempt() -> None:
         rank=int(os.environ["RANK"]),
         world_size=world_size,
     )
+
+
+def drop_ddp_wrapper(accelerator: Any, owner: Any) -> None:
+    """Unwrap ``owner.model`` from DistributedDataParallel and free the wrapper: call it before
+    the process group is destroyed (``end_training``).
+
+    DDP's C++ reducer holds a reference to the gloo process group. Left as the group's last
+    reference, it destroys the group when the wrapper is freed, holding the GIL (pybind frees
+    it so), and ``~ProcessGroupGloo`` joins gloo's worker threads, one of which can be freeing
+    a finished collective's Python tensors and so waits for the GIL: the process hangs after
+    its run is done (one ``--num-processes 2`` run in about 50 on a loaded machine). Freed
+    first, the reducer leaves the group to ``destroy_process_group``, whose Python object
+    lets the GIL go before it joins the threads."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(owner.model, DistributedDataParallel):
+        return
+    owner.model = owner.model.module
+    accelerator._models[:] = [
+        m for m in accelerator._models if m.__class__ is not DistributedDataParallel
+    ]
+    gc.collect()  # a wrapper in a reference cycle (its hooks) goes now, with the group alive

@@ -71,6 +71,7 @@ from .failures import RunFailed
 from .launch import (
     check_world_size,
     cpu_processes_join,
+    drop_ddp_wrapper,
     engine,
     fsdp_on_cpu,
     join_restarted_attempt,
@@ -1082,6 +1083,7 @@ class Training:
             # aborted at exit ("terminate called without an active exception": one resumed
             # ZeRO-3 run in three under load).
             accelerator.wait_for_everyone()
+            drop_ddp_wrapper(accelerator, self)
         accelerator.end_training()  # the trackers, then the process group (one left up can
         # abort the exit under gloo)
         if accelerator.is_main_process:
