@@ -168,7 +168,7 @@ def drop_ddp_wrapper(accelerator: Any, owner: Any) -> None:
     reference, it destroys the group when the wrapper is freed, holding the GIL (pybind frees
     it so), and ``~ProcessGroupGloo`` joins gloo's worker threads, one of which can be freeing
     a finished collective's Python tensors and so waits for the GIL: the process hangs after
-    its run is done (one ``--num-processes 2`` run in about 50 on a loaded machine). Freed
+    its run is done (one ``--num-processes 2`` run in about 20 on a loaded machine). Freed
     first, the reducer leaves the group to ``destroy_process_group``, whose Python object
     lets the GIL go before it joins the threads."""
     import gc
