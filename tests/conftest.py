@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ from align.testing import reset_accelerate
 if "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+# A shell without job control starts a background job (`pytest -n 2 &`, nohup) with SIGINT
+# ignored, and every process inherits that: the Ctrl-C tests would see their runs go on. The
+# tests send Ctrl-C on purpose, so they take it back (the processes they start then get the
+# default disposition).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
