@@ -4,7 +4,13 @@ RewardConformance, FormatConformance``); they live in ``align.plugins.testing``,
 
 from .plugins.format_conformance import FormatConformance
 from .plugins.reward_conformance import RewardConformance
-from .plugins.testing import SAMPLE_RECORDS, ObjectiveConformance, registered, reset_accelerate
+from .plugins.testing import (
+    SAMPLE_RECORDS,
+    ObjectiveConformance,
+    registered,
+    reset_accelerate,
+    unfused_flex_attention,
+)
 
 __all__ = [
     "SAMPLE_RECORDS",
@@ -13,4 +19,5 @@ __all__ = [
     "RewardConformance",
     "registered",
     "reset_accelerate",
+    "unfused_flex_attention",
 ]

@@ -196,21 +196,10 @@ def test_eager_takes_an_additive_mask(model):
 
 @pytest.fixture
 def unfused_flex(monkeypatch):
-    """transformers compiles flex_attention (and its own block masks for padded batches), which
-    on CPU means long C++ builds; the unfused forward applies the same block mask and mask_mod
-    (its backward is CUDA-only)."""
-    import transformers.integrations.flex_attention as integration
-    import transformers.masking_utils as masking
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """FlexAttention without torch.compile, which on the CPU is a long C++ build."""
+    from align.testing import unfused_flex_attention
 
-    def unfused(query, key, value, training=False, **kwargs):
-        return flex_attention(query, key, value, **kwargs)
-
-    def uncompiled_block_mask(*args, _compile=False, **kwargs):
-        return create_block_mask(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "compile_friendly_flex_attention", unfused)
-    monkeypatch.setattr(masking, "create_block_mask", uncompiled_block_mask)
+    unfused_flex_attention(monkeypatch)
 
 
 def test_flex_attention_takes_the_block_mask_and_gives_the_sdpa_log_probs(model, unfused_flex):

@@ -123,6 +123,25 @@ def reset_accelerate() -> None:
         PartialState._reset_state()
 
 
+def unfused_flex_attention(monkeypatch: Any) -> None:
+    """FlexAttention without ``torch.compile``, for a test's ``monkeypatch``: transformers
+    compiles ``flex_attention`` (and its block masks for padded batches), which on the CPU is a
+    long C++ build; the unfused forward applies the same block mask and ``mask_mod`` (its
+    backward is CUDA-only)."""
+    import transformers.integrations.flex_attention as integration
+    import transformers.masking_utils as masking
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def unfused(query: Any, key: Any, value: Any, training: bool = False, **kwargs: Any) -> Any:
+        return flex_attention(query, key, value, **kwargs)
+
+    def uncompiled_block_mask(*args: Any, _compile: bool = False, **kwargs: Any) -> Any:
+        return create_block_mask(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "compile_friendly_flex_attention", unfused)
+    monkeypatch.setattr(masking, "create_block_mask", uncompiled_block_mask)
+
+
 hookimpl = pluggy.HookimplMarker("align")  # align.hookimpl (align/__init__ imports this module)
 SUITE_REWARD = "conformance"
 SUITE_COMPLETION_LENGTH = 8

@@ -77,20 +77,10 @@ def test_without_margin_or_centring_the_loss_is_plain_bradley_terry():
 
 @pytest.fixture
 def unfused_flex(monkeypatch):
-    """FlexAttention uncompiled (compiling it on the CPU is a long C++ build; the unfused
-    forward applies the same block mask), as tests/test_attention_masks.py runs it."""
-    import transformers.integrations.flex_attention as integration
-    import transformers.masking_utils as masking
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    """FlexAttention without torch.compile, which on the CPU is a long C++ build."""
+    from align.testing import unfused_flex_attention
 
-    def unfused(query, key, value, training=False, **kwargs):
-        return flex_attention(query, key, value, **kwargs)
-
-    def uncompiled_block_mask(*args, _compile=False, **kwargs):
-        return create_block_mask(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "compile_friendly_flex_attention", unfused)
-    monkeypatch.setattr(masking, "create_block_mask", uncompiled_block_mask)
+    unfused_flex_attention(monkeypatch)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
