@@ -98,6 +98,13 @@ class TokenLogps:
             return values.unsqueeze(-1).expand(self.logps.shape)
         return values[self.sequence]
 
+    def mask_without(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``mask`` with every position of the flagged sequences (one bool per sequence, in the
+        batch's order) at 0: ``batch["truncated"]`` leaves out the completions that reached
+        the length limit without EOS."""
+        kept = (~sequences.to(self.mask.device).bool()).to(self.mask.dtype)
+        return self.mask * self.per_position(kept)
+
     @property
     def sums(self) -> torch.Tensor:
         """``logp(y|x)``: the sum over completion tokens, one value per sequence."""

@@ -84,11 +84,9 @@ def k3_kl(ref_logps: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
 def loss_mask(policy: Any, batch: dict[str, Any], options: Any) -> torch.Tensor:
     """The completion tokens in the loss: all of them, or those of completions that ended in
     EOS (``mask_truncated_completions``)."""
-    mask = policy.mask
     if options.mask_truncated_completions:
-        kept = (~batch["truncated"].to(mask.device).bool()).to(mask.dtype)
-        mask = mask * policy.per_position(kept)
-    return mask
+        return policy.mask_without(batch["truncated"])
+    return policy.mask
 
 
 def _as_wide_as(old: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:

@@ -56,11 +56,9 @@ def loss_counts(batch: dict[str, Any]) -> dict:
 def loss_mask(policy: Any, batch: dict[str, Any], options: Any) -> torch.Tensor:
     """The completion tokens in the loss: all of them, or those of completions that ended in
     EOS (``mask_truncated_completions``)."""
-    mask = policy.mask
     if options.mask_truncated_completions:
-        kept = (~batch["truncated"].to(mask.device).bool()).to(mask.dtype)
-        mask = mask * policy.per_position(kept)
-    return mask
+        return policy.mask_without(batch["truncated"])
+    return policy.mask
 
 
 def clipped_sequence_losses(
